@@ -1,0 +1,3 @@
+//! Sans-io core: no syscalls, no clocks, no `unsafe`.
+pub mod label;
+pub mod raid4;

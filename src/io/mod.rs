@@ -1,0 +1,6 @@
+//! The I/O layer: every syscall and every `unsafe` block of the project lives below here.
+pub mod buf;
+pub mod disk;
+pub mod engine;
+pub mod sync_engine;
+pub mod uring;

@@ -1,1 +1,283 @@
-//! (in progress)
+//! The node's configuration: one TOML file parsed once into a validated [`Config`].
+//!
+//! ```toml
+//! node = "a"                      # this node's name
+//!
+//! [io]
+//! engine = "io_uring"             # or "sync" (pread/pwrite; for comparison and debugging)
+//! ring_entries = 256              # submission queue slots per ring
+//! arena_mib = 128                 # registered buffer memory shared by the rings
+//! max_request_kib = 4096          # largest request served in one piece
+//! workers = 16                    # NBD worker threads per export (one ring each)
+//!
+//! [[aggregate]]
+//! name = "aggr0"
+//! home = "a"                      # the node that serves it when both are up
+//! data = ["/dev/sdb", "/dev/sdc", "/dev/sdd", "/dev/sde"]
+//! parity = "/dev/sdf"
+//! chunk_kib = 64
+//!
+//! [[export]]
+//! name = "aggr0"
+//! aggregate = "aggr0"
+//! listen = "192.0.2.10:10809"     # TCP address (the aggregate's service address)
+//! unix = "/run/hapair/aggr0.sock" # optional Unix socket
+//! ```
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why a configuration was refused. Every message names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {message}")]
+    Parse { file: PathBuf, message: String },
+    #[error("{file}: {key}: {why}")]
+    Invalid { file: PathBuf, key: String, why: String },
+}
+
+/// Which I/O engine drives the members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum EngineKind {
+    /// io_uring: one ring per worker thread, registered files and buffers.
+    #[serde(rename = "io_uring")]
+    IoUring,
+    /// Plain pread/pwrite.
+    #[serde(rename = "sync")]
+    Sync,
+}
+
+/// `[io]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoConfig {
+    #[serde(default = "default_engine")]
+    pub engine: EngineKind,
+    #[serde(default = "default_ring_entries")]
+    pub ring_entries: u32,
+    #[serde(default = "default_arena_mib")]
+    pub arena_mib: usize,
+    #[serde(default = "default_max_request_kib")]
+    pub max_request_kib: u32,
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+fn default_engine() -> EngineKind {
+    EngineKind::IoUring
+}
+fn default_ring_entries() -> u32 {
+    256
+}
+fn default_arena_mib() -> usize {
+    128
+}
+fn default_max_request_kib() -> u32 {
+    4096
+}
+fn default_workers() -> usize {
+    16
+}
+
+impl Default for IoConfig {
+    fn default() -> IoConfig {
+        IoConfig {
+            engine: default_engine(),
+            ring_entries: default_ring_entries(),
+            arena_mib: default_arena_mib(),
+            max_request_kib: default_max_request_kib(),
+            workers: default_workers(),
+        }
+    }
+}
+
+/// `[[aggregate]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateConfig {
+    pub name: String,
+    pub home: String,
+    pub data: Vec<PathBuf>,
+    pub parity: PathBuf,
+    #[serde(default = "default_chunk_kib")]
+    pub chunk_kib: u64,
+}
+
+fn default_chunk_kib() -> u64 {
+    64
+}
+
+impl AggregateConfig {
+    /// Members in order: data members, then parity.
+    pub fn members(&self) -> Vec<PathBuf> {
+        self.data.iter().cloned().chain([self.parity.clone()]).collect()
+    }
+}
+
+/// `[[export]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub name: String,
+    pub aggregate: String,
+    #[serde(default)]
+    pub description: String,
+    pub listen: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: String,
+    #[serde(default)]
+    pub io: IoConfig,
+    #[serde(default)]
+    pub aggregate: Vec<AggregateConfig>,
+    #[serde(default)]
+    pub export: Vec<ExportConfig>,
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
+        Config::parse(&text, file)
+    }
+
+    /// Parse and validate configuration text; `file` is used in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, why: String| ConfigError::Invalid { file: file.to_owned(), key, why };
+        let name_ok = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !name_ok(&self.node, 31) {
+            return Err(bad("node".into(), format!("{:?}: 1-31 of [A-Za-z0-9-_.]", self.node)));
+        }
+        if self.io.ring_entries == 0 || !self.io.ring_entries.is_power_of_two() || self.io.ring_entries > 4096 {
+            return Err(bad("io.ring_entries".into(), format!("{} is not a power of two in 1..=4096", self.io.ring_entries)));
+        }
+        let mrk = self.io.max_request_kib;
+        if !(4..=32768).contains(&mrk) || !mrk.is_power_of_two() {
+            return Err(bad("io.max_request_kib".into(), format!("{mrk} is not a power of two in 4..=32768")));
+        }
+        if self.io.workers == 0 || self.io.workers > 1024 {
+            return Err(bad("io.workers".into(), format!("{} is not in 1..=1024", self.io.workers)));
+        }
+        if self.io.arena_mib > 65536 {
+            return Err(bad("io.arena_mib".into(), format!("{} MiB is more than 64 GiB", self.io.arena_mib)));
+        }
+        let mut seen_paths = std::collections::HashMap::new();
+        for (i, a) in self.aggregate.iter().enumerate() {
+            let key = |k: &str| format!("aggregate[{i}] ({}).{k}", a.name);
+            if !name_ok(&a.name, 63) {
+                return Err(bad(key("name"), format!("{:?}: 1-63 of [A-Za-z0-9-_.]", a.name)));
+            }
+            if self.aggregate[..i].iter().any(|b| b.name == a.name) {
+                return Err(bad(key("name"), "duplicate aggregate name".into()));
+            }
+            if !name_ok(&a.home, 31) {
+                return Err(bad(key("home"), format!("{:?} is not a node name", a.home)));
+            }
+            if a.data.is_empty() {
+                return Err(bad(key("data"), "needs at least one data member".into()));
+            }
+            if a.chunk_kib < 4 || !a.chunk_kib.is_power_of_two() || a.chunk_kib > 16384 {
+                return Err(bad(key("chunk_kib"), format!("{} is not a power of two in 4..=16384", a.chunk_kib)));
+            }
+            for p in a.members() {
+                if let Some(other) = seen_paths.insert(p.clone(), a.name.clone()) {
+                    return Err(bad(key("data/parity"), format!("{} is listed twice (also in {other})", p.display())));
+                }
+            }
+        }
+        for (i, e) in self.export.iter().enumerate() {
+            let key = |k: &str| format!("export[{i}] ({}).{k}", e.name);
+            if e.name.len() > 4096 || e.name.contains('\0') {
+                return Err(bad(key("name"), "not a valid NBD export name".into()));
+            }
+            if self.export[..i].iter().any(|f| f.name == e.name) {
+                return Err(bad(key("name"), "duplicate export name".into()));
+            }
+            if !self.aggregate.iter().any(|a| a.name == e.aggregate) {
+                return Err(bad(key("aggregate"), format!("no aggregate named {:?}", e.aggregate)));
+            }
+            if e.listen.is_none() && e.unix.is_none() {
+                return Err(bad(key("listen"), "an export needs listen, unix, or both".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The aggregate named `name`.
+    pub fn aggregate(&self, name: &str) -> Option<&AggregateConfig> {
+        self.aggregate.iter().find(|a| a.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node = "a"
+[io]
+engine = "sync"
+[[aggregate]]
+name = "aggr0"
+home = "a"
+data = ["/dev/loop0", "/dev/loop1"]
+parity = "/dev/loop2"
+[[export]]
+name = "aggr0"
+aggregate = "aggr0"
+listen = "127.0.0.1:10809"
+"#;
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, Path::new("t.toml")).unwrap();
+        assert_eq!(c.io.engine, EngineKind::Sync);
+        assert_eq!(c.io.ring_entries, 256);
+        assert_eq!(c.aggregate[0].chunk_kib, 64);
+        assert_eq!(c.aggregate[0].members().len(), 3);
+        assert_eq!(c.export[0].listen.unwrap().port(), 10809);
+    }
+
+    #[test]
+    fn bad_configs_name_the_key_and_file() {
+        let cases = [
+            (GOOD.replace("engine = \"sync\"", "engine = \"aio\""), "engine"),
+            (GOOD.replace("node = \"a\"", "node = \"a\"\ncolour = 1"), "colour"),
+            (GOOD.replace("[io]", "[io]\nring_entries = 100"), "io.ring_entries"),
+            (GOOD.replace("home = \"a\"", "home = \"a\"\nchunk_kib = 6"), "chunk_kib"),
+            (GOOD.replace("parity = \"/dev/loop2\"", "parity = \"/dev/loop1\""), "listed twice"),
+            (GOOD.replace("aggregate = \"aggr0\"", "aggregate = \"nope\""), "no aggregate named"),
+            (GOOD.replace("listen = \"127.0.0.1:10809\"", "listen = \"localhost\""), "listen"),
+            (GOOD.replace("data = [\"/dev/loop0\", \"/dev/loop1\"]", "data = []"), "at least one data member"),
+            (GOOD.replace("node = \"a\"", "node = \"a b\""), "node"),
+            (GOOD.replace("listen = \"127.0.0.1:10809\"", ""), "needs listen"),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(&text, Path::new("/etc/hapair/a.toml")).unwrap_err().to_string();
+            assert!(e.contains("/etc/hapair/a.toml"), "{e}");
+            assert!(e.contains(want), "want {want:?} in {e}");
+        }
+        let e = Config::load(Path::new("/nonexistent/x.toml")).unwrap_err().to_string();
+        assert!(e.contains("cannot read"), "{e}");
+    }
+}

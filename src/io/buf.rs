@@ -37,11 +37,7 @@ impl IoBuf {
 
     /// Change the visible length within the capacity (new bytes keep whatever they held).
     pub fn set_len(&mut self, len: usize) {
-        assert!(
-            len <= self.cap,
-            "IoBuf::set_len {len} past capacity {}",
-            self.cap
-        );
+        assert!(len <= self.cap, "IoBuf::set_len {len} past capacity {}", self.cap);
         self.len = len;
     }
 }

@@ -1,4 +1,5 @@
 //! Event loops and services that drive the sans-io core with the I/O layer.
 pub mod aggregate;
 pub mod backend;
+pub mod nbd_server;
 pub mod setup;

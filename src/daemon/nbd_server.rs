@@ -1,0 +1,1012 @@
+//! The NBD export server: fixed newstyle handshake, then transmission with many requests in
+//! flight per connection, served by a bounded pool of worker threads.
+//!
+//! Threads:
+//! - one acceptor per listener (TCP and/or Unix), polling so that it can stop promptly;
+//! - one reader per connection: it runs the handshake, then parses requests, validates them
+//!   ([`crate::core::nbd::validate_request`]), answers bad ones itself and hands good ones to
+//!   the worker pool;
+//! - `workers` worker threads calling the [`Backend`] (which keeps one io_uring per calling
+//!   thread) and writing each reply under the connection's writer lock, out of order, as soon
+//!   as its request completes.
+//!
+//! Bounds: connections ([`ServerConfig::max_connections`]), requests in flight per connection
+//! ([`ServerConfig::max_inflight_per_conn`]), payload bytes held per connection for reads and
+//! writes in flight ([`ServerConfig::max_buffered_bytes_per_conn`]), the size of one request
+//! (the advertised maximum block size, at most [`ServerConfig::max_request_bytes`]), option
+//! count and option size during the handshake, and the time a handshake or a reply write may
+//! take. The worker queue is bounded by connections × in-flight requests.
+//!
+//! Drain ([`NbdServer::drain`]), used by takeover: stop accepting, stop reading requests,
+//! answer every request already read with its real result (never `NBD_ESHUTDOWN`, which qemu
+//! fails instead of retrying), then close. Past the deadline, connections are closed abruptly;
+//! qemu re-sends what was in flight after it reconnects.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::core::nbd::{self as wire, Command, OptionRequest, Rejection, RequestLimits};
+use crate::core::ratelimit::RateLimiter;
+use crate::daemon::backend::{Backend, BackendError, BlockSizes};
+use crate::io::buf::IoBuf;
+use crate::io::net::{write_all_vectored, Listener, Stream};
+
+/// Server settings. Every limit is a bound on memory or threads a client can make us use.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// TCP address to listen on (port 0 picks one; see [`NbdServer::local_addr`]).
+    pub tcp: Option<SocketAddr>,
+    /// Unix socket path to listen on.
+    pub unix: Option<PathBuf>,
+    /// Worker threads calling the backend.
+    pub workers: usize,
+    /// Connections served at once; further ones are closed right after accept.
+    pub max_connections: usize,
+    /// Requests in flight per connection before the reader stops reading.
+    pub max_inflight_per_conn: usize,
+    /// READ/WRITE payload bytes in flight per connection before the reader stops reading.
+    pub max_buffered_bytes_per_conn: usize,
+    /// Cap on the advertised maximum block size (the backend's may be lower).
+    pub max_request_bytes: u32,
+    /// Time a client has for the whole handshake.
+    pub handshake_timeout: Duration,
+    /// Time one reply write may block before the connection is dropped.
+    pub send_timeout: Duration,
+    /// Refuse `NBD_OPT_GO` without an `NBD_INFO_BLOCK_SIZE` request
+    /// (`NBD_REP_ERR_BLOCK_SIZE_REQD`) and `NBD_OPT_EXPORT_NAME` (hard disconnect). Off by
+    /// default: such clients are served and misaligned requests get `NBD_EINVAL`.
+    pub require_block_size: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            tcp: None,
+            unix: None,
+            workers: 4,
+            max_connections: 256,
+            max_inflight_per_conn: 128,
+            max_buffered_bytes_per_conn: 64 << 20,
+            max_request_bytes: 32 << 20,
+            handshake_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(30),
+            require_block_size: false,
+        }
+    }
+}
+
+/// One export: a name clients ask for and the backend that serves it.
+#[derive(Clone)]
+pub struct Export {
+    /// Export name ("" is reserved for the default export, which is the first one).
+    pub name: String,
+    /// Human-readable description (`NBD_INFO_DESCRIPTION`, `NBD_OPT_LIST`).
+    pub description: String,
+    /// The device.
+    pub backend: Arc<dyn Backend>,
+    /// Refuse writes, trims and zeroes with `NBD_EPERM`; advertise `NBD_FLAG_READ_ONLY`.
+    pub read_only: bool,
+}
+
+/// Why an export cannot be added.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// An export with this name is already served.
+    #[error("export {0:?} already exists")]
+    Duplicate(String),
+    /// The name is not a valid NBD string.
+    #[error("export name {name:?}: {reason}")]
+    BadName {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The backend's block sizes break the protocol's rules.
+    #[error("export {name:?}: block sizes {sizes:?}: {reason}")]
+    BadBlockSizes {
+        /// The export.
+        name: String,
+        /// What the backend reported (after the server's cap).
+        sizes: BlockSizes,
+        /// The rule broken.
+        reason: &'static str,
+    },
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections accepted and admitted.
+    pub connections_accepted: u64,
+    /// Connections refused because of `max_connections` or a drain.
+    pub connections_refused: u64,
+    /// Connections open now.
+    pub connections_active: u64,
+    /// Transmission requests received (well-formed headers).
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Connections dropped for a protocol violation (bad magic, unknown client flags, ...).
+    pub protocol_errors: u64,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Requests answered while draining.
+    pub requests_completed: u64,
+    /// Connections closed after every request read on them was answered.
+    pub connections_closed: usize,
+    /// Connections closed abruptly at the deadline.
+    pub connections_aborted: usize,
+    /// True when the deadline passed before every connection was done.
+    pub deadline_hit: bool,
+}
+
+/// An export as served: the export and its advertised block sizes.
+struct ExportEntry {
+    export: Export,
+    sizes: BlockSizes,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    protocol_errors: AtomicU64,
+}
+
+struct Registry {
+    draining: bool,
+    next_id: u64,
+    conns: HashMap<u64, Arc<Conn>>,
+}
+
+struct Shared {
+    cfg: ServerConfig,
+    exports: RwLock<Vec<Arc<ExportEntry>>>,
+    registry: Mutex<Registry>,
+    registry_cv: Condvar,
+    accepting: AtomicBool,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    counters: Arc<Counters>,
+    limiter: Mutex<RateLimiter>,
+    epoch: Instant,
+}
+
+#[derive(Default)]
+struct Inflight {
+    requests: usize,
+    bytes: usize,
+}
+
+/// One client connection, shared by its reader, the workers serving it and the registry.
+struct Conn {
+    id: u64,
+    peer: String,
+    /// A handle used only to shut the socket down (wakes the reader, fails writes).
+    control: Stream,
+    writer: Mutex<Stream>,
+    /// Set once the handshake chose an export.
+    export: Mutex<Option<String>>,
+    stop_reading: AtomicBool,
+    broken: AtomicBool,
+    inflight: Mutex<Inflight>,
+    inflight_cv: Condvar,
+    completed: AtomicU64,
+    counters: Arc<Counters>,
+}
+
+impl Conn {
+    /// Wait for room for one more request holding `bytes` of payload.
+    fn acquire(&self, bytes: usize, max_requests: usize, max_bytes: usize) {
+        let mut g = self.inflight.lock().unwrap();
+        while !(g.requests < max_requests && (g.bytes + bytes <= max_bytes || g.requests == 0)) {
+            g = self.inflight_cv.wait(g).unwrap();
+        }
+        g.requests += 1;
+        g.bytes += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        let mut g = self.inflight.lock().unwrap();
+        g.requests -= 1;
+        g.bytes -= bytes;
+        self.inflight_cv.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut g = self.inflight.lock().unwrap();
+        while g.requests > 0 {
+            g = self.inflight_cv.wait(g).unwrap();
+        }
+    }
+
+    /// Send one reply; on failure the connection is dead and is shut down.
+    fn send(&self, parts: &[&[u8]]) -> bool {
+        if self.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut w = self.writer.lock().unwrap();
+        match write_all_vectored(&mut w, parts) {
+            Ok(()) => true,
+            Err(e) => {
+                drop(w);
+                tracing::debug!(conn = self.id, peer = %self.peer, error = %e, "reply write failed");
+                self.kill();
+                false
+            }
+        }
+    }
+
+    fn kill(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.stop_reading.store(true, Ordering::Release);
+        let _ = self.control.shutdown(Shutdown::Both);
+    }
+}
+
+/// A validated request handed to a worker.
+struct Job {
+    conn: Arc<Conn>,
+    backend: Arc<dyn Backend>,
+    cmd: Command,
+    handle: u64,
+    structured: bool,
+    payload: Option<IoBuf>,
+    charge: usize,
+    split_bytes: u64,
+}
+
+/// The NBD server. Dropping it shuts it down (see [`NbdServer::shutdown`]).
+pub struct NbdServer {
+    shared: Arc<Shared>,
+    tcp_addr: Option<SocketAddr>,
+    acceptors: Mutex<Vec<JoinHandle<()>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn errno_of(e: &BackendError) -> u32 {
+    match e {
+        BackendError::Io(_) => wire::NBD_EIO,
+        BackendError::Invalid(_) => wire::NBD_EINVAL,
+        BackendError::NoSpace(_) => wire::NBD_ENOSPC,
+        BackendError::NotPermitted(_) => wire::NBD_EPERM,
+    }
+}
+
+fn invalid_input(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
+impl NbdServer {
+    /// Listen, start the workers and serve `exports`.
+    pub fn start(cfg: ServerConfig, exports: Vec<Export>) -> io::Result<NbdServer> {
+        if cfg.tcp.is_none() && cfg.unix.is_none() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener configured"));
+        }
+        if cfg.workers == 0 || cfg.max_connections == 0 || cfg.max_inflight_per_conn == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "zero workers or limits"));
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            exports: RwLock::new(Vec::new()),
+            registry: Mutex::new(Registry { draining: false, next_id: 1, conns: HashMap::new() }),
+            registry_cv: Condvar::new(),
+            accepting: AtomicBool::new(true),
+            jobs: Mutex::new(Some(tx)),
+            counters: Arc::new(Counters::default()),
+            limiter: Mutex::new(RateLimiter::new(20, 5)),
+            epoch: Instant::now(),
+        });
+        for e in exports {
+            shared.add_export(e).map_err(invalid_input)?;
+        }
+        let mut listeners = Vec::new();
+        if let Some(a) = cfg.tcp {
+            listeners.push(Listener::bind_tcp(a)?);
+        }
+        if let Some(p) = &cfg.unix {
+            listeners.push(Listener::bind_unix(p)?);
+        }
+        let tcp_addr = listeners.iter().find_map(Listener::tcp_addr);
+
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::new();
+        for i in 0..cfg.workers {
+            let rx = rx.clone();
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("nbd-worker-{i}"))
+                    .spawn(move || worker_loop(rx))?,
+            );
+        }
+        let mut acceptors = Vec::new();
+        for l in listeners {
+            let sh = shared.clone();
+            acceptors.push(
+                std::thread::Builder::new()
+                    .name("nbd-accept".into())
+                    .spawn(move || sh.accept_loop(l))?,
+            );
+        }
+        tracing::info!(tcp = ?tcp_addr, unix = ?cfg.unix, workers = cfg.workers, "NBD server started");
+        Ok(NbdServer {
+            shared,
+            tcp_addr,
+            acceptors: Mutex::new(acceptors),
+            workers: Mutex::new(workers),
+        })
+    }
+
+    /// The TCP address actually bound.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// Serve one more export (for takeover: the partner's exports on the same server).
+    pub fn add_export(&self, export: Export) -> Result<(), ExportError> {
+        self.shared.add_export(export)
+    }
+
+    /// Stop serving an export: new clients no longer find it, and its connections are
+    /// drained as by [`NbdServer::drain`] with this deadline. `None` if there is no such export.
+    pub fn remove_export(&self, name: &str, deadline: Instant) -> Option<DrainReport> {
+        {
+            let mut ex = self.shared.exports.write().unwrap();
+            let pos = ex.iter().position(|e| e.export.name == name)?;
+            ex.remove(pos);
+        }
+        let conns: Vec<Arc<Conn>> = {
+            let reg = self.shared.registry.lock().unwrap();
+            reg.conns
+                .values()
+                .filter(|c| c.export.lock().unwrap().as_deref() == Some(name))
+                .cloned()
+                .collect()
+        };
+        tracing::info!(export = name, connections = conns.len(), "export removed");
+        Some(self.shared.drain_conns(conns, deadline))
+    }
+
+    /// Names of the exports served.
+    pub fn exports(&self) -> Vec<String> {
+        self.shared.exports.read().unwrap().iter().map(|e| e.export.name.clone()).collect()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        Stats {
+            connections_accepted: c.accepted.load(Ordering::Relaxed),
+            connections_refused: c.refused.load(Ordering::Relaxed),
+            connections_active: self.shared.registry.lock().unwrap().conns.len() as u64,
+            requests: c.requests.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stop accepting connections and reading requests, answer every request already read
+    /// with its real result, then close the connections. At `deadline`, close whatever is
+    /// left abruptly. New connections are refused from the start of the drain on.
+    pub fn drain(&self, deadline: Instant) -> DrainReport {
+        self.stop_accepting();
+        let conns: Vec<Arc<Conn>> = {
+            let mut reg = self.shared.registry.lock().unwrap();
+            reg.draining = true;
+            reg.conns.values().cloned().collect()
+        };
+        tracing::info!(connections = conns.len(), "draining NBD server");
+        let report = self.shared.drain_conns(conns, deadline);
+        tracing::info!(?report, "NBD server drained");
+        report
+    }
+
+    fn stop_accepting(&self) {
+        self.shared.accepting.store(false, Ordering::Release);
+        // Joining makes sure the listeners are closed: connects are refused from here on.
+        for h in self.acceptors.lock().unwrap().drain(..) {
+            let _ = h.join();
+        }
+    }
+
+    /// Drain with a short grace period (5 s), then stop the worker threads.
+    pub fn shutdown(&self) {
+        let busy = {
+            let reg = self.shared.registry.lock().unwrap();
+            !reg.draining || !reg.conns.is_empty()
+        };
+        if busy {
+            self.drain(Instant::now() + Duration::from_secs(5));
+        }
+        // Readers hold clones of the sender; workers exit once the last one is gone.
+        self.shared.jobs.lock().unwrap().take();
+        let handles: Vec<_> = self.workers.lock().unwrap().drain(..).collect();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn worker_loop(rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let job = match rx.lock().unwrap().recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        run_job(job);
+    }
+}
+
+fn in_pieces(
+    offset: u64,
+    length: u64,
+    piece: u64,
+    mut f: impl FnMut(u64, u64) -> Result<(), BackendError>,
+) -> Result<(), BackendError> {
+    let mut done = 0;
+    while done < length {
+        let n = (length - done).min(piece.max(1));
+        f(offset + done, n)?;
+        done += n;
+    }
+    Ok(())
+}
+
+fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
+    let b = &job.backend;
+    match job.cmd {
+        Command::Read { offset, length } => {
+            let mut buf = b.alloc(length as usize);
+            if length > 0 {
+                b.read(offset, &mut buf[..])?;
+            }
+            Ok(Some(buf))
+        }
+        Command::Write { offset, length, fua } => {
+            if length > 0 {
+                let data = job.payload.as_ref().expect("write payload");
+                b.write(offset, &data[..], fua)?;
+            }
+            Ok(None)
+        }
+        Command::Flush => b.flush().map(|_| None),
+        Command::Trim { offset, length, fua } => {
+            in_pieces(offset, length as u64, job.split_bytes, |o, l| b.trim(o, l))?;
+            if fua {
+                b.flush()?;
+            }
+            Ok(None)
+        }
+        Command::WriteZeroes { offset, length, fua } => {
+            in_pieces(offset, length as u64, job.split_bytes, |o, l| b.write_zeroes(o, l, fua))?;
+            Ok(None)
+        }
+        Command::Disc => Ok(None),
+    }
+}
+
+fn run_job(mut job: Job) {
+    let result = match catch_unwind(AssertUnwindSafe(|| execute(&mut job))) {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::Io("backend panicked".into())),
+    };
+    job.payload = None;
+    let conn = &job.conn;
+    let h = job.handle;
+    match result {
+        Ok(Some(data)) => {
+            let Command::Read { offset, length } = job.cmd else { unreachable!() };
+            if job.structured {
+                if length == 0 {
+                    conn.send(&[&wire::encode_none_chunk(h)]);
+                } else {
+                    let hdr = wire::encode_offset_data_header(h, offset, length, true);
+                    conn.send(&[&hdr, &data[..]]);
+                }
+            } else {
+                conn.send(&[&wire::encode_simple_reply(0, h), &data[..]]);
+            }
+        }
+        Ok(None) => {
+            conn.send(&[&wire::encode_simple_reply(0, h)]);
+        }
+        Err(e) => {
+            let errno = errno_of(&e);
+            tracing::debug!(conn = conn.id, error = %e, "request failed");
+            if job.structured {
+                conn.send(&[&wire::encode_error_chunk(h, errno, &e.to_string())]);
+            } else {
+                conn.send(&[&wire::encode_simple_reply(errno, h)]);
+            }
+            conn.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    conn.completed.fetch_add(1, Ordering::Relaxed);
+    conn.release(job.charge);
+}
+
+/// Why a connection ended other than by the client's own choice.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// What the handshake agreed on.
+struct Session {
+    entry: Arc<ExportEntry>,
+    limits: RequestLimits,
+    structured: bool,
+}
+
+/// Options a client may send before we call it a denial of service.
+const MAX_OPTIONS: u32 = 1024;
+/// Largest option data we parse; larger (up to [`MAX_OPTION_SKIP_BYTES`]) gets
+/// `NBD_REP_ERR_TOO_BIG`.
+const MAX_OPTION_BYTES: u32 = 64 << 10;
+/// Largest option data we read and throw away before hanging up instead.
+const MAX_OPTION_SKIP_BYTES: u32 = 16 << 20;
+
+fn discard(rd: &mut Stream, mut n: u64) -> io::Result<()> {
+    let mut scratch = [0u8; 16 << 10];
+    while n > 0 {
+        let k = n.min(scratch.len() as u64) as usize;
+        rd.read_exact(&mut scratch[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+impl Shared {
+    fn add_export(&self, export: Export) -> Result<(), ExportError> {
+        if let Err(reason) = wire::parse_string(export.name.as_bytes()) {
+            return Err(ExportError::BadName { name: export.name, reason });
+        }
+        let b = export.backend.block_sizes();
+        let min = b.min_bytes.max(1);
+        let capped = b.max_bytes.min(self.cfg.max_request_bytes);
+        let sizes = BlockSizes {
+            min_bytes: min,
+            preferred_bytes: b.preferred_bytes,
+            max_bytes: capped - capped % min,
+        };
+        if let Err(reason) = wire::check_block_sizes(sizes.min_bytes, sizes.preferred_bytes, sizes.max_bytes) {
+            return Err(ExportError::BadBlockSizes { name: export.name, sizes, reason });
+        }
+        let size = export.backend.size_bytes();
+        if size % sizes.min_bytes as u64 != 0 {
+            tracing::warn!(export = %export.name, size, min = sizes.min_bytes,
+                "export size is not a multiple of the minimum block size; its tail is unreachable");
+        }
+        let mut ex = self.exports.write().unwrap();
+        if ex.iter().any(|e| e.export.name == export.name) {
+            return Err(ExportError::Duplicate(export.name));
+        }
+        tracing::info!(export = %export.name, size, ?sizes, read_only = export.read_only, "export added");
+        ex.push(Arc::new(ExportEntry { export, sizes }));
+        Ok(())
+    }
+
+    fn find_export(&self, name: &str) -> Option<Arc<ExportEntry>> {
+        let ex = self.exports.read().unwrap();
+        if name.is_empty() {
+            return ex.first().cloned();
+        }
+        ex.iter().find(|e| e.export.name == name).cloned()
+    }
+
+    /// A log line a client can trigger: rate-limited.
+    fn client_warn(&self, peer: &str, what: &str, detail: &dyn std::fmt::Display) {
+        let now = self.epoch.elapsed();
+        if let Some(suppressed) = self.limiter.lock().unwrap().allow(now) {
+            tracing::warn!(peer, suppressed, "{what}: {detail}");
+        }
+    }
+
+    fn accept_loop(self: Arc<Self>, listener: Listener) {
+        while self.accepting.load(Ordering::Acquire) {
+            match listener.accept_timeout(Duration::from_millis(50)) {
+                Ok(Some(s)) => self.admit(s),
+                Ok(None) => {}
+                Err(e) => {
+                    self.client_warn("-", "accept failed", &e);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        // Dropping the listener closes it (and removes a Unix socket path).
+    }
+
+    fn admit(self: &Arc<Self>, s: Stream) {
+        let peer = s.peer();
+        let parts = (|| -> io::Result<(Stream, Stream)> { Ok((s.try_clone()?, s.try_clone()?)) })();
+        let (control, writer) = match parts {
+            Ok(p) => p,
+            Err(e) => return self.client_warn(&peer, "cannot clone socket", &e),
+        };
+        let conn = {
+            let mut reg = self.registry.lock().unwrap();
+            if reg.draining || reg.conns.len() >= self.cfg.max_connections {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                drop(reg);
+                return self.client_warn(&peer, "connection refused", &"connection limit or draining");
+            }
+            let id = reg.next_id;
+            reg.next_id += 1;
+            let conn = Arc::new(Conn {
+                id,
+                peer: peer.clone(),
+                control,
+                writer: Mutex::new(writer),
+                export: Mutex::new(None),
+                stop_reading: AtomicBool::new(false),
+                broken: AtomicBool::new(false),
+                inflight: Mutex::new(Inflight::default()),
+                inflight_cv: Condvar::new(),
+                completed: AtomicU64::new(0),
+                counters: self.counters.clone(),
+            });
+            reg.conns.insert(id, conn.clone());
+            conn
+        };
+        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+        let sh = self.clone();
+        let c2 = conn.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{}", conn.id))
+            .spawn(move || sh.serve(c2, s));
+        if let Err(e) = spawned {
+            self.client_warn(&peer, "cannot start connection thread", &e);
+            conn.kill();
+            self.unregister(conn.id);
+        }
+    }
+
+    fn unregister(&self, id: u64) {
+        self.registry.lock().unwrap().conns.remove(&id);
+        self.registry_cv.notify_all();
+    }
+
+    fn serve(self: Arc<Self>, conn: Arc<Conn>, mut rd: Stream) {
+        tracing::debug!(conn = conn.id, peer = %conn.peer, "connection accepted");
+        let _ = rd.set_read_timeout(Some(self.cfg.handshake_timeout));
+        let _ = rd.set_write_timeout(Some(self.cfg.send_timeout));
+        let outcome = match self.handshake(&conn, &mut rd) {
+            Ok(Some(session)) => {
+                let _ = rd.set_read_timeout(None);
+                self.transmission(&conn, &mut rd, session)
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {}
+            Err(ConnError::Protocol(m)) => {
+                self.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                self.client_warn(&conn.peer, "hard disconnect", &m);
+                conn.kill();
+            }
+            Err(ConnError::Io(e)) => {
+                if !conn.stop_reading.load(Ordering::Acquire) {
+                    tracing::debug!(conn = conn.id, peer = %conn.peer, error = %e, "client went away");
+                }
+            }
+        }
+        // Every request read gets its answer before the socket closes.
+        conn.wait_idle();
+        let _ = conn.control.shutdown(Shutdown::Both);
+        tracing::debug!(conn = conn.id, peer = %conn.peer, "connection closed");
+        self.unregister(conn.id);
+    }
+
+    fn reply(&self, conn: &Conn, out: &mut Vec<u8>) -> Result<(), ConnError> {
+        let mut w = conn.writer.lock().unwrap();
+        write_all_vectored(&mut w, &[out])?;
+        out.clear();
+        Ok(())
+    }
+
+    /// Record the export on the connection unless it was removed meanwhile.
+    fn bind_export(&self, conn: &Conn, entry: &ExportEntry) -> bool {
+        let _reg = self.registry.lock().unwrap();
+        let still = self
+            .exports
+            .read()
+            .unwrap()
+            .iter()
+            .any(|e| std::ptr::eq(Arc::as_ptr(e), entry as *const ExportEntry));
+        if still {
+            *conn.export.lock().unwrap() = Some(entry.export.name.clone());
+        }
+        still
+    }
+
+    fn session(&self, entry: Arc<ExportEntry>, structured: bool) -> Session {
+        let limits = RequestLimits {
+            size_bytes: entry.export.backend.size_bytes(),
+            min_bytes: entry.sizes.min_bytes,
+            max_bytes: entry.sizes.max_bytes,
+            read_only: entry.export.read_only,
+            structured,
+            max_discard_bytes: wire::DOS_FLOOR_BYTES,
+        };
+        Session { entry, limits, structured }
+    }
+
+    fn flags(entry: &ExportEntry, structured: bool) -> u16 {
+        wire::transmission_flags(
+            entry.export.read_only,
+            entry.export.backend.multi_conn_safe(),
+            structured,
+        )
+    }
+
+    fn handshake(&self, conn: &Conn, rd: &mut Stream) -> Result<Option<Session>, ConnError> {
+        let mut out = wire::encode_greeting().to_vec();
+        self.reply(conn, &mut out)?;
+        let mut cf = [0u8; 4];
+        rd.read_exact(&mut cf)?;
+        let client = wire::decode_client_flags(cf).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let mut structured = false;
+        for _ in 0..MAX_OPTIONS {
+            if conn.stop_reading.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+            let mut raw = [0u8; wire::OPTION_HEADER_BYTES];
+            rd.read_exact(&mut raw)?;
+            let hdr = wire::decode_option_header(&raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
+            let opt = hdr.option;
+            if hdr.length > MAX_OPTION_BYTES {
+                if hdr.length > MAX_OPTION_SKIP_BYTES || opt == wire::OPT_EXPORT_NAME {
+                    return Err(ConnError::Protocol(format!("option {opt} of {} bytes", hdr.length)));
+                }
+                discard(rd, hdr.length as u64)?;
+                wire::encode_option_error(&mut out, opt, wire::REP_ERR_TOO_BIG, "option data too large");
+                self.reply(conn, &mut out)?;
+                continue;
+            }
+            let mut data = vec![0u8; hdr.length as usize];
+            rd.read_exact(&mut data)?;
+            let req = match wire::parse_option(opt, &data) {
+                Ok(r) => r,
+                Err(e) if opt == wire::OPT_EXPORT_NAME => return Err(ConnError::Protocol(e.to_string())),
+                Err(e) => {
+                    self.client_warn(&conn.peer, "bad option", &e);
+                    wire::encode_option_error(&mut out, opt, e.reply, &e.message);
+                    self.reply(conn, &mut out)?;
+                    continue;
+                }
+            };
+            match req {
+                OptionRequest::ExportName(name) => {
+                    let Some(entry) = self.find_export(&name) else {
+                        return Err(ConnError::Protocol(format!("NBD_OPT_EXPORT_NAME: no export {name:?}")));
+                    };
+                    if self.cfg.require_block_size {
+                        return Err(ConnError::Protocol(
+                            "NBD_OPT_EXPORT_NAME cannot agree on block sizes".into(),
+                        ));
+                    }
+                    if !self.bind_export(conn, &entry) {
+                        return Err(ConnError::Protocol(format!("export {name:?} went away")));
+                    }
+                    let s = self.session(entry, structured);
+                    let flags = Self::flags(&s.entry, structured);
+                    wire::encode_export_name_reply(&mut out, s.limits.size_bytes, flags, client.no_zeroes);
+                    self.reply(conn, &mut out)?;
+                    return Ok(Some(s));
+                }
+                OptionRequest::Abort => {
+                    wire::encode_ack(&mut out, opt);
+                    // The client may already be gone; that is fine.
+                    let _ = self.reply(conn, &mut out);
+                    return Ok(None);
+                }
+                OptionRequest::List => {
+                    for e in self.exports.read().unwrap().iter() {
+                        wire::encode_rep_server(&mut out, opt, &e.export.name, &e.export.description);
+                    }
+                    wire::encode_ack(&mut out, opt);
+                }
+                OptionRequest::StartTls => {
+                    wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "TLS is not supported");
+                }
+                OptionRequest::ExtendedHeaders => {
+                    wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "extended headers are not supported");
+                }
+                OptionRequest::Unknown(_) => {
+                    wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "unknown option");
+                }
+                OptionRequest::StructuredReply => {
+                    structured = true;
+                    wire::encode_ack(&mut out, opt);
+                }
+                OptionRequest::ListMetaContext(r) | OptionRequest::SetMetaContext(r) => {
+                    if !structured {
+                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_INVALID,
+                            "negotiate structured replies first");
+                    } else if self.find_export(&r.name).is_none() {
+                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN, "no such export");
+                    } else {
+                        // No metadata contexts are offered: none listed, none selected.
+                        wire::encode_ack(&mut out, opt);
+                    }
+                }
+                OptionRequest::Info(r) | OptionRequest::Go(r) => {
+                    let go = opt == wire::OPT_GO;
+                    let Some(entry) = self.find_export(&r.name) else {
+                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN,
+                            &format!("no export named {:?}", r.name));
+                        self.reply(conn, &mut out)?;
+                        continue;
+                    };
+                    let size = entry.export.backend.size_bytes();
+                    let flags = Self::flags(&entry, structured);
+                    wire::encode_info_export(&mut out, opt, size, flags);
+                    let s = entry.sizes;
+                    // Always sent: the constraints are real (O_DIRECT, RAID stripes).
+                    wire::encode_info_block_size(&mut out, opt, s.min_bytes, s.preferred_bytes, s.max_bytes);
+                    if r.requests.contains(&wire::INFO_NAME) {
+                        wire::encode_info_name(&mut out, opt, &entry.export.name);
+                    }
+                    if r.requests.contains(&wire::INFO_DESCRIPTION) && !entry.export.description.is_empty() {
+                        wire::encode_info_description(&mut out, opt, &entry.export.description);
+                    }
+                    if go && self.cfg.require_block_size && !r.wants_block_size() {
+                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_BLOCK_SIZE_REQD,
+                            "request NBD_INFO_BLOCK_SIZE and honour the block sizes");
+                    } else if go {
+                        if !self.bind_export(conn, &entry) {
+                            out.clear();
+                            wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN, "export went away");
+                            self.reply(conn, &mut out)?;
+                            continue;
+                        }
+                        wire::encode_ack(&mut out, opt);
+                        self.reply(conn, &mut out)?;
+                        return Ok(Some(self.session(entry, structured)));
+                    } else {
+                        wire::encode_ack(&mut out, opt);
+                    }
+                }
+            }
+            self.reply(conn, &mut out)?;
+        }
+        Err(ConnError::Protocol(format!("more than {MAX_OPTIONS} options")))
+    }
+
+    fn reject(&self, conn: &Conn, s: &Session, handle: u64, errno: u32, reason: &str) {
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if s.structured {
+            conn.send(&[&wire::encode_error_chunk(handle, errno, reason)]);
+        } else {
+            conn.send(&[&wire::encode_simple_reply(errno, handle)]);
+        }
+    }
+
+    fn transmission(&self, conn: &Arc<Conn>, rd: &mut Stream, s: Session) -> Result<(), ConnError> {
+        let sender = match self.jobs.lock().unwrap().clone() {
+            Some(tx) => tx,
+            None => return Ok(()),
+        };
+        tracing::debug!(conn = conn.id, export = %s.entry.export.name, structured = s.structured,
+            "transmission started");
+        let max_requests = self.cfg.max_inflight_per_conn;
+        let max_bytes = self.cfg.max_buffered_bytes_per_conn;
+        loop {
+            if conn.stop_reading.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let mut raw = [0u8; wire::REQUEST_HEADER_BYTES];
+            rd.read_exact(&mut raw)?;
+            let hdr = wire::decode_request_header(&raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let cmd = match wire::validate_request(&hdr, &s.limits) {
+                Ok(c) => c,
+                Err(Rejection::Disconnect { reason }) => return Err(ConnError::Protocol(reason.into())),
+                Err(Rejection::Error { errno, reason, discard_bytes }) => {
+                    self.client_warn(&conn.peer, "request refused",
+                        &format_args!("{reason} (type {} flags {:#x} offset {} length {})",
+                            hdr.kind, hdr.flags, hdr.offset, hdr.length));
+                    discard(rd, discard_bytes as u64)?;
+                    self.reject(conn, &s, hdr.handle, errno, reason);
+                    continue;
+                }
+            };
+            let charge = match cmd {
+                Command::Disc => return Ok(()),
+                Command::Read { length, .. } | Command::Write { length, .. } => length as usize,
+                _ => 0,
+            };
+            conn.acquire(charge, max_requests, max_bytes);
+            let mut payload = None;
+            if let Command::Write { length, .. } = cmd {
+                let mut buf = s.entry.export.backend.alloc(length as usize);
+                if let Err(e) = rd.read_exact(&mut buf[..]) {
+                    // A truncated request is not answered; the client is gone or we drain.
+                    conn.release(charge);
+                    return Err(e.into());
+                }
+                payload = Some(buf);
+            }
+            let job = Job {
+                conn: conn.clone(),
+                backend: s.entry.export.backend.clone(),
+                cmd,
+                handle: hdr.handle,
+                structured: s.structured,
+                payload,
+                charge,
+                split_bytes: s.limits.max_bytes as u64,
+            };
+            if sender.send(job).is_err() {
+                conn.release(charge);
+                return Ok(());
+            }
+        }
+    }
+
+    fn drain_conns(&self, conns: Vec<Arc<Conn>>, deadline: Instant) -> DrainReport {
+        let before: Vec<u64> = conns.iter().map(|c| c.completed.load(Ordering::Acquire)).collect();
+        for c in &conns {
+            c.stop_reading.store(true, Ordering::Release);
+            // Wakes a reader blocked in read(); requests already read are still answered.
+            let _ = c.control.shutdown(Shutdown::Read);
+        }
+        let mut reg = self.registry.lock().unwrap();
+        let mut deadline_hit = false;
+        loop {
+            let left = conns.iter().filter(|c| reg.conns.contains_key(&c.id)).count();
+            if left == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                deadline_hit = true;
+                break;
+            }
+            reg = self.registry_cv.wait_timeout(reg, deadline - now).unwrap().0;
+        }
+        let mut aborted = 0;
+        for c in &conns {
+            if reg.conns.contains_key(&c.id) {
+                aborted += 1;
+                c.kill();
+            }
+        }
+        drop(reg);
+        let completed = conns
+            .iter()
+            .zip(before)
+            .map(|(c, b)| c.completed.load(Ordering::Acquire) - b)
+            .sum();
+        DrainReport {
+            requests_completed: completed,
+            connections_closed: conns.len() - aborted,
+            connections_aborted: aborted,
+            deadline_hit,
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Stream sockets for the NBD server: TCP and Unix listeners with a bounded wait for accept,
+//! and one stream type over both.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A listening socket.
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix stream socket; the path is removed when the listener is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+/// Wait until `fd` is readable or `timeout` passes. Returns true when readable.
+fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is a valid, initialised pollfd that lives across the call; nfds is 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(rc > 0)
+}
+
+impl Listener {
+    /// Listen on a TCP address (port 0 picks a free port).
+    pub fn bind_tcp(addr: SocketAddr) -> io::Result<Listener> {
+        Ok(Listener::Tcp(TcpListener::bind(addr)?))
+    }
+
+    /// Listen on a Unix socket path. A stale socket file at the path is replaced; any other
+    /// kind of file there is an error.
+    pub fn bind_unix(path: &Path) -> io::Result<Listener> {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Listener::Unix(UnixListener::bind(path)?, path.to_path_buf()))
+    }
+
+    /// The TCP address, for a TCP listener.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    /// Accept one connection, waiting at most `timeout`. `Ok(None)` when none arrived.
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Stream>> {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        if !wait_readable(fd, timeout)? {
+            return Ok(None);
+        }
+        let res = match self {
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                // Small replies must not wait for Nagle (proto.md recommends TCP_NODELAY).
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+        };
+        match res {
+            Ok(s) => Ok(Some(s)),
+            // The connection may have gone between poll and accept.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionAborted) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// A connected stream socket.
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    /// A second handle to the same socket.
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shut down one or both directions. Shutting down reads wakes a thread blocked reading.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let r = match self {
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+        };
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Timeout for blocking reads (`None`: wait forever).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Timeout for blocking writes (`None`: wait forever).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// The peer, for logs.
+    pub fn peer(&self) -> String {
+        match self {
+            Stream::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp:?".into()),
+            Stream::Unix(_) => "unix".into(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Write all of `parts` as one gather write where the kernel takes it (one syscall for a reply
+/// header and its data in the common case).
+pub fn write_all_vectored(s: &mut Stream, parts: &[&[u8]]) -> io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // Rebuild the slice list past what is already written.
+        let mut skip = done;
+        let mut slices = Vec::with_capacity(parts.len());
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            slices.push(io::IoSlice::new(&p[skip..]));
+            skip = 0;
+        }
+        match s.write_vectored(&slices) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "socket closed")),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_times_out_then_accepts() {
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.tcp_addr().unwrap();
+        assert!(l.accept_timeout(Duration::from_millis(20)).unwrap().is_none());
+        let mut c = TcpStream::connect(addr).unwrap();
+        let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().expect("accepted");
+        write_all_vectored(&mut s, &[b"ab", b"", b"cde"]).unwrap();
+        let mut got = [0u8; 5];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"abcde");
+    }
+
+    #[test]
+    fn unix_listener_replaces_stale_socket_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.sock");
+        drop(UnixListener::bind(&p).unwrap()); // leaves a stale socket file
+        let l = Listener::bind_unix(&p).unwrap();
+        let _c = UnixStream::connect(&p).unwrap();
+        assert!(l.accept_timeout(Duration::from_secs(5)).unwrap().is_some());
+        drop(l);
+        assert!(!p.exists());
+        std::fs::write(&p, b"x").unwrap();
+        assert!(Listener::bind_unix(&p).is_err(), "must not remove a regular file");
+    }
+
+    #[test]
+    fn shutdown_read_wakes_blocked_reader() {
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _c = TcpStream::connect(l.tcp_addr().unwrap()).unwrap();
+        let s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        let mut r = s.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut b = [0u8; 1];
+            r.read(&mut b)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        s.shutdown(Shutdown::Read).unwrap();
+        assert_eq!(t.join().unwrap().unwrap(), 0);
+    }
+}

@@ -2,4 +2,5 @@
 pub mod aggregate;
 pub mod backend;
 pub mod nbd_server;
+pub mod node;
 pub mod setup;

@@ -1,0 +1,85 @@
+//! Shared helpers for privileged integration tests: loop devices that are always detached.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Fail loudly (never skip) when the test cannot run as it must.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (loop devices); run the suite as root as CI does");
+}
+
+/// Fail loudly when a tool the test drives is missing.
+pub fn require_tool(name: &str) {
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "{name} is not installed: run tools/install-test-deps.sh (README) first");
+}
+
+/// A loop device with direct I/O over a backing file; detached on drop.
+pub struct LoopDev {
+    pub dev: PathBuf,
+    pub backing: PathBuf,
+}
+
+impl LoopDev {
+    /// A new loop device over a fresh backing file of `bytes` in `dir` (must be on a filesystem
+    /// that takes O_DIRECT: /var/tmp, not tmpfs).
+    pub fn new(dir: &Path, name: &str, bytes: u64) -> LoopDev {
+        require_root();
+        let backing = dir.join(name);
+        let f = std::fs::File::create(&backing).unwrap();
+        f.set_len(bytes).unwrap();
+        drop(f);
+        let out = Command::new("losetup")
+            .args(["-f", "--show", "--direct-io=on"])
+            .arg(&backing)
+            .output()
+            .expect("run losetup");
+        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        LoopDev { dev, backing }
+    }
+
+    /// Shrink the backing file and tell the loop driver: reads past the new end come back
+    /// short and writes fail with ENOSPC, as a failing disk would.
+    pub fn shrink(&self, bytes: u64) {
+        let f = std::fs::OpenOptions::new().write(true).open(&self.backing).unwrap();
+        f.set_len(bytes).unwrap();
+        drop(f);
+        let st = Command::new("losetup").arg("-c").arg(&self.dev).status().unwrap();
+        assert!(st.success(), "losetup -c failed");
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let st = Command::new("losetup").arg("-d").arg(&self.dev).status();
+            if matches!(st, Ok(s) if s.success()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("WARNING: could not detach {}", self.dev.display());
+    }
+}
+
+/// A scratch directory on a filesystem that takes O_DIRECT.
+pub fn scratch_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/var/tmp").unwrap()
+}
+
+/// A deterministic pattern for block `block` of write `seed`.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -32,12 +32,22 @@ impl LoopDev {
         let f = std::fs::File::create(&backing).unwrap();
         f.set_len(bytes).unwrap();
         drop(f);
-        let out = Command::new("losetup")
-            .args(["-f", "--show", "--direct-io=on"])
-            .arg(&backing)
-            .output()
-            .expect("run losetup");
-        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Tests run in parallel: two `losetup -f` may race for one free device, so retry.
+        let mut out = None;
+        for attempt in 0..10 {
+            let o = Command::new("losetup")
+                .args(["-f", "--show", "--direct-io=on"])
+                .arg(&backing)
+                .output()
+                .expect("run losetup");
+            if o.status.success() {
+                out = Some(o);
+                break;
+            }
+            eprintln!("losetup attempt {attempt}: {}", String::from_utf8_lossy(&o.stderr));
+            std::thread::sleep(std::time::Duration::from_millis(50 * (attempt + 1)));
+        }
+        let out = out.expect("losetup kept failing");
         let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         LoopDev { dev, backing }
     }

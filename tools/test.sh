@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command from README: installs what the tests need, then runs every test.
+# Privileged tests (loop devices, network namespaces, the nested VM) need root; they fail loudly
+# without it rather than skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/install-test-deps.sh
+export RUST_BACKTRACE=1
+cargo build --all-targets
+cargo test --all-targets -- --test-threads=2
+echo "tools/test.sh: all tests passed"

@@ -20,7 +20,10 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let dir = tempfile::Builder::new().prefix("hapair-nbd-sock").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("hapair-nbd-sock")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let sock = dir.path().join("nbd.sock");
     let backend = Arc::new(FileBackend::new(SIZE, sizes(512, 4096, 32 << 20)));
     let small = Arc::new(FileBackend::new(4 << 20, sizes(4096, 4096, 1 << 20)));
@@ -33,12 +36,27 @@ fn setup() -> Setup {
     let srv = NbdServer::start(
         cfg,
         vec![
-            Export { name: "vol0".into(), description: "first volume".into(), backend: backend.clone(), read_only: false },
-            Export { name: "ro".into(), description: String::new(), backend: small, read_only: true },
+            Export {
+                name: "vol0".into(),
+                description: "first volume".into(),
+                backend: backend.clone(),
+                read_only: false,
+            },
+            Export {
+                name: "ro".into(),
+                description: String::new(),
+                backend: small,
+                read_only: true,
+            },
         ],
     )
     .unwrap();
-    Setup { srv, backend, sock, _dir: dir }
+    Setup {
+        srv,
+        backend,
+        sock,
+        _dir: dir,
+    }
 }
 
 impl Setup {
@@ -52,7 +70,9 @@ impl Setup {
 
 /// Run a command; fail with its output when it fails.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -97,11 +117,19 @@ fn nbdinfo_reports_size_block_sizes_and_flags() {
     // --list sees both exports with their descriptions.
     let out = run(Command::new(need("nbdinfo")).args(["--json", "--list", &s.tcp_uri("")]));
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let names: Vec<&str> = j["exports"].as_array().unwrap().iter().map(|e| e["export-name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = j["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["vol0", "ro"], "{j}");
     assert_eq!(j["exports"][0]["description"], "first volume", "{j}");
     // An unknown export is refused.
-    let st = Command::new(need("nbdinfo")).arg(s.tcp_uri("nope")).output().unwrap();
+    let st = Command::new(need("nbdinfo"))
+        .arg(s.tcp_uri("nope"))
+        .output()
+        .unwrap();
     assert!(!st.status.success());
 }
 
@@ -112,7 +140,10 @@ fn write_file(path: &Path, data: &[u8]) {
 #[test]
 fn nbdcopy_round_trip_and_qemu_img_compare() {
     let s = setup();
-    let dir = tempfile::Builder::new().prefix("hapair-nbdcopy").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("hapair-nbdcopy")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let img = dir.path().join("in.img");
     let back = dir.path().join("out.img");
     let mut data = random_bytes(SIZE as usize, 42);
@@ -123,23 +154,41 @@ fn nbdcopy_round_trip_and_qemu_img_compare() {
     s.backend.fill(&vec![0xEEu8; SIZE as usize]);
 
     // In over TCP with several connections (multi-conn) and a deep queue.
-    run(Command::new(need("nbdcopy")).args(["--connections=4", "--requests=32", "--flush"])
-        .arg(&img).arg(s.tcp_uri("vol0")));
-    assert!(s.backend.contents() == data, "export differs from the image after nbdcopy");
+    run(Command::new(need("nbdcopy"))
+        .args(["--connections=4", "--requests=32", "--flush"])
+        .arg(&img)
+        .arg(s.tcp_uri("vol0")));
+    assert!(
+        s.backend.contents() == data,
+        "export differs from the image after nbdcopy"
+    );
     // Back out over the Unix socket.
-    run(Command::new(need("nbdcopy")).args(["--connections=2"]).arg(s.unix_uri("vol0")).arg(&back));
+    run(Command::new(need("nbdcopy"))
+        .args(["--connections=2"])
+        .arg(s.unix_uri("vol0"))
+        .arg(&back));
     assert!(std::fs::read(&back).unwrap() == data, "copy back differs");
     // qemu's NBD client agrees byte for byte.
-    let out = run(Command::new(need("qemu-img")).args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&img).arg(s.tcp_uri("vol0")));
+    let out = run(Command::new(need("qemu-img"))
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(s.tcp_uri("vol0")));
     assert!(out.contains("identical"), "{out}");
     // And notices a difference.
     let mut other = data.clone();
     other[12345] ^= 1;
     write_file(&img, &other);
-    let st = Command::new(need("qemu-img")).args(["compare", "-f", "raw", "-F", "raw"])
-        .arg(&img).arg(s.tcp_uri("vol0")).output().unwrap();
-    assert_eq!(st.status.code(), Some(1), "qemu-img compare must see the flipped bit");
+    let st = Command::new(need("qemu-img"))
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(&img)
+        .arg(s.tcp_uri("vol0"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        st.status.code(),
+        Some(1),
+        "qemu-img compare must see the flipped bit"
+    );
 }
 
 /// fio's nbd engine: random writes then verified reads (crc32c), several jobs (one connection

@@ -25,10 +25,19 @@ pub struct FileBackend {
 
 impl FileBackend {
     pub fn new(size: u64, sizes: BlockSizes) -> FileBackend {
-        let tmp = tempfile::Builder::new().prefix("hapair-nbd-").tempfile_in("/var/tmp").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("hapair-nbd-")
+            .tempfile_in("/var/tmp")
+            .unwrap();
         tmp.as_file().set_len(size).unwrap();
         let file = tmp.reopen().unwrap();
-        FileBackend { file, size, sizes, _tmp: tmp, flushes: AtomicU64::new(0) }
+        FileBackend {
+            file,
+            size,
+            sizes,
+            _tmp: tmp,
+            flushes: AtomicU64::new(0),
+        }
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -75,7 +84,9 @@ impl Backend for FileBackend {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(zeroes.len() as u64) as usize;
-            self.file.write_all_at(&zeroes[..n], offset + done).map_err(io_err)?;
+            self.file
+                .write_all_at(&zeroes[..n], offset + done)
+                .map_err(io_err)?;
             done += n as u64;
         }
         if fua {
@@ -102,7 +113,12 @@ pub struct GatedBackend<B> {
 
 impl<B: Backend> GatedBackend<B> {
     pub fn new(inner: B) -> GatedBackend<B> {
-        GatedBackend { inner, open: Mutex::new(false), cv: Condvar::new(), started: AtomicU64::new(0) }
+        GatedBackend {
+            inner,
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+            started: AtomicU64::new(0),
+        }
     }
     pub fn open(&self) {
         *self.open.lock().unwrap() = true;
@@ -149,7 +165,11 @@ impl<B: Backend> Backend for GatedBackend<B> {
 }
 
 pub fn sizes(min: u32, preferred: u32, max: u32) -> BlockSizes {
-    BlockSizes { min_bytes: min, preferred_bytes: preferred, max_bytes: max }
+    BlockSizes {
+        min_bytes: min,
+        preferred_bytes: preferred,
+        max_bytes: max,
+    }
 }
 
 /// Poll `f` until it is true, failing the test after `secs`.
@@ -272,12 +292,29 @@ impl RawClient {
         }
         let (infos, fin) = c.info(OPT_GO, name, &[INFO_BLOCK_SIZE]);
         assert_eq!(fin, REP_ACK, "GO failed");
-        let exp = infos.iter().find(|(t, _)| *t == INFO_EXPORT).expect("NBD_INFO_EXPORT");
+        let exp = infos
+            .iter()
+            .find(|(t, _)| *t == INFO_EXPORT)
+            .expect("NBD_INFO_EXPORT");
         (c, be64(&exp.1[0..8]), be16(&exp.1[8..10]))
     }
 
-    pub fn request(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, length: u32, payload: &[u8]) {
-        let h = RequestHeader { flags, kind, handle, offset, length };
+    pub fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) {
+        let h = RequestHeader {
+            flags,
+            kind,
+            handle,
+            offset,
+            length,
+        };
         let mut m = encode_request_header(&h).to_vec();
         m.extend_from_slice(payload);
         self.send(&m);
@@ -290,7 +327,10 @@ impl RawClient {
         match be32(&m) {
             SIMPLE_REPLY_MAGIC => {
                 let r = self.read_n(12);
-                Reply::Simple { errno: be32(&r[0..4]), handle: be64(&r[4..12]) }
+                Reply::Simple {
+                    errno: be32(&r[0..4]),
+                    handle: be64(&r[4..12]),
+                }
             }
             STRUCTURED_REPLY_MAGIC => {
                 let r = self.read_n(16);

@@ -294,16 +294,26 @@ impl NbdServer {
     /// Listen, start the workers and serve `exports`.
     pub fn start(cfg: ServerConfig, exports: Vec<Export>) -> io::Result<NbdServer> {
         if cfg.tcp.is_none() && cfg.unix.is_none() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no listener configured"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no listener configured",
+            ));
         }
         if cfg.workers == 0 || cfg.max_connections == 0 || cfg.max_inflight_per_conn == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "zero workers or limits"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "zero workers or limits",
+            ));
         }
         let (tx, rx) = mpsc::channel::<Job>();
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             exports: RwLock::new(Vec::new()),
-            registry: Mutex::new(Registry { draining: false, next_id: 1, conns: HashMap::new() }),
+            registry: Mutex::new(Registry {
+                draining: false,
+                next_id: 1,
+                conns: HashMap::new(),
+            }),
             registry_cv: Condvar::new(),
             accepting: AtomicBool::new(true),
             jobs: Mutex::new(Some(tx)),
@@ -383,7 +393,13 @@ impl NbdServer {
 
     /// Names of the exports served.
     pub fn exports(&self) -> Vec<String> {
-        self.shared.exports.read().unwrap().iter().map(|e| e.export.name.clone()).collect()
+        self.shared
+            .exports
+            .read()
+            .unwrap()
+            .iter()
+            .map(|e| e.export.name.clone())
+            .collect()
     }
 
     /// Counters.
@@ -403,12 +419,18 @@ impl NbdServer {
     /// with its real result, then close the connections. At `deadline`, close whatever is
     /// left abruptly. New connections are refused from the start of the drain on.
     pub fn drain(&self, deadline: Instant) -> DrainReport {
+        // Refuse from now on, also what the acceptors pick up before they stop.
+        self.shared.registry.lock().unwrap().draining = true;
         self.stop_accepting();
-        let conns: Vec<Arc<Conn>> = {
-            let mut reg = self.shared.registry.lock().unwrap();
-            reg.draining = true;
-            reg.conns.values().cloned().collect()
-        };
+        let conns: Vec<Arc<Conn>> = self
+            .shared
+            .registry
+            .lock()
+            .unwrap()
+            .conns
+            .values()
+            .cloned()
+            .collect();
         tracing::info!(connections = conns.len(), "draining NBD server");
         let report = self.shared.drain_conns(conns, deadline);
         tracing::info!(?report, "NBD server drained");
@@ -482,7 +504,11 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             }
             Ok(Some(buf))
         }
-        Command::Write { offset, length, fua } => {
+        Command::Write {
+            offset,
+            length,
+            fua,
+        } => {
             if length > 0 {
                 let data = job.payload.as_ref().expect("write payload");
                 b.write(offset, &data[..], fua)?;
@@ -490,15 +516,25 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             Ok(None)
         }
         Command::Flush => b.flush().map(|_| None),
-        Command::Trim { offset, length, fua } => {
+        Command::Trim {
+            offset,
+            length,
+            fua,
+        } => {
             in_pieces(offset, length as u64, job.split_bytes, |o, l| b.trim(o, l))?;
             if fua {
                 b.flush()?;
             }
             Ok(None)
         }
-        Command::WriteZeroes { offset, length, fua } => {
-            in_pieces(offset, length as u64, job.split_bytes, |o, l| b.write_zeroes(o, l, fua))?;
+        Command::WriteZeroes {
+            offset,
+            length,
+            fua,
+        } => {
+            in_pieces(offset, length as u64, job.split_bytes, |o, l| {
+                b.write_zeroes(o, l, fua)
+            })?;
             Ok(None)
         }
         Command::Disc => Ok(None),
@@ -515,7 +551,9 @@ fn run_job(mut job: Job) {
     let h = job.handle;
     match result {
         Ok(Some(data)) => {
-            let Command::Read { offset, length } = job.cmd else { unreachable!() };
+            let Command::Read { offset, length } = job.cmd else {
+                unreachable!()
+            };
             if job.structured {
                 if length == 0 {
                     conn.send(&[&wire::encode_none_chunk(h)]);
@@ -582,7 +620,10 @@ fn discard(rd: &mut Stream, mut n: u64) -> io::Result<()> {
 impl Shared {
     fn add_export(&self, export: Export) -> Result<(), ExportError> {
         if let Err(reason) = wire::parse_string(export.name.as_bytes()) {
-            return Err(ExportError::BadName { name: export.name, reason });
+            return Err(ExportError::BadName {
+                name: export.name,
+                reason,
+            });
         }
         let b = export.backend.block_sizes();
         let min = b.min_bytes.max(1);
@@ -592,8 +633,14 @@ impl Shared {
             preferred_bytes: b.preferred_bytes,
             max_bytes: capped - capped % min,
         };
-        if let Err(reason) = wire::check_block_sizes(sizes.min_bytes, sizes.preferred_bytes, sizes.max_bytes) {
-            return Err(ExportError::BadBlockSizes { name: export.name, sizes, reason });
+        if let Err(reason) =
+            wire::check_block_sizes(sizes.min_bytes, sizes.preferred_bytes, sizes.max_bytes)
+        {
+            return Err(ExportError::BadBlockSizes {
+                name: export.name,
+                sizes,
+                reason,
+            });
         }
         let size = export.backend.size_bytes();
         if size % sizes.min_bytes as u64 != 0 {
@@ -651,7 +698,11 @@ impl Shared {
             if reg.draining || reg.conns.len() >= self.cfg.max_connections {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 drop(reg);
-                return self.client_warn(&peer, "connection refused", &"connection limit or draining");
+                return self.client_warn(
+                    &peer,
+                    "connection refused",
+                    &"connection limit or draining",
+                );
             }
             let id = reg.next_id;
             reg.next_id += 1;
@@ -704,7 +755,9 @@ impl Shared {
         match outcome {
             Ok(()) => {}
             Err(ConnError::Protocol(m)) => {
-                self.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .protocol_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 self.client_warn(&conn.peer, "hard disconnect", &m);
                 conn.kill();
             }
@@ -752,7 +805,11 @@ impl Shared {
             structured,
             max_discard_bytes: wire::DOS_FLOOR_BYTES,
         };
-        Session { entry, limits, structured }
+        Session {
+            entry,
+            limits,
+            structured,
+        }
     }
 
     fn flags(entry: &ExportEntry, structured: bool) -> u16 {
@@ -768,7 +825,8 @@ impl Shared {
         self.reply(conn, &mut out)?;
         let mut cf = [0u8; 4];
         rd.read_exact(&mut cf)?;
-        let client = wire::decode_client_flags(cf).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let client =
+            wire::decode_client_flags(cf).map_err(|e| ConnError::Protocol(e.to_string()))?;
         let mut structured = false;
         for _ in 0..MAX_OPTIONS {
             if conn.stop_reading.load(Ordering::Acquire) {
@@ -776,14 +834,23 @@ impl Shared {
             }
             let mut raw = [0u8; wire::OPTION_HEADER_BYTES];
             rd.read_exact(&mut raw)?;
-            let hdr = wire::decode_option_header(&raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
+            let hdr =
+                wire::decode_option_header(&raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
             let opt = hdr.option;
             if hdr.length > MAX_OPTION_BYTES {
                 if hdr.length > MAX_OPTION_SKIP_BYTES || opt == wire::OPT_EXPORT_NAME {
-                    return Err(ConnError::Protocol(format!("option {opt} of {} bytes", hdr.length)));
+                    return Err(ConnError::Protocol(format!(
+                        "option {opt} of {} bytes",
+                        hdr.length
+                    )));
                 }
                 discard(rd, hdr.length as u64)?;
-                wire::encode_option_error(&mut out, opt, wire::REP_ERR_TOO_BIG, "option data too large");
+                wire::encode_option_error(
+                    &mut out,
+                    opt,
+                    wire::REP_ERR_TOO_BIG,
+                    "option data too large",
+                );
                 self.reply(conn, &mut out)?;
                 continue;
             }
@@ -791,7 +858,9 @@ impl Shared {
             rd.read_exact(&mut data)?;
             let req = match wire::parse_option(opt, &data) {
                 Ok(r) => r,
-                Err(e) if opt == wire::OPT_EXPORT_NAME => return Err(ConnError::Protocol(e.to_string())),
+                Err(e) if opt == wire::OPT_EXPORT_NAME => {
+                    return Err(ConnError::Protocol(e.to_string()))
+                }
                 Err(e) => {
                     self.client_warn(&conn.peer, "bad option", &e);
                     wire::encode_option_error(&mut out, opt, e.reply, &e.message);
@@ -802,7 +871,9 @@ impl Shared {
             match req {
                 OptionRequest::ExportName(name) => {
                     let Some(entry) = self.find_export(&name) else {
-                        return Err(ConnError::Protocol(format!("NBD_OPT_EXPORT_NAME: no export {name:?}")));
+                        return Err(ConnError::Protocol(format!(
+                            "NBD_OPT_EXPORT_NAME: no export {name:?}"
+                        )));
                     };
                     if self.cfg.require_block_size {
                         return Err(ConnError::Protocol(
@@ -814,7 +885,12 @@ impl Shared {
                     }
                     let s = self.session(entry, structured);
                     let flags = Self::flags(&s.entry, structured);
-                    wire::encode_export_name_reply(&mut out, s.limits.size_bytes, flags, client.no_zeroes);
+                    wire::encode_export_name_reply(
+                        &mut out,
+                        s.limits.size_bytes,
+                        flags,
+                        client.no_zeroes,
+                    );
                     self.reply(conn, &mut out)?;
                     return Ok(Some(s));
                 }
@@ -826,15 +902,30 @@ impl Shared {
                 }
                 OptionRequest::List => {
                     for e in self.exports.read().unwrap().iter() {
-                        wire::encode_rep_server(&mut out, opt, &e.export.name, &e.export.description);
+                        wire::encode_rep_server(
+                            &mut out,
+                            opt,
+                            &e.export.name,
+                            &e.export.description,
+                        );
                     }
                     wire::encode_ack(&mut out, opt);
                 }
                 OptionRequest::StartTls => {
-                    wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "TLS is not supported");
+                    wire::encode_option_error(
+                        &mut out,
+                        opt,
+                        wire::REP_ERR_UNSUP,
+                        "TLS is not supported",
+                    );
                 }
                 OptionRequest::ExtendedHeaders => {
-                    wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "extended headers are not supported");
+                    wire::encode_option_error(
+                        &mut out,
+                        opt,
+                        wire::REP_ERR_UNSUP,
+                        "extended headers are not supported",
+                    );
                 }
                 OptionRequest::Unknown(_) => {
                     wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNSUP, "unknown option");
@@ -845,10 +936,19 @@ impl Shared {
                 }
                 OptionRequest::ListMetaContext(r) | OptionRequest::SetMetaContext(r) => {
                     if !structured {
-                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_INVALID,
-                            "negotiate structured replies first");
+                        wire::encode_option_error(
+                            &mut out,
+                            opt,
+                            wire::REP_ERR_INVALID,
+                            "negotiate structured replies first",
+                        );
                     } else if self.find_export(&r.name).is_none() {
-                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN, "no such export");
+                        wire::encode_option_error(
+                            &mut out,
+                            opt,
+                            wire::REP_ERR_UNKNOWN,
+                            "no such export",
+                        );
                     } else {
                         // No metadata contexts are offered: none listed, none selected.
                         wire::encode_ack(&mut out, opt);
@@ -857,8 +957,12 @@ impl Shared {
                 OptionRequest::Info(r) | OptionRequest::Go(r) => {
                     let go = opt == wire::OPT_GO;
                     let Some(entry) = self.find_export(&r.name) else {
-                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN,
-                            &format!("no export named {:?}", r.name));
+                        wire::encode_option_error(
+                            &mut out,
+                            opt,
+                            wire::REP_ERR_UNKNOWN,
+                            &format!("no export named {:?}", r.name),
+                        );
                         self.reply(conn, &mut out)?;
                         continue;
                     };
@@ -867,20 +971,37 @@ impl Shared {
                     wire::encode_info_export(&mut out, opt, size, flags);
                     let s = entry.sizes;
                     // Always sent: the constraints are real (O_DIRECT, RAID stripes).
-                    wire::encode_info_block_size(&mut out, opt, s.min_bytes, s.preferred_bytes, s.max_bytes);
+                    wire::encode_info_block_size(
+                        &mut out,
+                        opt,
+                        s.min_bytes,
+                        s.preferred_bytes,
+                        s.max_bytes,
+                    );
                     if r.requests.contains(&wire::INFO_NAME) {
                         wire::encode_info_name(&mut out, opt, &entry.export.name);
                     }
-                    if r.requests.contains(&wire::INFO_DESCRIPTION) && !entry.export.description.is_empty() {
+                    if r.requests.contains(&wire::INFO_DESCRIPTION)
+                        && !entry.export.description.is_empty()
+                    {
                         wire::encode_info_description(&mut out, opt, &entry.export.description);
                     }
                     if go && self.cfg.require_block_size && !r.wants_block_size() {
-                        wire::encode_option_error(&mut out, opt, wire::REP_ERR_BLOCK_SIZE_REQD,
-                            "request NBD_INFO_BLOCK_SIZE and honour the block sizes");
+                        wire::encode_option_error(
+                            &mut out,
+                            opt,
+                            wire::REP_ERR_BLOCK_SIZE_REQD,
+                            "request NBD_INFO_BLOCK_SIZE and honour the block sizes",
+                        );
                     } else if go {
                         if !self.bind_export(conn, &entry) {
                             out.clear();
-                            wire::encode_option_error(&mut out, opt, wire::REP_ERR_UNKNOWN, "export went away");
+                            wire::encode_option_error(
+                                &mut out,
+                                opt,
+                                wire::REP_ERR_UNKNOWN,
+                                "export went away",
+                            );
                             self.reply(conn, &mut out)?;
                             continue;
                         }
@@ -894,7 +1015,9 @@ impl Shared {
             }
             self.reply(conn, &mut out)?;
         }
-        Err(ConnError::Protocol(format!("more than {MAX_OPTIONS} options")))
+        Err(ConnError::Protocol(format!(
+            "more than {MAX_OPTIONS} options"
+        )))
     }
 
     fn reject(&self, conn: &Conn, s: &Session, handle: u64, errno: u32, reason: &str) {
@@ -921,15 +1044,27 @@ impl Shared {
             }
             let mut raw = [0u8; wire::REQUEST_HEADER_BYTES];
             rd.read_exact(&mut raw)?;
-            let hdr = wire::decode_request_header(&raw).map_err(|e| ConnError::Protocol(e.to_string()))?;
+            let hdr = wire::decode_request_header(&raw)
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             let cmd = match wire::validate_request(&hdr, &s.limits) {
                 Ok(c) => c,
-                Err(Rejection::Disconnect { reason }) => return Err(ConnError::Protocol(reason.into())),
-                Err(Rejection::Error { errno, reason, discard_bytes }) => {
-                    self.client_warn(&conn.peer, "request refused",
-                        &format_args!("{reason} (type {} flags {:#x} offset {} length {})",
-                            hdr.kind, hdr.flags, hdr.offset, hdr.length));
+                Err(Rejection::Disconnect { reason }) => {
+                    return Err(ConnError::Protocol(reason.into()))
+                }
+                Err(Rejection::Error {
+                    errno,
+                    reason,
+                    discard_bytes,
+                }) => {
+                    self.client_warn(
+                        &conn.peer,
+                        "request refused",
+                        &format_args!(
+                            "{reason} (type {} flags {:#x} offset {} length {})",
+                            hdr.kind, hdr.flags, hdr.offset, hdr.length
+                        ),
+                    );
                     discard(rd, discard_bytes as u64)?;
                     self.reject(conn, &s, hdr.handle, errno, reason);
                     continue;
@@ -969,7 +1104,10 @@ impl Shared {
     }
 
     fn drain_conns(&self, conns: Vec<Arc<Conn>>, deadline: Instant) -> DrainReport {
-        let before: Vec<u64> = conns.iter().map(|c| c.completed.load(Ordering::Acquire)).collect();
+        let before: Vec<u64> = conns
+            .iter()
+            .map(|c| c.completed.load(Ordering::Acquire))
+            .collect();
         for c in &conns {
             c.stop_reading.store(true, Ordering::Release);
             // Wakes a reader blocked in read(); requests already read are still answered.
@@ -978,7 +1116,10 @@ impl Shared {
         let mut reg = self.registry.lock().unwrap();
         let mut deadline_hit = false;
         loop {
-            let left = conns.iter().filter(|c| reg.conns.contains_key(&c.id)).count();
+            let left = conns
+                .iter()
+                .filter(|c| reg.conns.contains_key(&c.id))
+                .count();
             if left == 0 {
                 break;
             }
@@ -987,7 +1128,11 @@ impl Shared {
                 deadline_hit = true;
                 break;
             }
-            reg = self.registry_cv.wait_timeout(reg, deadline - now).unwrap().0;
+            reg = self
+                .registry_cv
+                .wait_timeout(reg, deadline - now)
+                .unwrap()
+                .0;
         }
         let mut aborted = 0;
         for c in &conns {

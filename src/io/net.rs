@@ -19,7 +19,11 @@ pub enum Listener {
 
 /// Wait until `fd` is readable or `timeout` passes. Returns true when readable.
 fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
     // SAFETY: `pfd` is a valid, initialised pollfd that lives across the call; nfds is 1.
     let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
@@ -53,7 +57,10 @@ impl Listener {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        Ok(Listener::Unix(UnixListener::bind(path)?, path.to_path_buf()))
+        Ok(Listener::Unix(
+            UnixListener::bind(path)?,
+            path.to_path_buf(),
+        ))
     }
 
     /// The TCP address, for a TCP listener.
@@ -84,7 +91,12 @@ impl Listener {
         match res {
             Ok(s) => Ok(Some(s)),
             // The connection may have gone between poll and accept.
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionAborted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -148,7 +160,10 @@ impl Stream {
     /// The peer, for logs.
     pub fn peer(&self) -> String {
         match self {
-            Stream::Tcp(s) => s.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "tcp:?".into()),
+            Stream::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp:?".into()),
             Stream::Unix(_) => "unix".into(),
         }
     }
@@ -216,9 +231,15 @@ mod tests {
     fn accept_times_out_then_accepts() {
         let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = l.tcp_addr().unwrap();
-        assert!(l.accept_timeout(Duration::from_millis(20)).unwrap().is_none());
+        assert!(l
+            .accept_timeout(Duration::from_millis(20))
+            .unwrap()
+            .is_none());
         let mut c = TcpStream::connect(addr).unwrap();
-        let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().expect("accepted");
+        let mut s = l
+            .accept_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("accepted");
         write_all_vectored(&mut s, &[b"ab", b"", b"cde"]).unwrap();
         let mut got = [0u8; 5];
         c.read_exact(&mut got).unwrap();
@@ -236,7 +257,10 @@ mod tests {
         drop(l);
         assert!(!p.exists());
         std::fs::write(&p, b"x").unwrap();
-        assert!(Listener::bind_unix(&p).is_err(), "must not remove a regular file");
+        assert!(
+            Listener::bind_unix(&p).is_err(),
+            "must not remove a regular file"
+        );
     }
 
     #[test]

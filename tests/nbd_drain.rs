@@ -1,0 +1,220 @@
+//! Graceful drain (takeover): every request read is answered with its real result, nothing
+//! read after the drain began is answered, then the connection closes; new connections are
+//! refused. Past the deadline, connections are closed abruptly.
+
+#[path = "nbd_common/mod.rs"]
+mod common;
+
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hapair::core::nbd::*;
+use hapair::daemon::nbd_server::{Export, NbdServer, ServerConfig};
+
+const SIZE: u64 = 16 << 20;
+
+fn gated_server(dir: &std::path::Path) -> (NbdServer, Arc<GatedBackend<FileBackend>>, Vec<u8>) {
+    let inner = FileBackend::new(SIZE, sizes(4096, 4096, 1 << 20));
+    let data = random_bytes(SIZE as usize, 11);
+    inner.fill(&data);
+    let gated = Arc::new(GatedBackend::new(inner));
+    let cfg = ServerConfig {
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
+        unix: Some(dir.join("s.sock")),
+        workers: 4,
+        ..Default::default()
+    };
+    let exports = vec![Export {
+        name: "g".into(),
+        description: String::new(),
+        backend: gated.clone(),
+        read_only: false,
+    }];
+    (NbdServer::start(cfg, exports).unwrap(), gated, data)
+}
+
+#[test]
+fn drain_answers_every_request_read_then_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, gated, data) = gated_server(dir.path());
+    let srv = Arc::new(srv);
+    let addr = srv.local_addr().unwrap();
+    let (mut c, _, _) = RawClient::open(addr, "g", true);
+    // An idle second client, and one still in the handshake.
+    let (mut idle, _, _) = RawClient::open(addr, "g", false);
+    let mut handshaking = RawClient::connect(addr);
+    handshaking.greet(CLIENT_FLAG_FIXED_NEWSTYLE);
+
+    // 32 reads and 32 writes (plus a flush) in flight, disjoint regions; all held by the gate.
+    let wdata: Vec<Vec<u8>> = (0..32).map(|i| random_bytes(4096, 100 + i)).collect();
+    for i in 0..32u64 {
+        c.request(CMD_READ, 0, i, i * 4096, 4096, &[]);
+        c.request(
+            CMD_WRITE,
+            CMD_FLAG_FUA,
+            1000 + i,
+            (1 << 20) + i * 4096,
+            4096,
+            &wdata[i as usize],
+        );
+    }
+    c.request(CMD_FLUSH, 0, 5000, 0, 0, &[]);
+    wait_until(10, "the server to read all 65 requests", || {
+        srv.stats().requests == 65
+    });
+
+    let s2 = srv.clone();
+    let drain = std::thread::spawn(move || s2.drain(Instant::now() + Duration::from_secs(30)));
+    // New connections are refused once the drain has begun.
+    wait_until(10, "the TCP listener to close", || {
+        TcpStream::connect(addr).is_err()
+    });
+    let sock = dir.path().join("s.sock");
+    wait_until(10, "the Unix listener to close", || {
+        UnixStream::connect(&sock).is_err()
+    });
+    // A request sent after the drain began is not read, so not answered.
+    c.request(CMD_READ, 0, 9999, 0, 4096, &[]);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !drain.is_finished(),
+        "drain must wait for requests in flight"
+    );
+    gated.open();
+
+    let mut reads = 0;
+    let mut writes = 0;
+    let mut flush = 0;
+    for _ in 0..65 {
+        match c.reply() {
+            Reply::Chunk(ch) => {
+                assert_eq!(
+                    (ch.flags, ch.ty),
+                    (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA),
+                    "{ch:?}"
+                );
+                assert!(ch.handle < 32, "only reads 0..32 were read: {ch:?}");
+                let off = ch.handle as usize * 4096;
+                assert_eq!(be64(&ch.payload[0..8]), off as u64);
+                assert_eq!(&ch.payload[8..], &data[off..off + 4096]);
+                reads += 1;
+            }
+            Reply::Simple { errno, handle } => {
+                assert_eq!(
+                    errno, 0,
+                    "drained requests get their real result, never ESHUTDOWN"
+                );
+                if handle == 5000 {
+                    flush += 1;
+                } else {
+                    assert!((1000..1032).contains(&handle));
+                    writes += 1;
+                }
+            }
+        }
+    }
+    assert_eq!((reads, writes, flush), (32, 32, 1));
+    assert!(c.closed(), "connection must close after the last answer");
+    assert!(idle.closed());
+    assert!(handshaking.closed());
+    let report = drain.join().unwrap();
+    assert!(!report.deadline_hit, "{report:?}");
+    assert_eq!(report.requests_completed, 65, "{report:?}");
+    assert_eq!(report.connections_closed, 3, "{report:?}");
+    assert_eq!(report.connections_aborted, 0, "{report:?}");
+    // The acknowledged writes are on the device.
+    let contents = gated.inner.contents();
+    for (i, w) in wdata.iter().enumerate() {
+        let off = (1 << 20) + i * 4096;
+        assert_eq!(&contents[off..off + 4096], &w[..], "write {i}");
+    }
+    assert_eq!(srv.stats().connections_active, 0);
+    assert!(TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn drain_past_deadline_closes_abruptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, gated, _) = gated_server(dir.path());
+    let (mut c, _, _) = RawClient::open(srv.local_addr().unwrap(), "g", false);
+    for i in 0..8u64 {
+        c.request(CMD_READ, 0, i, i * 4096, 4096, &[]);
+    }
+    wait_until(10, "requests to reach the backend", || {
+        gated.started.load(Ordering::SeqCst) >= 4
+    });
+    let t0 = Instant::now();
+    let report = srv.drain(Instant::now() + Duration::from_millis(300));
+    assert!(t0.elapsed() >= Duration::from_millis(290));
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(report.deadline_hit, "{report:?}");
+    assert_eq!(report.connections_aborted, 1, "{report:?}");
+    assert_eq!(report.requests_completed, 0, "{report:?}");
+    // The client sees the connection go without answers (qemu would reconnect and re-send).
+    assert!(c.closed());
+    gated.open();
+}
+
+#[test]
+fn remove_export_drains_only_its_connections() {
+    let a = Arc::new(FileBackend::new(1 << 20, sizes(512, 4096, 1 << 20)));
+    let b = Arc::new(FileBackend::new(2 << 20, sizes(512, 4096, 1 << 20)));
+    let cfg = ServerConfig {
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
+        workers: 2,
+        ..Default::default()
+    };
+    let srv = NbdServer::start(
+        cfg,
+        vec![Export {
+            name: "a".into(),
+            description: String::new(),
+            backend: a,
+            read_only: false,
+        }],
+    )
+    .unwrap();
+    let addr = srv.local_addr().unwrap();
+    // Takeover: the partner's export joins the running server.
+    srv.add_export(Export {
+        name: "b".into(),
+        description: String::new(),
+        backend: b.clone(),
+        read_only: false,
+    })
+    .unwrap();
+    assert!(srv
+        .add_export(Export {
+            name: "b".into(),
+            description: String::new(),
+            backend: b,
+            read_only: false
+        })
+        .is_err());
+    let (mut ca, _, _) = RawClient::open(addr, "a", false);
+    let (mut cb, size_b, _) = RawClient::open(addr, "b", false);
+    assert_eq!(size_b, 2 << 20);
+    assert_eq!(srv.exports(), ["a", "b"]);
+
+    // Giveback: "b" goes away; its client is closed, "a"'s is untouched.
+    let report = srv
+        .remove_export("b", Instant::now() + Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        (report.connections_closed, report.deadline_hit),
+        (1, false),
+        "{report:?}"
+    );
+    assert!(cb.closed());
+    ca.request(CMD_READ, 0, 1, 0, 512, &[]);
+    assert_eq!(ca.simple(), (0, 1));
+    ca.read_n(512);
+    assert!(srv.remove_export("b", Instant::now()).is_none());
+    let mut c = RawClient::connect(addr);
+    c.greet(CLIENT_FLAG_FIXED_NEWSTYLE);
+    assert_eq!(c.info(OPT_GO, "b", &[]).1, REP_ERR_UNKNOWN);
+}

@@ -68,6 +68,17 @@ impl Drop for LoopDev {
         for _ in 0..50 {
             let st = Command::new("losetup").arg("-d").arg(&self.dev).status();
             if matches!(st, Ok(s) if s.success()) {
+                // A device still open somewhere is detached when its last user closes it: wait
+                // for that, so no test leaves a device behind.
+                let name = self.dev.file_name().unwrap().to_string_lossy().into_owned();
+                let backing = format!("/sys/block/{name}/loop/backing_file");
+                for _ in 0..100 {
+                    if !std::path::Path::new(&backing).exists() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                eprintln!("WARNING: {} still attached 5 s after detach", self.dev.display());
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));

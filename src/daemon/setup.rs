@@ -28,10 +28,21 @@ pub fn engine_factory(files: Arc<Vec<File>>, io: &IoConfig, arena: Arc<BufArena>
     let entries = io.ring_entries;
     Arc::new(move || -> std::io::Result<Box<dyn Engine>> {
         Ok(match kind {
-            // SAFETY: the arena is kept alive by the engine (`keep`) and its region never moves.
-            EngineKind::IoUring => Box::new(unsafe {
-                UringEngine::new(files.clone(), entries, &[arena.region()], Some(arena.clone() as Arc<dyn Send + Sync>))?
-            }),
+            EngineKind::IoUring => {
+                let keep = Some(arena.clone() as Arc<dyn Send + Sync>);
+                // SAFETY: the arena is kept alive by the engine (`keep`) and its region never moves.
+                match unsafe { UringEngine::new(files.clone(), entries, &[arena.region()], keep) } {
+                    Ok(e) => Box::new(e),
+                    // Registering buffers pins memory; under a low RLIMIT_MEMLOCK (not root) it
+                    // fails, and plain reads and writes still work.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::EPERM)) => {
+                        tracing::warn!(error = %e, "cannot register I/O buffers with io_uring; using unregistered buffers");
+                        // SAFETY: no regions are registered.
+                        Box::new(unsafe { UringEngine::new(files.clone(), entries, &[], None)? })
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             EngineKind::Sync => Box::new(SyncEngine::new(files.clone())),
         })
     })

@@ -606,3 +606,67 @@ fn disc_answers_outstanding_requests_first() {
     assert_eq!(seen, (0..8).collect::<Vec<_>>());
     assert!(c.closed());
 }
+
+#[test]
+fn inflight_requests_and_buffered_bytes_are_bounded() {
+    for (cfg, expect) in [
+        // At most 3 requests in flight on the connection.
+        (
+            ServerConfig {
+                max_inflight_per_conn: 3,
+                ..Default::default()
+            },
+            3,
+        ),
+        // 64 KiB of payload in flight over all connections: two 32 KiB reads.
+        (
+            ServerConfig {
+                max_buffered_bytes_total: 64 << 10,
+                ..Default::default()
+            },
+            2,
+        ),
+        // 96 KiB per connection: three 32 KiB reads.
+        (
+            ServerConfig {
+                max_buffered_bytes_per_conn: 96 << 10,
+                ..Default::default()
+            },
+            3,
+        ),
+    ] {
+        let gated = Arc::new(GatedBackend::new(FileBackend::new(
+            SIZE,
+            sizes(512, 4096, MAX),
+        )));
+        let cfg = ServerConfig {
+            tcp: Some("127.0.0.1:0".parse().unwrap()),
+            workers: 8,
+            ..cfg
+        };
+        let e = Export {
+            name: "g".into(),
+            description: String::new(),
+            backend: gated.clone(),
+            read_only: false,
+        };
+        let srv = NbdServer::start(cfg, vec![e]).unwrap();
+        let (mut c, _, _) = RawClient::open(srv.local_addr().unwrap(), "g", false);
+        for h in 0..8u64 {
+            c.request(CMD_READ, 0, h, h * 32768, 32768, &[]);
+        }
+        wait_until(10, "requests to reach the backend", || {
+            gated.started.load(std::sync::atomic::Ordering::SeqCst) >= expect
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            gated.started.load(std::sync::atomic::Ordering::SeqCst),
+            expect
+        );
+        gated.open();
+        for _ in 0..8 {
+            assert_eq!(c.simple().0, 0);
+            c.read_n(32768);
+        }
+    }
+}

@@ -218,3 +218,89 @@ fn remove_export_drains_only_its_connections() {
     c.greet(CLIENT_FLAG_FIXED_NEWSTYLE);
     assert_eq!(c.info(OPT_GO, "b", &[]).1, REP_ERR_UNKNOWN);
 }
+
+/// The takeover path end to end with qemu's NBD client: drain the server in the middle of a
+/// write benchmark, start another server on the same address over the same device, and qemu
+/// (with reconnect-delay) completes every request without an error.
+#[test]
+fn qemu_rides_through_drain_and_restart() {
+    let qemu_img = need("qemu-img");
+    let backend = Arc::new(FileBackend::new(SIZE, sizes(512, 4096, 1 << 20)));
+    let start = |addr: std::net::SocketAddr| {
+        let cfg = ServerConfig {
+            tcp: Some(addr),
+            workers: 2,
+            ..Default::default()
+        };
+        let e = Export {
+            name: String::new(),
+            description: String::new(),
+            backend: backend.clone(),
+            read_only: false,
+        };
+        NbdServer::start(cfg, vec![e]).unwrap()
+    };
+    let first = start("127.0.0.1:0".parse().unwrap());
+    let addr = first.local_addr().unwrap();
+    let child = std::process::Command::new(qemu_img)
+        .args([
+            "bench",
+            "-w",
+            "-c",
+            "40000",
+            "-d",
+            "16",
+            "-s",
+            "4k",
+            "--image-opts",
+        ])
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},reconnect-delay=20",
+            addr.port()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed and reaped if the test fails before it exits.
+    let mut child = KillOnDrop(Some(child));
+    wait_until(60, "qemu-img to get going", || {
+        first.stats().requests > 2000
+    });
+    let report = first.drain(Instant::now() + Duration::from_secs(10));
+    assert!(!report.deadline_hit, "{report:?}");
+    assert_eq!(report.connections_closed, 1, "{report:?}");
+    let served_first = first.stats().requests;
+    drop(first);
+    let second = start(addr);
+    let status = loop {
+        if let Some(st) = child.0.as_mut().unwrap().try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.0.take().unwrap().wait_with_output().unwrap();
+    assert!(
+        status.success(),
+        "qemu-img bench failed across the drain: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(served_first < 40000, "the drain must have happened mid-run");
+    assert!(
+        second.stats().requests > 0,
+        "qemu reconnected to the new server"
+    );
+    assert_eq!(second.stats().errors, 0);
+}
+
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

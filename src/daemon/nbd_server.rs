@@ -11,11 +11,13 @@
 //!   as its request completes.
 //!
 //! Bounds: connections ([`ServerConfig::max_connections`]), requests in flight per connection
-//! ([`ServerConfig::max_inflight_per_conn`]), payload bytes held per connection for reads and
-//! writes in flight ([`ServerConfig::max_buffered_bytes_per_conn`]), the size of one request
-//! (the advertised maximum block size, at most [`ServerConfig::max_request_bytes`]), option
-//! count and option size during the handshake, and the time a handshake or a reply write may
-//! take. The worker queue is bounded by connections × in-flight requests.
+//! ([`ServerConfig::max_inflight_per_conn`]), payload bytes held for reads and writes in flight
+//! per connection ([`ServerConfig::max_buffered_bytes_per_conn`]) and in all
+//! ([`ServerConfig::max_buffered_bytes_total`]), the size of one request (the advertised
+//! maximum block size, at most [`ServerConfig::max_request_bytes`]), option count and option
+//! size during the handshake, and how long a handshake read or a reply write may block. The
+//! worker queue is bounded by connections × in-flight requests. A client that stops reading
+//! its replies holds a worker for at most [`ServerConfig::send_timeout`], then is dropped.
 //!
 //! Drain ([`NbdServer::drain`]), used by takeover: stop accepting, stop reading requests,
 //! answer every request already read with its real result (never `NBD_ESHUTDOWN`, which qemu
@@ -54,9 +56,11 @@ pub struct ServerConfig {
     pub max_inflight_per_conn: usize,
     /// READ/WRITE payload bytes in flight per connection before the reader stops reading.
     pub max_buffered_bytes_per_conn: usize,
+    /// READ/WRITE payload bytes in flight over all connections before readers stop reading.
+    pub max_buffered_bytes_total: usize,
     /// Cap on the advertised maximum block size (the backend's may be lower).
     pub max_request_bytes: u32,
-    /// Time a client has for the whole handshake.
+    /// Time a client may stay silent during the handshake (per read).
     pub handshake_timeout: Duration,
     /// Time one reply write may block before the connection is dropped.
     pub send_timeout: Duration,
@@ -75,6 +79,7 @@ impl Default for ServerConfig {
             max_connections: 256,
             max_inflight_per_conn: 128,
             max_buffered_bytes_per_conn: 64 << 20,
+            max_buffered_bytes_total: 1 << 30,
             max_request_bytes: 32 << 20,
             handshake_timeout: Duration::from_secs(30),
             send_timeout: Duration::from_secs(30),
@@ -167,6 +172,29 @@ struct Counters {
     protocol_errors: AtomicU64,
 }
 
+/// Payload bytes held by requests in flight over all connections.
+struct ByteBudget {
+    limit: usize,
+    used: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl ByteBudget {
+    fn acquire(&self, bytes: usize) {
+        let mut used = self.used.lock().unwrap();
+        // A request larger than the whole budget still runs, alone.
+        while *used > 0 && *used + bytes > self.limit {
+            used = self.cv.wait(used).unwrap();
+        }
+        *used += bytes;
+    }
+
+    fn release(&self, bytes: usize) {
+        *self.used.lock().unwrap() -= bytes;
+        self.cv.notify_all();
+    }
+}
+
 struct Registry {
     draining: bool,
     next_id: u64,
@@ -181,6 +209,7 @@ struct Shared {
     accepting: AtomicBool,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     counters: Arc<Counters>,
+    budget: Arc<ByteBudget>,
     limiter: Mutex<RateLimiter>,
     epoch: Instant,
 }
@@ -206,6 +235,7 @@ struct Conn {
     inflight_cv: Condvar,
     completed: AtomicU64,
     counters: Arc<Counters>,
+    budget: Arc<ByteBudget>,
 }
 
 impl Conn {
@@ -217,9 +247,16 @@ impl Conn {
         }
         g.requests += 1;
         g.bytes += bytes;
+        drop(g);
+        if bytes > 0 {
+            self.budget.acquire(bytes);
+        }
     }
 
     fn release(&self, bytes: usize) {
+        if bytes > 0 {
+            self.budget.release(bytes);
+        }
         let mut g = self.inflight.lock().unwrap();
         g.requests -= 1;
         g.bytes -= bytes;
@@ -318,6 +355,11 @@ impl NbdServer {
             accepting: AtomicBool::new(true),
             jobs: Mutex::new(Some(tx)),
             counters: Arc::new(Counters::default()),
+            budget: Arc::new(ByteBudget {
+                limit: cfg.max_buffered_bytes_total,
+                used: Mutex::new(0),
+                cv: Condvar::new(),
+            }),
             limiter: Mutex::new(RateLimiter::new(20, 5)),
             epoch: Instant::now(),
         });
@@ -718,6 +760,7 @@ impl Shared {
                 inflight_cv: Condvar::new(),
                 completed: AtomicU64::new(0),
                 counters: self.counters.clone(),
+                budget: self.budget.clone(),
             });
             reg.conns.insert(id, conn.clone());
             conn

@@ -127,7 +127,7 @@ fn daemon_on_loop_devices_serves_real_clients() {
         let out = run(Command::new("fio").args([
             "--name=verify", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=randwrite",
             &format!("--bs={bs}"), &format!("--iodepth={qd}"), "--numjobs=4", "--size=16m",
-            "--offset_increment=40m", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+            "--offset_increment=40m", "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1",
             "--output-format=json",
         ]));
         // fio may print notes before its JSON document.

@@ -1,5 +1,6 @@
 //! Sans-io core: no syscalls, no clocks, no `unsafe`.
 pub mod label;
+pub mod mailbox;
 pub mod nbd;
 pub mod raid4;
 pub mod ratelimit;

@@ -2,6 +2,7 @@
 pub mod buf;
 pub mod disk;
 pub mod engine;
+pub mod mailbox;
 pub mod net;
 pub mod sync_engine;
 pub mod uring;

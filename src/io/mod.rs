@@ -2,5 +2,6 @@
 pub mod buf;
 pub mod disk;
 pub mod engine;
+pub mod nvram;
 pub mod sync_engine;
 pub mod uring;

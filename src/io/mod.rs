@@ -4,5 +4,6 @@ pub mod disk;
 pub mod engine;
 pub mod mailbox;
 pub mod net;
+pub mod nvram;
 pub mod sync_engine;
 pub mod uring;

@@ -2,3 +2,4 @@
 pub mod label;
 pub mod raid4;
 pub mod takeover;
+pub mod sim;

@@ -752,6 +752,12 @@ impl Node {
         self.ack_mode
     }
 
+    /// The step the I/O layer is executing for us, if any. The I/O layer applies a step's
+    /// effect only while it is still running here (a halt abandons it).
+    pub fn running_step(&self) -> Option<Step> {
+        self.proc.as_ref().and_then(|p| p.current).map(|(s, _, _)| s)
+    }
+
     /// Whether a fence of the partner completed in the current takeover.
     pub fn partner_fenced(&self) -> bool {
         self.fenced

@@ -6,7 +6,7 @@
 use hapair::core::sim::{run_seed, Faults, Sim, SimConfig};
 use hapair::core::takeover::{NodeId, OperatorCmd, ProcedureKind, State, TakeoverKind};
 
-const SWARM_MS: u64 = 20_000;
+const SWARM_MS: u64 = 15_000;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name}: not a number")))

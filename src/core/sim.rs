@@ -16,7 +16,7 @@
 //! 1. at most one node may write an aggregate (claims to write it and the disks accept it);
 //! 2. a node never writes or serves its partner's aggregate while the partner is not fenced;
 //! 3. every acknowledged write is on disk or in some NVRAM, and the node serving an aggregate
-//!    has every acknowledged write of it (on disk or in its own NVRAM).
+//!    at its service IP has every acknowledged write of it (on disk or in its own NVRAM).
 //!
 //! The world is sans-io too: it lives in `core` so that both the unit tests and
 //! `tests/sim_takeover.rs` can drive it.
@@ -236,6 +236,10 @@ pub struct Sim {
     acked_not_on_disk: [BTreeSet<u64>; 2],
     pub stats: Stats,
     violation: Option<String>,
+    /// Something that the durability invariant depends on changed since the last full check
+    /// (a log trimmed or discarded, a state change, an IP move, a crash). The full check is
+    /// O(acknowledged writes not on disk), so it runs only then; acks are checked one by one.
+    dirty: bool,
 }
 
 impl Sim {
@@ -269,6 +273,7 @@ impl Sim {
             acked_not_on_disk: [BTreeSet::new(), BTreeSet::new()],
             stats: Stats::default(),
             violation: None,
+            dirty: true,
         };
         for n in NODES {
             sim.start_node(n);
@@ -367,6 +372,7 @@ impl Sim {
             self.stats.events += 1;
             self.dispatch(s.ev);
             self.check_invariants();
+            self.dirty = false;
         }
         self.now_ms = self.now_ms.max(until_ms);
         self.violation.clone()
@@ -460,6 +466,7 @@ impl Sim {
             return;
         }
         self.stats.crashes += 1;
+        self.dirty = true;
         let s = &mut self.nodes[ix(n)];
         s.sm = None;
         s.pending.clear();
@@ -515,7 +522,17 @@ impl Sim {
     fn feed(&mut self, n: NodeId, event: Event) {
         let now = self.now_ms;
         let Some(sm) = self.nodes[ix(n)].sm.as_mut() else { return };
+        let was = sm.state();
         let actions = sm.step(now, event);
+        let is = sm.state();
+        if was != is {
+            self.dirty = true;
+            match (was, is) {
+                (State::TakingOver, State::InTakeover) => self.stats.takeovers += 1,
+                (State::GivingBack, State::Normal) => self.stats.givebacks += 1,
+                _ => {}
+            }
+        }
         for a in actions {
             self.execute(n, a);
         }
@@ -611,6 +628,7 @@ impl Sim {
         for id in &ids {
             self.nodes[ix(n)].nvram[ix(agg)].remove(id);
         }
+        self.dirty = true;
         self.send(n, Payload::Trim { agg, ids });
         Ok(())
     }
@@ -675,20 +693,24 @@ impl Sim {
                 Ok(())
             }
             Step::TakeOwnIps => {
+                self.dirty = true;
                 self.ips[ix(n)] = Some(n);
                 Ok(())
             }
             Step::TakePartnerIdentity => {
+                self.dirty = true;
                 self.ips[ix(p)] = Some(n);
                 Ok(())
             }
             Step::Fence => {
                 if !self.registered[ix(n)].contains(&n) {
                     Err(StepError::ReservationConflict)
+                } else if !self.nodes[ix(n)].mailbox_ok {
+                    // The poison pill is part of the fence: without it a rebooting partner
+                    // would re-register and serve.
+                    Err(StepError::Failed("mailbox unreachable".into()))
                 } else {
-                    if self.nodes[ix(n)].mailbox_ok {
-                        self.please_die[ix(p)] = true;
-                    }
+                    self.please_die[ix(p)] = true;
                     for r in self.registered.iter_mut() {
                         r.remove(&p);
                     }
@@ -709,6 +731,7 @@ impl Sim {
                 self.disk_write(n, agg, &ids)
             }
             Step::DiscardOwnLog => {
+                self.dirty = true;
                 self.nodes[ix(n)].nvram[ix(n)].clear();
                 self.nodes[ix(n)].mirrored.clear();
                 Ok(())
@@ -736,15 +759,9 @@ impl Sim {
                 Err(StepError::Failed("mailbox unreachable".into()))
             }
         };
-        let was = self.state(n);
         match result {
             Ok(()) => self.feed(n, Event::StepDone(step)),
             Err(error) => self.feed(n, Event::StepFailed { step, error }),
-        }
-        match (was, self.state(n)) {
-            (Some(State::TakingOver), Some(State::InTakeover)) => self.stats.takeovers += 1,
-            (Some(State::GivingBack), Some(State::Normal)) => self.stats.givebacks += 1,
-            _ => {}
         }
     }
 
@@ -779,6 +796,15 @@ impl Sim {
         self.stats.writes_acked += 1;
         if !self.disk[ix(agg)].contains(&id) {
             self.acked_not_on_disk[ix(agg)].insert(id);
+            // The one new acknowledged write must be where the invariant says.
+            if let Some(h) = self.ips[ix(agg)] {
+                let serves = self.nodes[ix(h)].sm.as_ref().is_some_and(|sm| {
+                    if agg == h { sm.accepts_own() } else { sm.accepts_partner() }
+                });
+                if serves && !self.nodes[ix(h)].nvram[ix(agg)].contains(&id) {
+                    self.fail(format!("{h:?} serves {agg:?} without acknowledged write {id}"));
+                }
+            }
         }
     }
 
@@ -832,6 +858,7 @@ impl Sim {
                 }
             }
             Payload::Trim { agg, ids } => {
+                self.dirty = true;
                 for id in ids {
                     if self.disk[ix(agg)].contains(&id) {
                         self.nodes[ix(to)].nvram[ix(agg)].remove(&id);
@@ -867,8 +894,10 @@ impl Sim {
                         return;
                     }
                 }
-                // 3b. The server of an aggregate has every acknowledged write of it.
-                if serves {
+                // 3b. The server clients reach (the service IP holder) has every acknowledged
+                // write. A fenced zombie that resumes from a pause may still think it serves,
+                // but its IP has moved and its disk writes fail.
+                if self.dirty && serves && self.ips[ix(agg)] == Some(n) {
                     let nv = &self.nodes[ix(n)].nvram[ix(agg)];
                     if let Some(id) = self.acked_not_on_disk[ix(agg)].iter().find(|i| !nv.contains(i)) {
                         let id = *id;
@@ -885,6 +914,9 @@ impl Sim {
                 return;
             }
             // 3a. Every acknowledged write is on disk or in some NVRAM.
+            if !self.dirty {
+                continue;
+            }
             for id in &self.acked_not_on_disk[ix(agg)] {
                 if !NODES.iter().any(|n| self.nodes[ix(*n)].nvram[ix(agg)].contains(id)) {
                     let id = *id;

@@ -47,6 +47,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_REFUSALS: usize = 16;
 /// Upper bound on the alarm history kept for `status`.
 pub const MAX_ALARMS: usize = 16;
+/// A fence failing this many times (other than by a conflict) abandons the takeover.
+pub const MAX_FENCE_FAILURES: u32 = 3;
 /// Upper bound on the transition history kept for `status`.
 pub const MAX_TRANSITIONS: usize = 32;
 
@@ -148,7 +150,10 @@ pub fn check_transition(from: State, to: State) -> Result<(), TakeoverError> {
         (TakingOver, _) => false,
         (InTakeover, GivingBack) | (InTakeover, TakenOver) => true,
         (InTakeover, _) => false,
-        (GivingBack, Normal) | (GivingBack, TakenOver) => true,
+        (GivingBack, Normal) // the partner confirmed it resumes
+        | (GivingBack, TakenOver) // fenced out
+        | (GivingBack, TakingOver) => true, // the partner died before resuming
+
         (GivingBack, _) => false,
     };
     if legal {
@@ -311,6 +316,10 @@ pub enum TakeoverKind {
     Hard,
     /// This node rebooted while it had the partner taken over and takes it over again.
     Continued,
+    /// The partner reports it waits for giveback but nobody serves its aggregate (e.g. an
+    /// abandoned takeover, or a giveback that died half-way): take it over properly so that
+    /// its log is replayed, then give it back the normal way.
+    Orphaned,
 }
 
 /// Why a takeover or giveback was refused.
@@ -668,6 +677,9 @@ pub struct Node {
     /// Highest takeover epoch that was given back to us; stale please-dies are ignored.
     resumed_epoch: u64,
     continue_takeover: bool,
+    /// GivingBack: all steps done, Giveback sent, waiting for the partner to resume.
+    awaiting_resume: bool,
+    fence_failures: u32,
     auto_giveback: bool,
     flapping: bool,
     last_giveback_done_ms: Option<u64>,
@@ -720,6 +732,8 @@ impl Node {
             died_epoch: 0,
             resumed_epoch: 0,
             continue_takeover: false,
+            awaiting_resume: false,
+            fence_failures: 0,
             auto_giveback,
             flapping: false,
             last_giveback_done_ms: None,
@@ -799,7 +813,9 @@ impl Node {
     pub fn accepts_partner(&self) -> bool {
         match self.state {
             State::InTakeover => true,
-            State::GivingBack => !self.proc_has_started(Step::DrainPartnerExports),
+            State::GivingBack => {
+                !self.awaiting_resume && !self.proc_has_started(Step::DrainPartnerExports)
+            }
             _ => false,
         }
     }
@@ -809,7 +825,9 @@ impl Node {
         match self.state {
             State::TakingOver => self.proc_has_started(Step::OpenPartnerAggregate),
             State::InTakeover => true,
-            State::GivingBack => !self.proc_has_done(Step::ClosePartnerAggregate),
+            State::GivingBack => {
+                !self.awaiting_resume && !self.proc_has_done(Step::ClosePartnerAggregate)
+            }
             _ => false,
         }
     }
@@ -990,12 +1008,12 @@ impl Node {
                 self.send_please_die(out);
             }
             ProcedureKind::Giveback => {
+                // Stay in GivingBack, re-sending Giveback, until the partner confirms.
                 self.last_giveback = Some(report);
                 self.fenced = false;
-                self.last_giveback_done_ms = Some(self.now_ms);
-                self.holddown_until_ms = Some(self.now_ms + self.cfg.holddown_ms);
+                self.awaiting_resume = true;
+                self.next_heartbeat_ms = self.now_ms;
                 out.push(Action::Send(Message::Giveback { epoch: self.takeover_epoch }));
-                self.transition(State::Normal, "giveback complete");
             }
             ProcedureKind::Resume { after_giveback } => {
                 if after_giveback {
@@ -1089,8 +1107,8 @@ impl Node {
                 });
                 self.advance(out);
             }
-            // A fence that failed for another reason: we cannot take over safely.
-            (ProcedureKind::Takeover(_), Step::Fence) => {
+            // A fence that keeps failing for another reason: we cannot take over safely.
+            (ProcedureKind::Takeover(_), Step::Fence) if self.fence_failures >= MAX_FENCE_FAILURES => {
                 self.proc = None;
                 self.countdown_deadline_ms = None;
                 self.transition(State::Normal, "fence failed: takeover abandoned");
@@ -1102,6 +1120,9 @@ impl Node {
             // Everything else is retried: the partner is fenced (takeover), or the aggregate
             // must come back (giveback, resume); giving up would leave it unserved.
             _ => {
+                if step == Step::Fence {
+                    self.fence_failures += 1;
+                }
                 let at = self.now_ms + self.cfg.step_retry_ms;
                 let p = self.proc.as_mut().expect("running");
                 if let Some((_, _, failures)) = p.current.as_mut() {
@@ -1132,6 +1153,7 @@ impl Node {
         out.push(Action::HaltSelf);
         self.proc = None;
         self.fenced = false;
+        self.awaiting_resume = false;
         self.countdown_deadline_ms = None;
         self.request_deadline_ms = None;
         self.transition(State::TakenOver, reason);
@@ -1270,6 +1292,8 @@ impl Node {
             .last_giveback_done_ms
             .is_some_and(|t| self.now_ms.saturating_sub(t) < self.cfg.holddown_ms);
         self.fenced = false;
+        self.fence_failures = 0;
+        self.awaiting_resume = false;
         self.transition(State::TakingOver, &format!("{kind:?} takeover begins"));
         let mut steps = Vec::with_capacity(5);
         if !self.cfg.unsafe_skip_fence {
@@ -1356,6 +1380,9 @@ impl Node {
                 if self.state == State::AwaitingShutdown && state == State::TakenOver {
                     self.begin_takeover(TakeoverKind::Graceful, out);
                 }
+                if self.awaiting_resume && matches!(state, State::Resuming | State::Normal) {
+                    self.giveback_confirmed(out);
+                }
             }
             Message::PleaseTakeover => {
                 let reasons = self.takeover_refusals(true, true);
@@ -1431,9 +1458,21 @@ impl Node {
                 self.start_resume(true, out);
             }
             Message::Resumed => {
-                tracing::info!(node = ?self.cfg.node, "partner resumed after giveback");
+                if self.awaiting_resume {
+                    self.giveback_confirmed(out);
+                }
             }
         }
+    }
+
+    fn giveback_confirmed(&mut self, _out: &mut [Action]) {
+        self.awaiting_resume = false;
+        self.last_giveback_done_ms = Some(self.now_ms);
+        self.holddown_until_ms = Some(self.now_ms + self.cfg.holddown_ms);
+        if let Some(g) = self.last_giveback.as_mut() {
+            g.finished_ms = Some(self.now_ms);
+        }
+        self.transition(State::Normal, "giveback complete: partner resumes");
     }
 
     fn on_please_shutdown(&mut self, _countdown_ms: u64, out: &mut Vec<Action>) {
@@ -1584,19 +1623,16 @@ impl Node {
                 State::AwaitingShutdown => out.push(Action::Send(Message::PleaseShutdown {
                     countdown_ms: self.countdown_deadline_ms.map_or(0, |d| d.saturating_sub(now)),
                 })),
-                // The partner waits for a giveback we already did (lost message), or for one
-                // from an earlier life of ours: we serve nothing of it, so release it.
-                State::Normal
-                    if self.partner_state == Some(State::TakenOver) && self.interconnect_alive() =>
-                {
-                    out.push(Action::SetPartnerPleaseDie(false));
+                State::GivingBack if self.awaiting_resume => {
                     out.push(Action::Send(Message::Giveback { epoch: self.takeover_epoch }));
                 }
                 _ => {}
             }
         }
         let holds_partner = matches!(self.state, State::TakingOver | State::InTakeover)
-            || (self.state == State::GivingBack && !self.proc_has_started(Step::ReleaseFence));
+            || (self.state == State::GivingBack
+                && !self.awaiting_resume
+                && !self.proc_has_started(Step::ReleaseFence));
         if holds_partner && self.fenced && now >= self.next_please_die_ms {
             self.send_please_die(out);
         }
@@ -1615,7 +1651,11 @@ impl Node {
                     self.begin_takeover(TakeoverKind::Forced, out);
                 }
             }
-            State::Normal => self.check_partner_liveness(out),
+            State::Normal => {
+                self.check_partner_liveness(out);
+                self.check_orphaned_partner(out);
+            }
+            State::GivingBack if self.awaiting_resume => self.check_partner_liveness(out),
             State::InTakeover => {
                 let waited = self.partner_ready_since_ms.is_some_and(|t| {
                     now.saturating_sub(t) >= self.cfg.auto_giveback_delay_ms
@@ -1625,6 +1665,21 @@ impl Node {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The partner waits for giveback, yet we serve nothing of it: nobody serves its
+    /// aggregate. Take it over properly (fence, replay) so that a giveback can follow; a
+    /// blind "giveback" here could make it discard a log only we have replayed.
+    fn check_orphaned_partner(&mut self, out: &mut Vec<Action>) {
+        if self.state != State::Normal
+            || self.partner_state != Some(State::TakenOver)
+            || !self.interconnect_alive()
+        {
+            return;
+        }
+        if self.takeover_refusals(true, true).is_empty() {
+            self.begin_takeover(TakeoverKind::Orphaned, out);
         }
     }
 
@@ -1646,7 +1701,12 @@ impl Node {
         }
         // A partner known to be taken over serves nothing and is fenced already... by whom?
         // If it is silent everywhere it is dead: take it over as any dead partner.
-        let reasons = self.takeover_refusals(false, false);
+        let mut reasons = self.takeover_refusals(false, false);
+        if self.awaiting_resume {
+            // Gave back, and the partner died before resuming: it is fenced out of nothing
+            // it holds, and its aggregate is unserved.
+            reasons.retain(|r| *r != RefusalReason::GivebackInProgress);
+        }
         if reasons.is_empty() {
             self.begin_takeover(TakeoverKind::Hard, out);
         } else if !self.hard_refusal_raised {
@@ -1696,6 +1756,7 @@ mod tests {
         (State::InTakeover, State::TakenOver),
         (State::GivingBack, State::Normal),
         (State::GivingBack, State::TakenOver),
+        (State::GivingBack, State::TakingOver),
     ];
 
     #[test]
@@ -1927,7 +1988,27 @@ mod tests {
             Step::ClosePartnerAggregate,
             Step::ReleaseFence,
         ]);
+        assert_eq!(h.n.state(), State::GivingBack, "waits for the partner to resume");
+        h.hb(State::Resuming, true);
         assert_eq!(h.n.state(), State::Normal);
+        hs.push(h);
+        // GivingBack -> TakingOver: the partner dies before resuming.
+        let mut h = H::in_takeover(NodeId::A);
+        h.hb(State::TakenOver, true);
+        h.ev(Event::Operator(OperatorCmd::Giveback));
+        h.run(&[
+            Step::DrainPartnerExports,
+            Step::CpPartnerAggregate,
+            Step::ReleasePartnerIps,
+            Step::ClosePartnerAggregate,
+            Step::ReleaseFence,
+        ]);
+        assert!(!h.n.writes_partner() && !h.n.accepts_partner());
+        let t = h.t;
+        let a = h.at(t + 500, Event::Tick);
+        assert!(sends(&a, |m| matches!(m, Message::Giveback { .. })), "re-sent until confirmed");
+        h.at(t + 11_000, Event::Tick);
+        assert_eq!(h.n.state(), State::TakingOver);
         hs.push(h);
         // AwaitingShutdown -> Normal (refused), AwaitingShutdown -> ShuttingDown (tie-break)
         let mut h = H::booted(NodeId::B);
@@ -1947,11 +2028,17 @@ mod tests {
         h.msg(Message::PleaseDie { epoch: 3 });
         assert_eq!(h.n.state(), State::TakenOver);
         hs.push(h);
-        // Normal -> TakingOver (hard), TakingOver -> Normal (fence failed)
+        // Normal -> TakingOver (hard), TakingOver -> Normal (fence keeps failing)
         let mut h = H::booted(NodeId::A);
         h.at(6_000, Event::Tick);
         h.at(11_000, Event::Tick);
         assert_eq!(h.n.state(), State::TakingOver);
+        for k in 0..MAX_FENCE_FAILURES {
+            h.ev(Event::StepFailed { step: Step::Fence, error: StepError::Failed("io".into()) });
+            assert_eq!(h.n.state(), State::TakingOver, "retried");
+            let t = h.t + 1_000;
+            assert!(h.at(t, Event::Tick).contains(&Action::Begin(Step::Fence)), "retry {k}");
+        }
         h.ev(Event::StepFailed { step: Step::Fence, error: StepError::Failed("io".into()) });
         assert_eq!(h.n.state(), State::Normal);
         hs.push(h);
@@ -2084,9 +2171,15 @@ mod tests {
         }
         assert_eq!(h.n.state(), State::TakingOver);
         assert!(!h.n.writes_partner());
-        // A failed fence (io) abandons the takeover without touching the aggregate.
-        let a = h.ev(Event::StepFailed { step: Step::Fence, error: StepError::Failed("io".into()) });
-        assert!(!a.iter().any(|x| matches!(x, Action::Begin(Step::OpenPartnerAggregate))));
+        // A failing fence (io) is retried, then abandoned, never skipped.
+        for _ in 0..=MAX_FENCE_FAILURES {
+            let a = h.ev(Event::StepFailed { step: Step::Fence, error: StepError::Failed("io".into()) });
+            assert!(!a.iter().any(|x| matches!(x, Action::Begin(Step::OpenPartnerAggregate))));
+            h.t += 1_000;
+            let a = h.ev(Event::Tick);
+            assert!(!a.iter().any(|x| matches!(x, Action::Begin(Step::OpenPartnerAggregate))));
+            assert!(!h.n.writes_partner());
+        }
         assert_eq!(h.n.state(), State::Normal);
     }
 
@@ -2451,6 +2544,18 @@ mod tests {
         n.step(2, Event::MailboxChecked { please_die: false });
         let a = n.step(3, Event::StepDone(Step::OpenOwnAggregate));
         assert_eq!(a, vec![Action::Begin(Step::ReplayOwnLog)]);
+    }
+
+    #[test]
+    fn orphaned_partner_is_taken_over_not_blindly_given_back() {
+        let mut h = H::booted(NodeId::A);
+        h.hb(State::TakenOver, true);
+        let a = h.ev(Event::Tick);
+        assert!(!sends(&a, |m| matches!(m, Message::Giveback { .. })));
+        assert_eq!(h.n.state(), State::TakingOver);
+        h.takeover_steps();
+        let tk = h.n.status().last_takeover.unwrap();
+        assert_eq!(tk.kind, ProcedureKind::Takeover(TakeoverKind::Orphaned));
     }
 
     #[test]

@@ -6,14 +6,17 @@
 use hapair::core::sim::{run_seed, Faults, Sim, SimConfig};
 use hapair::core::takeover::{NodeId, OperatorCmd, ProcedureKind, State, TakeoverKind};
 
-const SWARM_MS: u64 = 15_000;
+const SWARM_MS: u64 = 10_000;
 
 fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| v.parse().unwrap_or_else(|_| panic!("{name}: not a number")))
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name}: not a number")))
 }
 
-#[test]
-fn swarm() {
+/// Runs `count` seeds from `base` (overridable with HAPAIR_SIM_BASE / HAPAIR_SIM_SEEDS);
+/// `HAPAIR_SIM_SEED` replays exactly one seed instead, with logs when `RUST_LOG` is set.
+fn swarm(base: u64, count: u64) {
     if let Some(seed) = env_u64("HAPAIR_SIM_SEED") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -26,27 +29,44 @@ fn swarm() {
         }
         return;
     }
-    let seeds = env_u64("HAPAIR_SIM_SEEDS").unwrap_or(1_000);
-    let base = env_u64("HAPAIR_SIM_BASE").unwrap_or(0);
+    let count = env_u64("HAPAIR_SIM_SEEDS").unwrap_or(count);
+    let base = env_u64("HAPAIR_SIM_BASE").map_or(base, |b| b + base);
     let (mut takeovers, mut givebacks, mut crashes, mut acked) = (0, 0, 0, 0);
-    for seed in base..base + seeds {
-        let r = std::panic::catch_unwind(|| run_seed(seed, SWARM_MS));
-        match r {
+    for seed in base..base + count {
+        let replay = format!("replay: HAPAIR_SIM_SEED={seed} RUST_LOG=info cargo test --test sim_takeover swarm -- --nocapture");
+        match std::panic::catch_unwind(|| run_seed(seed, SWARM_MS)) {
             Ok(Ok(s)) => {
                 takeovers += s.takeovers;
                 givebacks += s.givebacks;
                 crashes += s.crashes;
                 acked += s.writes_acked;
             }
-            Ok(Err(v)) => panic!("seed {seed} violated an invariant: {v}\nreplay: HAPAIR_SIM_SEED={seed} cargo test --test sim_takeover swarm"),
-            Err(_) => panic!("seed {seed} panicked\nreplay: HAPAIR_SIM_SEED={seed} cargo test --test sim_takeover swarm"),
+            Ok(Err(v)) => panic!("seed {seed} violated an invariant: {v}\n{replay}"),
+            Err(_) => panic!("seed {seed} panicked\n{replay}"),
         }
     }
-    println!("{seeds} seeds: {takeovers} takeovers, {givebacks} givebacks, {crashes} crashes, {acked} acked writes");
+    println!("seeds {base}..{}: {takeovers} takeovers, {givebacks} givebacks, {crashes} crashes, {acked} acked writes", base + count);
     // The swarm must actually exercise the interesting paths, or it proves nothing.
-    assert!(takeovers > seeds / 4, "too few takeovers: {takeovers}");
-    assert!(givebacks > seeds / 20, "too few givebacks: {givebacks}");
-    assert!(crashes > 0 && acked > seeds * 100);
+    assert!(takeovers > count / 4, "too few takeovers: {takeovers}");
+    assert!(givebacks > count / 20, "too few givebacks: {givebacks}");
+    assert!(
+        crashes > 0 && acked > count * 100,
+        "crashes {crashes}, acked {acked}"
+    );
+}
+
+// Two halves so that the test harness runs them on both cores.
+#[test]
+fn swarm_first_half() {
+    swarm(0, 1_000);
+}
+
+#[test]
+fn swarm_second_half() {
+    if env_u64("HAPAIR_SIM_SEED").is_some() {
+        return; // the first half replays it
+    }
+    swarm(1_000, 1_000);
 }
 
 #[test]
@@ -91,7 +111,10 @@ fn operator_takeover_completes_then_giveback_completes() {
     assert!(tk.fenced && tk.phases.len() == 5);
     let acked = sim.stats.writes_acked;
     settle(&mut sim, 5_000);
-    assert!(sim.stats.writes_acked > acked + 20, "writes continue at the partner");
+    assert!(
+        sim.stats.writes_acked > acked + 20,
+        "writes continue at the partner"
+    );
 
     sim.operator_at(5_000, NodeId::B, OperatorCmd::Giveback);
     settle(&mut sim, 7_000);
@@ -101,7 +124,10 @@ fn operator_takeover_completes_then_giveback_completes() {
     assert_eq!(sim.stats.givebacks, 1);
     let acked = sim.stats.writes_acked;
     settle(&mut sim, 8_000);
-    assert!(sim.stats.writes_acked > acked + 20, "writes continue after giveback");
+    assert!(
+        sim.stats.writes_acked > acked + 20,
+        "writes continue after giveback"
+    );
 }
 
 #[test]
@@ -119,7 +145,11 @@ fn countdown_expiry_forces_takeover() {
     sim.hang_drain(NodeId::A);
     sim.operator_at(2_000, NodeId::B, OperatorCmd::TakeoverOf(NodeId::A));
     settle(&mut sim, 3_900);
-    assert_eq!(sim.state(NodeId::B), Some(State::AwaitingShutdown), "countdown is 2 s");
+    assert_eq!(
+        sim.state(NodeId::B),
+        Some(State::AwaitingShutdown),
+        "countdown is 2 s"
+    );
     assert_eq!(sim.state(NodeId::A), Some(State::ShuttingDown));
     settle(&mut sim, 5_000);
     assert_eq!(sim.state(NodeId::A), Some(State::TakenOver));
@@ -156,7 +186,10 @@ fn interconnect_partition_alone_never_takes_over() {
     assert_eq!(sim.stats.takeovers, 0);
     for n in [NodeId::A, NodeId::B] {
         let st = sim.node(n).unwrap().status();
-        assert!(st.alarms.iter().any(|(_, a)| matches!(a, hapair::core::takeover::Alarm::InterconnectDown { .. })));
+        assert!(st
+            .alarms
+            .iter()
+            .any(|(_, a)| matches!(a, hapair::core::takeover::Alarm::InterconnectDown { .. })));
     }
 }
 

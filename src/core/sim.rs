@@ -14,7 +14,7 @@
 //!
 //! Invariants checked after every event (`Sim::violation`):
 //! 1. at most one node may write an aggregate (claims to write it and the disks accept it);
-//! 2. a node never writes or serves its partner's aggregate while the partner is not fenced;
+//! 2. a node never writes or serves its partner's aggregate unless it fenced the partner;
 //! 3. every acknowledged write is on disk or in some NVRAM, and the node serving an aggregate
 //!    at its service IP has every acknowledged write of it (on disk or in its own NVRAM).
 //!
@@ -84,7 +84,13 @@ impl Faults {
 
     /// Random fault rates derived from the seed's RNG (a "swarm" of configurations).
     pub fn random(rng: &mut StdRng) -> Faults {
-        let p = |rng: &mut StdRng, max: f64| if rng.gen_bool(0.3) { 0.0 } else { rng.gen_range(0.0..max) };
+        let p = |rng: &mut StdRng, max: f64| {
+            if rng.gen_bool(0.3) {
+                0.0
+            } else {
+                rng.gen_range(0.0..max)
+            }
+        };
         Faults {
             msg_loss: p(rng, 0.2),
             max_delay_ms: rng.gen_range(1..=80),
@@ -125,7 +131,13 @@ impl SimConfig {
         node.holddown_ms = 5_000;
         node.auto_giveback_delay_ms = 3_000;
         node.step_retry_ms = 100;
-        SimConfig { seed, faults: Faults::none(), write_interval_ms: 20, cp_interval_ms: 300, node }
+        SimConfig {
+            seed,
+            faults: Faults::none(),
+            write_interval_ms: 20,
+            cp_interval_ms: 300,
+            node,
+        }
     }
 
     /// A seed's full configuration: random faults and options, all from the seed.
@@ -226,6 +238,8 @@ pub struct Sim {
     nodes: [SimNode; 2],
     disk: [BTreeSet<u64>; 2],
     registered: [BTreeSet<NodeId>; 2],
+    /// Which node fenced the home node of each aggregate (from its Fence to its ReleaseFence).
+    fenced_by: [Option<NodeId>; 2],
     slots: [Option<MailboxSlot>; 2],
     please_die: [bool; 2],
     /// Service IP of each aggregate: which node holds it.
@@ -265,6 +279,7 @@ impl Sim {
             disk: [BTreeSet::new(), BTreeSet::new()],
             // Both keys registered on every shared disk, as after installation.
             registered: [NODES.into_iter().collect(), NODES.into_iter().collect()],
+            fenced_by: [None, None],
             slots: [None, None],
             please_die: [false, false],
             ips: [None, None],
@@ -334,7 +349,11 @@ impl Sim {
     fn schedule_abs(&mut self, at_ms: u64, ev: Ev) {
         assert!(self.queue.len() < MAX_QUEUE, "simulation queue overflow");
         self.seq += 1;
-        self.queue.push(Reverse(Sched { at_ms, seq: self.seq, ev }));
+        self.queue.push(Reverse(Sched {
+            at_ms,
+            seq: self.seq,
+            ev,
+        }));
     }
 
     fn start_node(&mut self, n: NodeId) {
@@ -347,7 +366,13 @@ impl Sim {
         s.pending.clear();
         s.paused_until_ms = 0;
         let inc = s.inc;
-        self.feed(n, Event::PartnerDisks { visible: 4, expected: 4 });
+        self.feed(
+            n,
+            Event::PartnerDisks {
+                visible: 4,
+                expected: 4,
+            },
+        );
         let t = self.rng.gen_range(0..50);
         self.schedule(t, Ev::Tick(n, inc));
         let t = self.rng.gen_range(0..50);
@@ -363,7 +388,9 @@ impl Sim {
     /// Run until `until_ms` or a violation; returns the violation.
     pub fn run_until(&mut self, until_ms: u64) -> Option<String> {
         while self.violation.is_none() {
-            let Some(Reverse(next)) = self.queue.peek() else { break };
+            let Some(Reverse(next)) = self.queue.peek() else {
+                break;
+            };
             if next.at_ms > until_ms {
                 break;
             }
@@ -432,7 +459,15 @@ impl Sim {
                 self.complete_step(node, step);
             }
             Ev::Deliver { to, payload } => {
-                if !self.up(to) || self.paused(to, &Ev::Deliver { to, payload: payload.clone() }) {
+                if !self.up(to)
+                    || self.paused(
+                        to,
+                        &Ev::Deliver {
+                            to,
+                            payload: payload.clone(),
+                        },
+                    )
+                {
                     return;
                 }
                 self.deliver(to, payload);
@@ -521,7 +556,9 @@ impl Sim {
 
     fn feed(&mut self, n: NodeId, event: Event) {
         let now = self.now_ms;
-        let Some(sm) = self.nodes[ix(n)].sm.as_mut() else { return };
+        let Some(sm) = self.nodes[ix(n)].sm.as_mut() else {
+            return;
+        };
         let was = sm.state();
         let actions = sm.step(now, event);
         let is = sm.state();
@@ -547,16 +584,30 @@ impl Sim {
             return;
         }
         let d = self.rng.gen_range(1..=f.max_delay_ms.max(1));
-        self.schedule(d, Ev::Deliver { to: from.partner(), payload });
+        self.schedule(
+            d,
+            Ev::Deliver {
+                to: from.partner(),
+                payload,
+            },
+        );
     }
 
     fn execute(&mut self, n: NodeId, a: Action) {
         let p = n.partner();
         match a {
             Action::Send(m) => self.send(n, Payload::Ha(m)),
-            Action::WriteMailbox { counter, state, clean_shutdown } => {
+            Action::WriteMailbox {
+                counter,
+                state,
+                clean_shutdown,
+            } => {
                 if self.nodes[ix(n)].mailbox_ok {
-                    self.slots[ix(n)] = Some(MailboxSlot { counter, state, clean_shutdown });
+                    self.slots[ix(n)] = Some(MailboxSlot {
+                        counter,
+                        state,
+                        clean_shutdown,
+                    });
                 }
             }
             Action::SetPartnerPleaseDie(v) => {
@@ -585,7 +636,10 @@ impl Sim {
             Action::SetAckMode(_) => {}
             Action::Alarm(alarm) => {
                 self.stats.alarms += 1;
-                if matches!(alarm, crate::core::takeover::Alarm::IllegalTransition { .. }) {
+                if matches!(
+                    alarm,
+                    crate::core::takeover::Alarm::IllegalTransition { .. }
+                ) {
                     self.fail(format!("{n:?}: illegal transition {alarm:?}"));
                 }
             }
@@ -606,7 +660,11 @@ impl Sim {
         }
         let claims = {
             let sm = self.nodes[ix(n)].sm.as_ref().expect("up");
-            if agg == n { sm.writes_own() } else { sm.writes_partner() }
+            if agg == n {
+                sm.writes_own()
+            } else {
+                sm.writes_partner()
+            }
         };
         if !claims {
             self.fail(format!("{n:?} wrote {agg:?}'s disks without claiming to"));
@@ -634,7 +692,9 @@ impl Sim {
     }
 
     fn cp(&mut self, n: NodeId) {
-        let Some(sm) = self.nodes[ix(n)].sm.as_ref() else { return };
+        let Some(sm) = self.nodes[ix(n)].sm.as_ref() else {
+            return;
+        };
         // A node mid-resume has not replayed (or discarded) its log yet: the data path CPs
         // only an aggregate it serves, or drains while shutting down.
         let own = sm.writes_own() && (sm.accepts_own() || sm.state() == State::ShuttingDown);
@@ -686,7 +746,11 @@ impl Sim {
             Step::FinalCp => self.flush(n, n),
             Step::CpPartnerAggregate => self.flush(n, p),
             Step::ReleaseServiceIps | Step::ReleasePartnerIps => {
-                let agg = if step == Step::ReleaseServiceIps { n } else { p };
+                let agg = if step == Step::ReleaseServiceIps {
+                    n
+                } else {
+                    p
+                };
                 if self.ips[ix(agg)] == Some(n) {
                     self.ips[ix(agg)] = None;
                 }
@@ -714,6 +778,7 @@ impl Sim {
                     for r in self.registered.iter_mut() {
                         r.remove(&p);
                     }
+                    self.fenced_by[ix(p)] = Some(n);
                     Ok(())
                 }
             }
@@ -739,6 +804,7 @@ impl Sim {
             Step::ReleaseFence => {
                 if self.nodes[ix(n)].mailbox_ok {
                     self.please_die[ix(p)] = false;
+                    self.fenced_by[ix(p)] = None;
                     Ok(())
                 } else {
                     Err(StepError::Failed("mailbox unreachable".into()))
@@ -770,11 +836,17 @@ impl Sim {
     fn client_write(&mut self) {
         let agg = NODES[self.rng.gen_range(0..2)];
         let Some(s) = self.ips[ix(agg)] else { return };
-        let Some(sm) = self.nodes[ix(s)].sm.as_ref() else { return };
+        let Some(sm) = self.nodes[ix(s)].sm.as_ref() else {
+            return;
+        };
         if self.nodes[ix(s)].paused_until_ms > self.now_ms {
             return; // the connection stalls; a real client times out and retries
         }
-        let accepts = if agg == s { sm.accepts_own() } else { sm.accepts_partner() };
+        let accepts = if agg == s {
+            sm.accepts_own()
+        } else {
+            sm.accepts_partner()
+        };
         if !accepts {
             return;
         }
@@ -799,10 +871,16 @@ impl Sim {
             // The one new acknowledged write must be where the invariant says.
             if let Some(h) = self.ips[ix(agg)] {
                 let serves = self.nodes[ix(h)].sm.as_ref().is_some_and(|sm| {
-                    if agg == h { sm.accepts_own() } else { sm.accepts_partner() }
+                    if agg == h {
+                        sm.accepts_own()
+                    } else {
+                        sm.accepts_partner()
+                    }
                 });
                 if serves && !self.nodes[ix(h)].nvram[ix(agg)].contains(&id) {
-                    self.fail(format!("{h:?} serves {agg:?} without acknowledged write {id}"));
+                    self.fail(format!(
+                        "{h:?} serves {agg:?} without acknowledged write {id}"
+                    ));
                 }
             }
         }
@@ -810,12 +888,18 @@ impl Sim {
 
     /// In LocalOnly mode, writes waiting for a mirror ack are acknowledged from NVRAM.
     fn ack_local_only(&mut self, n: NodeId) {
-        let local = self.nodes[ix(n)].sm.as_ref().is_some_and(|s| s.ack_mode() == AckMode::LocalOnly);
+        let local = self.nodes[ix(n)]
+            .sm
+            .as_ref()
+            .is_some_and(|s| s.ack_mode() == AckMode::LocalOnly);
         if !local {
             return;
         }
-        let pending: Vec<(u64, NodeId)> =
-            self.nodes[ix(n)].pending.iter().map(|(i, a)| (*i, *a)).collect();
+        let pending: Vec<(u64, NodeId)> = self.nodes[ix(n)]
+            .pending
+            .iter()
+            .map(|(i, a)| (*i, *a))
+            .collect();
         for (id, agg) in pending {
             self.ack(n, agg, id);
         }
@@ -825,11 +909,18 @@ impl Sim {
     /// acknowledged while the partner was fenced).
     fn mirror_resync(&mut self, n: NodeId) {
         let s = &self.nodes[ix(n)];
-        if s.sm.as_ref().map_or(true, |sm| sm.ack_mode() != AckMode::Mirrored) {
+        if s.sm
+            .as_ref()
+            .map_or(true, |sm| sm.ack_mode() != AckMode::Mirrored)
+        {
             return;
         }
-        let missing: Vec<u64> =
-            s.nvram[ix(n)].iter().filter(|id| !s.mirrored.contains(id)).take(64).copied().collect();
+        let missing: Vec<u64> = s.nvram[ix(n)]
+            .iter()
+            .filter(|id| !s.mirrored.contains(id))
+            .take(64)
+            .copied()
+            .collect();
         for id in missing {
             self.send(n, Payload::Mirror { agg: n, id });
         }
@@ -878,14 +969,26 @@ impl Sim {
         for agg in NODES {
             let mut writers = Vec::new();
             for n in NODES {
-                let Some(sm) = self.nodes[ix(n)].sm.as_ref() else { continue };
-                let claims = if agg == n { sm.writes_own() } else { sm.writes_partner() };
-                let serves = if agg == n { sm.accepts_own() } else { sm.accepts_partner() };
+                let Some(sm) = self.nodes[ix(n)].sm.as_ref() else {
+                    continue;
+                };
+                let claims = if agg == n {
+                    sm.writes_own()
+                } else {
+                    sm.writes_partner()
+                };
+                let serves = if agg == n {
+                    sm.accepts_own()
+                } else {
+                    sm.accepts_partner()
+                };
                 if claims && self.registered[ix(agg)].contains(&n) {
                     writers.push(n);
                 }
-                // 2. Serving/writing the partner's aggregate requires the partner fenced.
-                if agg != n && (claims || serves) && self.registered[ix(agg)].contains(&agg) {
+                // 2. Serving/writing the partner's aggregate requires that this node fenced
+                // the partner. (A partner that re-registers while booting, racing with the
+                // fence, is harmless as long as it does not write: invariant 1.)
+                if agg != n && (claims || serves) && self.fenced_by[ix(agg)] != Some(n) {
                     self.fail(format!(
                         "{n:?} takes over {agg:?} ({:?}) but {agg:?} is not fenced",
                         sm.state()
@@ -899,7 +1002,10 @@ impl Sim {
                 // but its IP has moved and its disk writes fail.
                 if self.dirty && serves && self.ips[ix(agg)] == Some(n) {
                     let nv = &self.nodes[ix(n)].nvram[ix(agg)];
-                    if let Some(id) = self.acked_not_on_disk[ix(agg)].iter().find(|i| !nv.contains(i)) {
+                    if let Some(id) = self.acked_not_on_disk[ix(agg)]
+                        .iter()
+                        .find(|i| !nv.contains(i))
+                    {
                         let id = *id;
                         self.fail(format!(
                             "{n:?} serves {agg:?} without acknowledged write {id} (not on disk, not in its NVRAM)"
@@ -918,7 +1024,10 @@ impl Sim {
                 continue;
             }
             for id in &self.acked_not_on_disk[ix(agg)] {
-                if !NODES.iter().any(|n| self.nodes[ix(*n)].nvram[ix(agg)].contains(id)) {
+                if !NODES
+                    .iter()
+                    .any(|n| self.nodes[ix(*n)].nvram[ix(agg)].contains(id))
+                {
                     let id = *id;
                     self.fail(format!("acknowledged write {id} of {agg:?} lost"));
                     return;

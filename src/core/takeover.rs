@@ -436,7 +436,10 @@ pub enum Message {
     /// "Shut down gracefully; you have `countdown_ms`."
     PleaseShutdown { countdown_ms: u64 },
     /// A refusal of *please takeover*, *please shutdown* or similar.
-    Refused { request: RequestKind, reasons: Vec<RefusalReason> },
+    Refused {
+        request: RequestKind,
+        reasons: Vec<RefusalReason>,
+    },
     /// Graceful shutdown completed (completion report).
     ShutdownComplete { final_cp_ok: bool, elapsed_ms: u64 },
     /// The countdown expired: stop now, you are being taken over.
@@ -511,7 +514,11 @@ pub enum Action {
     /// Send a message to the partner (best effort).
     Send(Message),
     /// Write our mailbox slot (heartbeat).
-    WriteMailbox { counter: u64, state: State, clean_shutdown: bool },
+    WriteMailbox {
+        counter: u64,
+        state: State,
+        clean_shutdown: bool,
+    },
     /// Set or clear please-die in the partner's mailbox slot.
     SetPartnerPleaseDie(bool),
     /// Start a step; it completes with `StepDone`/`StepFailed`.
@@ -769,7 +776,10 @@ impl Node {
     /// The step the I/O layer is executing for us, if any. The I/O layer applies a step's
     /// effect only while it is still running here (a halt abandons it).
     pub fn running_step(&self) -> Option<Step> {
-        self.proc.as_ref().and_then(|p| p.current).map(|(s, _, _)| s)
+        self.proc
+            .as_ref()
+            .and_then(|p| p.current)
+            .map(|(s, _, _)| s)
     }
 
     /// Whether a fence of the partner completed in the current takeover.
@@ -923,7 +933,11 @@ impl Node {
     }
 
     fn refuse(&mut self, request: RequestKind, reasons: Vec<RefusalReason>, out: &mut Vec<Action>) {
-        let refusal = Refusal { at_ms: self.now_ms, request, reasons };
+        let refusal = Refusal {
+            at_ms: self.now_ms,
+            request,
+            reasons,
+        };
         tracing::warn!(node = ?self.cfg.node, ?refusal, "request refused");
         if self.refusals.len() == MAX_REFUSALS {
             self.refusals.pop_front();
@@ -940,7 +954,11 @@ impl Node {
             State::GivingBack => self.fenced && !self.proc_has_started(Step::ReleaseFence),
             _ => false,
         };
-        let mode = if local { AckMode::LocalOnly } else { AckMode::Mirrored };
+        let mode = if local {
+            AckMode::LocalOnly
+        } else {
+            AckMode::Mirrored
+        };
         if mode != self.ack_mode {
             self.ack_mode = mode;
             out.push(Action::SetAckMode(mode));
@@ -992,7 +1010,10 @@ impl Node {
         let report = p.report(Some(self.now_ms), self.fenced);
         match p.kind {
             ProcedureKind::Shutdown => {
-                let final_cp_ok = p.done.iter().any(|t| t.step == Step::FinalCp && t.failures == 0);
+                let final_cp_ok = p
+                    .done
+                    .iter()
+                    .any(|t| t.step == Step::FinalCp && t.failures == 0);
                 out.push(Action::Send(Message::ShutdownComplete {
                     final_cp_ok,
                     elapsed_ms: self.now_ms - p.started_ms,
@@ -1013,7 +1034,9 @@ impl Node {
                 self.fenced = false;
                 self.awaiting_resume = true;
                 self.next_heartbeat_ms = self.now_ms;
-                out.push(Action::Send(Message::Giveback { epoch: self.takeover_epoch }));
+                out.push(Action::Send(Message::Giveback {
+                    epoch: self.takeover_epoch,
+                }));
             }
             ProcedureKind::Resume { after_giveback } => {
                 if after_giveback {
@@ -1040,7 +1063,12 @@ impl Node {
             Some((s, started, failures)) if s == step => {
                 p.current = None;
                 p.retry_at_ms = None;
-                p.done.push(PhaseTiming { step, started_ms: started, finished_ms: now, failures });
+                p.done.push(PhaseTiming {
+                    step,
+                    started_ms: started,
+                    finished_ms: now,
+                    failures,
+                });
                 tracing::info!(node = ?self.cfg.node, ?step, elapsed_ms = now - started, "step done");
             }
             _ => {
@@ -1085,7 +1113,13 @@ impl Node {
         if !running {
             return;
         }
-        self.alarm(Alarm::StepFailed { step, error: error.clone() }, out);
+        self.alarm(
+            Alarm::StepFailed {
+                step,
+                error: error.clone(),
+            },
+            out,
+        );
         let kind = self.proc.as_ref().map(|p| p.kind).expect("running");
         if error == StepError::ReservationConflict {
             // Our key is gone: the partner fenced us. Stop everything.
@@ -1108,7 +1142,9 @@ impl Node {
                 self.advance(out);
             }
             // A fence that keeps failing for another reason: we cannot take over safely.
-            (ProcedureKind::Takeover(_), Step::Fence) if self.fence_failures >= MAX_FENCE_FAILURES => {
+            (ProcedureKind::Takeover(_), Step::Fence)
+                if self.fence_failures >= MAX_FENCE_FAILURES =>
+            {
                 self.proc = None;
                 self.countdown_deadline_ms = None;
                 self.transition(State::Normal, "fence failed: takeover abandoned");
@@ -1206,7 +1242,9 @@ impl Node {
             }
         }
         if !self.healthy {
-            reasons.push(RefusalReason::SelfUnhealthy { detail: self.health_detail.clone() });
+            reasons.push(RefusalReason::SelfUnhealthy {
+                detail: self.health_detail.clone(),
+            });
         }
         let (visible, expected) = self.partner_disks;
         if expected == 0 || visible < expected {
@@ -1263,7 +1301,11 @@ impl Node {
             }
             OperatorCmd::TakeoverOf(node) => {
                 if node != self.cfg.node.partner() {
-                    self.refuse(RequestKind::TakeoverOfPartner, vec![RefusalReason::Conflict], out);
+                    self.refuse(
+                        RequestKind::TakeoverOfPartner,
+                        vec![RefusalReason::Conflict],
+                        out,
+                    );
                     return;
                 }
                 let reasons = self.takeover_refusals(true, true);
@@ -1280,7 +1322,9 @@ impl Node {
 
     fn begin_countdown(&mut self, reason: &str, out: &mut Vec<Action>) {
         self.countdown_deadline_ms = Some(self.now_ms + self.cfg.countdown_ms);
-        out.push(Action::Send(Message::PleaseShutdown { countdown_ms: self.cfg.countdown_ms }));
+        out.push(Action::Send(Message::PleaseShutdown {
+            countdown_ms: self.cfg.countdown_ms,
+        }));
         self.transition(State::AwaitingShutdown, reason);
     }
 
@@ -1321,9 +1365,14 @@ impl Node {
         if self.state == State::InTakeover {
             let ready = self.interconnect_alive() && self.partner_state == Some(State::TakenOver);
             if !ready {
-                reasons.push(RefusalReason::PartnerNotReady { partner_state: self.partner_state });
+                reasons.push(RefusalReason::PartnerNotReady {
+                    partner_state: self.partner_state,
+                });
             }
-            if let Some(v) = self.partner_version.filter(|v| *v != self.cfg.protocol_version) {
+            if let Some(v) = self
+                .partner_version
+                .filter(|v| *v != self.cfg.protocol_version)
+            {
                 reasons.push(RefusalReason::IncompatibleVersion {
                     ours: self.cfg.protocol_version,
                     theirs: v,
@@ -1338,7 +1387,11 @@ impl Node {
         }
         self.transition(
             State::GivingBack,
-            if automatic { "automatic giveback" } else { "operator: giveback" },
+            if automatic {
+                "automatic giveback"
+            } else {
+                "operator: giveback"
+            },
         );
         self.start_procedure(
             ProcedureKind::Giveback,
@@ -1362,7 +1415,11 @@ impl Node {
             tracing::info!(node = ?self.cfg.node, "interconnect back");
         }
         match msg {
-            Message::Heartbeat { state, protocol_version, mirror_in_sync } => {
+            Message::Heartbeat {
+                state,
+                protocol_version,
+                mirror_in_sync,
+            } => {
                 self.partner_state = Some(state);
                 self.partner_version = Some(protocol_version);
                 if mirror_in_sync {
@@ -1512,7 +1569,11 @@ impl Node {
     }
 
     fn start_resume(&mut self, after_giveback: bool, out: &mut Vec<Action>) {
-        let log = if after_giveback { Step::DiscardOwnLog } else { Step::ReplayOwnLog };
+        let log = if after_giveback {
+            Step::DiscardOwnLog
+        } else {
+            Step::ReplayOwnLog
+        };
         self.start_procedure(
             ProcedureKind::Resume { after_giveback },
             &[
@@ -1610,7 +1671,9 @@ impl Node {
 
     fn send_please_die(&mut self, out: &mut Vec<Action>) {
         self.next_please_die_ms = self.now_ms + self.cfg.please_die_interval_ms;
-        out.push(Action::Send(Message::PleaseDie { epoch: self.takeover_epoch }));
+        out.push(Action::Send(Message::PleaseDie {
+            epoch: self.takeover_epoch,
+        }));
         out.push(Action::SetPartnerPleaseDie(true));
     }
 
@@ -1621,10 +1684,14 @@ impl Node {
             match self.state {
                 // Re-send what may have been lost; the receiver ignores duplicates.
                 State::AwaitingShutdown => out.push(Action::Send(Message::PleaseShutdown {
-                    countdown_ms: self.countdown_deadline_ms.map_or(0, |d| d.saturating_sub(now)),
+                    countdown_ms: self
+                        .countdown_deadline_ms
+                        .map_or(0, |d| d.saturating_sub(now)),
                 })),
                 State::GivingBack if self.awaiting_resume => {
-                    out.push(Action::Send(Message::Giveback { epoch: self.takeover_epoch }));
+                    out.push(Action::Send(Message::Giveback {
+                        epoch: self.takeover_epoch,
+                    }));
                 }
                 _ => {}
             }
@@ -1641,7 +1708,11 @@ impl Node {
             State::TakeoverRequested => {
                 if self.request_deadline_ms.is_some_and(|d| now >= d) {
                     self.request_deadline_ms = None;
-                    self.refuse(RequestKind::TakeoverOfSelf, vec![RefusalReason::NoAnswer], out);
+                    self.refuse(
+                        RequestKind::TakeoverOfSelf,
+                        vec![RefusalReason::NoAnswer],
+                        out,
+                    );
                     self.transition(State::Normal, "no answer to please takeover");
                 }
             }
@@ -1657,9 +1728,9 @@ impl Node {
             }
             State::GivingBack if self.awaiting_resume => self.check_partner_liveness(out),
             State::InTakeover => {
-                let waited = self.partner_ready_since_ms.is_some_and(|t| {
-                    now.saturating_sub(t) >= self.cfg.auto_giveback_delay_ms
-                });
+                let waited = self
+                    .partner_ready_since_ms
+                    .is_some_and(|t| now.saturating_sub(t) >= self.cfg.auto_giveback_delay_ms);
                 if self.auto_giveback && !self.flapping && waited && self.interconnect_alive() {
                     self.try_giveback(true, out);
                 }
@@ -1797,8 +1868,14 @@ mod tests {
         }
 
         fn booted_with(c: Config) -> H {
-            let mut h = H { n: Node::new(c, 0).unwrap(), t: 0 };
-            h.ev(Event::PartnerDisks { visible: 4, expected: 4 });
+            let mut h = H {
+                n: Node::new(c, 0).unwrap(),
+                t: 0,
+            };
+            h.ev(Event::PartnerDisks {
+                visible: 4,
+                expected: 4,
+            });
             h.ev(Event::OwnMirror { in_sync: true });
             h.ev(Event::MailboxRead(Some(h.view(1, State::Normal, false))));
             assert_eq!(h.n.state(), State::Resuming);
@@ -1810,7 +1887,11 @@ mod tests {
 
         fn view(&self, counter: u64, state: State, pd: bool) -> MailboxView {
             MailboxView {
-                partner_slot: Some(MailboxSlot { counter, state, clean_shutdown: false }),
+                partner_slot: Some(MailboxSlot {
+                    counter,
+                    state,
+                    clean_shutdown: false,
+                }),
                 please_die_for_me: pd,
                 please_die_for_partner: false,
             }
@@ -1846,7 +1927,11 @@ mod tests {
             let mut last = Vec::new();
             for s in steps {
                 assert!(
-                    self.n.proc.as_ref().and_then(|p| p.current).is_some_and(|c| c.0 == *s),
+                    self.n
+                        .proc
+                        .as_ref()
+                        .and_then(|p| p.current)
+                        .is_some_and(|c| c.0 == *s),
                     "expected {s:?} running, state {:?}",
                     self.n.state()
                 );
@@ -1862,7 +1947,10 @@ mod tests {
 
         fn finish_resume(&mut self) {
             let log = if self.n.proc.as_ref().is_some_and(|p| {
-                p.kind == ProcedureKind::Resume { after_giveback: true }
+                p.kind
+                    == ProcedureKind::Resume {
+                        after_giveback: true,
+                    }
             }) {
                 Step::DiscardOwnLog
             } else {
@@ -1892,7 +1980,10 @@ mod tests {
             let mut h = H::booted(node);
             h.ev(Event::Operator(OperatorCmd::TakeoverOf(node.partner())));
             assert_eq!(h.n.state(), State::AwaitingShutdown);
-            h.msg(Message::ShutdownComplete { final_cp_ok: true, elapsed_ms: 1 });
+            h.msg(Message::ShutdownComplete {
+                final_cp_ok: true,
+                elapsed_ms: 1,
+            });
             h.takeover_steps();
             assert_eq!(h.n.state(), State::InTakeover);
             h
@@ -1900,7 +1991,9 @@ mod tests {
 
         fn taken_over(node: NodeId) -> H {
             let mut h = H::booted(node);
-            h.msg(Message::PleaseShutdown { countdown_ms: 5_000 });
+            h.msg(Message::PleaseShutdown {
+                countdown_ms: 5_000,
+            });
             h.run(&SHUTDOWN);
             assert_eq!(h.n.state(), State::TakenOver);
             h.msg(Message::PleaseDie { epoch: 100 });
@@ -1927,7 +2020,9 @@ mod tests {
     ];
 
     fn sends(actions: &[Action], pred: impl Fn(&Message) -> bool) -> bool {
-        actions.iter().any(|a| matches!(a, Action::Send(m) if pred(m)))
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Send(m) if pred(m)))
     }
 
     // ---- every legal transition, taken through `step` ----------------------------------
@@ -1938,20 +2033,28 @@ mod tests {
         // -> Resuming (giveback) -> Normal
         let mut h = H::booted(NodeId::A);
         h.ev(Event::Operator(OperatorCmd::TakeoverSelf));
-        h.msg(Message::PleaseShutdown { countdown_ms: 5_000 });
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
         h.run(&SHUTDOWN);
         h.msg(Message::Giveback { epoch: 7 });
         h.finish_resume();
         assert_eq!(h.n.state(), State::Normal);
         hs.push(h);
         // Booting -> TakenOver (please-die at boot)
-        let mut h = H { n: Node::new(cfg(NodeId::B), 0).unwrap(), t: 0 };
+        let mut h = H {
+            n: Node::new(cfg(NodeId::B), 0).unwrap(),
+            t: 0,
+        };
         let v = h.view(1, State::InTakeover, true);
         h.ev(Event::MailboxRead(Some(v)));
         assert_eq!(h.n.state(), State::TakenOver);
         hs.push(h);
         // Resuming -> TakenOver (please-die found by re-check)
-        let mut h = H { n: Node::new(cfg(NodeId::B), 0).unwrap(), t: 0 };
+        let mut h = H {
+            n: Node::new(cfg(NodeId::B), 0).unwrap(),
+            t: 0,
+        };
         let v = h.view(1, State::Normal, false);
         h.ev(Event::MailboxRead(Some(v)));
         h.done(Step::RegisterOwn);
@@ -1988,7 +2091,11 @@ mod tests {
             Step::ClosePartnerAggregate,
             Step::ReleaseFence,
         ]);
-        assert_eq!(h.n.state(), State::GivingBack, "waits for the partner to resume");
+        assert_eq!(
+            h.n.state(),
+            State::GivingBack,
+            "waits for the partner to resume"
+        );
         h.hb(State::Resuming, true);
         assert_eq!(h.n.state(), State::Normal);
         hs.push(h);
@@ -2006,7 +2113,10 @@ mod tests {
         assert!(!h.n.writes_partner() && !h.n.accepts_partner());
         let t = h.t;
         let a = h.at(t + 500, Event::Tick);
-        assert!(sends(&a, |m| matches!(m, Message::Giveback { .. })), "re-sent until confirmed");
+        assert!(
+            sends(&a, |m| matches!(m, Message::Giveback { .. })),
+            "re-sent until confirmed"
+        );
         h.at(t + 11_000, Event::Tick);
         assert_eq!(h.n.state(), State::TakingOver);
         hs.push(h);
@@ -2019,7 +2129,9 @@ mod tests {
         });
         assert_eq!(h.n.state(), State::Normal);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::A)));
-        h.msg(Message::PleaseShutdown { countdown_ms: 5_000 });
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
         assert_eq!(h.n.state(), State::ShuttingDown, "B yields to A");
         hs.push(h);
         // AwaitingShutdown -> TakenOver (please die: partner fenced us first)
@@ -2034,12 +2146,21 @@ mod tests {
         h.at(11_000, Event::Tick);
         assert_eq!(h.n.state(), State::TakingOver);
         for k in 0..MAX_FENCE_FAILURES {
-            h.ev(Event::StepFailed { step: Step::Fence, error: StepError::Failed("io".into()) });
+            h.ev(Event::StepFailed {
+                step: Step::Fence,
+                error: StepError::Failed("io".into()),
+            });
             assert_eq!(h.n.state(), State::TakingOver, "retried");
             let t = h.t + 1_000;
-            assert!(h.at(t, Event::Tick).contains(&Action::Begin(Step::Fence)), "retry {k}");
+            assert!(
+                h.at(t, Event::Tick).contains(&Action::Begin(Step::Fence)),
+                "retry {k}"
+            );
         }
-        h.ev(Event::StepFailed { step: Step::Fence, error: StepError::Failed("io".into()) });
+        h.ev(Event::StepFailed {
+            step: Step::Fence,
+            error: StepError::Failed("io".into()),
+        });
         assert_eq!(h.n.state(), State::Normal);
         hs.push(h);
         // TakingOver -> TakenOver (fence lost)
@@ -2048,7 +2169,10 @@ mod tests {
         h.t += 5_000;
         h.ev(Event::Tick);
         assert_eq!(h.n.state(), State::TakingOver);
-        h.ev(Event::StepFailed { step: Step::Fence, error: StepError::ReservationConflict });
+        h.ev(Event::StepFailed {
+            step: Step::Fence,
+            error: StepError::ReservationConflict,
+        });
         assert_eq!(h.n.state(), State::TakenOver);
         hs.push(h);
         // InTakeover -> TakenOver (fenced out)
@@ -2075,11 +2199,18 @@ mod tests {
                 assert!(check_transition(from, to).is_ok());
                 seen.insert((from, to));
             }
-            assert!(h.n.alarms.iter().all(|(_, a)| !matches!(a, Alarm::IllegalTransition { .. })));
+            assert!(h
+                .n
+                .alarms
+                .iter()
+                .all(|(_, a)| !matches!(a, Alarm::IllegalTransition { .. })));
         }
         let legal: BTreeSet<_> = LEGAL.iter().copied().collect();
         let missing: Vec<_> = legal.difference(&seen).collect();
-        assert!(missing.is_empty(), "legal transitions never taken: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "legal transitions never taken: {missing:?}"
+        );
     }
 
     // ---- the graceful flow, step by step -----------------------------------------------
@@ -2088,7 +2219,12 @@ mod tests {
     fn please_takeover_leads_to_please_shutdown_and_countdown() {
         let mut h = H::booted(NodeId::B);
         let a = h.msg(Message::PleaseTakeover);
-        assert!(sends(&a, |m| matches!(m, Message::PleaseShutdown { countdown_ms: 5_000 })));
+        assert!(sends(&a, |m| matches!(
+            m,
+            Message::PleaseShutdown {
+                countdown_ms: 5_000
+            }
+        )));
         assert_eq!(h.n.state(), State::AwaitingShutdown);
         assert_eq!(h.n.status().countdown_remaining_ms, Some(5_000));
         h.t += 2_000;
@@ -2100,7 +2236,9 @@ mod tests {
     fn shutdown_steps_run_in_order_and_report_completion() {
         let mut h = H::booted(NodeId::A);
         assert!(h.n.accepts_own());
-        let a = h.msg(Message::PleaseShutdown { countdown_ms: 5_000 });
+        let a = h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
         assert_eq!(a, vec![Action::Begin(Step::StopAccepting)]);
         assert!(!h.n.accepts_own(), "stops accepting as the step begins");
         h.t += 1;
@@ -2109,20 +2247,38 @@ mod tests {
         assert!(h.n.writes_own(), "drain and final CP still write");
         h.done(Step::DrainInFlight);
         // A failed final CP does not stop the shutdown.
-        let a = h.ev(Event::StepFailed { step: Step::FinalCp, error: StepError::Failed("x".into()) });
+        let a = h.ev(Event::StepFailed {
+            step: Step::FinalCp,
+            error: StepError::Failed("x".into()),
+        });
         assert!(a.contains(&Action::Begin(Step::ReleaseServiceIps)));
         assert!(!h.n.writes_own());
         let a = h.run(&SHUTDOWN[3..]);
-        assert!(sends(&a, |m| matches!(m, Message::ShutdownComplete { final_cp_ok: false, .. })));
+        assert!(sends(&a, |m| matches!(
+            m,
+            Message::ShutdownComplete {
+                final_cp_ok: false,
+                ..
+            }
+        )));
         assert_eq!(h.n.state(), State::TakenOver);
-        assert!(sends(&a, |m| matches!(m, Message::Heartbeat { state: State::TakenOver, .. })));
+        assert!(sends(&a, |m| matches!(
+            m,
+            Message::Heartbeat {
+                state: State::TakenOver,
+                ..
+            }
+        )));
     }
 
     #[test]
     fn takeover_phases_are_timed_and_fence_comes_first() {
         let mut h = H::booted(NodeId::A);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        let a = h.msg(Message::ShutdownComplete { final_cp_ok: true, elapsed_ms: 3 });
+        let a = h.msg(Message::ShutdownComplete {
+            final_cp_ok: true,
+            elapsed_ms: 3,
+        });
         assert_eq!(a.last(), Some(&Action::Begin(Step::Fence)));
         assert!(!h.n.writes_partner());
         assert_eq!(h.n.ack_mode(), AckMode::Mirrored, "partner not fenced yet");
@@ -2163,7 +2319,10 @@ mod tests {
     fn partner_steps_never_start_before_fenced() {
         let mut h = H::booted(NodeId::A);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        h.msg(Message::ShutdownComplete { final_cp_ok: true, elapsed_ms: 3 });
+        h.msg(Message::ShutdownComplete {
+            final_cp_ok: true,
+            elapsed_ms: 3,
+        });
         // Completions of steps that were never started are ignored.
         for s in [Step::OpenPartnerAggregate, Step::ServePartnerExports] {
             let a = h.done(s);
@@ -2173,11 +2332,18 @@ mod tests {
         assert!(!h.n.writes_partner());
         // A failing fence (io) is retried, then abandoned, never skipped.
         for _ in 0..=MAX_FENCE_FAILURES {
-            let a = h.ev(Event::StepFailed { step: Step::Fence, error: StepError::Failed("io".into()) });
-            assert!(!a.iter().any(|x| matches!(x, Action::Begin(Step::OpenPartnerAggregate))));
+            let a = h.ev(Event::StepFailed {
+                step: Step::Fence,
+                error: StepError::Failed("io".into()),
+            });
+            assert!(!a
+                .iter()
+                .any(|x| matches!(x, Action::Begin(Step::OpenPartnerAggregate))));
             h.t += 1_000;
             let a = h.ev(Event::Tick);
-            assert!(!a.iter().any(|x| matches!(x, Action::Begin(Step::OpenPartnerAggregate))));
+            assert!(!a
+                .iter()
+                .any(|x| matches!(x, Action::Begin(Step::OpenPartnerAggregate))));
             assert!(!h.n.writes_partner());
         }
         assert_eq!(h.n.state(), State::Normal);
@@ -2189,7 +2355,10 @@ mod tests {
         c.unsafe_skip_fence = true;
         let mut h = H::booted_with(c);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        let a = h.msg(Message::ShutdownComplete { final_cp_ok: true, elapsed_ms: 3 });
+        let a = h.msg(Message::ShutdownComplete {
+            final_cp_ok: true,
+            elapsed_ms: 3,
+        });
         assert_eq!(a.last(), Some(&Action::Begin(Step::OpenPartnerAggregate)));
         h.run(&[
             Step::OpenPartnerAggregate,
@@ -2199,7 +2368,11 @@ mod tests {
         ]);
         assert_eq!(h.n.state(), State::InTakeover);
         assert!(!h.n.status().last_takeover.unwrap().fenced);
-        assert_eq!(h.n.ack_mode(), AckMode::Mirrored, "unfenced partner: never local-only");
+        assert_eq!(
+            h.n.ack_mode(),
+            AckMode::Mirrored,
+            "unfenced partner: never local-only"
+        );
     }
 
     #[test]
@@ -2236,7 +2409,9 @@ mod tests {
     #[test]
     fn forced_takeover_halts_a_shutting_down_node() {
         let mut h = H::booted(NodeId::B);
-        h.msg(Message::PleaseShutdown { countdown_ms: 5_000 });
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
         h.done(Step::StopAccepting);
         let a = h.msg(Message::Takeover);
         assert_eq!(a.first(), Some(&Action::HaltSelf));
@@ -2260,7 +2435,11 @@ mod tests {
             h.at(t, Event::Tick);
         }
         assert_eq!(h.n.state(), State::Normal);
-        let alarms: Vec<_> = h.n.alarms.iter().filter(|(_, a)| matches!(a, Alarm::InterconnectDown { .. })).collect();
+        let alarms: Vec<_> =
+            h.n.alarms
+                .iter()
+                .filter(|(_, a)| matches!(a, Alarm::InterconnectDown { .. }))
+                .collect();
         assert_eq!(alarms.len(), 1, "raised once, not per tick");
         // Now the mailbox stops too.
         h.at(39_999, Event::Tick);
@@ -2282,17 +2461,27 @@ mod tests {
     #[test]
     fn hard_takeover_refused_when_mirror_not_current() {
         let mut h = H::booted(NodeId::A);
-        h.at(500, Event::Message(Message::Heartbeat {
-            state: State::Normal,
-            protocol_version: 1,
-            mirror_in_sync: false,
-        }));
+        h.at(
+            500,
+            Event::Message(Message::Heartbeat {
+                state: State::Normal,
+                protocol_version: 1,
+                mirror_in_sync: false,
+            }),
+        );
         let a = h.at(20_000, Event::Tick);
         assert_eq!(h.n.state(), State::Normal);
         let r = h.last_refusal();
         assert_eq!(r.request, RequestKind::HardTakeover);
-        assert_eq!(r.reasons, vec![RefusalReason::MirrorNotCurrent { since_ms: Some(500) }]);
-        assert!(a.iter().any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+        assert_eq!(
+            r.reasons,
+            vec![RefusalReason::MirrorNotCurrent {
+                since_ms: Some(500)
+            }]
+        );
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
         // Raised once per episode.
         let a = h.at(21_000, Event::Tick);
         assert!(!a.iter().any(|x| matches!(x, Action::Alarm(_))));
@@ -2304,9 +2493,10 @@ mod tests {
         let a = h.msg(Message::PleaseTakeover);
         assert_eq!(h.n.state(), State::Normal, "refusal keeps Normal");
         let sent = a.iter().find_map(|x| match x {
-            Action::Send(Message::Refused { request: RequestKind::PleaseTakeover, reasons }) => {
-                Some(reasons.clone())
-            }
+            Action::Send(Message::Refused {
+                request: RequestKind::PleaseTakeover,
+                reasons,
+            }) => Some(reasons.clone()),
             _ => None,
         });
         let reasons = sent.expect("refusal sent to partner");
@@ -2319,11 +2509,14 @@ mod tests {
     #[test]
     fn refuses_when_mirror_not_current_since_t() {
         let mut h = H::booted(NodeId::B);
-        h.at(700, Event::Message(Message::Heartbeat {
-            state: State::Normal,
-            protocol_version: 1,
-            mirror_in_sync: false,
-        }));
+        h.at(
+            700,
+            Event::Message(Message::Heartbeat {
+                state: State::Normal,
+                protocol_version: 1,
+                mirror_in_sync: false,
+            }),
+        );
         // The in-sync flag in this message would clear it; here we keep it stale.
         h.t = 900;
         let r = h.ev(Event::Message(Message::PleaseTakeover));
@@ -2334,25 +2527,47 @@ mod tests {
                 _ => None,
             })
             .unwrap();
-        assert_eq!(reasons, vec![RefusalReason::MirrorNotCurrent { since_ms: Some(700) }]);
+        assert_eq!(
+            reasons,
+            vec![RefusalReason::MirrorNotCurrent {
+                since_ms: Some(700)
+            }]
+        );
         // Never heard an in-sync heartbeat at all: "never".
-        let mut h = H { n: Node::new(cfg(NodeId::B), 0).unwrap(), t: 0 };
-        h.ev(Event::PartnerDisks { visible: 4, expected: 4 });
+        let mut h = H {
+            n: Node::new(cfg(NodeId::B), 0).unwrap(),
+            t: 0,
+        };
+        h.ev(Event::PartnerDisks {
+            visible: 4,
+            expected: 4,
+        });
         let v = h.view(1, State::Normal, false);
         h.ev(Event::MailboxRead(Some(v)));
         h.finish_resume();
         h.hb(State::Normal, false);
         let reasons = refused_reasons(&mut h);
-        assert_eq!(reasons, vec![RefusalReason::MirrorNotCurrent { since_ms: Some(h.t) }]);
+        assert_eq!(
+            reasons,
+            vec![RefusalReason::MirrorNotCurrent {
+                since_ms: Some(h.t)
+            }]
+        );
     }
 
     #[test]
     fn refuses_when_partner_disks_not_visible() {
         let mut h = H::booted(NodeId::B);
-        h.ev(Event::PartnerDisks { visible: 3, expected: 4 });
+        h.ev(Event::PartnerDisks {
+            visible: 3,
+            expected: 4,
+        });
         assert_eq!(
             refused_reasons(&mut h),
-            vec![RefusalReason::PartnerDisksNotVisible { visible: 3, expected: 4 }]
+            vec![RefusalReason::PartnerDisksNotVisible {
+                visible: 3,
+                expected: 4
+            }]
         );
     }
 
@@ -2373,10 +2588,15 @@ mod tests {
     #[test]
     fn refuses_when_self_unhealthy() {
         let mut h = H::booted(NodeId::B);
-        h.ev(Event::Health { healthy: false, detail: "nvram battery".into() });
+        h.ev(Event::Health {
+            healthy: false,
+            detail: "nvram battery".into(),
+        });
         assert_eq!(
             refused_reasons(&mut h),
-            vec![RefusalReason::SelfUnhealthy { detail: "nvram battery".into() }]
+            vec![RefusalReason::SelfUnhealthy {
+                detail: "nvram battery".into()
+            }]
         );
     }
 
@@ -2386,7 +2606,10 @@ mod tests {
         let a = h.msg(Message::PleaseTakeover);
         assert_eq!(h.n.state(), State::InTakeover);
         assert!(sends(&a, |m| matches!(m, Message::Refused { .. })));
-        assert!(h.last_refusal().reasons.contains(&RefusalReason::AlreadyTakenOver));
+        assert!(h
+            .last_refusal()
+            .reasons
+            .contains(&RefusalReason::AlreadyTakenOver));
     }
 
     #[test]
@@ -2395,14 +2618,23 @@ mod tests {
         h.hb(State::TakenOver, true);
         h.ev(Event::Operator(OperatorCmd::Giveback));
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        assert!(h.last_refusal().reasons.contains(&RefusalReason::GivebackInProgress));
+        assert!(h
+            .last_refusal()
+            .reasons
+            .contains(&RefusalReason::GivebackInProgress));
         h.ev(Event::Operator(OperatorCmd::Giveback));
         assert_eq!(h.last_refusal().request, RequestKind::Giveback);
-        assert!(h.last_refusal().reasons.contains(&RefusalReason::GivebackInProgress));
+        assert!(h
+            .last_refusal()
+            .reasons
+            .contains(&RefusalReason::GivebackInProgress));
         let mut h = H::booted(NodeId::A);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        assert!(h.last_refusal().reasons.contains(&RefusalReason::TakeoverInProgress));
+        assert!(h
+            .last_refusal()
+            .reasons
+            .contains(&RefusalReason::TakeoverInProgress));
         assert_eq!(h.n.state(), State::AwaitingShutdown);
     }
 
@@ -2414,7 +2646,9 @@ mod tests {
         assert_eq!(h.n.state(), State::TakenOver);
         assert_eq!(
             h.last_refusal().reasons,
-            vec![RefusalReason::SelfNotServing { state: State::TakenOver }]
+            vec![RefusalReason::SelfNotServing {
+                state: State::TakenOver
+            }]
         );
         // And no hard takeover from TakenOver either, however silent the partner is.
         h.at(100_000, Event::Tick);
@@ -2436,7 +2670,10 @@ mod tests {
         let until = h.t + 60_000;
         h.hb(State::Normal, true);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        assert_eq!(h.last_refusal().reasons, vec![RefusalReason::HoldDown { until_ms: until }]);
+        assert_eq!(
+            h.last_refusal().reasons,
+            vec![RefusalReason::HoldDown { until_ms: until }]
+        );
         assert_eq!(h.n.state(), State::Normal);
         h.t = until;
         h.hb(State::Normal, true);
@@ -2452,7 +2689,9 @@ mod tests {
         assert_eq!(h.n.state(), State::Normal);
         assert_eq!(
             h.last_refusal().reasons,
-            vec![RefusalReason::PartnerUnreachable { last_heard_ms: Some(60) }]
+            vec![RefusalReason::PartnerUnreachable {
+                last_heard_ms: Some(60)
+            }]
         );
         h.hb(State::Normal, true);
         let a = h.ev(Event::Operator(OperatorCmd::TakeoverSelf));
@@ -2474,7 +2713,9 @@ mod tests {
         h.ev(Event::Operator(OperatorCmd::Giveback));
         assert_eq!(
             h.last_refusal().reasons,
-            vec![RefusalReason::PartnerNotReady { partner_state: Some(State::Normal) }]
+            vec![RefusalReason::PartnerNotReady {
+                partner_state: Some(State::Normal)
+            }]
         );
         assert_eq!(h.n.state(), State::InTakeover);
     }
@@ -2492,16 +2733,19 @@ mod tests {
         assert!(!sends(&a, |m| matches!(m, Message::PleaseDie { .. })));
         h.hb(State::TakenOver, true);
         h.ev(Event::Operator(OperatorCmd::Giveback));
-        h.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-        ]);
+        h.run(&[Step::DrainPartnerExports, Step::CpPartnerAggregate]);
         assert_eq!(h.n.ack_mode(), AckMode::LocalOnly, "partner still fenced");
         let a = h.done(Step::ReleasePartnerIps);
         assert!(a.contains(&Action::Begin(Step::ClosePartnerAggregate)));
         // Mirrored again before the fence is released: the partner may resume after it.
         let a = h.done(Step::ClosePartnerAggregate);
-        assert_eq!(a, vec![Action::Begin(Step::ReleaseFence), Action::SetAckMode(AckMode::Mirrored)]);
+        assert_eq!(
+            a,
+            vec![
+                Action::Begin(Step::ReleaseFence),
+                Action::SetAckMode(AckMode::Mirrored)
+            ]
+        );
         h.t += 5_000;
         let a = h.done(Step::ReleaseFence); // completes the giveback
         assert!(sends(&a, |m| matches!(m, Message::Giveback { .. })));
@@ -2535,11 +2779,14 @@ mod tests {
         let a = h.done(Step::OpenOwnAggregate);
         assert_eq!(a, vec![Action::Begin(Step::DiscardOwnLog)]);
         let mut n = Node::new(cfg(NodeId::B), 0).unwrap();
-        n.step(0, Event::MailboxRead(Some(MailboxView {
-            partner_slot: None,
-            please_die_for_me: false,
-            please_die_for_partner: false,
-        })));
+        n.step(
+            0,
+            Event::MailboxRead(Some(MailboxView {
+                partner_slot: None,
+                please_die_for_me: false,
+                please_die_for_partner: false,
+            })),
+        );
         n.step(1, Event::StepDone(Step::RegisterOwn));
         n.step(2, Event::MailboxChecked { please_die: false });
         let a = n.step(3, Event::StepDone(Step::OpenOwnAggregate));
@@ -2560,10 +2807,20 @@ mod tests {
 
     #[test]
     fn rebooted_taker_continues_its_takeover() {
-        let mut h = H { n: Node::new(cfg(NodeId::A), 0).unwrap(), t: 0 };
-        h.ev(Event::PartnerDisks { visible: 4, expected: 4 });
+        let mut h = H {
+            n: Node::new(cfg(NodeId::A), 0).unwrap(),
+            t: 0,
+        };
+        h.ev(Event::PartnerDisks {
+            visible: 4,
+            expected: 4,
+        });
         h.ev(Event::MailboxRead(Some(MailboxView {
-            partner_slot: Some(MailboxSlot { counter: 3, state: State::TakenOver, clean_shutdown: false }),
+            partner_slot: Some(MailboxSlot {
+                counter: 3,
+                state: State::TakenOver,
+                clean_shutdown: false,
+            }),
             please_die_for_me: false,
             please_die_for_partner: true,
         })));
@@ -2580,11 +2837,14 @@ mod tests {
         h.hb(State::TakenOver, true);
         let t0 = h.t;
         for t in (t0..t0 + 200_000).step_by(500) {
-            h.at(t, Event::Message(Message::Heartbeat {
-                state: State::TakenOver,
-                protocol_version: 1,
-                mirror_in_sync: true,
-            }));
+            h.at(
+                t,
+                Event::Message(Message::Heartbeat {
+                    state: State::TakenOver,
+                    protocol_version: 1,
+                    mirror_in_sync: true,
+                }),
+            );
             h.at(t, Event::Tick);
         }
         assert_eq!(h.n.state(), State::InTakeover, "off by default");
@@ -2600,7 +2860,10 @@ mod tests {
         c.auto_giveback_delay_ms = 1_000;
         let mut h = H::booted_with(c);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        h.msg(Message::ShutdownComplete { final_cp_ok: true, elapsed_ms: 1 });
+        h.msg(Message::ShutdownComplete {
+            final_cp_ok: true,
+            elapsed_ms: 1,
+        });
         h.takeover_steps();
         h.hb(State::TakenOver, true);
         h.t += 1_000;
@@ -2622,11 +2885,14 @@ mod tests {
         h.takeover_steps();
         // ...but no automatic giveback this time.
         for k in 0..10 {
-            h.at(t + 12_000 + k * 1_000, Event::Message(Message::Heartbeat {
-                state: State::TakenOver,
-                protocol_version: 1,
-                mirror_in_sync: true,
-            }));
+            h.at(
+                t + 12_000 + k * 1_000,
+                Event::Message(Message::Heartbeat {
+                    state: State::TakenOver,
+                    protocol_version: 1,
+                    mirror_in_sync: true,
+                }),
+            );
             h.ev(Event::Tick);
         }
         assert_eq!(h.n.state(), State::InTakeover);
@@ -2636,7 +2902,10 @@ mod tests {
     fn failed_takeover_step_after_fence_is_retried() {
         let mut h = H::booted(NodeId::A);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        h.msg(Message::ShutdownComplete { final_cp_ok: true, elapsed_ms: 1 });
+        h.msg(Message::ShutdownComplete {
+            final_cp_ok: true,
+            elapsed_ms: 1,
+        });
         h.done(Step::Fence);
         let a = h.ev(Event::StepFailed {
             step: Step::OpenPartnerAggregate,
@@ -2645,9 +2914,13 @@ mod tests {
         assert!(!a.iter().any(|x| matches!(x, Action::Begin(_))));
         assert_eq!(h.n.state(), State::TakingOver);
         h.t += 999;
-        assert!(!h.ev(Event::Tick).contains(&Action::Begin(Step::OpenPartnerAggregate)));
+        assert!(!h
+            .ev(Event::Tick)
+            .contains(&Action::Begin(Step::OpenPartnerAggregate)));
         h.t += 1;
-        assert!(h.ev(Event::Tick).contains(&Action::Begin(Step::OpenPartnerAggregate)));
+        assert!(h
+            .ev(Event::Tick)
+            .contains(&Action::Begin(Step::OpenPartnerAggregate)));
         h.run(&[
             Step::OpenPartnerAggregate,
             Step::ReplayPartnerLog,
@@ -2662,15 +2935,26 @@ mod tests {
     fn simultaneous_takeover_requests_lower_id_wins() {
         let mut a = H::booted(NodeId::A);
         a.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
-        let r = a.msg(Message::PleaseShutdown { countdown_ms: 5_000 });
+        let r = a.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
         assert_eq!(a.n.state(), State::AwaitingShutdown, "A keeps its takeover");
-        assert!(sends(&r, |m| matches!(m, Message::Refused { request: RequestKind::PleaseShutdown, .. })));
+        assert!(sends(&r, |m| matches!(
+            m,
+            Message::Refused {
+                request: RequestKind::PleaseShutdown,
+                ..
+            }
+        )));
     }
 
     #[test]
     fn status_serializes_round_trip() {
         let mut h = H::in_takeover(NodeId::A);
-        h.ev(Event::Health { healthy: false, detail: "fan".into() });
+        h.ev(Event::Health {
+            healthy: false,
+            detail: "fan".into(),
+        });
         h.msg(Message::PleaseTakeover);
         let st = h.n.status();
         let json = serde_json::to_string(&st).unwrap();

@@ -6,3 +6,5 @@ pub mod nbd;
 pub mod nvlog;
 pub mod raid4;
 pub mod ratelimit;
+pub mod sim;
+pub mod takeover;

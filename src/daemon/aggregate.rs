@@ -446,7 +446,8 @@ impl Aggregate {
         }
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<(), AggregateError> {
+    /// Check a request's range and alignment.
+    pub fn check(&self, offset: u64, len: u64) -> Result<(), AggregateError> {
         self.geo.check_range(offset, len).map_err(|e| AggregateError::Invalid(e.to_string()))?;
         if offset % self.align != 0 || len % self.align != 0 {
             return Err(AggregateError::Invalid(format!(
@@ -572,6 +573,17 @@ impl Aggregate {
 
     /// Write `data` at logical `offset`; with `fua`, durable on the members before returning.
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), AggregateError> {
+        self.write_inner(offset, data, fua, false)
+    }
+
+    /// Write `data` and compute the parity of every column it touches from all the data
+    /// (reconstruct-write), never from the old parity: replay uses this after a crash, when a
+    /// stripe write may have been torn and the old parity cannot be trusted.
+    pub fn write_repair(&self, offset: u64, data: &[u8]) -> Result<(), AggregateError> {
+        self.write_inner(offset, data, false, true)
+    }
+
+    fn write_inner(&self, offset: u64, data: &[u8], fua: bool, repair: bool) -> Result<(), AggregateError> {
         self.check(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
@@ -579,24 +591,25 @@ impl Aggregate {
         if data.as_ptr() as usize % crate::io::buf::IO_ALIGN != 0 {
             let mut bounce = self.arena.alloc(data.len());
             bounce.copy_from_slice(data);
-            return self.write(offset, &bounce, fua);
+            return self.write_inner(offset, &bounce, fua, repair);
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         let spans = self.geo.spans(offset, data.len() as u64);
         let _guard = self.locks.lock(spans[0].stripe, spans[spans.len() - 1].stripe);
         let mut engine = self.take_engine()?;
-        let r = self.write_spans(engine.as_mut(), &spans, data, fua);
+        let r = self.write_spans(engine.as_mut(), &spans, data, fua, repair);
         self.put_engine(engine);
         r
     }
 
-    fn plan(&self, span: &StripeSpan, failed: Option<usize>) -> SpanPlan {
+    fn plan(&self, span: &StripeSpan, failed: Option<usize>, repair: bool) -> SpanPlan {
         let (lo, hi) = span.columns();
         let method = match failed {
             Some(f) if f == self.geo.parity() => Method::DataOnly,
             Some(f) => Method::Degraded(f),
             None => match self.geo.write_method(span) {
                 WriteMethod::FullStripe => Method::Full,
+                WriteMethod::ReadModifyWrite if repair => Method::Rcw,
                 WriteMethod::ReadModifyWrite => Method::Rmw,
                 WriteMethod::ReconstructWrite => Method::Rcw,
             },
@@ -624,10 +637,10 @@ impl Aggregate {
         }
     }
 
-    fn write_spans(&self, engine: &mut dyn Engine, spans: &[StripeSpan], data: &[u8], fua: bool) -> Result<(), AggregateError> {
+    fn write_spans(&self, engine: &mut dyn Engine, spans: &[StripeSpan], data: &[u8], fua: bool, repair: bool) -> Result<(), AggregateError> {
         for _attempt in 0..4 {
             let failed = self.healthy_state()?;
-            let plans: Vec<SpanPlan> = spans.iter().map(|s| self.plan(s, failed)).collect();
+            let plans: Vec<SpanPlan> = spans.iter().map(|s| self.plan(s, failed, repair)).collect();
             let layouts: Vec<Vec<(usize, u64, u64)>> = spans.iter().zip(&plans).map(|(s, p)| self.scratch_layout(s, p)).collect();
             let lens: Vec<usize> = layouts.iter().flatten().map(|w| w.2 as usize).collect();
             let mut scratch = self.arena.alloc(lens.iter().sum::<usize>());
@@ -802,7 +815,7 @@ impl Aggregate {
             let _g = self.locks.lock(s, s + n - 1);
             let off = s * self.geo.stripe_bytes();
             let r = self.read_spans(engine.as_mut(), &self.geo.spans(off, bytes as u64), &mut buf);
-            let r = r.and_then(|_| self.write_spans(engine.as_mut(), &self.geo.spans(off, bytes as u64), &buf, false));
+            let r = r.and_then(|_| self.write_spans(engine.as_mut(), &self.geo.spans(off, bytes as u64), &buf, false, true));
             if let Err(e) = r {
                 self.put_engine(engine);
                 return Err(e);

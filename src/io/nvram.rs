@@ -263,6 +263,71 @@ impl NvramRegion {
     }
 }
 
+impl NvramRegion {
+    /// A handle that makes ranges of this region durable without borrowing it, so that the log
+    /// can be appended to (under the journal's lock) while an earlier group commit is being
+    /// persisted (outside it). Flushing a range never reads or writes it through Rust
+    /// references: msync and cache-line flushes act on addresses.
+    pub fn persister(&self) -> Persister {
+        Persister {
+            base: self.bytes().as_ptr() as usize,
+            len: self.len(),
+            dax: matches!(self.map, Mapping::Sync { .. }),
+            path: self.path.clone(),
+        }
+    }
+}
+
+/// See [`NvramRegion::persister`].
+#[derive(Debug, Clone)]
+pub struct Persister {
+    base: usize,
+    len: usize,
+    dax: bool,
+    path: PathBuf,
+}
+
+impl Persister {
+    /// Make `ranges` durable.
+    ///
+    /// # Safety
+    /// The region this handle came from must still be mapped (the caller keeps it alive).
+    pub unsafe fn persist(&self, ranges: &[Range<usize>]) -> Result<(), NvramError> {
+        let page = 4096usize;
+        for r in ranges.iter().filter(|r| !r.is_empty()) {
+            if r.start > r.end || r.end > self.len {
+                return Err(NvramError::OutOfRange { path: self.path.clone(), start: r.start, end: r.end, len: self.len });
+            }
+            if self.dax {
+                let mut line = (self.base + r.start) & !(CACHE_LINE - 1);
+                while line < self.base + r.end {
+                    // SAFETY: the line lies in the live mapping (caller's contract); CLFLUSH is
+                    // baseline on x86_64 and only takes the address.
+                    unsafe { std::arch::x86_64::_mm_clflush(line as *const u8) };
+                    line += CACHE_LINE;
+                }
+            } else {
+                let start = (self.base + r.start) & !(page - 1);
+                let end = self.base + r.end;
+                // SAFETY: start..end lies in the live mapping (caller's contract), page aligned.
+                let rc = unsafe { libc::msync(start as *mut libc::c_void, end - start, libc::MS_SYNC) };
+                if rc != 0 {
+                    return Err(NvramError::Msync {
+                        path: self.path.clone(),
+                        start: r.start,
+                        end: r.end,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+            }
+        }
+        if self.dax {
+            store_fence();
+        }
+        Ok(())
+    }
+}
+
 impl Drop for NvramRegion {
     fn drop(&mut self) {
         if let Mapping::Sync { ptr, len } = self.map {

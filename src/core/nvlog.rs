@@ -490,7 +490,7 @@ impl LogAppender {
             trimmed_seq: 0,
             slot_counter: 1,
             live: VecDeque::new(),
-            dirty: vec![0..DATA_START],
+            dirty: std::iter::once(0..DATA_START).collect(),
             pending_trim: None,
         })
     }

@@ -500,7 +500,8 @@ mod tests {
     fn persist_rejects_ranges_outside_the_region() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let r = NvramRegion::open(&dir.path().join("log"), BYTES).unwrap();
-        let err = r.persist(&[0..BYTES as usize + 1]).unwrap_err();
+        let too_far = 0..BYTES as usize + 1;
+        let err = r.persist(std::slice::from_ref(&too_far)).unwrap_err();
         assert!(matches!(err, NvramError::OutOfRange { .. }), "{err:?}");
         r.persist(&[0..10, 4000..5000]).unwrap();
     }

@@ -4,3 +4,4 @@ pub mod disk;
 pub mod engine;
 pub mod sync_engine;
 pub mod uring;
+pub mod sg;

@@ -90,7 +90,7 @@ fn ok(what: impl AsRef<str>) {
 fn ua<T>(node: &Node, f: impl FnMut() -> Result<T, SgError>) -> Result<T, SgError> {
     retry_unit_attention(
         UA_ATTEMPTS,
-        |e| println!("   node {}: unit attention: {e}", node.name),
+        |e| println!("   node {}: unit attention: {}", node.name, chain(e)),
         f,
     )
 }
@@ -144,8 +144,10 @@ impl Run {
         let mut buf = IoBuf::new(data.len());
         buf.copy_from_slice(&data);
         let node = self.node(which);
-        ua(node, || node.dev.write_blocks(lba, self.block_len, &buf))
-            .with_context(|| format!("node {name} WRITE(10) lba {lba} should succeed"))?;
+        ua(node, || {
+            node.dev.write_blocks(lba, self.block_len, &buf, false)
+        })
+        .with_context(|| format!("node {name} WRITE(10) lba {lba} should succeed"))?;
         ok(format!("node {name} WRITE(10) lba {lba} accepted"));
         self.model.insert(lba, data);
         self.expect_content(which, lba)
@@ -157,11 +159,14 @@ impl Run {
         let mut buf = IoBuf::new(data.len());
         buf.copy_from_slice(&data);
         let node = self.node(which);
-        match ua(node, || node.dev.write_blocks(lba, self.block_len, &buf)) {
+        match ua(node, || {
+            node.dev.write_blocks(lba, self.block_len, &buf, false)
+        }) {
             Ok(()) => bail!("node {name} WRITE(10) lba {lba} was ACCEPTED; it must be fenced"),
-            Err(e) if e.is_reservation_conflict() => {
-                ok(format!("node {name} WRITE(10) lba {lba} refused: {e}"))
-            }
+            Err(e) if e.is_reservation_conflict() => ok(format!(
+                "node {name} WRITE(10) lba {lba} refused: {}",
+                chain(&e)
+            )),
             Err(e) => {
                 return Err(anyhow!(e)).context(format!(
                     "node {name} WRITE(10) lba {lba}: want RESERVATION CONFLICT"
@@ -279,7 +284,7 @@ impl Run {
                 );
                 let type_line = r
                     .lines()
-                    .find(|l| l.contains("type:"))
+                    .find(|l| l.contains("scope:") && l.contains("type:"))
                     .ok_or_else(|| anyhow!("sg_persist shows no reservation type"))?;
                 let shown = type_line.rsplit("type:").next().unwrap_or("").trim();
                 ensure!(
@@ -296,6 +301,18 @@ impl Run {
         ok(format!("sg_persist on node {} agrees", node.name));
         Ok(())
     }
+}
+
+/// An error with its causes, `outer: inner: ...`.
+fn chain(e: &SgError) -> String {
+    let mut s = e.to_string();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn fmt_keys(keys: &[ReservationKey]) -> String {
@@ -375,7 +392,9 @@ fn scenario(run: &mut Run) -> Result<()> {
     run.expect_reservation('a', a_holds)?;
     run.expect_reservation('b', a_holds)?;
     match ua(&run.b, || run.b.dev.reserve(kb, FENCING_TYPE)) {
-        Err(e) if e.is_reservation_conflict() => ok(format!("node b RESERVE refused: {e}")),
+        Err(e) if e.is_reservation_conflict() => {
+            ok(format!("node b RESERVE refused: {}", chain(&e)))
+        }
         other => bail!("node b RESERVE while a holds: want RESERVATION CONFLICT, got {other:?}"),
     }
     run.sg_persist('b', &[ka, kb], a_holds)?;
@@ -418,7 +437,9 @@ fn scenario(run: &mut Run) -> Result<()> {
     run.expect_write_conflict('a', 3)?;
     run.expect_reservation('a', b_holds)?;
     match ua(&run.a, || run.a.dev.reserve(ka, FENCING_TYPE)) {
-        Err(e) if e.is_reservation_conflict() => ok(format!("fenced node a RESERVE refused: {e}")),
+        Err(e) if e.is_reservation_conflict() => {
+            ok(format!("fenced node a RESERVE refused: {}", chain(&e)))
+        }
         other => bail!("fenced node a RESERVE: want RESERVATION CONFLICT, got {other:?}"),
     }
     run.sg_persist('a', &[kb], b_holds)?;
@@ -536,7 +557,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("\nFAIL: {e:#}");
             println!("\nFAIL: {e:#}");
             ExitCode::FAILURE
         }

@@ -92,7 +92,7 @@ const _: () = assert!(std::mem::size_of::<SgIoHdr>() == 88);
 #[derive(Debug, thiserror::Error)]
 pub enum SgError {
     /// The device node could not be opened.
-    #[error("open {path}: {source}")]
+    #[error("open {path}")]
     Open {
         /// Device path.
         path: PathBuf,
@@ -109,7 +109,7 @@ pub enum SgError {
         reason: String,
     },
     /// The SG_IO ioctl itself failed (bad arguments, device gone, ...).
-    #[error("{path}: SG_IO ioctl: {source}")]
+    #[error("{path}: SG_IO ioctl")]
     Ioctl {
         /// Device path.
         path: PathBuf,
@@ -118,7 +118,7 @@ pub enum SgError {
         source: io::Error,
     },
     /// The command reached the SCSI layer and failed there.
-    #[error("{path}: {op}: {source}")]
+    #[error("{path}: {op}")]
     Scsi {
         /// Device path.
         path: PathBuf,
@@ -481,13 +481,21 @@ impl PrDevice {
         Ok(())
     }
 
-    /// WRITE(10) with FUA of `buf` (whole blocks of `block_len`) at `lba`.
-    pub fn write_blocks(&self, lba: u32, block_len: u32, buf: &[u8]) -> Result<(), SgError> {
+    /// WRITE(10) of `buf` (whole blocks of `block_len`) at `lba`; `fua` asks for Force Unit
+    /// Access (devices without FUA emulation, e.g. LIO fileio by default, refuse it with
+    /// INVALID FIELD IN CDB).
+    pub fn write_blocks(
+        &self,
+        lba: u32,
+        block_len: u32,
+        buf: &[u8],
+        fua: bool,
+    ) -> Result<(), SgError> {
         const OP: &str = "WRITE(10)";
         let blocks = Self::blocks_of(OP, buf.len(), block_len)?;
         let got = self.execute(
             OP,
-            &scsi::write10_cdb(lba, blocks, true),
+            &scsi::write10_cdb(lba, blocks, fua),
             Data::ToDevice(buf),
         )?;
         if got != buf.len() {
@@ -705,6 +713,9 @@ mod tests {
         }
         let e = PrDevice::open(f.path()).unwrap_err();
         assert!(matches!(e, SgError::NotSg { .. }), "{e}");
+        assert!(e
+            .to_string()
+            .starts_with(&format!("{}: not a SCSI", f.path().display())));
         assert!(
             e.to_string().contains("regular file is not a device"),
             "{e}"

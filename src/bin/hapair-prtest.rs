@@ -55,9 +55,20 @@ struct Args {
     /// Device of the partner (node b) for the SAME logical unit, e.g. /dev/sdb.
     #[arg(long)]
     node_b: PathBuf,
+    /// How the partner fences at takeover: `preempt-and-abort` (hapair's fence) or `preempt`.
+    /// Use `preempt` on LIO through tcm_loop, where PREEMPT AND ABORT deadlocks the target
+    /// (Debian 6.1 and 6.12: core_tmr_lun_reset flushes the submission work it runs in).
+    #[arg(long, value_enum, default_value_t = Fence::PreemptAndAbort)]
+    fence: Fence,
     /// sg_persist binary used to show keys and reservation as an operator sees them.
     #[arg(long, default_value = "sg_persist")]
     sg_persist: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Fence {
+    PreemptAndAbort,
+    Preempt,
 }
 
 struct Node {
@@ -70,6 +81,7 @@ struct Run {
     a: Node,
     b: Node,
     sg_persist: PathBuf,
+    fence: Fence,
     block_len: u32,
     /// What each LBA we touched must contain (model of the LUN).
     model: BTreeMap<u32, Vec<u8>>,
@@ -344,15 +356,13 @@ fn scenario(run: &mut Run) -> Result<()> {
     }
 
     step(run, "each node registers its own key");
-    run.a.dev.register(0, ka).context("node a REGISTER")?;
+    ua(&run.a, || run.a.dev.register(0, ka)).context("node a REGISTER")?;
     ok("node a REGISTER");
-    run.b.dev.register(0, kb).context("node b REGISTER")?;
+    ua(&run.b, || run.b.dev.register(0, kb)).context("node b REGISTER")?;
     ok("node b REGISTER");
     // Registering the same key again through REGISTER would need the current key: a node
     // restarting without knowing its state uses REGISTER AND IGNORE EXISTING KEY.
-    run.b
-        .dev
-        .register_ignore(kb)
+    ua(&run.b, || run.b.dev.register_ignore(kb))
         .context("node b REGISTER AND IGNORE EXISTING KEY")?;
     ok("node b REGISTER AND IGNORE EXISTING KEY (idempotent re-registration)");
     let g0 = run.expect_keys('a', &[ka, kb])?;
@@ -363,31 +373,19 @@ fn scenario(run: &mut Run) -> Result<()> {
         "why not Write Exclusive - Registrants Only: a registered partner can write",
     );
     let wero = ReservationType::WriteExclusiveRegistrantsOnly;
-    run.a
-        .dev
-        .reserve(ka, wero)
-        .context("node a RESERVE WE-RO")?;
+    ua(&run.a, || run.a.dev.reserve(ka, wero)).context("node a RESERVE WE-RO")?;
     run.expect_reservation('b', Some((ka, wero)))?;
     run.expect_write_ok('b', 1)?;
     println!("   => under WE-RO both registered nodes can write: not a fence between them");
-    run.a
-        .dev
-        .release(ka, wero)
-        .context("node a RELEASE WE-RO")?;
+    ua(&run.a, || run.a.dev.release(ka, wero)).context("node a RELEASE WE-RO")?;
     ok("node a RELEASE");
     run.expect_reservation('a', None)?;
 
     step(run, format!("home node a reserves {FENCING_TYPE}").as_str());
-    run.a
-        .dev
-        .reserve(ka, FENCING_TYPE)
-        .context("node a RESERVE")?;
+    ua(&run.a, || run.a.dev.reserve(ka, FENCING_TYPE)).context("node a RESERVE")?;
     ok("node a RESERVE");
     // RESERVE of what it already holds is not a conflict (SPC-4), so a retrying node is safe.
-    run.a
-        .dev
-        .reserve(ka, FENCING_TYPE)
-        .context("node a RESERVE again")?;
+    ua(&run.a, || run.a.dev.reserve(ka, FENCING_TYPE)).context("node a RESERVE again")?;
     ok("node a RESERVE again (idempotent)");
     run.expect_reservation('a', a_holds)?;
     run.expect_reservation('b', a_holds)?;
@@ -408,20 +406,30 @@ fn scenario(run: &mut Run) -> Result<()> {
     run.expect_write_conflict('b', 3)?;
 
     step(run, "an unregistered initiator cannot write either");
-    run.b.dev.register(kb, 0).context("node b unregister")?;
+    ua(&run.b, || run.b.dev.register(kb, 0)).context("node b unregister")?;
     ok("node b REGISTER with new key 0 (unregister)");
     run.expect_keys('a', &[ka])?;
     run.expect_write_conflict('b', 2)?;
-    run.b.dev.register(0, kb).context("node b re-register")?;
+    ua(&run.b, || run.b.dev.register(0, kb)).context("node b re-register")?;
     ok("node b REGISTER again");
     run.expect_keys('b', &[ka, kb])?;
 
-    step(run, "takeover: partner b fences a with PREEMPT AND ABORT");
-    run.b
-        .dev
-        .preempt_and_abort(kb, ka, FENCING_TYPE)
-        .context("node b PREEMPT AND ABORT")?;
-    ok("node b PREEMPT AND ABORT of a's key");
+    match run.fence {
+        Fence::PreemptAndAbort => {
+            step(run, "takeover: partner b fences a with PREEMPT AND ABORT");
+            ua(&run.b, || run.b.dev.preempt_and_abort(kb, ka, FENCING_TYPE))
+                .context("node b PREEMPT AND ABORT")?;
+            ok("node b PREEMPT AND ABORT of a's key");
+        }
+        Fence::Preempt => {
+            step(
+                run,
+                "takeover: partner b fences a with PREEMPT (--fence preempt)",
+            );
+            ua(&run.b, || run.b.dev.preempt(kb, ka, FENCING_TYPE)).context("node b PREEMPT")?;
+            ok("node b PREEMPT of a's key");
+        }
+    }
     let g1 = run.expect_keys('b', &[kb])?;
     ensure!(
         g1 > g0,
@@ -448,9 +456,7 @@ fn scenario(run: &mut Run) -> Result<()> {
         run,
         "fenced node a reboots and registers again: still cannot write",
     );
-    run.a
-        .dev
-        .register_ignore(ka)
+    ua(&run.a, || run.a.dev.register_ignore(ka))
         .context("node a REGISTER AND IGNORE EXISTING KEY")?;
     ok("node a REGISTER AND IGNORE EXISTING KEY");
     run.expect_keys('a', &[ka, kb])?;
@@ -465,16 +471,10 @@ fn scenario(run: &mut Run) -> Result<()> {
     // is never a moment without a reservation (RELEASE then RESERVE would leave one, in which
     // any initiator may write). Plain PREEMPT, not AND ABORT: b has drained and has nothing
     // in flight that needs aborting.
-    run.a
-        .dev
-        .preempt(ka, kb, FENCING_TYPE)
-        .context("node a PREEMPT")?;
+    ua(&run.a, || run.a.dev.preempt(ka, kb, FENCING_TYPE)).context("node a PREEMPT")?;
     ok("node a PREEMPT of b's key");
     run.expect_keys('a', &[ka])?;
-    run.b
-        .dev
-        .register_ignore(kb)
-        .context("node b re-register after giveback")?;
+    ua(&run.b, || run.b.dev.register_ignore(kb)).context("node b re-register after giveback")?;
     ok("node b REGISTER AND IGNORE EXISTING KEY");
     run.expect_keys('a', &[ka, kb])?;
     run.expect_reservation('b', a_holds)?;
@@ -591,6 +591,7 @@ fn real_main(args: Args) -> Result<()> {
             dev: b,
         },
         sg_persist: args.sg_persist,
+        fence: args.fence,
         block_len: 0,
         model: BTreeMap::new(),
         step: 0,

@@ -8,8 +8,12 @@
 #
 # usage: tests/vm/run.sh [--bin PATH]   (default: cargo build --bin hapair-prtest, debug)
 # env:   HAPAIR_VM_CACHE (default /var/cache/hapair-vm): kernel .deb and its extraction
-#        HAPAIR_VM_TIMEOUT_S (default 240): wall-clock limit for the VM
+#        HAPAIR_VM_TIMEOUT_S (default 120): wall-clock limit for the VM
 #        HAPAIR_VM_KEEP=1: keep the work dir (initramfs, console log) for debugging
+#        HAPAIR_VM_KERNEL_SUITE (default bookworm-backports; "stable" = the host's sources)
+#        HAPAIR_VM_FENCE=preempt|preempt-and-abort (default preempt; see below)
+#        HAPAIR_VM_DEVKIND=sd|sg: hand the test /dev/sdX (default) or their /dev/sgN
+#        HAPAIR_VM_DEBUG=1: verbose kernel console, blocked-task dump after 30 s
 # Needs root. Installs qemu-system-x86, busybox-static, sg3-utils through apt if missing.
 # Exits 0 only if the scenario ran in the guest and passed; otherwise non-zero with the reason.
 set -euo pipefail
@@ -23,7 +27,16 @@ say() { echo "$ME: $*" >&2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE=${HAPAIR_VM_CACHE:-/var/cache/hapair-vm}
-TIMEOUT_S=${HAPAIR_VM_TIMEOUT_S:-240}
+TIMEOUT_S=${HAPAIR_VM_TIMEOUT_S:-120}
+# PREEMPT AND ABORT deadlocks LIO behind tcm_loop (6.1 and 6.12: core_tmr_lun_reset runs in the
+# submission work item and flush_work()s it), so the VM fences with plain PREEMPT by default.
+# HAPAIR_VM_FENCE=preempt-and-abort reproduces the hang.
+FENCE=${HAPAIR_VM_FENCE:-preempt}
+DEVKIND=${HAPAIR_VM_DEVKIND:-sd}
+# HAPAIR_VM_DEBUG=1: full kernel log on the console, blocked-task dump after 30 s.
+KQUIET=quiet
+[ "${HAPAIR_VM_DEBUG:-0}" = 1 ] && KQUIET="loglevel=7"
+case "$DEVKIND" in sd | sg) ;; *) echo "$0: HAPAIR_VM_DEVKIND must be sd or sg" >&2; exit 1 ;; esac
 BIN=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -33,7 +46,7 @@ while [ $# -gt 0 ]; do
         shift 2
         ;;
     -h | --help)
-        sed -n '2,16p' "$0"
+        sed -n '2,20p' "$0"
         exit 0
         ;;
     *) die "unknown argument $1" ;;
@@ -81,16 +94,34 @@ BIN=$(realpath "$BIN") || die "test binary path does not resolve"
 
 # ---- guest kernel (cached; nothing goes to /boot) ------------------------------------------
 mkdir -p "$CACHE"
-if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then apt_update_once; fi
-KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null |
+# Default: bookworm-backports' kernel (6.12). bookworm's own 6.1 deadlocks in LIO on PREEMPT AND
+# ABORT through tcm_loop (core_tmr_lun_reset flushes the submission work it runs in; seen as a
+# blocked kworker in flush_work), so it cannot run the fencing scenario. The backports suite is
+# read through a private apt state under $CACHE: the host's apt configuration is not changed.
+KSUITE=${HAPAIR_VM_KERNEL_SUITE:-bookworm-backports}
+APTQ=()
+if [ "$KSUITE" != stable ]; then
+    mkdir -p "$CACHE/apt/lists/partial"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $KSUITE main" \
+        >"$CACHE/apt/sources.list"
+    APTQ=(-o Dir::Etc::SourceList="$CACHE/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o Dir::State::Lists="$CACHE/apt/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=)
+    if ! apt-cache "${APTQ[@]}" show linux-image-amd64 >/dev/null 2>&1; then
+        say "apt-get update ($KSUITE, private state in $CACHE/apt)"
+        apt-get "${APTQ[@]}" update -qq >/dev/null || die "apt-get update of $KSUITE failed"
+    fi
+elif ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+    apt_update_once
+fi
+KPKG=$(apt-cache "${APTQ[@]}" depends linux-image-amd64 2>/dev/null |
     awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-[ -n "$KPKG" ] || die "cannot resolve the kernel package behind linux-image-amd64"
+[ -n "$KPKG" ] || die "cannot resolve the kernel package behind linux-image-amd64 ($KSUITE)"
 DEB=$(ls "$CACHE/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
 if [ -z "$DEB" ]; then
     say "downloading $KPKG into $CACHE"
     # _apt cannot write into a root-owned cache dir; download as root into a temp dir.
     tmpdl=$(mktemp -d "$CACHE/dl.XXXXXX")
-    (cd "$tmpdl" && apt-get download -qq "$KPKG" 2>/dev/null) ||
+    (cd "$tmpdl" && apt-get "${APTQ[@]}" download -qq "$KPKG" 2>/dev/null) ||
         { rm -rf "$tmpdl"; die "apt-get download $KPKG failed"; }
     mv "$tmpdl"/*.deb "$CACHE"/ && rm -rf "$tmpdl"
     DEB=$(ls "$CACHE/${KPKG}"_*.deb | head -n1)
@@ -183,6 +214,9 @@ KVER=$KVER
 BIN=$BIN
 SG_PERSIST=$SG_PERSIST
 WANT="${WANT[*]}"
+DEVKIND=$DEVKIND
+DEBUG=${HAPAIR_VM_DEBUG:-0}
+FENCE=$FENCE
 EOF
 cat >>"$IR/init" <<'EOF'
 halt() { sync; poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; exit 1; }
@@ -232,15 +266,26 @@ for h in 1 2; do
         sleep 0.1
     done
     [ -n "$new" ] || fail "no sd device appeared for tcm_loop target $h"
-    log "host $h: target $tgt initiator $ini -> /dev/$new"
+    if [ "$DEVKIND" = sg ]; then
+        sgdev=$(ls /sys/block/$new/device/scsi_generic 2>/dev/null | head -n1)
+        [ -n "$sgdev" ] && [ -c /dev/$sgdev ] || fail "no sg node for /dev/$new"
+        log "host $h: target $tgt initiator $ini -> /dev/$new (/dev/$sgdev)"
+        new=$sgdev
+    else
+        log "host $h: target $tgt initiator $ini -> /dev/$new"
+    fi
     DEVS="$DEVS $new"
 done
 set -- $DEVS
 for d in dev proc sys; do
     mount -o bind /$d /mnt/host/$d || fail "bind /$d into the host chroot"
 done
-log "running $BIN --node-a /dev/$1 --node-b /dev/$2"
-chroot /mnt/host $BIN --node-a /dev/$1 --node-b /dev/$2 --sg-persist $SG_PERSIST \
+if [ "$DEBUG" = 1 ]; then
+    # Dump blocked tasks and CPU backtraces to the console if the run is stuck.
+    (sleep 30; echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger) &
+fi
+log "running $BIN --node-a /dev/$1 --node-b /dev/$2 --fence $FENCE"
+chroot /mnt/host $BIN --node-a /dev/$1 --node-b /dev/$2 --sg-persist $SG_PERSIST --fence $FENCE \
     > $R/prtest.log 2>&1
 rc=$?
 log "hapair-prtest exited $rc"
@@ -255,12 +300,13 @@ chmod +x "$IR/init"
 # ---- boot ----------------------------------------------------------------------------------
 RES=$WORK/results
 mkdir -p "$RES"
-say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s)"
+say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), fence action: $FENCE"
+[ "$FENCE" = preempt ] && say "NOTE: fencing with PREEMPT, not PREEMPT AND ABORT (LIO/tcm_loop deadlock)"
 start=$(date +%s)
 nice -n 10 timeout --kill-after=10 "$TIMEOUT_S" "$QEMU" \
     -accel tcg -smp 2 -m 1024 -net none -nographic -no-reboot \
     -kernel "$VMLINUZ" -initrd "$WORK/initrd.gz" \
-    -append "console=ttyS0 quiet panic=-1" \
+    -append "console=ttyS0 $KQUIET panic=-1" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$RES",mount_tag=results,security_model=none \
     </dev/null >"$WORK/console.log" 2>&1 &

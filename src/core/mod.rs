@@ -6,5 +6,6 @@ pub mod nbd;
 pub mod nvlog;
 pub mod raid4;
 pub mod ratelimit;
+pub mod scsi;
 pub mod sim;
 pub mod takeover;

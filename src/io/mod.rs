@@ -5,5 +5,6 @@ pub mod engine;
 pub mod mailbox;
 pub mod net;
 pub mod nvram;
+pub mod sg;
 pub mod sync_engine;
 pub mod uring;

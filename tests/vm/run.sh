@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# tests/vm/run.sh — run hapair-prtest on real Linux SCSI devices with persistent reservations.
+#
+# The host kernel has no SCSI. This boots Debian's kernel in a nested qemu VM (TCG), sets up
+# LIO there (one fileio backstore, two tcm_loop targets = two initiators/"hosts" to one LUN),
+# and runs the host-built hapair-prtest inside a chroot of the host's / (shared read-only over
+# 9p). The exit code and logs come back through a second, read-write 9p share.
+#
+# usage: tests/vm/run.sh [--bin PATH]   (default: cargo build --bin hapair-prtest, debug)
+# env:   HAPAIR_VM_CACHE (default /var/cache/hapair-vm): kernel .deb and its extraction
+#        HAPAIR_VM_TIMEOUT_S (default 120): wall-clock limit for the VM
+#        HAPAIR_VM_KEEP=1: keep the work dir (initramfs, console log) for debugging
+#        HAPAIR_VM_KERNEL_SUITE (default bookworm-backports; "stable" = the host's sources)
+#        HAPAIR_VM_FENCE=preempt|preempt-and-abort (default preempt; see below)
+#        HAPAIR_VM_DEVKIND=sd|sg: hand the test /dev/sdX (default) or their /dev/sgN
+#        HAPAIR_VM_DEBUG=1: verbose kernel console, blocked-task dump after 30 s
+# Needs root. Installs qemu-system-x86, busybox-static, sg3-utils through apt if missing.
+# Exits 0 only if the scenario ran in the guest and passed; otherwise non-zero with the reason.
+set -euo pipefail
+
+ME="tests/vm/run.sh"
+die() {
+    echo "$ME: FAIL: $*" >&2
+    exit 1
+}
+say() { echo "$ME: $*" >&2; }
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+CACHE=${HAPAIR_VM_CACHE:-/var/cache/hapair-vm}
+TIMEOUT_S=${HAPAIR_VM_TIMEOUT_S:-120}
+# PREEMPT AND ABORT deadlocks LIO behind tcm_loop (6.1 and 6.12: core_tmr_lun_reset runs in the
+# submission work item and flush_work()s it), so the VM fences with plain PREEMPT by default.
+# HAPAIR_VM_FENCE=preempt-and-abort reproduces the hang.
+FENCE=${HAPAIR_VM_FENCE:-preempt}
+DEVKIND=${HAPAIR_VM_DEVKIND:-sd}
+# HAPAIR_VM_DEBUG=1: full kernel log on the console, blocked-task dump after 30 s.
+KQUIET=quiet
+[ "${HAPAIR_VM_DEBUG:-0}" = 1 ] && KQUIET="loglevel=7"
+case "$DEVKIND" in sd | sg) ;; *) echo "$0: HAPAIR_VM_DEVKIND must be sd or sg" >&2; exit 1 ;; esac
+BIN=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --bin)
+        [ $# -ge 2 ] || die "--bin needs a path"
+        BIN=$2
+        shift 2
+        ;;
+    -h | --help)
+        sed -n '2,20p' "$0"
+        exit 0
+        ;;
+    *) die "unknown argument $1" ;;
+    esac
+done
+
+[ "$(id -u)" = 0 ] || die "must run as root (apt, kernel extraction, 9p export of /)"
+
+# ---- host packages -------------------------------------------------------------------------
+export DEBIAN_FRONTEND=noninteractive
+APT_UPDATED=0
+apt_update_once() {
+    if [ $APT_UPDATED = 0 ]; then
+        say "apt-get update"
+        apt-get update -qq >/dev/null || die "apt-get update failed"
+        APT_UPDATED=1
+    fi
+}
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+command -v sg_persist >/dev/null || need+=(sg3-utils)
+command -v cpio >/dev/null || need+=(cpio)
+if [ ${#need[@]} -gt 0 ]; then
+    apt_update_once
+    say "installing ${need[*]}"
+    apt-get install -y -qq "${need[@]}" >/dev/null || die "apt-get install ${need[*]} failed"
+fi
+BUSYBOX=/bin/busybox
+file -L "$BUSYBOX" 2>/dev/null | grep -q "statically linked" ||
+    die "$BUSYBOX is not the static busybox (busybox-static package)"
+QEMU=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found after install"
+SG_PERSIST=$(command -v sg_persist) || die "sg_persist not found after install"
+
+# ---- the test binary -----------------------------------------------------------------------
+if [ -z "$BIN" ]; then
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+    say "building hapair-prtest (debug) in $CARGO_TARGET_DIR"
+    (cd "$REPO" && nice -n 10 cargo build --quiet --bin hapair-prtest) ||
+        die "cargo build --bin hapair-prtest failed"
+    BIN=$CARGO_TARGET_DIR/debug/hapair-prtest
+fi
+BIN=$(realpath "$BIN") || die "test binary path does not resolve"
+[ -x "$BIN" ] || die "test binary $BIN is not executable"
+
+# ---- guest kernel (cached; nothing goes to /boot) ------------------------------------------
+mkdir -p "$CACHE"
+# Default: bookworm-backports' kernel (6.12). bookworm's own 6.1 deadlocks in LIO on PREEMPT AND
+# ABORT through tcm_loop (core_tmr_lun_reset flushes the submission work it runs in; seen as a
+# blocked kworker in flush_work), so it cannot run the fencing scenario. The backports suite is
+# read through a private apt state under $CACHE: the host's apt configuration is not changed.
+KSUITE=${HAPAIR_VM_KERNEL_SUITE:-bookworm-backports}
+APTQ=()
+if [ "$KSUITE" != stable ]; then
+    mkdir -p "$CACHE/apt/lists/partial"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $KSUITE main" \
+        >"$CACHE/apt/sources.list"
+    APTQ=(-o Dir::Etc::SourceList="$CACHE/apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+        -o Dir::State::Lists="$CACHE/apt/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=)
+    if ! apt-cache "${APTQ[@]}" show linux-image-amd64 >/dev/null 2>&1; then
+        say "apt-get update ($KSUITE, private state in $CACHE/apt)"
+        apt-get "${APTQ[@]}" update -qq >/dev/null || die "apt-get update of $KSUITE failed"
+    fi
+elif ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+    apt_update_once
+fi
+KPKG=$(apt-cache "${APTQ[@]}" depends linux-image-amd64 2>/dev/null |
+    awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+[ -n "$KPKG" ] || die "cannot resolve the kernel package behind linux-image-amd64 ($KSUITE)"
+DEB=$(ls "$CACHE/${KPKG}"_*.deb 2>/dev/null | head -n1 || true)
+if [ -z "$DEB" ]; then
+    say "downloading $KPKG into $CACHE"
+    # _apt cannot write into a root-owned cache dir; download as root into a temp dir.
+    tmpdl=$(mktemp -d "$CACHE/dl.XXXXXX")
+    (cd "$tmpdl" && apt-get "${APTQ[@]}" download -qq "$KPKG" 2>/dev/null) ||
+        { rm -rf "$tmpdl"; die "apt-get download $KPKG failed"; }
+    mv "$tmpdl"/*.deb "$CACHE"/ && rm -rf "$tmpdl"
+    DEB=$(ls "$CACHE/${KPKG}"_*.deb | head -n1)
+fi
+KROOT=$CACHE/${KPKG}.x
+if [ ! -f "$KROOT/.complete" ]; then
+    say "extracting $(basename "$DEB")"
+    rm -rf "$KROOT"
+    dpkg -x "$DEB" "$KROOT" || die "dpkg -x $DEB failed"
+    KVER=$(ls "$KROOT/lib/modules" | head -n1)
+    # The package's postinst would run depmod; do it here into the extraction.
+    "$BUSYBOX" depmod -b "$KROOT" "$KVER" || die "depmod for $KVER failed"
+    touch "$KROOT/.complete"
+fi
+KVER=$(ls "$KROOT/lib/modules" | head -n1)
+KMOD=$KROOT/lib/modules/$KVER
+VMLINUZ=$KROOT/boot/vmlinuz-$KVER
+[ -f "$VMLINUZ" ] || die "no kernel image at $VMLINUZ"
+[ -f "$KMOD/modules.dep" ] || die "no modules.dep in $KMOD"
+
+# ---- work dir and cleanup ------------------------------------------------------------------
+WORK=$(mktemp -d /tmp/hapair-vm.XXXXXX)
+QEMU_PID=""
+cleanup() {
+    if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
+        kill "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+    fi
+    if [ "${HAPAIR_VM_KEEP:-0}" = 1 ]; then
+        say "kept work dir $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'die "interrupted"' INT TERM
+
+# ---- initramfs -----------------------------------------------------------------------------
+IR=$WORK/initramfs
+mkdir -p "$IR"/{bin,sbin,proc,sys,dev,tmp,etc,mnt/host,mnt/results,var/target/pr} "$IR/lib/modules/$KVER"
+cp "$BUSYBOX" "$IR/bin/busybox"
+for a in $("$BUSYBOX" --list); do
+    [ "$a" = busybox ] || ln -s busybox "$IR/bin/$a"
+done
+ln -s ../bin/busybox "$IR/sbin/modprobe"
+
+# Modules and every dependency modules.dep lists (paths relative to $KMOD).
+WANT=(virtio_pci 9pnet_virtio 9p configfs target_core_mod target_core_file tcm_loop sd_mod sg
+    crct10dif_generic)
+declare -A DEPS=() BYNAME=() COPIED=()
+while IFS= read -r line; do
+    mod=${line%%:*}
+    DEPS[$mod]=${line#*:}
+    name=$(basename "$mod")
+    name=${name%%.ko*}
+    BYNAME[${name//-/_}]=$mod
+done <"$KMOD/modules.dep"
+copy_mod() {
+    local m=$1
+    [ -n "${COPIED[$m]:-}" ] && return 0
+    COPIED[$m]=1
+    mkdir -p "$IR/lib/modules/$KVER/$(dirname "$m")"
+    case "$m" in
+    *.ko) cp "$KMOD/$m" "$IR/lib/modules/$KVER/$m" ;;
+    *.ko.xz) xz -dc "$KMOD/$m" >"$IR/lib/modules/$KVER/${m%.xz}" ;;
+    *.ko.zst) zstd -qdc "$KMOD/$m" >"$IR/lib/modules/$KVER/${m%.zst}" ;;
+    *) die "unknown module file $m" ;;
+    esac
+    local d
+    for d in ${DEPS[$m]}; do copy_mod "$d"; done
+}
+for w in "${WANT[@]}"; do
+    if [ -n "${BYNAME[$w]:-}" ]; then
+        copy_mod "${BYNAME[$w]}"
+    elif grep -q "/$w.ko" "$KMOD/modules.builtin"; then
+        : # built into the kernel
+    else
+        die "kernel $KVER has no module $w"
+    fi
+done
+cp "$KMOD/modules.builtin" "$KMOD/modules.order" "$IR/lib/modules/$KVER/"
+"$BUSYBOX" depmod -b "$IR" "$KVER" || die "depmod of the initramfs modules failed"
+
+cat >"$IR/init" <<EOF
+#!/bin/sh
+# Generated by tests/vm/run.sh. Reports through /mnt/results: rc (exit code or "setup: why"),
+# guest.log (setup steps), prtest.log (the scenario's output).
+export PATH=/bin:/sbin
+KVER=$KVER
+BIN=$BIN
+SG_PERSIST=$SG_PERSIST
+WANT="${WANT[*]}"
+DEVKIND=$DEVKIND
+DEBUG=${HAPAIR_VM_DEBUG:-0}
+FENCE=$FENCE
+EOF
+cat >>"$IR/init" <<'EOF'
+halt() { sync; poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; exit 1; }
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo 1 > /proc/sys/kernel/sysrq
+for m in virtio_pci 9pnet_virtio 9p; do
+    modprobe $m || { echo "GUEST: modprobe $m failed"; halt; }
+done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 results /mnt/results ||
+    { echo "GUEST: cannot mount the results share"; halt; }
+R=/mnt/results
+log() { echo "guest: $*" >> $R/guest.log; }
+fail() { log "FAIL: $*"; echo "setup: $*" > $R/rc; halt; }
+log "kernel $(cat /proc/sys/kernel/osrelease)"
+for m in $WANT; do modprobe $m || fail "modprobe $m"; done
+log "modules loaded: $WANT"
+mount -t configfs configfs /sys/kernel/config || fail "mount configfs"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro hostroot /mnt/host ||
+    fail "mount host root over 9p"
+
+# LIO: one fileio backstore, two tcm_loop targets (two initiators) to it.
+T=/sys/kernel/config/target
+mkdir -p $T/core/fileio_0/lun0 || fail "mkdir fileio backstore"
+echo "fd_dev_name=/lun0.img,fd_dev_size=16777216" > $T/core/fileio_0/lun0/control ||
+    fail "fileio control"
+echo 1 > $T/core/fileio_0/lun0/enable || fail "enable backstore"
+sd_list() { ls /sys/block 2>/dev/null | grep '^sd' ; }
+DEVS=""
+for h in 1 2; do
+    tgt=naa.5001405000000a0$h
+    ini=naa.5001405000000b0$h
+    mkdir -p $T/loopback/$tgt/tpgt_1/lun/lun_0 || fail "mkdir tcm_loop target $h"
+    # nexus BEFORE the LUN link, or the LUN has no I_T nexus and no disk appears.
+    echo $ini > $T/loopback/$tgt/tpgt_1/nexus || fail "nexus $h"
+    before=$(sd_list)
+    ln -s $T/core/fileio_0/lun0 $T/loopback/$tgt/tpgt_1/lun/lun_0/hapair_lun ||
+        fail "link LUN for target $h"
+    new=""
+    for i in $(seq 1 100); do
+        for d in $(sd_list); do
+            echo "$before" | grep -qx "$d" || new=$d
+        done
+        [ -n "$new" ] && [ -b /dev/$new ] && break
+        new=""
+        sleep 0.1
+    done
+    [ -n "$new" ] || fail "no sd device appeared for tcm_loop target $h"
+    if [ "$DEVKIND" = sg ]; then
+        sgdev=$(ls /sys/block/$new/device/scsi_generic 2>/dev/null | head -n1)
+        [ -n "$sgdev" ] && [ -c /dev/$sgdev ] || fail "no sg node for /dev/$new"
+        log "host $h: target $tgt initiator $ini -> /dev/$new (/dev/$sgdev)"
+        new=$sgdev
+    else
+        log "host $h: target $tgt initiator $ini -> /dev/$new"
+    fi
+    DEVS="$DEVS $new"
+done
+set -- $DEVS
+for d in dev proc sys; do
+    mount -o bind /$d /mnt/host/$d || fail "bind /$d into the host chroot"
+done
+if [ "$DEBUG" = 1 ]; then
+    # Dump blocked tasks and CPU backtraces to the console if the run is stuck.
+    (sleep 30; echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger) &
+fi
+log "running $BIN --node-a /dev/$1 --node-b /dev/$2 --fence $FENCE"
+chroot /mnt/host $BIN --node-a /dev/$1 --node-b /dev/$2 --sg-persist $SG_PERSIST --fence $FENCE \
+    > $R/prtest.log 2>&1
+rc=$?
+log "hapair-prtest exited $rc"
+echo $rc > $R/rc
+for d in sys proc dev; do umount /mnt/host/$d; done
+halt
+EOF
+chmod +x "$IR/init"
+(cd "$IR" && find . | cpio -o -H newc --quiet | gzip -1 >"$WORK/initrd.gz") ||
+    die "building the initramfs failed"
+
+# ---- boot ----------------------------------------------------------------------------------
+RES=$WORK/results
+mkdir -p "$RES"
+say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), fence action: $FENCE"
+[ "$FENCE" = preempt ] && say "NOTE: fencing with PREEMPT, not PREEMPT AND ABORT (LIO/tcm_loop deadlock)"
+start=$(date +%s)
+nice -n 10 timeout --kill-after=10 "$TIMEOUT_S" "$QEMU" \
+    -accel tcg -smp 2 -m 1024 -net none -nographic -no-reboot \
+    -kernel "$VMLINUZ" -initrd "$WORK/initrd.gz" \
+    -append "console=ttyS0 $KQUIET panic=-1" \
+    -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+    -virtfs local,path="$RES",mount_tag=results,security_model=none \
+    </dev/null >"$WORK/console.log" 2>&1 &
+QEMU_PID=$!
+qrc=0
+wait "$QEMU_PID" || qrc=$?
+QEMU_PID=""
+say "VM ran $(($(date +%s) - start))s (qemu exit $qrc)"
+
+[ -f "$RES/guest.log" ] && sed 's/^/  /' "$RES/guest.log" >&2
+if [ -f "$RES/prtest.log" ]; then
+    echo "---- hapair-prtest output ----"
+    cat "$RES/prtest.log"
+    echo "------------------------------"
+fi
+show_console() {
+    echo "---- VM console (last 40 lines) ----" >&2
+    tail -n 40 "$WORK/console.log" >&2
+}
+[ "$qrc" = 124 ] || [ "$qrc" = 137 ] && { show_console; die "VM timed out after ${TIMEOUT_S}s"; }
+[ -f "$RES/rc" ] || { show_console; die "guest reported no result (qemu exit $qrc)"; }
+rc=$(cat "$RES/rc")
+case "$rc" in
+0) say "PASS: hapair-prtest passed on two LIO initiators in the VM" ;;
+setup:*) show_console; die "guest $rc" ;;
+*) die "hapair-prtest failed in the VM with exit code $rc" ;;
+esac

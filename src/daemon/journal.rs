@@ -1,0 +1,630 @@
+//! The NVRAM journal: a write is acknowledged once it is durable in this node's log and in the
+//! partner's mirror (or, with the partner away, in the log alone, and status says so); reads see
+//! acknowledged writes that are still only in the log; consistency points put the log on the
+//! aggregate in large writes and trim it; replay after a crash redoes what the log holds.
+//!
+//! Locking: `inner` (appender and region) is held only to append and to take a group commit;
+//! the leader of a group commit persists and mirrors outside it, so writers keep appending
+//! (group commit across concurrent requests). `cache` is a RwLock; a CP trims it only after
+//! the data is on the members, and readers detect a trim that raced their member read with the
+//! `trims` counter (a seqlock) and read again.
+
+use crate::core::interconnect::{LogRecords, LogSegment, MAX_SEGMENTS};
+use crate::core::nvlog::{scan, Expect, LogAppender, ReplayError, ReplayReport, WriteCache};
+use crate::daemon::aggregate::{Aggregate, AggregateError};
+use crate::daemon::backend::{Backend, BackendError, BlockSizes};
+use crate::io::buf::IoBuf;
+use crate::io::nvram::{NvramError, NvramRegion, Persister};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The log generation every record carries. The aggregate UUID already changes when an
+/// aggregate is re-created, so the generation stays 1 for this format.
+pub const LOG_GENERATION: u64 = 1;
+
+/// How long a group commit waits for the partner's acknowledgement before it declares the
+/// mirror broken and acknowledges on local durability alone.
+pub const MIRROR_ACK_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// The partner's side of mirroring, as the journal sees it.
+pub trait MirrorLink: Send + Sync {
+    /// True while a session with the partner is established.
+    fn is_up(&self) -> bool;
+    /// Send bytes of our log region for the partner's mirror. False if the link is down.
+    fn send_records(&self, records: LogRecords) -> bool;
+    /// Wait until the partner acknowledged `seq` durable, or `timeout`. True if acknowledged.
+    fn wait_ack(&self, seq: u64, timeout: Duration) -> bool;
+}
+
+/// Journal errors.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Nvram(#[from] NvramError),
+    #[error("NVRAM log of aggregate {aggregate} cannot be replayed: {source}; refusing to serve it")]
+    Replay { aggregate: String, source: ReplayError },
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
+    #[error("NVRAM log: {0}")]
+    Log(String),
+}
+
+/// Journal settings.
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    /// Start a CP when the log is this full (percent).
+    pub cp_fill_percent: u32,
+    /// Start a CP at least this often while there is anything to write.
+    pub cp_interval: Duration,
+}
+
+impl Default for JournalConfig {
+    fn default() -> JournalConfig {
+        JournalConfig { cp_fill_percent: 50, cp_interval: Duration::from_secs(1) }
+    }
+}
+
+/// Where mirroring stands, for status.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum MirrorState {
+    /// No partner configured: acknowledged on local durability.
+    NoPartner,
+    /// Every acknowledged write is in the partner's mirror.
+    Mirrored,
+    /// Writes since `since` are acknowledged on local durability only.
+    NotMirrored { since: SystemTime, why: String },
+}
+
+/// Counters.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct JournalStats {
+    pub appended: AtomicU64,
+    pub group_commits: AtomicU64,
+    pub mirrored_commits: AtomicU64,
+    pub local_only_commits: AtomicU64,
+    pub cps: AtomicU64,
+    pub cp_bytes: AtomicU64,
+    pub full_waits: AtomicU64,
+    pub read_retries: AtomicU64,
+}
+
+/// What replay did at open.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReplaySummary {
+    /// No log was there (a new region).
+    pub fresh: bool,
+    pub replayed_records: u64,
+    pub replayed_bytes: u64,
+    pub discarded_torn: u64,
+    pub discarded_unacked: u64,
+    pub stale_ignored: u64,
+    pub last_seq: u64,
+}
+
+impl ReplaySummary {
+    fn from_report(r: &ReplayReport, bytes: u64) -> ReplaySummary {
+        ReplaySummary {
+            fresh: false,
+            replayed_records: r.replayed,
+            replayed_bytes: bytes,
+            discarded_torn: r.discarded_torn,
+            discarded_unacked: r.discarded_unacked,
+            stale_ignored: r.stale_ignored,
+            last_seq: r.last_seq,
+        }
+    }
+}
+
+struct Inner {
+    region: NvramRegion,
+    app: LogAppender,
+    /// A group commit is being persisted/mirrored by some writer.
+    committing: bool,
+    /// Everything up to here is durable and may be acknowledged.
+    durable: u64,
+    /// The partner's mirror must be copied whole before incremental commits mean anything.
+    mirror_needs_resync: bool,
+}
+
+/// A journaled aggregate: what the NBD export serves.
+pub struct Journal {
+    agg: Arc<Aggregate>,
+    inner: Mutex<Inner>,
+    persister: Persister,
+    progress: Condvar,
+    cache: RwLock<WriteCache>,
+    trims: AtomicU64,
+    mirror: RwLock<Option<Arc<dyn MirrorLink>>>,
+    mirror_state: Mutex<MirrorState>,
+    cp_lock: Mutex<()>,
+    cp_kick: (Mutex<bool>, Condvar),
+    stop: AtomicBool,
+    cfg: JournalConfig,
+    region_bytes: usize,
+    pub stats: JournalStats,
+}
+
+fn aggregate_uuid(agg: &Aggregate) -> uuid::Uuid {
+    uuid::Uuid::parse_str(&agg.status().uuid).expect("aggregate uuid")
+}
+
+/// Replay a log region onto an aggregate: newest data per byte wins, parity of every touched
+/// column recomputed from the data (the write hole). Returns what was done; the region is left
+/// as it was (the caller formats it afresh).
+pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, JournalError> {
+    let expect = Expect { aggregate: aggregate_uuid(agg), generation: LOG_GENERATION };
+    match scan(region, &expect) {
+        Err(ReplayError::NotFormatted) => Ok(ReplaySummary { fresh: true, ..Default::default() }),
+        Err(source) => Err(JournalError::Replay { aggregate: agg.name().to_string(), source }),
+        Ok(replay) => {
+            let cache = WriteCache::from_replay(region, &replay);
+            let runs = runs_of(&cache, u64::MAX);
+            let mut bytes = 0;
+            for (off, data) in &runs {
+                write_pieces(agg, *off, data, true)?;
+                bytes += data.len() as u64;
+            }
+            agg.flush()?;
+            let s = ReplaySummary::from_report(&replay.report, bytes);
+            tracing::info!(aggregate = %agg.name(), replayed = s.replayed_records, bytes, discarded_torn = s.discarded_torn,
+                discarded_unacked = s.discarded_unacked, stale = s.stale_ignored, "NVRAM log replayed");
+            Ok(s)
+        }
+    }
+}
+
+/// The cache's extents with seq <= `up_to`, merged into contiguous runs (copied out).
+fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
+    let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
+    for h in cache.lookup(0, u64::MAX).into_iter().filter(|h| h.seq <= up_to) {
+        match runs.last_mut() {
+            Some((off, data)) if *off + data.len() as u64 == h.offset => data.extend_from_slice(h.data),
+            _ => runs.push((h.offset, h.data.to_vec())),
+        }
+    }
+    runs
+}
+
+/// Write a run in pieces the aggregate takes, cut at stripe boundaries so full stripes stay full.
+fn write_pieces(agg: &Aggregate, off: u64, data: &[u8], repair: bool) -> Result<(), AggregateError> {
+    let max = agg.block_sizes().max_bytes as u64;
+    let stripe = agg.geometry().stripe_bytes();
+    let piece_max = (max / stripe).max(1) * stripe;
+    let mut buf = IoBuf::new(piece_max.min(data.len() as u64) as usize);
+    let mut pos = 0u64;
+    while pos < data.len() as u64 {
+        let at = off + pos;
+        let to_boundary = piece_max - (at % stripe);
+        let n = to_boundary.min(data.len() as u64 - pos).min(max) as usize;
+        buf.set_len(n);
+        buf.copy_from_slice(&data[pos as usize..pos as usize + n]);
+        if repair {
+            agg.write_repair(at, &buf)?;
+        } else {
+            agg.write(at, &buf, false)?;
+        }
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+impl Journal {
+    /// Open this node's log for `agg`: replay what it holds onto the aggregate, then start a
+    /// fresh log (new epoch). `region` is the mapped NVRAM region.
+    pub fn open(agg: Arc<Aggregate>, mut region: NvramRegion, cfg: JournalConfig) -> Result<(Arc<Journal>, ReplaySummary), JournalError> {
+        let summary = replay_region(&agg, region.bytes())?;
+        let epoch: u64 = rand::random();
+        let mut app = LogAppender::format(region.bytes_mut(), aggregate_uuid(&agg), LOG_GENERATION, epoch)
+            .map_err(|e| JournalError::Log(e.to_string()))?;
+        let c = app.commit();
+        region.persist(&c.ranges)?;
+        let persister = region.persister();
+        let region_bytes = region.len();
+        let j = Arc::new(Journal {
+            agg,
+            inner: Mutex::new(Inner { region, app, committing: false, durable: 0, mirror_needs_resync: true }),
+            persister,
+            progress: Condvar::new(),
+            cache: RwLock::new(WriteCache::new()),
+            trims: AtomicU64::new(0),
+            mirror: RwLock::new(None),
+            mirror_state: Mutex::new(MirrorState::NoPartner),
+            cp_lock: Mutex::new(()),
+            cp_kick: (Mutex::new(false), Condvar::new()),
+            stop: AtomicBool::new(false),
+            cfg,
+            region_bytes,
+            stats: JournalStats::default(),
+        });
+        let weak = Arc::downgrade(&j);
+        std::thread::Builder::new()
+            .name("hapair-cp".into())
+            .spawn(move || cp_thread(weak))
+            .expect("spawn CP thread");
+        Ok((j, summary))
+    }
+
+    /// The aggregate underneath.
+    pub fn aggregate(&self) -> &Arc<Aggregate> {
+        &self.agg
+    }
+
+    /// Attach the partner link: from now on commits are mirrored (after a full resync).
+    pub fn set_mirror(&self, link: Option<Arc<dyn MirrorLink>>) {
+        let has = link.is_some();
+        *self.mirror.write().unwrap() = link;
+        self.inner.lock().unwrap().mirror_needs_resync = true;
+        *self.mirror_state.lock().unwrap() = if has {
+            MirrorState::NotMirrored { since: SystemTime::now(), why: "partner mirror not yet synchronised".into() }
+        } else {
+            MirrorState::NoPartner
+        };
+    }
+
+    /// Mirroring state, for status.
+    pub fn mirror_state(&self) -> MirrorState {
+        self.mirror_state.lock().unwrap().clone()
+    }
+
+    /// Persistence of the local region, for status ("NVRAM: file on ext4, msync").
+    pub fn persistence(&self) -> String {
+        self.inner.lock().unwrap().region.persistence().to_string()
+    }
+
+    /// Sequence number of the newest durable (acknowledgeable) record.
+    pub fn durable_seq(&self) -> u64 {
+        self.inner.lock().unwrap().durable
+    }
+
+    fn set_not_mirrored(&self, why: &str) {
+        let mut st = self.mirror_state.lock().unwrap();
+        if !matches!(*st, MirrorState::NotMirrored { .. }) {
+            tracing::error!(why, "NVRAM NOT MIRRORED: writes are acknowledged on local durability only; takeover by the partner is unsafe until resynchronised");
+            *st = MirrorState::NotMirrored { since: SystemTime::now(), why: why.to_string() };
+        }
+    }
+
+    /// Copy the whole region to the partner's mirror. Called with `inner` locked so the region
+    /// does not change while it is copied; returns the last seq the copy covers and the batches.
+    fn resync_batches(inner: &mut Inner) -> (u64, Vec<LogRecords>) {
+        let c = inner.app.commit();
+        let bytes = inner.region.bytes();
+        let seg = 1 << 20;
+        let mut batches = Vec::new();
+        let mut segments = Vec::new();
+        let mut off = 0usize;
+        while off < bytes.len() {
+            let n = seg.min(bytes.len() - off);
+            segments.push(LogSegment { region_offset: off as u64, bytes: bytes[off..off + n].to_vec() });
+            off += n;
+            if segments.len() == 4 || off == bytes.len() {
+                batches.push(LogRecords { first_seq: 0, last_seq: c.last_seq, segments: std::mem::take(&mut segments) });
+            }
+        }
+        (c.last_seq, batches)
+    }
+
+    /// Make `seq` durable: become the group-commit leader if nobody is, else wait for one.
+    fn wait_durable(&self, seq: u64) -> Result<(), JournalError> {
+        let mut g = self.inner.lock().unwrap();
+        loop {
+            if g.durable >= seq {
+                return Ok(());
+            }
+            if g.committing {
+                g = self.progress.wait(g).unwrap();
+                continue;
+            }
+            g.committing = true;
+            let link = self.mirror.read().unwrap().clone();
+            let link = link.filter(|l| l.is_up());
+            let resync = link.is_some() && g.mirror_needs_resync;
+            let (c_last, ranges, batches) = if resync {
+                let (last, batches) = Self::resync_batches(&mut g);
+                (last, vec![0..self.region_bytes], batches)
+            } else {
+                let c = g.app.commit();
+                let segs: Vec<LogSegment> = c
+                    .ranges
+                    .iter()
+                    .map(|r| LogSegment { region_offset: r.start as u64, bytes: g.region.bytes()[r.clone()].to_vec() })
+                    .collect();
+                let batches = segs
+                    .chunks(MAX_SEGMENTS)
+                    .map(|s| LogRecords { first_seq: c.first_seq, last_seq: c.last_seq, segments: s.to_vec() })
+                    .collect();
+                (c.last_seq, c.ranges, batches)
+            };
+            drop(g);
+            // SAFETY: the region lives in `inner`, which lives as long as `self`.
+            let persisted = unsafe { self.persister.persist(&ranges) };
+            let mirrored = match (&link, &persisted) {
+                (Some(l), Ok(())) => {
+                    let sent = batches.into_iter().all(|b| l.send_records(b));
+                    sent && l.wait_ack(c_last, MIRROR_ACK_TIMEOUT)
+                }
+                _ => false,
+            };
+            g = self.inner.lock().unwrap();
+            g.committing = false;
+            if let Err(e) = persisted {
+                self.progress.notify_all();
+                return Err(e.into());
+            }
+            if link.is_some() {
+                if mirrored {
+                    if resync {
+                        g.mirror_needs_resync = false;
+                        tracing::info!(up_to_seq = c_last, "NVRAM mirror resynchronised: mirrored");
+                    }
+                    *self.mirror_state.lock().unwrap() = MirrorState::Mirrored;
+                    self.stats.mirrored_commits.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    g.mirror_needs_resync = true;
+                    self.set_not_mirrored("partner did not acknowledge the mirror in time");
+                    self.stats.local_only_commits.fetch_add(1, Ordering::Relaxed);
+                }
+            } else {
+                if self.mirror.read().unwrap().is_some() {
+                    g.mirror_needs_resync = true;
+                    self.set_not_mirrored("interconnect down");
+                }
+                self.stats.local_only_commits.fetch_add(1, Ordering::Relaxed);
+            }
+            g.app.mark_acked(c_last).map_err(|e| JournalError::Log(e.to_string()))?;
+            g.durable = g.durable.max(c_last);
+            self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
+            self.progress.notify_all();
+        }
+    }
+
+    /// Append a write to the log and wait until it may be acknowledged.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), JournalError> {
+        self.agg.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let shared: Arc<[u8]> = Arc::from(data);
+        let seq = {
+            let mut g = self.inner.lock().unwrap();
+            let mut waited = false;
+            let seq = loop {
+                let inner = &mut *g;
+                match inner.app.append(inner.region.bytes_mut(), offset, data) {
+                    Ok(seq) => break seq,
+                    Err(e) if e.is_full() => {
+                        if !waited {
+                            self.stats.full_waits.fetch_add(1, Ordering::Relaxed);
+                            waited = true;
+                        }
+                        self.kick_cp();
+                        g = self.progress.wait_timeout(g, Duration::from_millis(100)).unwrap().0;
+                    }
+                    Err(e) => return Err(JournalError::Log(e.to_string())),
+                }
+            };
+            self.cache.write().unwrap().insert(seq, offset, shared);
+            if g.app.free_bytes() * 100 < (100 - self.cfg.cp_fill_percent as usize) * self.region_bytes {
+                self.kick_cp();
+            }
+            seq
+        };
+        self.stats.appended.fetch_add(1, Ordering::Relaxed);
+        self.wait_durable(seq)
+    }
+
+    /// Read, seeing acknowledged writes still only in the log.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), JournalError> {
+        loop {
+            let before = self.trims.load(Ordering::Acquire);
+            self.agg.read(offset, buf)?;
+            let cache = self.cache.read().unwrap();
+            if self.trims.load(Ordering::Acquire) != before {
+                self.stats.read_retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            cache.overlay(offset, buf);
+            return Ok(());
+        }
+    }
+
+    fn kick_cp(&self) {
+        let (m, cv) = &self.cp_kick;
+        *m.lock().unwrap() = true;
+        cv.notify_one();
+    }
+
+    /// Run a consistency point now: everything durable in the log goes to the aggregate, the
+    /// members are flushed, the log is trimmed here and in the mirror. Returns the seq covered.
+    pub fn checkpoint(&self) -> Result<u64, JournalError> {
+        let _cp = self.cp_lock.lock().unwrap();
+        let upto = {
+            let g = self.inner.lock().unwrap();
+            if g.durable <= g.app.trimmed_seq() {
+                return Ok(g.durable);
+            }
+            g.durable
+        };
+        let t0 = Instant::now();
+        let runs = runs_of(&self.cache.read().unwrap(), upto);
+        let mut bytes = 0u64;
+        for (off, data) in &runs {
+            write_pieces(&self.agg, *off, data, false)?;
+            bytes += data.len() as u64;
+        }
+        self.agg.flush()?;
+        let (slot, segment) = {
+            let mut g = self.inner.lock().unwrap();
+            let inner = &mut *g;
+            let slot = inner.app.trim(inner.region.bytes_mut(), upto).map_err(|e| JournalError::Log(e.to_string()))?;
+            let segment = slot.clone().map(|r| LogSegment { region_offset: r.start as u64, bytes: inner.region.bytes()[r].to_vec() });
+            (slot, segment)
+        };
+        if let Some(r) = &slot {
+            // SAFETY: the region lives as long as `self`.
+            unsafe { self.persister.persist(std::slice::from_ref(r))? };
+        }
+        // The mirror must hold the new trim slot before the space is reused, or a takeover
+        // would scan the mirror from a head that newer records have overwritten.
+        if let (Some(seg), Some(link)) = (segment, self.mirror.read().unwrap().clone()) {
+            let mut g = self.inner.lock().unwrap();
+            if link.is_up() && !g.mirror_needs_resync {
+                let last = g.durable;
+                let ok = link.send_records(LogRecords { first_seq: last, last_seq: last, segments: vec![seg] })
+                    && link.wait_ack(last, MIRROR_ACK_TIMEOUT);
+                if !ok {
+                    g.mirror_needs_resync = true;
+                    self.set_not_mirrored("partner did not acknowledge a trim");
+                }
+            } else {
+                g.mirror_needs_resync = true;
+            }
+            drop(g);
+        }
+        {
+            let mut g = self.inner.lock().unwrap();
+            g.app.trim_persisted();
+            self.progress.notify_all();
+        }
+        {
+            let mut c = self.cache.write().unwrap();
+            self.trims.fetch_add(1, Ordering::AcqRel);
+            c.trim(upto);
+        }
+        self.stats.cps.fetch_add(1, Ordering::Relaxed);
+        self.stats.cp_bytes.fetch_add(bytes, Ordering::Relaxed);
+        tracing::debug!(up_to_seq = upto, bytes, runs = runs.len(), ms = t0.elapsed().as_millis() as u64, "consistency point");
+        Ok(upto)
+    }
+
+    /// Stop the CP thread after a final CP: used by graceful shutdown and giveback.
+    pub fn close(&self) -> Result<u64, JournalError> {
+        let r = self.checkpoint();
+        self.stop.store(true, Ordering::Release);
+        self.kick_cp();
+        r
+    }
+}
+
+fn cp_thread(j: std::sync::Weak<Journal>) {
+    loop {
+        let Some(journal) = j.upgrade() else { return };
+        if journal.stop.load(Ordering::Acquire) {
+            return;
+        }
+        {
+            let (m, cv) = &journal.cp_kick;
+            let g = m.lock().unwrap();
+            let (mut g, _) = cv.wait_timeout_while(g, journal.cfg.cp_interval, |k| !*k).unwrap();
+            *g = false;
+        }
+        if journal.stop.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = journal.checkpoint() {
+            tracing::error!(error = %e, "consistency point failed; retrying");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl From<JournalError> for BackendError {
+    fn from(e: JournalError) -> BackendError {
+        match e {
+            JournalError::Aggregate(a) => a.into(),
+            other => BackendError::Io(other.to_string()),
+        }
+    }
+}
+
+impl Backend for Journal {
+    fn size_bytes(&self) -> u64 {
+        self.agg.size_bytes()
+    }
+    fn block_sizes(&self) -> BlockSizes {
+        let mut b = self.agg.block_sizes();
+        // A record must fit the ring with room to spare.
+        let cap = (self.region_bytes / 8).next_power_of_two() as u32 / 2;
+        b.max_bytes = b.max_bytes.min(cap.max(b.min_bytes));
+        b.preferred_bytes = b.preferred_bytes.min(b.max_bytes);
+        b
+    }
+    fn multi_conn_safe(&self) -> bool {
+        true
+    }
+    fn alloc(&self, len: usize) -> IoBuf {
+        self.agg.alloc(len)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        Journal::read(self, offset, buf).map_err(Into::into)
+    }
+    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), BackendError> {
+        // Acknowledged means durable in NVRAM: FUA holds by construction.
+        Journal::write(self, offset, data).map_err(Into::into)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.agg.check(offset, len).map_err(BackendError::from)?;
+        let piece = self.block_sizes().max_bytes as u64;
+        let zeros = vec![0u8; piece.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = piece.min(offset + len - pos);
+            Backend::write(self, pos, &zeros[..n as usize], fua)?;
+            pos += n;
+        }
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.agg.check(offset, len).map_err(BackendError::from)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        // Every acknowledged write is durable in NVRAM already.
+        Ok(())
+    }
+}
+
+/// The partner's log as this node keeps it: a byte copy, made durable before it is acknowledged.
+pub struct MirrorRegion {
+    region: Mutex<NvramRegion>,
+}
+
+impl MirrorRegion {
+    /// Wrap the mirror region.
+    pub fn new(region: NvramRegion) -> MirrorRegion {
+        MirrorRegion { region: Mutex::new(region) }
+    }
+
+    /// Apply a batch from the partner; returns the seq to acknowledge. A segment outside the
+    /// region is refused and nothing of the batch is applied.
+    pub fn apply(&self, recs: &LogRecords) -> Result<u64, JournalError> {
+        let mut r = self.region.lock().unwrap();
+        let len = r.len() as u64;
+        if let Some(bad) = recs.segments.iter().find(|s| s.region_offset.checked_add(s.bytes.len() as u64).is_none_or(|e| e > len)) {
+            return Err(JournalError::Log(format!(
+                "mirror segment at {} of {} bytes is outside the {len}-byte region",
+                bad.region_offset,
+                bad.bytes.len()
+            )));
+        }
+        let mut ranges: Vec<Range<usize>> = Vec::new();
+        for s in &recs.segments {
+            let a = s.region_offset as usize;
+            r.bytes_mut()[a..a + s.bytes.len()].copy_from_slice(&s.bytes);
+            ranges.push(a..a + s.bytes.len());
+        }
+        r.persist(&ranges)?;
+        Ok(recs.last_seq)
+    }
+
+    /// A copy of the mirror's bytes (for replay at takeover).
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.region.lock().unwrap().bytes().to_vec()
+    }
+
+    /// Persistence of the mirror region.
+    pub fn persistence(&self) -> String {
+        self.region.lock().unwrap().persistence().to_string()
+    }
+}

@@ -3,3 +3,6 @@ pub mod label;
 pub mod nbd;
 pub mod raid4;
 pub mod ratelimit;
+pub mod arp;
+pub mod ndp;
+pub mod netlink;

@@ -5,3 +5,6 @@ pub mod engine;
 pub mod net;
 pub mod sync_engine;
 pub mod uring;
+pub mod netlink;
+pub mod netns;
+pub mod packet;

@@ -4,3 +4,4 @@ pub mod backend;
 pub mod nbd_server;
 pub mod node;
 pub mod setup;
+pub mod identity;

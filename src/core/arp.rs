@@ -76,7 +76,14 @@ pub fn announcement(my_mac: [u8; 6], addr: Ipv4Addr, op: u16) -> [u8; ETH_MIN_FR
     let tha = if op == ARPOP_REPLY { my_mac } else { [0; 6] };
     frame(
         BROADCAST,
-        &ArpPacket { eth_src: my_mac, op, sha: my_mac, spa: addr, tha, tpa: addr },
+        &ArpPacket {
+            eth_src: my_mac,
+            op,
+            sha: my_mac,
+            spa: addr,
+            tha,
+            tpa: addr,
+        },
     )
 }
 
@@ -118,7 +125,10 @@ pub fn probe_conflict(p: &ArpPacket, probed: Ipv4Addr, my_mac: [u8; 6]) -> Optio
 
 /// `02:00:00:00:00:0a`.
 pub fn fmt_mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -147,13 +157,15 @@ mod tests {
     fn announcement_bytes() {
         let a = Ipv4Addr::new(192, 0, 2, 10);
         let req = announcement(MAC, a, ARPOP_REQUEST);
-        assert_eq!(&req[20..42], &[
-            0, 1, 0x02, 0, 0, 0, 0, 0x0b, 192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 192, 0, 2, 10
-        ]);
+        assert_eq!(
+            &req[20..42],
+            &[0, 1, 0x02, 0, 0, 0, 0, 0x0b, 192, 0, 2, 10, 0, 0, 0, 0, 0, 0, 192, 0, 2, 10]
+        );
         let rep = announcement(MAC, a, ARPOP_REPLY);
-        assert_eq!(&rep[20..42], &[
-            0, 2, 0x02, 0, 0, 0, 0, 0x0b, 192, 0, 2, 10, 0x02, 0, 0, 0, 0, 0x0b, 192, 0, 2, 10
-        ]);
+        assert_eq!(
+            &rep[20..42],
+            &[0, 2, 0x02, 0, 0, 0, 0, 0x0b, 192, 0, 2, 10, 0x02, 0, 0, 0, 0, 0x0b, 192, 0, 2, 10]
+        );
         assert_eq!(&rep[0..6], &BROADCAST);
     }
 
@@ -161,7 +173,17 @@ mod tests {
     fn parse_roundtrip_and_rejects() {
         let a = Ipv4Addr::new(198, 51, 100, 7);
         let p = parse(&announcement(MAC, a, ARPOP_REPLY)).unwrap();
-        assert_eq!(p, ArpPacket { eth_src: MAC, op: 2, sha: MAC, spa: a, tha: MAC, tpa: a });
+        assert_eq!(
+            p,
+            ArpPacket {
+                eth_src: MAC,
+                op: 2,
+                sha: MAC,
+                spa: a,
+                tha: MAC,
+                tpa: a
+            }
+        );
         // Unpadded 42-byte frames parse too.
         assert!(parse(&probe(MAC, a)[..42]).is_some());
         assert!(parse(&probe(MAC, a)[..41]).is_none());
@@ -193,11 +215,18 @@ mod tests {
         let theirs = parse(&probe(OTHER, a)).unwrap();
         assert_eq!(probe_conflict(&theirs, a, MAC), Some(OTHER));
         // Our own probe, and traffic about other addresses, are not conflicts.
-        assert_eq!(probe_conflict(&parse(&probe(MAC, a)).unwrap(), a, MAC), None);
+        assert_eq!(
+            probe_conflict(&parse(&probe(MAC, a)).unwrap(), a, MAC),
+            None
+        );
         let other_ip = parse(&announcement(OTHER, Ipv4Addr::new(192, 0, 2, 11), 1)).unwrap();
         assert_eq!(probe_conflict(&other_ip, a, MAC), None);
         // A host asking *who has* the address (sender IP its own) is no conflict.
-        let query = ArpPacket { spa: Ipv4Addr::new(192, 0, 2, 99), tpa: a, ..garp };
+        let query = ArpPacket {
+            spa: Ipv4Addr::new(192, 0, 2, 99),
+            tpa: a,
+            ..garp
+        };
         assert_eq!(probe_conflict(&query, a, MAC), None);
         assert_eq!(fmt_mac(&OTHER), "02:00:00:00:00:0a");
     }

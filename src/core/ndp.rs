@@ -36,7 +36,11 @@ pub fn multicast_mac(group: Ipv6Addr) -> [u8; 6] {
 
 fn sum16(data: &[u8], mut acc: u32) -> u32 {
     for c in data.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { (c[0] as u16) << 8 };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            (c[0] as u16) << 8
+        };
         acc += w as u32;
     }
     acc
@@ -152,13 +156,20 @@ mod tests {
     fn na_bytes() {
         let t: Ipv6Addr = "2001:db8::10".parse().unwrap();
         let f = unsolicited_na(MAC, t, t);
-        assert_eq!(&f[0..14], &[0x33, 0x33, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0x0b, 0x86, 0xdd]);
+        assert_eq!(
+            &f[0..14],
+            &[0x33, 0x33, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0x0b, 0x86, 0xdd]
+        );
         assert_eq!(&f[14..22], &[0x60, 0, 0, 0, 0, 32, 58, 255]);
         assert_eq!(&f[22..38], &t.octets());
         assert_eq!(&f[38..54], &ALL_NODES.octets());
         assert_eq!(f[54], 136);
         assert_eq!(f[55], 0);
-        assert_eq!(&f[58..62], &[0x20, 0, 0, 0], "override only: not router, not solicited");
+        assert_eq!(
+            &f[58..62],
+            &[0x20, 0, 0, 0],
+            "override only: not router, not solicited"
+        );
         assert_eq!(&f[62..78], &t.octets());
         assert_eq!(&f[78..86], &[2, 1, 2, 0, 0, 0, 0, 0x0b]);
         // The one's-complement sum over pseudo-header and message, checksum included, is 0xffff.
@@ -176,10 +187,15 @@ mod tests {
         // the message 0x8000 0x0000 0x0001 0x0002 (echo request id 1 seq 2):
         // 1 + 2 + 8 + 58 + 0x8000 + 1 + 2 = 0x8048; checksum = !0x8048 = 0x7fb7.
         let msg = [0x80, 0, 0, 0, 0, 1, 0, 2];
-        assert_eq!(icmpv6_checksum(Ipv6Addr::LOCALHOST, "::2".parse().unwrap(), &msg), 0x7fb7);
+        assert_eq!(
+            icmpv6_checksum(Ipv6Addr::LOCALHOST, "::2".parse().unwrap(), &msg),
+            0x7fb7
+        );
         // Odd length: the last byte is padded with zero.
-        assert_eq!(icmpv6_checksum(Ipv6Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED, &[1]),
-                   !(1u16 + 58 + 0x0100));
+        assert_eq!(
+            icmpv6_checksum(Ipv6Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED, &[1]),
+            !(1u16 + 58 + 0x0100)
+        );
     }
 
     #[test]
@@ -206,6 +222,9 @@ mod tests {
         zero_opt[56..58].copy_from_slice(&ck.to_be_bytes());
         assert!(parse_na(&zero_opt).is_none(), "zero-length option");
         assert!(parse_na(&f[..60]).is_none());
-        assert_eq!(multicast_mac("ff02::1:ff00:10".parse().unwrap()), [0x33, 0x33, 0xff, 0, 0, 0x10]);
+        assert_eq!(
+            multicast_mac("ff02::1:ff00:10".parse().unwrap()),
+            [0x33, 0x33, 0xff, 0, 0, 0x10]
+        );
     }
 }

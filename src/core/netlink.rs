@@ -172,7 +172,9 @@ pub fn check_ifname(name: &str) -> Result<(), BuildError> {
         || name.len() > IFNAME_MAX
         || name == "."
         || name == ".."
-        || name.bytes().any(|b| b == 0 || b == b'/' || b == b':' || b.is_ascii_whitespace());
+        || name
+            .bytes()
+            .any(|b| b == 0 || b == b'/' || b == b':' || b.is_ascii_whitespace());
     if bad {
         return Err(BuildError::IfName(name.to_string()));
     }
@@ -194,7 +196,8 @@ impl MsgBuf {
     }
 
     fn ifaddrmsg(&mut self, family: u8, prefix_len: u8, flags: u8, scope: u8, index: u32) {
-        self.0.extend_from_slice(&[family, prefix_len, flags, scope]);
+        self.0
+            .extend_from_slice(&[family, prefix_len, flags, scope]);
         self.0.extend_from_slice(&index.to_ne_bytes());
     }
 
@@ -274,7 +277,13 @@ pub fn new_addr(seq: u32, req: &AddrRequest) -> Result<Vec<u8>, BuildError> {
         NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         seq,
     );
-    m.ifaddrmsg(p.family(), p.prefix_len, flags as u8, scope_of(&p.addr), req.ifindex);
+    m.ifaddrmsg(
+        p.family(),
+        p.prefix_len,
+        flags as u8,
+        scope_of(&p.addr),
+        req.ifindex,
+    );
     let a = addr_bytes(&p.addr);
     m.attr(IFA_LOCAL, &a);
     m.attr(IFA_ADDRESS, &a);
@@ -370,7 +379,9 @@ impl LinkInfo {
     }
     /// The Ethernet MAC, if the hardware address is 6 bytes.
     pub fn mac(&self) -> Option<[u8; 6]> {
-        self.hw_addr.as_ref().and_then(|h| <[u8; 6]>::try_from(h.as_slice()).ok())
+        self.hw_addr
+            .as_ref()
+            .and_then(|h| <[u8; 6]>::try_from(h.as_slice()).ok())
     }
 }
 
@@ -378,16 +389,34 @@ impl LinkInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reply {
     /// NLMSG_ERROR with error 0.
-    Ack { seq: u32 },
+    Ack {
+        seq: u32,
+    },
     /// NLMSG_ERROR with a negative errno; `errno` is positive here. `msg` is the extended-ack
     /// message when the kernel sent one.
-    Error { seq: u32, errno: i32, msg: Option<String> },
+    Error {
+        seq: u32,
+        errno: i32,
+        msg: Option<String>,
+    },
     /// NLMSG_DONE: the end of a dump (`errno` 0, or the dump's error, positive).
-    Done { seq: u32, errno: i32 },
-    Addr { seq: u32, info: AddrInfo },
-    Link { seq: u32, info: LinkInfo },
+    Done {
+        seq: u32,
+        errno: i32,
+    },
+    Addr {
+        seq: u32,
+        info: AddrInfo,
+    },
+    Link {
+        seq: u32,
+        info: LinkInfo,
+    },
     /// Anything else (NLMSG_NOOP, other RTM types): skipped by callers.
-    Other { seq: u32, msg_type: u16 },
+    Other {
+        seq: u32,
+        msg_type: u16,
+    },
 }
 
 impl Reply {
@@ -427,7 +456,10 @@ fn attrs(b: &[u8], base: usize) -> Result<Vec<(u16, &[u8])>, ParseError> {
         let len = u16_at(b, o) as usize;
         let ty = u16_at(b, o + 2) & NLA_TYPE_MASK;
         if len < 4 || o + len > b.len() {
-            return Err(ParseError::Malformed { offset: base + o, why: "attribute length" });
+            return Err(ParseError::Malformed {
+                offset: base + o,
+                why: "attribute length",
+            });
         }
         out.push((ty, &b[o + 4..o + len]));
         o += align4(len);
@@ -450,7 +482,10 @@ fn ip_from(family: u8, p: &[u8]) -> Option<IpAddr> {
 
 fn parse_addr(b: &[u8], base: usize) -> Result<AddrInfo, ParseError> {
     if b.len() < IFADDRMSG_LEN {
-        return Err(ParseError::Malformed { offset: base, why: "short ifaddrmsg" });
+        return Err(ParseError::Malformed {
+            offset: base,
+            why: "short ifaddrmsg",
+        });
     }
     let (family, prefix_len, flags8, scope) = (b[0], b[1], b[2], b[3]);
     let ifindex = u32_at(b, 4);
@@ -473,17 +508,32 @@ fn parse_addr(b: &[u8], base: usize) -> Result<AddrInfo, ParseError> {
         offset: base,
         why: "address message without IFA_LOCAL/IFA_ADDRESS",
     })?;
-    Ok(AddrInfo { ifindex, prefix: IpPrefix { addr, prefix_len }, scope, flags, label })
+    Ok(AddrInfo {
+        ifindex,
+        prefix: IpPrefix { addr, prefix_len },
+        scope,
+        flags,
+        label,
+    })
 }
 
 fn parse_link(b: &[u8], base: usize) -> Result<LinkInfo, ParseError> {
     if b.len() < IFINFOMSG_LEN {
-        return Err(ParseError::Malformed { offset: base, why: "short ifinfomsg" });
+        return Err(ParseError::Malformed {
+            offset: base,
+            why: "short ifinfomsg",
+        });
     }
     let ifindex = u32_at(b, 4);
     let flags = u32_at(b, 8);
-    let mut info =
-        LinkInfo { ifindex, name: String::new(), flags, hw_addr: None, mtu: None, operstate: None };
+    let mut info = LinkInfo {
+        ifindex,
+        name: String::new(),
+        flags,
+        hw_addr: None,
+        mtu: None,
+        operstate: None,
+    };
     for (ty, p) in attrs(&b[IFINFOMSG_LEN..], base + IFINFOMSG_LEN)? {
         match ty {
             IFLA_IFNAME => info.name = cstr(p),
@@ -498,7 +548,10 @@ fn parse_link(b: &[u8], base: usize) -> Result<LinkInfo, ParseError> {
 
 fn parse_error(b: &[u8], flags: u16, seq: u32, base: usize) -> Result<Reply, ParseError> {
     if b.len() < 4 {
-        return Err(ParseError::Malformed { offset: base, why: "short nlmsgerr" });
+        return Err(ParseError::Malformed {
+            offset: base,
+            why: "short nlmsgerr",
+        });
     }
     let err = u32_at(b, 0) as i32;
     if err == 0 {
@@ -520,7 +573,11 @@ fn parse_error(b: &[u8], flags: u16, seq: u32, base: usize) -> Result<Reply, Par
             }
         }
     }
-    Ok(Reply::Error { seq, errno: -err, msg })
+    Ok(Reply::Error {
+        seq,
+        errno: -err,
+        msg,
+    })
 }
 
 /// Parse every message of one datagram from the kernel.
@@ -530,7 +587,10 @@ pub fn parse(buf: &[u8]) -> Result<Vec<Reply>, ParseError> {
     while o + NLMSG_HDRLEN <= buf.len() {
         let len = u32_at(buf, o) as usize;
         if len < NLMSG_HDRLEN || o + len > buf.len() {
-            return Err(ParseError::Malformed { offset: o, why: "message length" });
+            return Err(ParseError::Malformed {
+                offset: o,
+                why: "message length",
+            });
         }
         let ty = u16_at(buf, o + 4);
         let flags = u16_at(buf, o + 6);
@@ -540,18 +600,34 @@ pub fn parse(buf: &[u8]) -> Result<Vec<Reply>, ParseError> {
         out.push(match ty {
             NLMSG_ERROR => parse_error(body, flags, seq, base)?,
             NLMSG_DONE => {
-                let errno = if body.len() >= 4 { -(u32_at(body, 0) as i32) } else { 0 };
+                let errno = if body.len() >= 4 {
+                    -(u32_at(body, 0) as i32)
+                } else {
+                    0
+                };
                 Reply::Done { seq, errno }
             }
             NLMSG_OVERRUN => return Err(ParseError::Overrun),
-            RTM_NEWADDR => Reply::Addr { seq, info: parse_addr(body, base)? },
-            RTM_NEWLINK => Reply::Link { seq, info: parse_link(body, base)? },
-            other => Reply::Other { seq, msg_type: other },
+            RTM_NEWADDR => Reply::Addr {
+                seq,
+                info: parse_addr(body, base)?,
+            },
+            RTM_NEWLINK => Reply::Link {
+                seq,
+                info: parse_link(body, base)?,
+            },
+            other => Reply::Other {
+                seq,
+                msg_type: other,
+            },
         });
         o += align4(len);
     }
     if o != buf.len() && o < buf.len() {
-        return Err(ParseError::Malformed { offset: o, why: "trailing bytes" });
+        return Err(ParseError::Malformed {
+            offset: o,
+            why: "trailing bytes",
+        });
     }
     Ok(out)
 }
@@ -598,7 +674,10 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(got.len(), 56);
         // The label attribute: length 13, 3 bytes of padding.
-        assert_eq!(&got[40..44], &[13u16.to_ne_bytes(), 3u16.to_ne_bytes()].concat()[..]);
+        assert_eq!(
+            &got[40..44],
+            &[13u16.to_ne_bytes(), 3u16.to_ne_bytes()].concat()[..]
+        );
     }
 
     #[test]
@@ -636,7 +715,10 @@ mod tests {
         assert!("192.0.2.1/33".parse::<IpPrefix>().is_err());
         assert!("2001:db8::1/129".parse::<IpPrefix>().is_err());
         assert!("2001:db8::1".parse::<IpPrefix>().is_err());
-        assert_eq!("2001:db8::1/128".parse::<IpPrefix>().unwrap().to_string(), "2001:db8::1/128");
+        assert_eq!(
+            "2001:db8::1/128".parse::<IpPrefix>().unwrap().to_string(),
+            "2001:db8::1/128"
+        );
     }
 
     #[test]
@@ -696,8 +778,16 @@ mod tests {
             r,
             vec![
                 Reply::Ack { seq: 3 },
-                Reply::Error { seq: 4, errno: 17, msg: Some("Address already assigned".into()) },
-                Reply::Error { seq: 5, errno: 19, msg: None },
+                Reply::Error {
+                    seq: 4,
+                    errno: 17,
+                    msg: Some("Address already assigned".into())
+                },
+                Reply::Error {
+                    seq: 5,
+                    errno: 19,
+                    msg: None
+                },
             ]
         );
     }
@@ -716,7 +806,10 @@ mod tests {
         let mut m2body = vec![10, 64, 0x40, 0];
         m2body.extend_from_slice(&5u32.to_ne_bytes());
         m2body.extend(rta(IFA_ADDRESS, &a.octets()));
-        m2body.extend(rta(IFA_FLAGS, &(IFA_F_TENTATIVE | IFA_F_DADFAILED).to_ne_bytes()));
+        m2body.extend(rta(
+            IFA_FLAGS,
+            &(IFA_F_TENTATIVE | IFA_F_DADFAILED).to_ne_bytes(),
+        ));
         m2body.extend(rta(0x8000 | 99, &[])); // unknown nested attribute: skipped
         let mut m2 = hdr((16 + m2body.len()) as u32, RTM_NEWADDR, NLM_F_MULTI, 8);
         m2.extend(m2body);
@@ -724,12 +817,16 @@ mod tests {
         done.extend_from_slice(&0i32.to_ne_bytes());
         let r = parse(&[m1, m2, done].concat()).unwrap();
         assert_eq!(r.len(), 3);
-        let Reply::Addr { info, .. } = &r[0] else { panic!("{r:?}") };
+        let Reply::Addr { info, .. } = &r[0] else {
+            panic!("{r:?}")
+        };
         assert_eq!(info.prefix.to_string(), "192.0.2.10/24");
         assert_eq!(info.label.as_deref(), Some("veth-a"));
         assert_eq!(info.ifindex, 5);
         assert!(!info.is_tentative());
-        let Reply::Addr { info, .. } = &r[1] else { panic!("{r:?}") };
+        let Reply::Addr { info, .. } = &r[1] else {
+            panic!("{r:?}")
+        };
         assert_eq!(info.prefix.to_string(), "2001:db8::10/64");
         assert!(info.is_tentative() && info.is_dad_failed());
         assert_eq!(r[2], Reply::Done { seq: 8, errno: 0 });
@@ -749,7 +846,9 @@ mod tests {
         let mut m = hdr((16 + body.len()) as u32, RTM_NEWLINK, 0, 2);
         m.extend(body);
         let r = parse(&m).unwrap();
-        let Reply::Link { info, seq: 2 } = &r[0] else { panic!("{r:?}") };
+        let Reply::Link { info, seq: 2 } = &r[0] else {
+            panic!("{r:?}")
+        };
         assert_eq!(info.name, "veth-b");
         assert_eq!(info.ifindex, 9);
         assert!(info.is_up() && info.has_carrier());
@@ -760,8 +859,14 @@ mod tests {
 
     #[test]
     fn parse_rejects_garbage() {
-        assert!(parse(&hdr(8, NLMSG_DONE, 0, 1)).is_err(), "length below header");
-        assert!(parse(&hdr(400, NLMSG_DONE, 0, 1)).is_err(), "length past the buffer");
+        assert!(
+            parse(&hdr(8, NLMSG_DONE, 0, 1)).is_err(),
+            "length below header"
+        );
+        assert!(
+            parse(&hdr(400, NLMSG_DONE, 0, 1)).is_err(),
+            "length past the buffer"
+        );
         let mut m = hdr(24, RTM_NEWADDR, 0, 1);
         m.extend_from_slice(&[2, 24, 0, 0, 1, 0, 0, 0]);
         assert!(parse(&m).is_err(), "address message without an address");
@@ -769,7 +874,10 @@ mod tests {
         m.extend_from_slice(&[2, 24, 0, 0, 1, 0, 0, 0]);
         m.extend_from_slice(&[40, 0, 1, 0]); // attribute claims 40 bytes
         assert!(parse(&m).is_err());
-        assert_eq!(parse(&hdr(16, NLMSG_OVERRUN, 0, 1)), Err(ParseError::Overrun));
+        assert_eq!(
+            parse(&hdr(16, NLMSG_OVERRUN, 0, 1)),
+            Err(ParseError::Overrun)
+        );
         assert_eq!(parse(&[]).unwrap(), vec![]);
     }
 }

@@ -41,7 +41,11 @@ pub struct ServiceAddr {
 
 impl ServiceAddr {
     pub fn new(ifname: &str, prefix: IpPrefix) -> ServiceAddr {
-        ServiceAddr { ifname: ifname.to_string(), prefix, label: None }
+        ServiceAddr {
+            ifname: ifname.to_string(),
+            prefix,
+            label: None,
+        }
     }
 }
 
@@ -124,12 +128,20 @@ struct Announcer {
 impl IdentityManager {
     /// Work in the calling thread's network namespace.
     pub fn new(cfg: IdentityConfig) -> Result<IdentityManager, NetError> {
-        Ok(IdentityManager { nl: RtNetlink::open()?, ns: None, cfg })
+        Ok(IdentityManager {
+            nl: RtNetlink::open()?,
+            ns: None,
+            cfg,
+        })
     }
 
     /// Work inside `ns`: every socket is opened there.
     pub fn new_in(ns: NetNs, cfg: IdentityConfig) -> Result<IdentityManager, NetError> {
-        Ok(IdentityManager { nl: RtNetlink::open_in(&ns)?, ns: Some(ns), cfg })
+        Ok(IdentityManager {
+            nl: RtNetlink::open_in(&ns)?,
+            ns: Some(ns),
+            cfg,
+        })
     }
 
     pub fn config(&self) -> &IdentityConfig {
@@ -198,7 +210,9 @@ impl IdentityManager {
         };
         let link = self.nl.link(&a.ifname)?;
         check_usable(&link)?;
-        let mac = link.mac().ok_or_else(|| NetError::NoMac { ifname: a.ifname.clone() })?;
+        let mac = link.mac().ok_or_else(|| NetError::NoMac {
+            ifname: a.ifname.clone(),
+        })?;
         let present = self.find(link.ifindex, a.prefix.addr)?;
         if let Some(p) = present {
             if !p.is_dad_failed() && !p.is_tentative() && p.prefix.prefix_len == a.prefix.prefix_len
@@ -216,12 +230,18 @@ impl IdentityManager {
                 self.probe_v4(link.ifindex, &a.ifname, mac, v4)?;
                 rep.probe = t.elapsed();
                 let t = Instant::now();
-                let opts = AddOptions { label: a.label.clone(), nodad: false };
+                let opts = AddOptions {
+                    label: a.label.clone(),
+                    nodad: false,
+                };
                 self.nl.add_address(&a.ifname, &a.prefix, &opts)?;
                 rep.add = t.elapsed();
             }
             IpAddr::V6(v6) => {
-                let opts = AddOptions { label: a.label.clone(), nodad: !self.cfg.ipv6_dad };
+                let opts = AddOptions {
+                    label: a.label.clone(),
+                    nodad: !self.cfg.ipv6_dad,
+                };
                 // Listen before adding so the defender's NA is not missed: it names the MAC.
                 let sniff = if self.cfg.ipv6_dad {
                     Some(self.packet(link.ifindex, ETH_P_IPV6)?)
@@ -246,7 +266,11 @@ impl IdentityManager {
     }
 
     fn find(&mut self, ifindex: u32, addr: IpAddr) -> Result<Option<AddrInfo>, NetError> {
-        Ok(self.nl.list_addresses_index(ifindex)?.into_iter().find(|i| i.prefix.addr == addr))
+        Ok(self
+            .nl
+            .list_addresses_index(ifindex)?
+            .into_iter()
+            .find(|i| i.prefix.addr == addr))
     }
 
     /// Remove `a.prefix.addr` from its interface whatever its prefix length there.
@@ -275,7 +299,8 @@ impl IdentityManager {
         let probe = arp::probe(mac, addr);
         let mut buf = [0u8; 2048];
         for i in 0..self.cfg.probe_count {
-            sock.send(&probe).map_err(|e| NetError::sys(format!("ARP probe for {addr}"), e))?;
+            sock.send(&probe)
+                .map_err(|e| NetError::sys(format!("ARP probe for {addr}"), e))?;
             let listen = if i + 1 == self.cfg.probe_count {
                 self.cfg.probe_wait_ms
             } else {
@@ -362,7 +387,9 @@ impl IdentityManager {
         let mut ann = Vec::with_capacity(reports.len());
         for (i, r) in reports.iter().enumerate() {
             let link = self.nl.link(&r.addr.ifname)?;
-            let mac = link.mac().ok_or_else(|| NetError::NoMac { ifname: link.name.clone() })?;
+            let mac = link.mac().ok_or_else(|| NetError::NoMac {
+                ifname: link.name.clone(),
+            })?;
             let (ethertype, frames) = match r.addr.prefix.addr {
                 IpAddr::V4(v4) => (
                     ETH_P_ARP,
@@ -373,7 +400,11 @@ impl IdentityManager {
                 ),
                 IpAddr::V6(v6) => (ETH_P_IPV6, vec![ndp::unsolicited_na(mac, v6, v6).to_vec()]),
             };
-            ann.push(Announcer { sock: self.packet(link.ifindex, ethertype)?, frames, report: i });
+            ann.push(Announcer {
+                sock: self.packet(link.ifindex, ethertype)?,
+                frames,
+                report: i,
+            });
         }
         let start = Instant::now();
         let interval = Duration::from_millis(self.cfg.announce_interval_ms);
@@ -408,7 +439,11 @@ impl IdentityManager {
             match self.remove_any_prefix(a) {
                 Ok(was_held) => {
                     tracing::info!(addr = %a, was_held, "service address released");
-                    out.push(ReleaseReport { addr: a.clone(), was_held, remove: t.elapsed() })
+                    out.push(ReleaseReport {
+                        addr: a.clone(),
+                        was_held,
+                        remove: t.elapsed(),
+                    })
                 }
                 Err(e) => {
                     tracing::warn!(addr = %a, error = %e, "release failed");

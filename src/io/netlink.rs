@@ -49,9 +49,17 @@ pub enum NetError {
     NoMac { ifname: String },
     /// Another host on the segment answered for the address.
     #[error("{addr} is in use on {ifname} by {}", .mac.as_deref().unwrap_or("another host (MAC unknown)"))]
-    AddressInUse { addr: IpAddr, ifname: String, mac: Option<String> },
+    AddressInUse {
+        addr: IpAddr,
+        ifname: String,
+        mac: Option<String>,
+    },
     #[error("duplicate address detection for {addr} on {ifname} did not finish in {waited_ms} ms")]
-    DadTimeout { addr: IpAddr, ifname: String, waited_ms: u64 },
+    DadTimeout {
+        addr: IpAddr,
+        ifname: String,
+        waited_ms: u64,
+    },
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error("bad netlink answer: {0}")]
@@ -76,7 +84,10 @@ impl NetError {
         matches!(self, NetError::InterfaceDown { .. })
     }
     pub(crate) fn sys(op: impl Into<String>, source: io::Error) -> NetError {
-        NetError::Sys { op: op.into(), source }
+        NetError::Sys {
+            op: op.into(),
+            source,
+        }
     }
 }
 
@@ -102,10 +113,17 @@ impl RtNetlink {
     pub fn open() -> Result<RtNetlink, NetError> {
         // SAFETY: plain socket(2) call with constant arguments; the result is checked.
         let raw = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
         };
         if raw < 0 {
-            return Err(NetError::sys("socket(AF_NETLINK)", io::Error::last_os_error()));
+            return Err(NetError::sys(
+                "socket(AF_NETLINK)",
+                io::Error::last_os_error(),
+            ));
         }
         // SAFETY: `raw` is a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -121,7 +139,10 @@ impl RtNetlink {
             )
         };
         if rc != 0 {
-            return Err(NetError::sys("bind(AF_NETLINK)", io::Error::last_os_error()));
+            return Err(NetError::sys(
+                "bind(AF_NETLINK)",
+                io::Error::last_os_error(),
+            ));
         }
         // Extended acks give the kernel's reason in words; capped acks keep them short. Both
         // are optional: an old kernel without them still works.
@@ -143,9 +164,16 @@ impl RtNetlink {
             )
         };
         if rc != 0 {
-            return Err(NetError::sys("setsockopt(SO_RCVTIMEO)", io::Error::last_os_error()));
+            return Err(NetError::sys(
+                "setsockopt(SO_RCVTIMEO)",
+                io::Error::last_os_error(),
+            ));
         }
-        Ok(RtNetlink { fd, seq: 1, buf: vec![0; RECV_BUF_BYTES] })
+        Ok(RtNetlink {
+            fd,
+            seq: 1,
+            buf: vec![0; RECV_BUF_BYTES],
+        })
     }
 
     /// Open inside the network namespace `ns`.
@@ -175,7 +203,10 @@ impl RtNetlink {
             )
         };
         if n < 0 {
-            return Err(NetError::sys(format!("{op}: sendto(netlink)"), io::Error::last_os_error()));
+            return Err(NetError::sys(
+                format!("{op}: sendto(netlink)"),
+                io::Error::last_os_error(),
+            ));
         }
         if n as usize != msg.len() {
             return Err(NetError::Protocol(format!("{op}: short send")));
@@ -187,7 +218,12 @@ impl RtNetlink {
         loop {
             // SAFETY: `self.buf` is writable for its length for the duration of the call.
             let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len(), 0)
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    self.buf.as_mut_ptr().cast(),
+                    self.buf.len(),
+                    0,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -254,7 +290,10 @@ impl RtNetlink {
 
     /// The link named `ifname`; [`NetError::NoSuchInterface`] if there is none.
     pub fn link(&mut self, ifname: &str) -> Result<LinkInfo, NetError> {
-        self.link_state(ifname)?.ok_or_else(|| NetError::NoSuchInterface { ifname: ifname.into() })
+        self.link_state(ifname)?
+            .ok_or_else(|| NetError::NoSuchInterface {
+                ifname: ifname.into(),
+            })
     }
 
     /// Every address on `ifname` (both families).
@@ -315,7 +354,10 @@ impl RtNetlink {
 /// Refuse links that cannot carry a service address: administratively down, or no carrier.
 pub fn check_usable(link: &LinkInfo) -> Result<(), NetError> {
     if !link.is_up() {
-        return Err(NetError::InterfaceDown { ifname: link.name.clone(), why: "down" });
+        return Err(NetError::InterfaceDown {
+            ifname: link.name.clone(),
+            why: "down",
+        });
     }
     if !link.has_carrier() {
         return Err(NetError::InterfaceDown {
@@ -326,7 +368,12 @@ pub fn check_usable(link: &LinkInfo) -> Result<(), NetError> {
     Ok(())
 }
 
-fn set_int_opt(fd: &OwnedFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn set_int_opt(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `v` is a valid c_int and the length passed is its size.
     let rc = unsafe {
         libc::setsockopt(

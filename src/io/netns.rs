@@ -18,7 +18,10 @@ impl NetNs {
     pub fn open(path: &Path) -> io::Result<NetNs> {
         let file = File::open(path)
             .map_err(|e| io::Error::new(e.kind(), format!("open netns {}: {e}", path.display())))?;
-        Ok(NetNs { file, path: path.to_path_buf() })
+        Ok(NetNs {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Open a namespace made by `ip netns add NAME` (`/var/run/netns/NAME`).

@@ -51,14 +51,15 @@ impl PacketSocket {
     /// Send one whole Ethernet frame (header included) out of the bound interface.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         // SAFETY: `frame` is a valid readable buffer of `frame.len()` bytes for the call.
-        let n = unsafe {
-            libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0)
-        };
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         if n as usize != frame.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short packet send"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short packet send",
+            ));
         }
         Ok(())
     }
@@ -75,11 +76,19 @@ impl PacketSocket {
             }
             // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes for the call.
             let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) {
                     continue;
                 }
                 return Err(e);
@@ -91,7 +100,11 @@ impl PacketSocket {
 
 /// poll(2) for readability up to `timeout`; true when readable.
 pub(crate) fn wait_readable(fd: i32, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // Round up so that a sub-millisecond remainder still waits instead of spinning.
     let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
     // SAFETY: `pfd` is a valid, initialised pollfd that lives across the call; nfds is 1.

@@ -8,24 +8,13 @@ use std::process::Command;
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this test needs root (loop devices); run the suite as root as CI does"
-    );
+    assert_eq!(euid, 0, "this test needs root (loop devices); run the suite as root as CI does");
 }
 
 /// Fail loudly when a tool the test drives is missing.
 pub fn require_tool(name: &str) {
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{name} is not installed: run tools/install-test-deps.sh (README) first"
-    );
+    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(ok, "{name} is not installed: run tools/install-test-deps.sh (README) first");
 }
 
 /// A loop device with direct I/O over a backing file; detached on drop.
@@ -55,10 +44,7 @@ impl LoopDev {
                 out = Some(o);
                 break;
             }
-            eprintln!(
-                "losetup attempt {attempt}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
+            eprintln!("losetup attempt {attempt}: {}", String::from_utf8_lossy(&o.stderr));
             std::thread::sleep(std::time::Duration::from_millis(50 * (attempt + 1)));
         }
         let out = out.expect("losetup kept failing");
@@ -69,17 +55,10 @@ impl LoopDev {
     /// Shrink the backing file and tell the loop driver: reads past the new end come back
     /// short and writes fail with ENOSPC, as a failing disk would.
     pub fn shrink(&self, bytes: u64) {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.backing)
-            .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&self.backing).unwrap();
         f.set_len(bytes).unwrap();
         drop(f);
-        let st = Command::new("losetup")
-            .arg("-c")
-            .arg(&self.dev)
-            .status()
-            .unwrap();
+        let st = Command::new("losetup").arg("-c").arg(&self.dev).status().unwrap();
         assert!(st.success(), "losetup -c failed");
     }
 }
@@ -99,10 +78,7 @@ impl Drop for LoopDev {
                     }
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                eprintln!(
-                    "WARNING: {} still attached 5 s after detach",
-                    self.dev.display()
-                );
+                eprintln!("WARNING: {} still attached 5 s after detach", self.dev.display());
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));

@@ -1,8 +1,11 @@
 //! Sans-io core: no syscalls, no clocks, no `unsafe`.
+pub mod arp;
 pub mod interconnect;
 pub mod label;
 pub mod mailbox;
 pub mod nbd;
+pub mod ndp;
+pub mod netlink;
 pub mod nvlog;
 pub mod raid4;
 pub mod ratelimit;

@@ -1,6 +1,7 @@
 //! Event loops and services that drive the sans-io core with the I/O layer.
 pub mod aggregate;
 pub mod backend;
+pub mod identity;
 pub mod journal;
 pub mod nbd_server;
 pub mod node;

@@ -628,3 +628,218 @@ impl MirrorRegion {
         self.region.lock().unwrap().persistence().to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::aggregate::tests::{assert_parity, mem_aggregate, MemDisks};
+    use std::path::Path;
+
+    /// A link to an in-process mirror: a test double beside the real TCP link.
+    struct LocalLink {
+        mirror: MirrorRegion,
+        up: AtomicBool,
+        acked: Mutex<u64>,
+        cv: Condvar,
+    }
+
+    impl MirrorLink for LocalLink {
+        fn is_up(&self) -> bool {
+            self.up.load(Ordering::Acquire)
+        }
+        fn send_records(&self, records: LogRecords) -> bool {
+            if !self.is_up() {
+                return false;
+            }
+            let seq = self.mirror.apply(&records).unwrap();
+            let mut a = self.acked.lock().unwrap();
+            *a = (*a).max(seq);
+            self.cv.notify_all();
+            true
+        }
+        fn wait_ack(&self, seq: u64, timeout: Duration) -> bool {
+            let a = self.acked.lock().unwrap();
+            let (a, _) = self.cv.wait_timeout_while(a, timeout, |a| *a < seq && self.is_up()).unwrap();
+            *a >= seq
+        }
+    }
+
+    const REGION: u64 = 4 << 20;
+
+    fn region(dir: &Path, name: &str) -> NvramRegion {
+        NvramRegion::open(&dir.join(name), REGION).unwrap()
+    }
+
+    fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        (0..len).map(|i| (i as u64 * 131 + seed * 7919) as u8).collect()
+    }
+
+    fn slow_cp() -> JournalConfig {
+        JournalConfig { cp_fill_percent: 90, cp_interval: Duration::from_secs(3600) }
+    }
+
+    #[test]
+    fn reads_see_the_log_then_the_aggregate_after_a_cp() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, disks) = mem_aggregate(4, 4096, 16);
+        let agg = Arc::new(agg);
+        let (j, s) = Journal::open(agg.clone(), region(dir.path(), "l"), slow_cp()).unwrap();
+        assert!(s.fresh);
+        let d = pattern(3 * 4096, 1);
+        j.write(8192, &d).unwrap();
+        let mut b = IoBuf::new(3 * 4096);
+        j.read(8192, &mut b).unwrap();
+        assert!(b[..] == d[..], "read through the journal sees the log");
+        let mut raw = IoBuf::new(3 * 4096);
+        agg.read(8192, &mut raw).unwrap();
+        assert!(raw[..] != d[..], "not on the members before a CP");
+        j.checkpoint().unwrap();
+        agg.read(8192, &mut raw).unwrap();
+        assert!(raw[..] == d[..], "on the members after a CP");
+        j.read(8192, &mut b).unwrap();
+        assert!(b[..] == d[..]);
+        assert_parity(&disks, 4, 4096 * 16);
+        assert_eq!(j.mirror_state(), MirrorState::NoPartner);
+    }
+
+    #[test]
+    fn concurrent_writers_share_group_commits_and_a_full_log_waits_for_cps() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, disks) = mem_aggregate(4, 16384, 64);
+        let agg = Arc::new(agg);
+        // A small log: 64 KiB writes fill it many times over.
+        let r = NvramRegion::open(&dir.path().join("small"), 1 << 20).unwrap();
+        let (j, _) = Journal::open(agg.clone(), r, JournalConfig { cp_fill_percent: 50, cp_interval: Duration::from_millis(50) }).unwrap();
+        let size = agg.geometry().size_bytes();
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let j = &j;
+                s.spawn(move || {
+                    let region = size / 8;
+                    for i in 0..40u64 {
+                        let off = t * region + (i * 65536) % (region - 65536);
+                        j.write(off, &pattern(65536, t * 1000 + i)).unwrap();
+                    }
+                });
+            }
+        });
+        let appended = j.stats.appended.load(Ordering::Relaxed);
+        let commits = j.stats.group_commits.load(Ordering::Relaxed);
+        assert_eq!(appended, 320);
+        assert!(commits < appended, "group commit: {commits} commits for {appended} writes");
+        assert!(j.stats.cps.load(Ordering::Relaxed) > 1, "the log filled and CPs freed it");
+        // Every thread's last write to each offset reads back.
+        for t in 0..8u64 {
+            let region = size / 8;
+            let mut last = std::collections::BTreeMap::new();
+            for i in 0..40u64 {
+                last.insert(t * region + (i * 65536) % (region - 65536), t * 1000 + i);
+            }
+            for (off, seed) in last {
+                let mut b = IoBuf::new(65536);
+                j.read(off, &mut b).unwrap();
+                assert!(b[..] == pattern(65536, seed)[..], "thread {t} offset {off}");
+            }
+        }
+        j.close().unwrap();
+        assert_parity(&disks, 4, 16384 * 64);
+    }
+
+    fn reopen(disks: &Arc<MemDisks>) -> Arc<Aggregate> {
+        use crate::daemon::aggregate::tests::MemEngine;
+        use crate::daemon::aggregate::EngineFactory;
+        let d = disks.clone();
+        let factory: EngineFactory = Arc::new(move || Ok(Box::new(MemEngine(d.clone())) as Box<dyn crate::io::engine::Engine>));
+        let paths = (0..disks.data.lock().unwrap().len()).map(|i| format!("mem{i}")).collect();
+        Arc::new(Aggregate::assemble(paths, factory, crate::io::buf::BufArena::new(4 << 20), 4096, 1 << 20).unwrap().0)
+    }
+
+    #[test]
+    fn replay_after_a_crash_redoes_the_log_and_repairs_parity() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, disks) = mem_aggregate(3, 4096, 16);
+        let agg = Arc::new(agg);
+        let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
+        {
+            let (j, _) = Journal::open(agg.clone(), region(dir.path(), "l"), slow_cp()).unwrap();
+            for i in 0..30u64 {
+                let off = (i * 7 % 40) * 4096;
+                let d = pattern(4096 * (1 + i as usize % 3), i);
+                j.write(off, &d).unwrap();
+                model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+            }
+            // Crash: no CP, no close. The journal and aggregate are simply dropped.
+        }
+        drop(agg);
+        // A torn stripe write: parity of stripe 2 no longer matches.
+        {
+            let mut d = disks.data.lock().unwrap();
+            let off = crate::core::label::DATA_OFFSET_BYTES as usize + 2 * 4096 + 100;
+            d[3][off] ^= 0x5a;
+        }
+        let agg = reopen(&disks);
+        let (j, s) = Journal::open(agg.clone(), region(dir.path(), "l"), slow_cp()).unwrap();
+        assert!(!s.fresh);
+        assert_eq!(s.replayed_records, 30);
+        assert_eq!(s.discarded_torn + s.discarded_unacked, 0);
+        let mut all = IoBuf::new(model.len());
+        agg.read(0, &mut all).unwrap();
+        assert!(all[..] == model[..], "replay put every acknowledged write on the members");
+        assert_parity(&disks, 3, 4096 * 16);
+        // The new log starts empty: a second reopen replays nothing.
+        drop(j);
+        let agg2 = reopen(&disks);
+        let (_j, s) = Journal::open(agg2, region(dir.path(), "l"), slow_cp()).unwrap();
+        assert_eq!(s.replayed_records, 0);
+    }
+
+    #[test]
+    fn mirror_holds_every_acknowledged_write_and_replays_elsewhere() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(4, 4096, 32);
+        let agg = Arc::new(agg);
+        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let link = Arc::new(LocalLink {
+            mirror: MirrorRegion::new(region(dir.path(), "mirror")),
+            up: AtomicBool::new(true),
+            acked: Mutex::new(0),
+            cv: Condvar::new(),
+        });
+        j.set_mirror(Some(link.clone()));
+        let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
+        let mut write = |i: u64| {
+            let off = (i * 13 % 100) * 4096;
+            let d = pattern(8192, i);
+            j.write(off, &d).unwrap();
+            model[off as usize..off as usize + 8192].copy_from_slice(&d);
+        };
+        for i in 0..20 {
+            write(i);
+        }
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        // The partner goes away: writes continue, status says so.
+        link.up.store(false, Ordering::Release);
+        for i in 20..30 {
+            write(i);
+        }
+        assert!(matches!(j.mirror_state(), MirrorState::NotMirrored { .. }), "{:?}", j.mirror_state());
+        // It comes back: the next commit resynchronises the whole log first.
+        link.up.store(true, Ordering::Release);
+        for i in 30..40 {
+            write(i);
+        }
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        j.checkpoint().unwrap();
+        for i in 40..50 {
+            write(i);
+        }
+        // Takeover: the partner replays our log from its mirror onto the shared aggregate, as
+        // it stands on the members (the CP put 0..40 there), and must see everything.
+        let snap = link.mirror.snapshot();
+        let s = replay_region(&agg, &snap).unwrap();
+        assert_eq!(s.replayed_records, 10, "only what the mirror holds past the last trim");
+        let mut all = IoBuf::new(model.len());
+        agg.read(0, &mut all).unwrap();
+        assert!(all[..] == model[..], "the mirror held every acknowledged write");
+    }
+}

@@ -16,6 +16,10 @@
 //! data = ["/dev/sdb", "/dev/sdc", "/dev/sdd", "/dev/sde"]
 //! parity = "/dev/sdf"
 //! chunk_kib = 64
+//! nvram = "/var/lib/hapair/aggr0.nvlog"   # where this node keeps the aggregate's write log:
+//!                                 # its own log when home = node, else the partner's mirror
+//! nvram_mib = 64                  # log size (the same on both nodes)
+//! cp_interval_ms = 1000           # consistency point at least this often
 //!
 //! [[export]]
 //! name = "aggr0"
@@ -104,6 +108,19 @@ pub struct AggregateConfig {
     pub parity: PathBuf,
     #[serde(default = "default_chunk_kib")]
     pub chunk_kib: u64,
+    /// NVRAM log file (or DAX device file). Without it writes go straight to the members.
+    pub nvram: Option<PathBuf>,
+    #[serde(default = "default_nvram_mib")]
+    pub nvram_mib: u64,
+    #[serde(default = "default_cp_interval_ms")]
+    pub cp_interval_ms: u64,
+}
+
+fn default_nvram_mib() -> u64 {
+    64
+}
+fn default_cp_interval_ms() -> u64 {
+    1000
 }
 
 fn default_chunk_kib() -> u64 {
@@ -198,6 +215,17 @@ impl Config {
             }
             if a.chunk_kib < 4 || !a.chunk_kib.is_power_of_two() || a.chunk_kib > 16384 {
                 return Err(bad(key("chunk_kib"), format!("{} is not a power of two in 4..=16384", a.chunk_kib)));
+            }
+            if !(1..=65536).contains(&a.nvram_mib) {
+                return Err(bad(key("nvram_mib"), format!("{} is not in 1..=65536", a.nvram_mib)));
+            }
+            if !(10..=600_000).contains(&a.cp_interval_ms) {
+                return Err(bad(key("cp_interval_ms"), format!("{} is not in 10..=600000", a.cp_interval_ms)));
+            }
+            if let Some(n) = &a.nvram {
+                if a.members().contains(n) {
+                    return Err(bad(key("nvram"), format!("{} is also a member", n.display())));
+                }
             }
             for p in a.members() {
                 if let Some(other) = seen_paths.insert(p.clone(), a.name.clone()) {

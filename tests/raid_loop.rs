@@ -19,6 +19,9 @@ fn agg_config(loops: &[LoopDev]) -> AggregateConfig {
         data: loops[..loops.len() - 1].iter().map(|l| l.dev.clone()).collect(),
         parity: loops[loops.len() - 1].dev.clone(),
         chunk_kib: 64,
+        nvram: None,
+        nvram_mib: 64,
+        cp_interval_ms: 1000,
     }
 }
 

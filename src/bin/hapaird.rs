@@ -118,10 +118,12 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     let unix = dir.join("aggr0.sock");
     let text = format!(
         "# written by hapaird demo\nnode = \"a\"\n\n[io]\nengine = \"io_uring\"\narena_mib = 64\n\n\
-         [[aggregate]]\nname = \"aggr0\"\nhome = \"a\"\ndata = [{}]\nparity = {}\nchunk_kib = 64\n\n\
+         [[aggregate]]\nname = \"aggr0\"\nhome = \"a\"\ndata = [{}]\nparity = {}\nchunk_kib = 64\n\
+         nvram = \"{}\"\nnvram_mib = 64\n\n\
          [[export]]\nname = \"aggr0\"\naggregate = \"aggr0\"\nlisten = \"127.0.0.1:{port}\"\nunix = \"{}\"\n",
         names[..4].iter().map(|n| member(n)).collect::<Vec<_>>().join(", "),
         member("p"),
+        dir.join("aggr0.nvlog").display(),
         unix.display()
     );
     let cfg_path = dir.join("a.toml");

@@ -161,11 +161,8 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
         Ok(replay) => {
             let cache = WriteCache::from_replay(region, &replay);
             let runs = runs_of(&cache, u64::MAX);
-            let mut bytes = 0;
-            for (off, data) in &runs {
-                write_pieces(agg, *off, data, true)?;
-                bytes += data.len() as u64;
-            }
+            let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
+            write_runs_parallel(agg, &runs, true)?;
             agg.flush()?;
             let s = ReplaySummary::from_report(&replay.report, bytes);
             tracing::info!(aggregate = %agg.name(), replayed = s.replayed_records, bytes, discarded_torn = s.discarded_torn,
@@ -185,6 +182,34 @@ fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
         }
     }
     runs
+}
+
+/// Threads a consistency point writes with: the members see this many requests at once.
+const CP_WRITERS: usize = 16;
+
+/// Write runs to the aggregate from several threads (runs never overlap, so order is free).
+fn write_runs_parallel(agg: &Aggregate, runs: &[(u64, Vec<u8>)], repair: bool) -> Result<(), AggregateError> {
+    let next = AtomicU64::new(0);
+    let first_err: Mutex<Option<AggregateError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..CP_WRITERS.min(runs.len()) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= runs.len() || first_err.lock().unwrap().is_some() {
+                    return;
+                }
+                let (off, data) = &runs[i];
+                if let Err(e) = write_pieces(agg, *off, data, repair) {
+                    first_err.lock().unwrap().get_or_insert(e);
+                    return;
+                }
+            });
+        }
+    });
+    match first_err.into_inner().unwrap() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Write a run in pieces the aggregate takes, cut at stripe boundaries so full stripes stay full.
@@ -449,11 +474,8 @@ impl Journal {
         };
         let t0 = Instant::now();
         let runs = runs_of(&self.cache.read().unwrap(), upto);
-        let mut bytes = 0u64;
-        for (off, data) in &runs {
-            write_pieces(&self.agg, *off, data, false)?;
-            bytes += data.len() as u64;
-        }
+        let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
+        write_runs_parallel(&self.agg, &runs, false)?;
         self.agg.flush()?;
         let (slot, segment) = {
             let mut g = self.inner.lock().unwrap();

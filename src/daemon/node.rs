@@ -2,6 +2,9 @@
 
 use crate::config::Config;
 use crate::daemon::aggregate::Aggregate;
+use crate::daemon::backend::Backend;
+use crate::daemon::journal::{Journal, JournalConfig, JournalError, ReplaySummary};
+use crate::io::nvram::NvramRegion;
 use crate::daemon::nbd_server::{DrainReport, Export, NbdServer, ServerConfig};
 use crate::daemon::setup::{self, SetupError};
 use std::net::SocketAddr;
@@ -46,6 +49,8 @@ impl Served {
 pub struct Node {
     pub config: Config,
     pub aggregates: Vec<Arc<Aggregate>>,
+    /// NVRAM journals of the aggregates that have one, with what their replay did.
+    pub journals: Vec<(Arc<Journal>, ReplaySummary)>,
     pub served: Vec<Served>,
 }
 
@@ -54,6 +59,8 @@ pub struct Node {
 pub enum NodeError {
     #[error("aggregate {aggregate}: {source}")]
     Setup { aggregate: String, source: SetupError },
+    #[error("aggregate {aggregate}: {source}")]
+    Journal { aggregate: String, source: JournalError },
     #[error("export {export}: cannot listen on {addr}: {source}")]
     Listen { export: String, addr: String, source: std::io::Error },
 }
@@ -75,10 +82,25 @@ impl Node {
             );
             aggregates.push(Arc::new(agg));
         }
+        let mut journals = Vec::new();
+        for agg in &aggregates {
+            let a = config.aggregate(agg.name()).expect("configured");
+            let Some(path) = &a.nvram else { continue };
+            let je = |source: JournalError| NodeError::Journal { aggregate: a.name.clone(), source };
+            let region = NvramRegion::open(path, a.nvram_mib << 20).map_err(|e| je(e.into()))?;
+            let cfg = JournalConfig { cp_interval: Duration::from_millis(a.cp_interval_ms), ..JournalConfig::default() };
+            let (j, summary) = Journal::open(agg.clone(), region, cfg).map_err(je)?;
+            tracing::info!(aggregate = %a.name, nvram = %path.display(), "{}; replay: {summary:?}", j.persistence());
+            journals.push((j, summary));
+        }
         let mut served = Vec::new();
         for e in &config.export {
             let Some(agg) = aggregates.iter().find(|a| a.name() == e.aggregate) else {
                 continue;
+            };
+            let backend: Arc<dyn Backend> = match journals.iter().find(|(j, _)| j.aggregate().name() == e.aggregate) {
+                Some((j, _)) => j.clone(),
+                None => agg.clone(),
             };
             let cfg = ServerConfig {
                 tcp: e.listen,
@@ -94,7 +116,7 @@ impl Node {
                 } else {
                     e.description.clone()
                 },
-                backend: agg.clone(),
+                backend,
                 read_only: false,
             };
             let addr = format!("{:?} {:?}", e.listen, e.unix);
@@ -110,7 +132,7 @@ impl Node {
             tracing::info!(export = %s.export, uri = %s.uri(), "serving");
             served.push(s);
         }
-        Ok(Node { config, aggregates, served })
+        Ok(Node { config, aggregates, journals, served })
     }
 
     /// Graceful stop: drain every export (answer what was read, read nothing new), then flush
@@ -127,6 +149,12 @@ impl Node {
             s.server.shutdown();
         }
         drop(self.served);
+        for (j, _) in &self.journals {
+            match j.close() {
+                Ok(seq) => tracing::info!(aggregate = %j.aggregate().name(), up_to_seq = seq, "final consistency point"),
+                Err(e) => tracing::error!(aggregate = %j.aggregate().name(), error = %e, "final consistency point failed: the log will be replayed at next start"),
+            }
+        }
         for a in &self.aggregates {
             match a.close() {
                 Ok(()) => tracing::info!(aggregate = %a.name(), "closed cleanly"),

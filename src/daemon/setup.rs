@@ -112,7 +112,12 @@ pub fn open(cfg: &AggregateConfig, io: &IoConfig, progress: Progress) -> Result<
     let files = Arc::new(members.into_iter().map(|m| m.file).collect::<Vec<_>>());
     let factory = engine_factory(files, io, arena.clone());
     let (agg, dirty) = Aggregate::assemble(paths, factory, arena, align, io.max_request_kib * 1024)?;
-    if dirty {
+    // With an NVRAM log, every stripe written since the last clean point is named by a log
+    // record, and replay rewrites it with its parity recomputed: no full resync is needed.
+    let log_covers = cfg.nvram.as_ref().is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+    if dirty && log_covers {
+        tracing::info!(aggregate = %cfg.name, "not closed cleanly: the NVRAM log replay repairs the stripes it names");
+    } else if dirty {
         if agg.failed_member().is_some() {
             tracing::error!(aggregate = %cfg.name, "not closed cleanly and degraded: parity of stripes written last cannot be checked");
         } else {

@@ -181,8 +181,17 @@ impl NvramRegion {
             .map_err(|source| NvramError::Open { path: path.to_owned(), source })?
             .len();
         if actual == 0 {
-            file.set_len(bytes)
-                .map_err(|source| NvramError::Resize { path: path.to_owned(), bytes, source })?;
+            // Write every block now: msync of a sparse file would allocate blocks (a metadata
+            // journal commit) on every group commit; of written blocks it is a plain data write.
+            let resize = |source| NvramError::Resize { path: path.to_owned(), bytes, source };
+            let zeros = vec![0u8; 1 << 20];
+            let mut done = 0u64;
+            while done < bytes {
+                let n = (bytes - done).min(zeros.len() as u64) as usize;
+                std::os::unix::fs::FileExt::write_all_at(&file, &zeros[..n], done).map_err(resize)?;
+                done += n as u64;
+            }
+            file.sync_all().map_err(resize)?;
         } else if actual != bytes {
             return Err(NvramError::SizeMismatch { path: path.to_owned(), expected: bytes, actual });
         }

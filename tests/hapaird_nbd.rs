@@ -5,73 +5,9 @@ mod common;
 
 use common::*;
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-const HAPAIRD: &str = env!("CARGO_BIN_EXE_hapaird");
-
-/// A daemon process, killed on drop if the test did not stop it.
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn spawn(args: &[&str]) -> Daemon {
-        let child = Command::new(HAPAIRD)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hapaird");
-        Daemon { child: Some(child) }
-    }
-
-    /// Send `sig` and wait for the exit; returns the output.
-    fn stop(mut self, sig: i32) -> Output {
-        let child = self.child.take().unwrap();
-        // SAFETY: kill with a pid we own.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        child.wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let out = c.wait_with_output();
-            if let Ok(o) = out {
-                eprintln!("daemon stderr:\n{}", String::from_utf8_lossy(&o.stderr));
-            }
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_for_port(port: u16) {
-    let end = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "hapaird did not listen on {port} within 60 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn write_config(dir: &Path, loops: &[LoopDev], port: u16) -> PathBuf {
     let q = |p: &Path| format!("\"{}\"", p.display());

@@ -1,8 +1,10 @@
 //! Shared helpers for privileged integration tests: loop devices that are always detached.
 #![allow(dead_code)]
 
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Fail loudly (never skip) when the test cannot run as it must.
 pub fn require_root() {
@@ -104,3 +106,72 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+pub const HAPAIRD: &str = env!("CARGO_BIN_EXE_hapaird");
+
+/// A daemon process, killed on drop if the test did not stop it.
+pub struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn spawn(args: &[&str]) -> Daemon {
+        let child = Command::new(HAPAIRD)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hapaird");
+        Daemon { child: Some(child) }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Send `sig` and wait for the exit; returns the output.
+    pub fn stop(mut self, sig: i32) -> Output {
+        let child = self.child.take().unwrap();
+        // SAFETY: kill with a pid we own.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let out = c.wait_with_output();
+            if let Ok(o) = out {
+                eprintln!("daemon stderr:\n{}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for_port(port: u16) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "hapaird did not listen on {port} within 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+

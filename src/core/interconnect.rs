@@ -151,7 +151,13 @@ pub enum Message {
     Takeover,
     Giveback,
     GivebackComplete,
+    /// A takeover state-machine message (`core::takeover::Message`), serialised by the HA
+    /// layer. Opaque here; at most [`MAX_HA_BYTES`]. The MAC authenticates it like any other.
+    Ha(Vec<u8>),
 }
+
+/// Largest [`Message::Ha`] body.
+pub const MAX_HA_BYTES: usize = 64 * 1024;
 
 mod kind {
     pub const HELLO: u16 = 1;
@@ -166,6 +172,7 @@ mod kind {
     pub const TAKEOVER: u16 = 20;
     pub const GIVEBACK: u16 = 21;
     pub const GIVEBACK_COMPLETE: u16 = 22;
+    pub const HA: u16 = 32;
 }
 
 impl Message {
@@ -184,6 +191,7 @@ impl Message {
             Message::Takeover => kind::TAKEOVER,
             Message::Giveback => kind::GIVEBACK,
             Message::GivebackComplete => kind::GIVEBACK_COMPLETE,
+            Message::Ha(_) => kind::HA,
         }
     }
 
@@ -216,6 +224,7 @@ impl Message {
                 out.extend_from_slice(&up_to_seq.to_le_bytes())
             }
             Message::PleaseShutdown { countdown_ms } => out.extend_from_slice(&countdown_ms.to_le_bytes()),
+            Message::Ha(b) => out.extend_from_slice(b),
             Message::PleaseTakeover
             | Message::ShutdownComplete
             | Message::PleaseDie
@@ -276,6 +285,13 @@ impl Message {
             kind::TAKEOVER => Message::Takeover,
             kind::GIVEBACK => Message::Giveback,
             kind::GIVEBACK_COMPLETE => Message::GivebackComplete,
+            kind::HA => {
+                if body.len() > MAX_HA_BYTES {
+                    return Err(FrameError::Malformed { kind, reason: "HA message too large" });
+                }
+                let n = r.b.len();
+                Message::Ha(r.take(n)?.to_vec())
+            }
             other => return Err(FrameError::UnknownKind(other)),
         };
         if !r.b.is_empty() {
@@ -567,6 +583,7 @@ mod tests {
             Message::Takeover,
             Message::Giveback,
             Message::GivebackComplete,
+            Message::Ha(br#"{"PleaseDie":{"epoch":3}}"#.to_vec()),
         ]
     }
 

@@ -3,6 +3,7 @@ pub mod aggregate;
 pub mod backend;
 pub mod identity;
 pub mod journal;
+pub mod link;
 pub mod nbd_server;
 pub mod node;
 pub mod setup;

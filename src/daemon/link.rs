@@ -1,0 +1,572 @@
+//! The interconnect: one authenticated TCP session with the partner at a time, over the first
+//! of its addresses that answers; heartbeats both ways; mirror traffic; HA messages.
+//!
+//! Node 0 of the pair dials, node 1 accepts (so there is never a race of two sessions). A
+//! session that hears nothing for `timeout` is dropped, and node 0 dials again.
+
+use crate::core::interconnect::{Decoded, Hello, LogRecords, Message, Session, StateSummary, NONCE_BYTES};
+use crate::core::ratelimit::RateLimiter;
+use crate::daemon::journal::MirrorLink;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Interconnect settings.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// 0 or 1: which node of the pair this is (node 0 dials).
+    pub node_id: u8,
+    /// Where node 1 accepts the session.
+    pub listen: Option<SocketAddr>,
+    /// The partner's interconnect addresses, tried in order (node 0 dials them).
+    pub peers: Vec<SocketAddr>,
+    /// Pre-shared key, at least 16 bytes.
+    pub key: Vec<u8>,
+    /// Heartbeat interval.
+    pub heartbeat: Duration,
+    /// Silence after which the session is dropped.
+    pub timeout: Duration,
+    /// `major << 16 | minor` of this build.
+    pub software_version: u32,
+}
+
+/// What the link tells the rest of the node.
+pub trait LinkHandler: Send + Sync {
+    /// A session is up.
+    fn on_up(&self, peer: &Hello);
+    /// The session went down.
+    fn on_down(&self, why: &str);
+    /// Bytes for our mirror of the partner's log; returns the seq to acknowledge once durable.
+    fn on_log_records(&self, records: &LogRecords) -> Result<u64, String>;
+    /// Anything else: heartbeats, HA messages, trims.
+    fn on_message(&self, msg: Message);
+    /// What our heartbeats say.
+    fn summary(&self) -> StateSummary;
+}
+
+struct Conn {
+    id: u64,
+    session: Session,
+    stream: TcpStream,
+}
+
+struct Shared {
+    cfg: LinkConfig,
+    handler: Arc<dyn LinkHandler>,
+    conn: Mutex<Option<Conn>>,
+    next_id: AtomicU64,
+    up: AtomicBool,
+    acked: Mutex<u64>,
+    acked_cv: Condvar,
+    stop: AtomicBool,
+    /// Clock origin for the rate limiter.
+    epoch: Instant,
+    down_since: Mutex<Option<SystemTime>>,
+    rejected: Mutex<RateLimiter>,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub frames_rejected: AtomicU64,
+}
+
+/// The running interconnect.
+pub struct Link {
+    shared: Arc<Shared>,
+}
+
+/// Counters for status.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkStatus {
+    pub up: bool,
+    pub down_since: Option<SystemTime>,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub frames_rejected: u64,
+}
+
+fn nonce() -> [u8; NONCE_BYTES] {
+    rand::random()
+}
+
+impl Link {
+    /// Start the link's threads. Node 1 binds its listener before this returns.
+    pub fn start(cfg: LinkConfig, handler: Arc<dyn LinkHandler>) -> io::Result<Link> {
+        Session::new(&cfg.key, nonce()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let listener = match (cfg.node_id, cfg.listen) {
+            (1, Some(a)) => Some(TcpListener::bind(a)?),
+            (1, None) => return Err(io::Error::new(io::ErrorKind::InvalidInput, "node 1 needs an interconnect listen address")),
+            _ => None,
+        };
+        if cfg.node_id == 0 && cfg.peers.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "node 0 needs the partner's interconnect addresses"));
+        }
+        let shared = Arc::new(Shared {
+            cfg,
+            handler,
+            conn: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            up: AtomicBool::new(false),
+            acked: Mutex::new(0),
+            acked_cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            epoch: Instant::now(),
+            down_since: Mutex::new(Some(SystemTime::now())),
+            rejected: Mutex::new(RateLimiter::new(5, 1)),
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            frames_rejected: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new().name("hapair-link".into()).spawn(move || match listener {
+            Some(l) => accept_loop(s, l),
+            None => dial_loop(s),
+        })?;
+        let s = shared.clone();
+        std::thread::Builder::new().name("hapair-heartbeat".into()).spawn(move || heartbeat_loop(s))?;
+        Ok(Link { shared })
+    }
+
+    /// Send a message (best effort: false if the link is down or the write failed).
+    pub fn send(&self, msg: &Message) -> bool {
+        self.shared.send(msg)
+    }
+
+    /// Link status.
+    pub fn status(&self) -> LinkStatus {
+        let s = &self.shared;
+        LinkStatus {
+            up: s.up.load(Ordering::Acquire),
+            down_since: *s.down_since.lock().unwrap(),
+            frames_in: s.frames_in.load(Ordering::Relaxed),
+            frames_out: s.frames_out.load(Ordering::Relaxed),
+            frames_rejected: s.frames_rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stop the link: close the session, end the threads.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(c) = self.shared.conn.lock().unwrap().take() {
+            let _ = c.stream.shutdown(Shutdown::Both);
+        }
+        if let (1, Some(a)) = (self.shared.cfg.node_id, self.shared.cfg.listen) {
+            // Wake the accept loop.
+            let _ = TcpStream::connect_timeout(&a, Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl MirrorLink for Link {
+    fn is_up(&self) -> bool {
+        self.shared.up.load(Ordering::Acquire)
+    }
+    fn send_records(&self, records: LogRecords) -> bool {
+        self.shared.send(&Message::LogRecords(records))
+    }
+    fn wait_ack(&self, seq: u64, timeout: Duration) -> bool {
+        let s = &self.shared;
+        let g = s.acked.lock().unwrap();
+        let (g, _) = s
+            .acked_cv
+            .wait_timeout_while(g, timeout, |a| *a < seq && s.up.load(Ordering::Acquire))
+            .unwrap();
+        *g >= seq
+    }
+}
+
+impl Shared {
+    fn send(&self, msg: &Message) -> bool {
+        let mut g = self.conn.lock().unwrap();
+        let Some(c) = g.as_mut() else { return false };
+        let frame = match c.session.encode(msg) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(error = %e, kind = msg.kind(), "cannot encode interconnect message");
+                return false;
+            }
+        };
+        match c.stream.write_all(&frame) {
+            Ok(()) => {
+                self.frames_out.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                let id = c.id;
+                drop(g);
+                self.drop_conn(id, &format!("write failed: {e}"));
+                false
+            }
+        }
+    }
+
+    fn drop_conn(&self, id: u64, why: &str) {
+        let mut g = self.conn.lock().unwrap();
+        if g.as_ref().is_some_and(|c| c.id == id) {
+            if let Some(c) = g.take() {
+                let _ = c.stream.shutdown(Shutdown::Both);
+            }
+            drop(g);
+            if self.up.swap(false, Ordering::AcqRel) {
+                *self.down_since.lock().unwrap() = Some(SystemTime::now());
+                tracing::warn!(why, "interconnect down");
+                self.handler.on_down(why);
+            }
+            self.acked_cv.notify_all();
+        }
+    }
+
+    /// Exchange Hellos on a fresh stream and install it as the session.
+    fn establish(self: &Arc<Self>, mut stream: TcpStream) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(self.cfg.timeout))?;
+        stream.set_write_timeout(Some(self.cfg.timeout))?;
+        let mut session = Session::new(&self.cfg.key, nonce()).map_err(|e| io::Error::other(e.to_string()))?;
+        let hello = Hello { node_id: self.cfg.node_id, software_version: self.cfg.software_version, capabilities: 0, nonce: session.local_nonce() };
+        let frame = session.encode(&Message::Hello(hello)).map_err(|e| io::Error::other(e.to_string()))?;
+        stream.write_all(&frame)?;
+        let mut buf = Vec::new();
+        let (peer, rest) = loop {
+            match session.decode(&buf) {
+                Ok(Decoded::Frame { message: Message::Hello(h), consumed, .. }) => break (h, buf[consumed..].to_vec()),
+                Ok(Decoded::Frame { .. }) => return Err(io::Error::other("first frame is not a Hello")),
+                Ok(Decoded::NeedMore { .. }) => {
+                    let mut chunk = [0u8; 4096];
+                    let n = stream.read(&mut chunk)?;
+                    if n == 0 {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during Hello"));
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) => {
+                    self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                    return Err(io::Error::other(format!("bad Hello: {e}")));
+                }
+            }
+        };
+        if peer.node_id == self.cfg.node_id {
+            return Err(io::Error::other(format!("peer claims our own node id {}", peer.node_id)));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let reader = stream.try_clone()?;
+        {
+            let mut g = self.conn.lock().unwrap();
+            if let Some(old) = g.take() {
+                let _ = old.stream.shutdown(Shutdown::Both);
+            }
+            *g = Some(Conn { id, session, stream });
+        }
+        self.up.store(true, Ordering::Release);
+        *self.down_since.lock().unwrap() = None;
+        tracing::info!(peer_node = peer.node_id, peer_version = peer.software_version, "interconnect up");
+        self.handler.on_up(&peer);
+        let s = self.clone();
+        std::thread::Builder::new().name("hapair-link-rx".into()).spawn(move || s.read_loop(id, reader, rest))?;
+        Ok(())
+    }
+
+    fn read_loop(self: Arc<Self>, id: u64, mut stream: TcpStream, mut buf: Vec<u8>) {
+        let mut chunk = vec![0u8; 256 * 1024];
+        let why = loop {
+            if self.stop.load(Ordering::Acquire) {
+                break "stopping".to_string();
+            }
+            // Decode every whole frame buffered.
+            loop {
+                let decoded = {
+                    let mut g = self.conn.lock().unwrap();
+                    let Some(c) = g.as_mut().filter(|c| c.id == id) else {
+                        return;
+                    };
+                    c.session.decode(&buf)
+                };
+                match decoded {
+                    Ok(Decoded::Frame { message, consumed, .. }) => {
+                        buf.drain(..consumed);
+                        self.frames_in.fetch_add(1, Ordering::Relaxed);
+                        self.dispatch(message);
+                    }
+                    Ok(Decoded::NeedMore { .. }) => break,
+                    Err(e) => {
+                        self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                        if let Some(n) = self.rejected.lock().unwrap().allow(self.epoch.elapsed()) {
+                            tracing::error!(error = %e, suppressed = n, "interconnect frame rejected; dropping the session");
+                        }
+                        self.drop_conn(id, &format!("rejected frame: {e}"));
+                        return;
+                    }
+                }
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => break "partner closed the connection".to_string(),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    break format!("partner silent for {:?}", self.cfg.timeout);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break format!("read failed: {e}"),
+            }
+        };
+        self.drop_conn(id, &why);
+    }
+
+    fn dispatch(&self, msg: Message) {
+        match msg {
+            Message::LogRecords(r) => match self.handler.on_log_records(&r) {
+                Ok(seq) => {
+                    self.send(&Message::LogAck { up_to_seq: seq });
+                }
+                Err(e) => tracing::error!(error = %e, "mirror update refused; not acknowledged"),
+            },
+            Message::LogAck { up_to_seq } => {
+                let mut a = self.acked.lock().unwrap();
+                *a = (*a).max(up_to_seq);
+                self.acked_cv.notify_all();
+            }
+            Message::Hello(_) => {
+                tracing::warn!("second Hello on an established session ignored");
+            }
+            other => self.handler.on_message(other),
+        }
+    }
+}
+
+fn dial_loop(s: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(50);
+    while !s.stop.load(Ordering::Acquire) {
+        if s.conn.lock().unwrap().is_some() {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let mut connected = false;
+        for a in &s.cfg.peers {
+            match TcpStream::connect_timeout(a, s.cfg.timeout) {
+                Ok(stream) => match s.establish(stream) {
+                    Ok(()) => {
+                        connected = true;
+                        break;
+                    }
+                    Err(e) => tracing::warn!(peer = %a, error = %e, "interconnect handshake failed"),
+                },
+                Err(e) => tracing::debug!(peer = %a, error = %e, "interconnect dial failed"),
+            }
+        }
+        if connected {
+            backoff = Duration::from_millis(50);
+        } else {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+fn accept_loop(s: Arc<Shared>, l: TcpListener) {
+    for stream in l.incoming() {
+        if s.stop.load(Ordering::Acquire) {
+            return;
+        }
+        match stream {
+            Ok(st) => {
+                let peer = st.peer_addr().ok();
+                if let Err(e) = s.establish(st) {
+                    tracing::warn!(peer = ?peer, error = %e, "interconnect handshake failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "interconnect accept failed"),
+        }
+    }
+}
+
+fn heartbeat_loop(s: Arc<Shared>) {
+    let mut seq = 0u64;
+    while !s.stop.load(Ordering::Acquire) {
+        std::thread::sleep(s.cfg.heartbeat);
+        if s.up.load(Ordering::Acquire) {
+            seq += 1;
+            let summary = s.handler.summary();
+            s.send(&Message::Heartbeat { seq, state: summary });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::nvlog::{scan, Expect};
+    use crate::daemon::aggregate::tests::mem_aggregate;
+    use crate::daemon::journal::{replay_region, Journal, JournalConfig, MirrorRegion, MirrorState, LOG_GENERATION};
+    use crate::io::buf::IoBuf;
+    use crate::io::nvram::NvramRegion;
+
+    const KEY: &[u8] = b"0123456789abcdef-test-key";
+
+    /// Node 1's side for the test: keeps the mirror, records HA messages.
+    struct Partner {
+        mirror: MirrorRegion,
+        msgs: Mutex<Vec<Message>>,
+        ups: AtomicU64,
+        downs: AtomicU64,
+    }
+
+    impl LinkHandler for Partner {
+        fn on_up(&self, _peer: &Hello) {
+            self.ups.fetch_add(1, Ordering::Relaxed);
+        }
+        fn on_down(&self, _why: &str) {
+            self.downs.fetch_add(1, Ordering::Relaxed);
+        }
+        fn on_log_records(&self, r: &LogRecords) -> Result<u64, String> {
+            self.mirror.apply(r).map_err(|e| e.to_string())
+        }
+        fn on_message(&self, m: Message) {
+            self.msgs.lock().unwrap().push(m);
+        }
+        fn summary(&self) -> StateSummary {
+            StateSummary { ha_state: 1, flags: StateSummary::HEALTHY, aggregates_served: 1, log_last_seq: 0 }
+        }
+    }
+
+    fn cfg(node_id: u8, port: u16, key: &[u8]) -> LinkConfig {
+        let a: SocketAddr = ([127, 0, 0, 1], port).into();
+        LinkConfig {
+            node_id,
+            listen: (node_id == 1).then_some(a),
+            peers: vec![a],
+            key: key.to_vec(),
+            heartbeat: Duration::from_millis(50),
+            timeout: Duration::from_millis(400),
+            software_version: 1,
+        }
+    }
+
+    fn wait(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn journal_mirrors_over_tcp_through_partner_loss_and_return() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let region = |n: &str| NvramRegion::open(&dir.path().join(n), 2 << 20).unwrap();
+        let (agg, _d) = mem_aggregate(4, 4096, 32);
+        let agg = Arc::new(agg);
+        let mk_partner = || Arc::new(Partner { mirror: MirrorRegion::new(region("mirror")), msgs: Mutex::new(vec![]), ups: AtomicU64::new(0), downs: AtomicU64::new(0) });
+        let partner = mk_partner();
+        let l1 = Link::start(cfg(1, port, KEY), partner.clone()).unwrap();
+        let l0 = Arc::new(Link::start(cfg(0, port, KEY), partner_stub()).unwrap());
+        wait("link up", || l0.is_up() && partner.ups.load(Ordering::Relaxed) == 1);
+        let (j, _) = Journal::open(agg.clone(), region("local"), JournalConfig { cp_interval: Duration::from_secs(3600), ..Default::default() }).unwrap();
+        j.set_mirror(Some(l0.clone()));
+        let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
+        let mut write = |i: u64| {
+            let off = (i * 17 % 120) * 4096;
+            let d: Vec<u8> = (0..8192).map(|k| (k as u64 * 7 + i) as u8).collect();
+            j.write(off, &d).unwrap();
+            model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        };
+        for i in 0..30 {
+            write(i);
+        }
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        // HA messages go through too.
+        assert!(l0.send(&Message::Ha(b"hello".to_vec())));
+        wait("HA message", || partner.msgs.lock().unwrap().iter().any(|m| *m == Message::Ha(b"hello".to_vec())));
+        assert!(partner.msgs.lock().unwrap().iter().any(|m| matches!(m, Message::Heartbeat { .. })), "heartbeats arrive");
+        // The partner goes away: writes go on, acknowledged locally, and status says so.
+        drop(l1);
+        wait("link down", || !l0.is_up());
+        for i in 30..40 {
+            write(i);
+        }
+        assert!(matches!(j.mirror_state(), MirrorState::NotMirrored { .. }));
+        // It comes back (its mirror file kept): the first commit resynchronises.
+        let partner2 = Arc::new(Partner { mirror: MirrorRegion::new(region("mirror")), msgs: Mutex::new(vec![]), ups: AtomicU64::new(0), downs: AtomicU64::new(0) });
+        drop(partner);
+        let _l1 = Link::start(cfg(1, port, KEY), partner2.clone()).unwrap();
+        wait("link back", || l0.is_up());
+        for i in 40..50 {
+            write(i);
+        }
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        // The mirror alone gives back every acknowledged write.
+        let snap = partner2.mirror.snapshot();
+        let uuid = uuid::Uuid::parse_str(&agg.status().uuid).unwrap();
+        scan(&snap, &Expect { aggregate: uuid, generation: LOG_GENERATION }).unwrap();
+        replay_region(&agg, &snap).unwrap();
+        let mut all = IoBuf::new(model.len());
+        agg.read(0, &mut all).unwrap();
+        assert!(all[..] == model[..]);
+    }
+
+    fn partner_stub() -> Arc<dyn LinkHandler> {
+        struct Stub;
+        impl LinkHandler for Stub {
+            fn on_up(&self, _: &Hello) {}
+            fn on_down(&self, _: &str) {}
+            fn on_log_records(&self, _: &LogRecords) -> Result<u64, String> {
+                Err("node 0 keeps no mirror in this test".into())
+            }
+            fn on_message(&self, _: Message) {}
+            fn summary(&self) -> StateSummary {
+                StateSummary { ha_state: 1, flags: 0, aggregates_served: 0, log_last_seq: 0 }
+            }
+        }
+        Arc::new(Stub)
+    }
+
+    #[test]
+    fn forged_connections_are_rejected_and_change_nothing() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let partner = Arc::new(Partner {
+            mirror: MirrorRegion::new(NvramRegion::open(&dir.path().join("m"), 1 << 20).unwrap()),
+            msgs: Mutex::new(vec![]),
+            ups: AtomicU64::new(0),
+            downs: AtomicU64::new(0),
+        });
+        let l1 = Link::start(cfg(1, port, KEY), partner.clone()).unwrap();
+        let l0 = Link::start(cfg(0, port, KEY), partner_stub()).unwrap();
+        wait("link up", || l0.is_up() && l1.status().up);
+        let before = std::fs::read(dir.path().join("m")).unwrap();
+        // 1: garbage. 2: a Hello under the wrong key. 3: a well-formed mirror frame from a
+        // session under the wrong key, after a wrong-key Hello.
+        let mut forger = Session::new(b"not-the-key-0123456789", nonce()).unwrap();
+        let hello = forger.encode(&Message::Hello(Hello { node_id: 0, software_version: 1, capabilities: 0, nonce: forger.local_nonce() })).unwrap();
+        for attempt in [b"GET / HTTP/1.0\r\n\r\n".to_vec(), hello.clone()] {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let _ = s.write_all(&attempt);
+            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let mut b = [0u8; 256];
+            // The server answers with its own Hello at most; then it closes on us.
+            let mut total = 0;
+            loop {
+                match s.read(&mut b) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n,
+                }
+            }
+            assert!(total < 256, "the server said more than a Hello to a forger");
+        }
+        wait("rejections counted", || l1.status().frames_rejected >= 2);
+        // The real session survived every attempt, and no state changed.
+        assert!(l0.is_up() && l1.status().up);
+        assert_eq!(partner.ups.load(Ordering::Relaxed), 1, "no forged session was installed");
+        assert_eq!(std::fs::read(dir.path().join("m")).unwrap(), before, "the mirror is untouched");
+        assert!(l0.send(&Message::Ha(b"still here".to_vec())));
+        wait("real message after forgeries", || partner.msgs.lock().unwrap().iter().any(|m| *m == Message::Ha(b"still here".to_vec())));
+    }
+}

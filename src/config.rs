@@ -26,7 +26,25 @@
 //! aggregate = "aggr0"
 //! listen = "192.0.2.10:10809"     # TCP address (the aggregate's service address)
 //! unix = "/run/hapair/aggr0.sock" # optional Unix socket
+//! service_addrs = ["192.0.2.10/24"]  # addresses that move with the export at takeover
+//! service_interface = "eth0"
+//!
+//! [pair]                          # optional: without it the node runs alone
+//! partner = "b"
+//! interconnect_listen = "198.51.100.1:7700"      # where this node accepts the interconnect
+//! partner_interconnect = ["198.51.100.2:7700"]   # the partner's interconnect address(es)
+//! key_file = "/etc/hapair/interconnect.key"      # pre-shared key, at least 16 bytes
+//! control_socket = "/run/hapair/hapaird.sock"
+//! heartbeat_ms = 200
+//! interconnect_timeout_ms = 1000
+//! mailbox_timeout_ms = 3000
+//! countdown_ms = 30000
+//! auto_giveback = false
 //! ```
+//!
+//! In a pair, both nodes list both aggregates: the one whose `home` is this node is served
+//! here; the partner's is opened here only during a takeover, and its `nvram` is where this
+//! node keeps the mirror of the partner's log.
 
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -144,6 +162,53 @@ pub struct ExportConfig {
     pub description: String,
     pub listen: Option<SocketAddr>,
     pub unix: Option<PathBuf>,
+    /// Addresses (with prefix length) that move with this export at takeover.
+    #[serde(default)]
+    pub service_addrs: Vec<String>,
+    /// Interface the service addresses live on.
+    pub service_interface: Option<String>,
+}
+
+/// `[pair]`: the partner and the interconnect.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairConfig {
+    pub partner: String,
+    pub interconnect_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub partner_interconnect: Vec<SocketAddr>,
+    pub key_file: PathBuf,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_ic_timeout_ms")]
+    pub interconnect_timeout_ms: u64,
+    #[serde(default = "default_mailbox_timeout_ms")]
+    pub mailbox_timeout_ms: u64,
+    #[serde(default = "default_countdown_ms")]
+    pub countdown_ms: u64,
+    #[serde(default)]
+    pub auto_giveback: bool,
+    /// TEST ONLY: take over without any fence. Never in production.
+    #[serde(default)]
+    pub unsafe_skip_fence: bool,
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/hapair/hapaird.sock")
+}
+fn default_heartbeat_ms() -> u64 {
+    200
+}
+fn default_ic_timeout_ms() -> u64 {
+    1000
+}
+fn default_mailbox_timeout_ms() -> u64 {
+    3000
+}
+fn default_countdown_ms() -> u64 {
+    30_000
 }
 
 /// The whole file.
@@ -157,6 +222,7 @@ pub struct Config {
     pub aggregate: Vec<AggregateConfig>,
     #[serde(default)]
     pub export: Vec<ExportConfig>,
+    pub pair: Option<PairConfig>,
 }
 
 impl Config {
@@ -246,6 +312,46 @@ impl Config {
             }
             if e.listen.is_none() && e.unix.is_none() {
                 return Err(bad(key("listen"), "an export needs listen, unix, or both".into()));
+            }
+            for a in &e.service_addrs {
+                if a.parse::<crate::core::netlink::IpPrefix>().is_err() {
+                    return Err(bad(key("service_addrs"), format!("{a:?} is not ADDRESS/PREFIX")));
+                }
+            }
+            if !e.service_addrs.is_empty() && e.service_interface.is_none() {
+                return Err(bad(key("service_interface"), "service_addrs need a service_interface".into()));
+            }
+        }
+        if let Some(p) = &self.pair {
+            if !name_ok(&p.partner, 31) || p.partner == self.node {
+                return Err(bad("pair.partner".into(), format!("{:?} is not a partner name (and must differ from node)", p.partner)));
+            }
+            let me_first = self.node < p.partner;
+            if me_first && p.partner_interconnect.is_empty() {
+                return Err(bad("pair.partner_interconnect".into(), "node that sorts first dials the partner: list its address(es)".into()));
+            }
+            if !me_first && p.interconnect_listen.is_none() {
+                return Err(bad("pair.interconnect_listen".into(), "node that sorts second accepts the interconnect: give its address".into()));
+            }
+            if !(10..=10_000).contains(&p.heartbeat_ms) || p.interconnect_timeout_ms < 2 * p.heartbeat_ms {
+                return Err(bad("pair.heartbeat_ms".into(), "heartbeat_ms in 10..=10000 and interconnect_timeout_ms at least twice it".into()));
+            }
+            if p.mailbox_timeout_ms < 2 * p.heartbeat_ms {
+                return Err(bad("pair.mailbox_timeout_ms".into(), "at least twice heartbeat_ms".into()));
+            }
+            for (i, a) in self.aggregate.iter().enumerate() {
+                if a.home != self.node && a.home != p.partner {
+                    return Err(bad(format!("aggregate[{i}] ({}).home", a.name), format!("{:?} is neither {} nor {}", a.home, self.node, p.partner)));
+                }
+                if a.nvram.is_none() {
+                    return Err(bad(format!("aggregate[{i}] ({}).nvram", a.name), "in a pair every aggregate needs its log (own) or mirror (partner's)".into()));
+                }
+            }
+            for who in [&self.node, &p.partner] {
+                let n = self.aggregate.iter().filter(|a| &a.home == who).count();
+                if n != 1 {
+                    return Err(bad("aggregate".into(), format!("a pair needs exactly one aggregate with home = {who:?} (found {n})")));
+                }
             }
         }
         Ok(())

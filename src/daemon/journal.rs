@@ -333,15 +333,30 @@ impl Journal {
 
     /// Make `seq` durable: become the group-commit leader if nobody is, else wait for one.
     fn wait_durable(&self, seq: u64) -> Result<(), JournalError> {
+        self.commit_until(seq, false)
+    }
+
+    /// With the partner reachable and its mirror out of date, copy the log to it now rather
+    /// than at the next write: the pair reports "mirrored" as soon as it is true.
+    pub fn ensure_mirrored(&self) -> Result<(), JournalError> {
+        let up = self.mirror.read().unwrap().as_ref().is_some_and(|l| l.is_up());
+        if up && self.inner.lock().unwrap().mirror_needs_resync {
+            self.commit_until(0, true)?;
+        }
+        Ok(())
+    }
+
+    fn commit_until(&self, seq: u64, mut force: bool) -> Result<(), JournalError> {
         let mut g = self.inner.lock().unwrap();
         loop {
-            if g.durable >= seq {
+            if g.durable >= seq && !force {
                 return Ok(());
             }
             if g.committing {
                 g = self.progress.wait(g).unwrap();
                 continue;
             }
+            force = false;
             g.committing = true;
             let link = self.mirror.read().unwrap().clone();
             let link = link.filter(|l| l.is_up());
@@ -545,6 +560,9 @@ fn cp_thread(j: std::sync::Weak<Journal>) {
         if journal.stop.load(Ordering::Acquire) {
             return;
         }
+        if let Err(e) = journal.ensure_mirrored() {
+            tracing::warn!(error = %e, "mirror resync failed");
+        }
         if let Err(e) = journal.checkpoint() {
             tracing::error!(error = %e, "consistency point failed; retrying");
             std::thread::sleep(Duration::from_millis(100));
@@ -638,6 +656,11 @@ impl MirrorRegion {
         }
         r.persist(&ranges)?;
         Ok(recs.last_seq)
+    }
+
+    /// Give the region back (a takeover turns the mirror into the partner aggregate's log).
+    pub fn into_region(self) -> NvramRegion {
+        self.region.into_inner().unwrap()
     }
 
     /// A copy of the mirror's bytes (for replay at takeover).

@@ -5,5 +5,6 @@ pub mod identity;
 pub mod journal;
 pub mod link;
 pub mod nbd_server;
+pub mod pair;
 pub mod node;
 pub mod setup;

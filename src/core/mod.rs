@@ -1,4 +1,5 @@
 //! Sans-io core: no syscalls, no clocks, no `unsafe`.
+pub mod control;
 pub mod interconnect;
 pub mod label;
 pub mod mailbox;

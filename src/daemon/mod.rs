@@ -1,6 +1,10 @@
 //! Event loops and services that drive the sans-io core with the I/O layer.
 pub mod aggregate;
 pub mod backend;
+pub mod control;
+pub mod ha;
+pub mod ha_testing;
+pub mod mailbox;
 pub mod nbd_server;
 pub mod node;
 pub mod setup;

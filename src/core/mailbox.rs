@@ -21,6 +21,7 @@
 //! | 4092 | 4 | checksum | crc32c of bytes 0..4092 |
 
 use crate::core::label::{MAILBOX_BYTES, MAILBOX_OFFSET_BYTES};
+use crate::core::takeover::{MailboxSlot, MailboxView, State};
 
 /// Size of one slot block.
 pub const SLOT_BYTES: usize = 4096;
@@ -211,6 +212,29 @@ impl SelfFence {
     }
 }
 
+/// The HA layer's view of one mailbox round ([`crate::core::takeover::MailboxView`]) from the
+/// votes on our own slot and on the partner's slot across `members` members.
+///
+/// `None` (mailbox access lost) unless a majority of members answered for the partner's slot
+/// with a valid or a never-written block: with less we can neither confirm a dead partner nor
+/// be sure to see its please-die. A state code this version does not know is read as `Normal`:
+/// the counter still proves liveness, and `Normal` triggers no takeover by itself.
+pub fn ha_view(own: &SlotVote, partner: &SlotVote, members: usize) -> Option<MailboxView> {
+    if members == 0 || (partner.valid + partner.empty) * 2 <= members {
+        return None;
+    }
+    let partner_slot = partner.newest.as_ref().map(|s| MailboxSlot {
+        counter: s.counter,
+        state: State::from_code(s.state).unwrap_or(State::Normal),
+        clean_shutdown: s.clean_shutdown,
+    });
+    Some(MailboxView {
+        partner_slot,
+        please_die_for_me: partner.newest.as_ref().is_some_and(|s| s.please_die_for_partner),
+        please_die_for_partner: own.newest.as_ref().is_some_and(|s| s.please_die_for_partner),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,5 +291,29 @@ mod tests {
         assert!(!f.must_fence(1500));
         assert!(f.must_fence(1501));
         assert_eq!(f.partner_wait_ms(), 2000);
+    }
+
+    #[test]
+    fn ha_view_needs_a_majority_and_maps_flags_and_state() {
+        let mut p = slot(7);
+        p.state = State::TakenOver.code();
+        let own = vote(&[Ok(slot(1)), Ok(slot(1)), Ok(slot(1))]);
+        let partner = vote(&[Ok(p.clone()), Err(None), Err(Some(SlotError::Empty))]);
+        let v = ha_view(&own, &partner, 3).unwrap();
+        let ps = v.partner_slot.unwrap();
+        assert_eq!((ps.counter, ps.state, ps.clean_shutdown), (7, State::TakenOver, true));
+        assert!(v.please_die_for_me && v.please_die_for_partner);
+        // One of three answered: access lost.
+        let partner = vote(&[Ok(p.clone()), Err(None), Err(None)]);
+        assert_eq!(ha_view(&own, &partner, 3), None);
+        // Never written anywhere: readable, no slot, no please-die.
+        let empty = vote(&[Err(Some(SlotError::Empty)), Err(Some(SlotError::Empty))]);
+        let v = ha_view(&empty, &empty, 2).unwrap();
+        assert_eq!(v.partner_slot, None);
+        assert!(!v.please_die_for_me && !v.please_die_for_partner);
+        // Unknown state code: alive, read as Normal.
+        p.state = 999;
+        let v = ha_view(&own, &vote(&[Ok(p)]), 1).unwrap();
+        assert_eq!(v.partner_slot.unwrap().state, State::Normal);
     }
 }

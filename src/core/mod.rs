@@ -1,5 +1,6 @@
 //! Sans-io core: no syscalls, no clocks, no `unsafe`.
 pub mod arp;
+pub mod control;
 pub mod interconnect;
 pub mod label;
 pub mod mailbox;

@@ -113,6 +113,27 @@ impl State {
         State::InTakeover,
         State::GivingBack,
     ];
+
+    /// The code of this state in a mailbox slot's `state` field (stable: on-disk format).
+    pub fn code(self) -> u32 {
+        match self {
+            State::Booting => 1,
+            State::Resuming => 2,
+            State::Normal => 3,
+            State::TakeoverRequested => 4,
+            State::ShuttingDown => 5,
+            State::TakenOver => 6,
+            State::AwaitingShutdown => 7,
+            State::TakingOver => 8,
+            State::InTakeover => 9,
+            State::GivingBack => 10,
+        }
+    }
+
+    /// The state a mailbox slot code stands for; `None` for codes this version does not know.
+    pub fn from_code(code: u32) -> Option<State> {
+        State::ALL.into_iter().find(|s| s.code() == code)
+    }
 }
 
 /// Says whether `from -> to` is a legal transition. The one place that says so.
@@ -406,6 +427,9 @@ pub enum Alarm {
     IllegalTransition { from: State, to: State },
     /// We were fenced by the partner and halted.
     FencedOut,
+    /// We could not write our mailbox slot to a majority of members for longer than the
+    /// self-fence bound and halted ourselves (the partner may take over after waiting).
+    SelfFenced { reason: String },
 }
 
 /// An operator command from `takeoverctl`.
@@ -419,6 +443,14 @@ pub enum OperatorCmd {
     Giveback,
     /// Turn automatic giveback on or off.
     SetAutoGiveback(bool),
+    /// `takeoverctl takeover --of NODE [--countdown DUR] [--immediate]`: like `TakeoverOf`,
+    /// with this countdown instead of the configured one (`None`: configured), or with no
+    /// graceful shutdown at all (`immediate`: the partner is told *takeover* and fenced now).
+    TakeoverOfWith {
+        node: NodeId,
+        countdown_ms: Option<u64>,
+        immediate: bool,
+    },
 }
 
 /// Interconnect messages between the two state machines.
@@ -497,6 +529,9 @@ pub enum Event {
     Health { healthy: bool, detail: String },
     /// A write to our own aggregate failed with a reservation conflict: we were fenced.
     FencedOut,
+    /// The mailbox driver could not write our slot to a majority of members for longer than
+    /// the self-fence bound: stop serving now (the partner will take over after its wait).
+    SelfFenced { reason: String },
 }
 
 /// How the data plane may acknowledge writes.
@@ -782,6 +817,28 @@ impl Node {
             .map(|(s, _, _)| s)
     }
 
+    /// The epoch of the current (or last) takeover this node made; please-die carries it.
+    pub fn takeover_epoch(&self) -> u64 {
+        self.takeover_epoch
+    }
+
+    /// Can the operator ask, at this node, to be taken over? The partner checks the rest.
+    pub fn takeover_self_refusals(&self) -> Vec<RefusalReason> {
+        let mut reasons = Vec::new();
+        if let Some(r) = self.state_refusal() {
+            reasons.push(r);
+        }
+        if let Some(until) = self.holddown_until_ms.filter(|u| self.now_ms < *u) {
+            reasons.push(RefusalReason::HoldDown { until_ms: until });
+        }
+        if !self.interconnect_alive() {
+            reasons.push(RefusalReason::PartnerUnreachable {
+                last_heard_ms: self.partner_last_heard_ms,
+            });
+        }
+        reasons
+    }
+
     /// Whether a fence of the partner completed in the current takeover.
     pub fn partner_fenced(&self) -> bool {
         self.fenced
@@ -890,6 +947,17 @@ impl Node {
                 self.health_detail = detail;
             }
             Event::FencedOut => self.on_fenced_out(&mut out),
+            Event::SelfFenced { reason } => {
+                if !matches!(self.state, State::Booting | State::TakenOver) {
+                    self.alarm(
+                        Alarm::SelfFenced {
+                            reason: reason.clone(),
+                        },
+                        &mut out,
+                    );
+                    self.halt(&format!("self-fenced: {reason}"), &mut out);
+                }
+            }
         }
         self.update_ack_mode(&mut out);
         out
@@ -1279,18 +1347,7 @@ impl Node {
         tracing::info!(node = ?self.cfg.node, ?cmd, "operator command");
         match cmd {
             OperatorCmd::TakeoverSelf => {
-                let mut reasons = Vec::new();
-                if let Some(r) = self.state_refusal() {
-                    reasons.push(r);
-                }
-                if let Some(until) = self.holddown_until_ms.filter(|u| self.now_ms < *u) {
-                    reasons.push(RefusalReason::HoldDown { until_ms: until });
-                }
-                if !self.interconnect_alive() {
-                    reasons.push(RefusalReason::PartnerUnreachable {
-                        last_heard_ms: self.partner_last_heard_ms,
-                    });
-                }
+                let reasons = self.takeover_self_refusals();
                 if !reasons.is_empty() {
                     self.refuse(RequestKind::TakeoverOfSelf, reasons, out);
                     return;
@@ -1299,32 +1356,50 @@ impl Node {
                 out.push(Action::Send(Message::PleaseTakeover));
                 self.transition(State::TakeoverRequested, "operator: takeover of this node");
             }
-            OperatorCmd::TakeoverOf(node) => {
-                if node != self.cfg.node.partner() {
-                    self.refuse(
-                        RequestKind::TakeoverOfPartner,
-                        vec![RefusalReason::Conflict],
-                        out,
-                    );
-                    return;
-                }
-                let reasons = self.takeover_refusals(true, true);
-                if !reasons.is_empty() {
-                    self.refuse(RequestKind::TakeoverOfPartner, reasons, out);
-                    return;
-                }
-                self.begin_countdown("operator: takeover --of partner", out);
-            }
+            OperatorCmd::TakeoverOf(node) => self.operator_takeover_of(node, None, false, out),
+            OperatorCmd::TakeoverOfWith {
+                node,
+                countdown_ms,
+                immediate,
+            } => self.operator_takeover_of(node, countdown_ms, immediate, out),
             OperatorCmd::Giveback => self.try_giveback(false, out),
             OperatorCmd::SetAutoGiveback(on) => self.auto_giveback = on,
         }
     }
 
-    fn begin_countdown(&mut self, reason: &str, out: &mut Vec<Action>) {
-        self.countdown_deadline_ms = Some(self.now_ms + self.cfg.countdown_ms);
-        out.push(Action::Send(Message::PleaseShutdown {
-            countdown_ms: self.cfg.countdown_ms,
-        }));
+    fn operator_takeover_of(
+        &mut self,
+        node: NodeId,
+        countdown_ms: Option<u64>,
+        immediate: bool,
+        out: &mut Vec<Action>,
+    ) {
+        if node != self.cfg.node.partner() {
+            self.refuse(
+                RequestKind::TakeoverOfPartner,
+                vec![RefusalReason::Conflict],
+                out,
+            );
+            return;
+        }
+        let reasons = self.takeover_refusals(true, true);
+        if !reasons.is_empty() {
+            self.refuse(RequestKind::TakeoverOfPartner, reasons, out);
+            return;
+        }
+        if immediate {
+            // No graceful shutdown: the partner is told to stop and is fenced now.
+            out.push(Action::Send(Message::Takeover));
+            self.begin_takeover(TakeoverKind::Forced, out);
+            return;
+        }
+        let countdown_ms = countdown_ms.unwrap_or(self.cfg.countdown_ms).max(1);
+        self.begin_countdown("operator: takeover --of partner", countdown_ms, out);
+    }
+
+    fn begin_countdown(&mut self, reason: &str, countdown_ms: u64, out: &mut Vec<Action>) {
+        self.countdown_deadline_ms = Some(self.now_ms + countdown_ms);
+        out.push(Action::Send(Message::PleaseShutdown { countdown_ms }));
         self.transition(State::AwaitingShutdown, reason);
     }
 
@@ -1444,7 +1519,7 @@ impl Node {
             Message::PleaseTakeover => {
                 let reasons = self.takeover_refusals(true, true);
                 if reasons.is_empty() {
-                    self.begin_countdown("partner asked to be taken over", out);
+                    self.begin_countdown("partner asked to be taken over", self.cfg.countdown_ms, out);
                 } else {
                     out.push(Action::Send(Message::Refused {
                         request: RequestKind::PleaseTakeover,
@@ -2963,6 +3038,56 @@ mod tests {
         let back: Status = serde_json::from_str(&json).unwrap();
         assert_eq!(back, st);
         assert_eq!(back.refusals.len(), 1);
+    }
+
+    #[test]
+    fn state_codes_round_trip_and_are_distinct() {
+        let codes: BTreeSet<u32> = State::ALL.iter().map(|s| s.code()).collect();
+        assert_eq!(codes.len(), State::ALL.len());
+        for s in State::ALL {
+            assert_eq!(State::from_code(s.code()), Some(s));
+        }
+        assert_eq!(State::from_code(0), None);
+        assert_eq!(State::from_code(99), None);
+    }
+
+    #[test]
+    fn immediate_takeover_forces_and_fences_without_countdown() {
+        let mut h = H::booted(NodeId::A);
+        let a = h.ev(Event::Operator(OperatorCmd::TakeoverOfWith {
+            node: NodeId::B,
+            countdown_ms: None,
+            immediate: true,
+        }));
+        assert_eq!(h.n.state(), State::TakingOver);
+        assert!(sends(&a, |m| *m == Message::Takeover));
+        assert!(a.contains(&Action::Begin(Step::Fence)));
+    }
+
+    #[test]
+    fn countdown_override_is_used() {
+        let mut h = H::booted(NodeId::A);
+        let a = h.ev(Event::Operator(OperatorCmd::TakeoverOfWith {
+            node: NodeId::B,
+            countdown_ms: Some(1_234),
+            immediate: false,
+        }));
+        assert!(sends(&a, |m| *m == Message::PleaseShutdown { countdown_ms: 1_234 }));
+        assert_eq!(h.n.status().countdown_remaining_ms, Some(1_234));
+    }
+
+    #[test]
+    fn self_fence_halts_a_serving_node_once() {
+        let mut h = H::booted(NodeId::A);
+        let a = h.ev(Event::SelfFenced {
+            reason: "no majority".into(),
+        });
+        assert!(a.contains(&Action::HaltSelf));
+        assert_eq!(h.n.state(), State::TakenOver);
+        let a = h.ev(Event::SelfFenced {
+            reason: "no majority".into(),
+        });
+        assert!(a.is_empty());
     }
 
     #[test]

@@ -1,0 +1,997 @@
+//! The control protocol between `takeoverctl` and `hapaird`, and the status it reports: pure.
+//!
+//! Transport: a Unix stream socket. One request per line (UTF-8 JSON object, `\n`-terminated,
+//! at most [`MAX_LINE_BYTES`] including the newline), one reply per line; `watch` replies with a
+//! stream of lines until the client closes. Every object carries `"v"`: [`PROTOCOL_VERSION`].
+//!
+//! ```text
+//! > {"v":1,"cmd":"status"}
+//! < {"v":1,"type":"status","status":{...PairStatus...}}
+//! > {"v":1,"cmd":"takeover","of":"b","countdown_ms":30000,"immediate":false,"check_only":false}
+//! < {"v":1,"type":"outcome","outcome":{"result":"completed",...},"status":{...}}
+//! > {"v":1,"cmd":"giveback"}
+//! > {"v":1,"cmd":"watch"}
+//! < {"v":1,"type":"status","status":{...}}      (first the current status, then every change)
+//! > {"v":1,"cmd":"statsu"}
+//! < {"v":1,"type":"error","kind":"malformed","message":"unknown variant `statsu`, ..."}
+//! ```
+//! Unknown fields are refused (a typo must not silently change a takeover's meaning). Times in
+//! the status are Unix milliseconds (`*_unix_ms`) or durations (`*_ms`); the raw state-machine
+//! snapshot under `ha` counts milliseconds since the daemon started.
+
+use crate::core::takeover::{
+    AckMode, Alarm, NodeId, ProcedureKind, ProcedureReport, Refusal, RefusalReason, RequestKind,
+    State, Status,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Version of the control protocol; a request with another version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest request or reply line, newline included.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Longest countdown an operator may ask for.
+pub const MAX_COUNTDOWN_MS: u64 = 3_600_000;
+/// Longest an operator command may wait for its completion.
+pub const MAX_WAIT_MS: u64 = 3_600_000;
+
+/// A request, after the `"v"` check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The pair status.
+    Status,
+    /// Takeover: of this node (`of` absent or this node's name: ask the partner to take us
+    /// over) or of the partner (`of` = the partner's name: take it over from here).
+    Takeover {
+        #[serde(default)]
+        of: Option<String>,
+        /// Graceful-shutdown countdown; absent: the configured one.
+        #[serde(default)]
+        countdown_ms: Option<u64>,
+        /// No graceful shutdown: tell the partner *takeover* and fence it now.
+        #[serde(default)]
+        immediate: bool,
+        /// Only run the checks and report what would refuse it.
+        #[serde(default)]
+        check_only: bool,
+        /// Reply once the takeover completed (default) or once it started.
+        #[serde(default = "yes")]
+        wait: bool,
+        /// How long to wait for completion before replying `timed_out`.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Give the partner's aggregates back.
+    Giveback {
+        #[serde(default = "yes")]
+        wait: bool,
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Stream the status on every change.
+    Watch,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What kind of error a reply reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Not JSON, not an object, unknown command or field, wrong type.
+    Malformed,
+    /// Longer than [`MAX_LINE_BYTES`].
+    TooLong,
+    /// `"v"` missing or not [`PROTOCOL_VERSION`].
+    UnsupportedVersion,
+    /// A node name that is neither this node nor its partner.
+    UnknownNode,
+    /// A value out of range.
+    InvalidArgument,
+    /// The HA loop's queue is full or too many clients are connected; retry.
+    Busy,
+    /// The HA loop is not running (daemon stopping).
+    Unavailable,
+}
+
+/// Protocol errors, on either side.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ProtocolError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ProtocolError {
+        ProtocolError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parse one request line (without or with its trailing newline).
+pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
+    if line.len() > MAX_LINE_BYTES {
+        return Err(ProtocolError::new(
+            ErrorKind::TooLong,
+            format!("request of {} bytes exceeds {MAX_LINE_BYTES}", line.len()),
+        ));
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(line)
+        .map_err(|e| ProtocolError::new(ErrorKind::Malformed, format!("not JSON: {e}")))?;
+    let obj = value
+        .as_object_mut()
+        .ok_or_else(|| ProtocolError::new(ErrorKind::Malformed, "request must be a JSON object"))?;
+    match obj.remove("v") {
+        Some(serde_json::Value::Number(n)) if n.as_u64() == Some(PROTOCOL_VERSION as u64) => {}
+        Some(v) => {
+            return Err(ProtocolError::new(
+                ErrorKind::UnsupportedVersion,
+                format!("protocol version {v} not supported; this daemon speaks {PROTOCOL_VERSION}"),
+            ))
+        }
+        None => {
+            return Err(ProtocolError::new(
+                ErrorKind::UnsupportedVersion,
+                format!("missing \"v\" (protocol version {PROTOCOL_VERSION})"),
+            ))
+        }
+    }
+    let req: Request = serde_json::from_value(value)
+        .map_err(|e| ProtocolError::new(ErrorKind::Malformed, e.to_string()))?;
+    match &req {
+        Request::Takeover {
+            countdown_ms,
+            timeout_ms,
+            immediate,
+            ..
+        } => {
+            if let Some(c) = countdown_ms {
+                if *c == 0 || *c > MAX_COUNTDOWN_MS {
+                    return Err(ProtocolError::new(
+                        ErrorKind::InvalidArgument,
+                        format!("countdown_ms must be in 1..={MAX_COUNTDOWN_MS}"),
+                    ));
+                }
+                if *immediate {
+                    return Err(ProtocolError::new(
+                        ErrorKind::InvalidArgument,
+                        "immediate and countdown_ms exclude each other",
+                    ));
+                }
+            }
+            check_wait(*timeout_ms)?;
+        }
+        Request::Giveback { timeout_ms, .. } => check_wait(*timeout_ms)?,
+        Request::Status | Request::Watch => {}
+    }
+    Ok(req)
+}
+
+fn check_wait(timeout_ms: Option<u64>) -> Result<(), ProtocolError> {
+    match timeout_ms {
+        Some(t) if t == 0 || t > MAX_WAIT_MS => Err(ProtocolError::new(
+            ErrorKind::InvalidArgument,
+            format!("timeout_ms must be in 1..={MAX_WAIT_MS}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Encode a request line (newline included).
+pub fn encode_request(req: &Request) -> Vec<u8> {
+    let mut v = serde_json::to_value(req).expect("request serializes");
+    v.as_object_mut()
+        .expect("object")
+        .insert("v".into(), PROTOCOL_VERSION.into());
+    let mut line = serde_json::to_vec(&v).expect("value serializes");
+    line.push(b'\n');
+    line
+}
+
+/// A reply line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    Status { status: Box<PairStatus> },
+    Outcome {
+        outcome: Outcome,
+        status: Box<PairStatus>,
+    },
+    Error { kind: ErrorKind, message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    v: u32,
+    #[serde(flatten)]
+    body: Reply,
+}
+
+/// Encode a reply line (newline included).
+pub fn encode_reply(reply: &Reply) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&Envelope {
+        v: PROTOCOL_VERSION,
+        body: reply.clone(),
+    })
+    .expect("reply serializes");
+    line.push(b'\n');
+    line
+}
+
+/// Parse a reply line.
+pub fn parse_reply(line: &[u8]) -> Result<Reply, ProtocolError> {
+    let env: Envelope = serde_json::from_slice(line)
+        .map_err(|e| ProtocolError::new(ErrorKind::Malformed, format!("bad reply: {e}")))?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(ProtocolError::new(
+            ErrorKind::UnsupportedVersion,
+            format!("daemon speaks protocol {}, takeoverctl {PROTOCOL_VERSION}", env.v),
+        ));
+    }
+    Ok(env.body)
+}
+
+/// An operator command as the HA loop takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpRequest {
+    /// Ask the partner to take this node over.
+    TakeoverSelf,
+    /// Take the partner over from here.
+    TakeoverPartner {
+        countdown_ms: Option<u64>,
+        immediate: bool,
+    },
+    /// Give the partner's aggregates back.
+    Giveback,
+}
+
+/// How an operator command ended, as far as the reply is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    /// `check_only`: nothing this node knows of would refuse it.
+    CheckPassed { note: String },
+    /// Refused (here or by the partner) with every reason.
+    Refused {
+        refusal: Refusal,
+        refusal_at_unix_ms: u64,
+        /// One line per reason, for people.
+        text: Vec<String>,
+    },
+    /// Started; not waiting for completion.
+    Accepted { state: State },
+    /// Done.
+    Completed {
+        state: State,
+        report: Option<ProcedureView>,
+    },
+    /// Started but ended somewhere else (fence failed, fenced out, partner gone).
+    Failed { state: State, detail: String },
+    /// Still running when the wait ended; follow it with `status` or `watch`.
+    TimedOut { state: State },
+}
+
+/// Which aggregate has which home node (from the configuration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggregateHome {
+    pub name: String,
+    pub home: NodeId,
+}
+
+/// What the HA loop hands out: the state machine's status plus what is needed to present it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaSnapshot {
+    pub node_name: String,
+    pub partner_name: String,
+    /// Unix ms of the state machine's time 0 (daemon start).
+    pub origin_unix_ms: u64,
+    pub status: Status,
+    /// This node takes requests for its own aggregates / for the partner's.
+    pub serves_own: bool,
+    pub serves_partner: bool,
+    pub aggregates: Vec<AggregateHome>,
+    /// Interconnect silence after which the partner counts as unreachable.
+    pub partner_timeout_ms: u64,
+}
+
+impl HaSnapshot {
+    /// Unix ms of a state-machine time.
+    pub fn unix_ms(&self, t_ms: u64) -> u64 {
+        self.origin_unix_ms + t_ms
+    }
+    fn name_of(&self, id: NodeId) -> &str {
+        if id == self.status.node {
+            &self.node_name
+        } else {
+            &self.partner_name
+        }
+    }
+}
+
+/// One node in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub id: NodeId,
+    pub local: bool,
+    /// As known here: the partner's from its last heartbeat.
+    pub state: Option<State>,
+    pub state_since_unix_ms: Option<u64>,
+    /// Partner only: last interconnect message / last mailbox heartbeat change, ms ago.
+    pub interconnect_heard_ms_ago: Option<u64>,
+    pub mailbox_beat_ms_ago: Option<u64>,
+}
+
+/// Whether this node's mirror of the partner's log is current.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorView {
+    pub partner_log_mirrored: bool,
+    /// When it stopped being current (None: current, or never was since start).
+    pub not_mirrored_since_unix_ms: Option<u64>,
+    /// "mirrored" / "not mirrored since HH:MM:SS" / "never mirrored since start".
+    pub summary: String,
+    /// How this node acknowledges writes right now.
+    pub ack_mode: AckMode,
+}
+
+/// One aggregate and who serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AggregateView {
+    pub name: String,
+    pub home: String,
+    /// The node taking its requests; None: nobody.
+    pub served_by: Option<String>,
+    /// Filled by the node (e.g. "online", "degraded: member 2 failed"); empty if unknown.
+    #[serde(default)]
+    pub state: String,
+}
+
+/// One export (filled by the node's [`crate::daemon::control::StatusProvider`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportView {
+    pub name: String,
+    pub aggregate: String,
+    pub address: String,
+    pub served_by: Option<String>,
+    #[serde(default)]
+    pub connections: Option<u64>,
+}
+
+/// The NVRAM line (filled by the node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvramView {
+    /// How the log is made persistent, e.g. "dax /dev/pmem0 (cache flush)" or
+    /// "file /var/lib/hapair/nvram (fdatasync)".
+    pub persistence: String,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    #[serde(default)]
+    pub detail: String,
+}
+
+/// One phase of a procedure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseView {
+    pub step: String,
+    pub elapsed_ms: u64,
+    pub failures: u32,
+}
+
+/// A takeover, giveback, shutdown or resume with its per-phase timings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcedureView {
+    pub kind: String,
+    pub started_unix_ms: u64,
+    pub finished_unix_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    pub fenced: bool,
+    pub phases: Vec<PhaseView>,
+}
+
+/// A refusal with readable reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalView {
+    pub at_unix_ms: u64,
+    pub request: RequestKind,
+    pub reasons: Vec<RefusalReason>,
+    pub text: Vec<String>,
+}
+
+/// An alarm with readable text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmView {
+    pub at_unix_ms: u64,
+    pub alarm: Alarm,
+    pub text: String,
+}
+
+/// Everything `takeoverctl status` shows. The HA part comes from [`PairStatus::from_snapshot`];
+/// the node fills `aggregates[].state`, `exports`, `nvram` and anything under `extra`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairStatus {
+    pub node: String,
+    pub partner: String,
+    pub now_unix_ms: u64,
+    /// One-line verdict, e.g. "TAKEOVER: a serves b's aggregates; b waits for giveback".
+    pub headline: String,
+    pub nodes: Vec<NodeView>,
+    pub mirror: MirrorView,
+    pub aggregates: Vec<AggregateView>,
+    #[serde(default)]
+    pub exports: Vec<ExportView>,
+    #[serde(default)]
+    pub nvram: Option<NvramView>,
+    pub countdown_remaining_ms: Option<u64>,
+    pub running: Option<ProcedureView>,
+    pub last_takeover: Option<ProcedureView>,
+    pub last_giveback: Option<ProcedureView>,
+    /// Newest last.
+    pub refusals: Vec<RefusalView>,
+    /// Newest last.
+    pub alarms: Vec<AlarmView>,
+    pub auto_giveback: bool,
+    pub holddown_until_unix_ms: Option<u64>,
+    pub mailbox_access: bool,
+    /// The raw state-machine snapshot (times in ms since daemon start).
+    pub ha: Status,
+    /// Room for the node's own fields without a protocol change.
+    #[serde(default)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// `HH:MM:SS` of a Unix ms time shifted by `utc_offset_s` (the local zone's offset).
+pub fn clock(unix_ms: u64, utc_offset_s: i64) -> String {
+    let s = (unix_ms / 1000) as i64 + utc_offset_s;
+    let d = s.rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", d / 3600, d / 60 % 60, d % 60)
+}
+
+/// A duration for people: "850 ms", "4.2 s", "3 min 5 s".
+pub fn duration(ms: u64) -> String {
+    if ms < 1_000 {
+        format!("{ms} ms")
+    } else if ms < 60_000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{} min {} s", ms / 60_000, ms / 1000 % 60)
+    }
+}
+
+/// One reason for people. `local_clock`: the reason's times are on this node's clock (false
+/// for reasons the partner sent, whose times we cannot place).
+pub fn describe_reason(
+    r: &RefusalReason,
+    snap: &HaSnapshot,
+    utc_offset_s: i64,
+    local_clock: bool,
+) -> String {
+    let at = |t: u64| clock(snap.unix_ms(t), utc_offset_s);
+    let partner = &snap.partner_name;
+    match r {
+        RefusalReason::MirrorNotCurrent { since_ms } => match (since_ms, local_clock) {
+            (Some(t), true) => format!("partner log not mirrored since {}", at(*t)),
+            (None, true) => "partner log never mirrored since this node started".into(),
+            (_, false) => "the partner's mirror of this node's log is not current".into(),
+        },
+        RefusalReason::PartnerDisksNotVisible { visible, expected } => {
+            format!("sees {visible} of {expected} of the partner's disks")
+        }
+        RefusalReason::IncompatibleVersion { ours, theirs } => {
+            format!("HA protocol versions differ (this node {ours}, partner {theirs})")
+        }
+        RefusalReason::PartnerVersionUnknown => {
+            format!("{partner} never announced its version (not heard on the interconnect)")
+        }
+        RefusalReason::SelfUnhealthy { detail } => format!("node is unhealthy: {detail}"),
+        RefusalReason::AlreadyTakenOver => format!("{partner} is already taken over"),
+        RefusalReason::TakeoverInProgress => "a takeover is already in progress".into(),
+        RefusalReason::GivebackInProgress => "a giveback is in progress".into(),
+        RefusalReason::SelfNotServing { state } => format!("node is not serving (state {state:?})"),
+        RefusalReason::HoldDown { until_ms } => {
+            if local_clock {
+                format!("hold-down after a giveback until {}", at(*until_ms))
+            } else {
+                "the partner is in its hold-down after a giveback".into()
+            }
+        }
+        RefusalReason::PartnerUnreachable { last_heard_ms } => match last_heard_ms {
+            Some(t) => format!("{partner} unreachable on the interconnect since {}", at(*t)),
+            None => format!("{partner} never heard on the interconnect"),
+        },
+        RefusalReason::NoAnswer => format!("{partner} did not answer the takeover request"),
+        RefusalReason::NotInTakeover => format!("this node has not taken {partner} over"),
+        RefusalReason::PartnerNotReady { partner_state } => match partner_state {
+            Some(s) => format!("{partner} is not waiting for giveback (state {s:?})"),
+            None => format!("{partner}'s state is unknown"),
+        },
+        RefusalReason::Conflict => "conflicting request (both nodes asked at once, or not the partner)".into(),
+    }
+}
+
+/// Readable lines for a refusal.
+pub fn describe_refusal(r: &Refusal, snap: &HaSnapshot, utc_offset_s: i64) -> Vec<String> {
+    r.reasons
+        .iter()
+        .map(|x| {
+            // Reasons of a refused please-takeover come from the partner, except those this
+            // node found itself before asking.
+            let local = r.request != RequestKind::TakeoverOfSelf
+                || matches!(
+                    x,
+                    RefusalReason::PartnerUnreachable { .. } | RefusalReason::NoAnswer
+                );
+            describe_reason(x, snap, utc_offset_s, local)
+        })
+        .collect()
+}
+
+/// "cannot take over", "cannot give back", ... for a refused request.
+pub fn refusal_prefix(request: RequestKind) -> &'static str {
+    match request {
+        RequestKind::TakeoverOfSelf => "cannot be taken over",
+        RequestKind::TakeoverOfPartner | RequestKind::PleaseTakeover => "cannot take over",
+        RequestKind::PleaseShutdown => "refused to shut down",
+        RequestKind::HardTakeover => "partner down, cannot take over",
+        RequestKind::Giveback => "cannot give back",
+    }
+}
+
+fn describe_alarm(a: &Alarm, snap: &HaSnapshot, off: i64) -> String {
+    let partner = &snap.partner_name;
+    match a {
+        Alarm::InterconnectDown { since_ms } => format!(
+            "interconnect to {partner} down since {} while its mailbox heartbeat lives: no takeover",
+            clock(snap.unix_ms(*since_ms), off)
+        ),
+        Alarm::MailboxAccessLost => "mailbox unreadable on a majority of members".into(),
+        Alarm::PartnerDownCannotTakeOver { reasons } => format!(
+            "{partner} is down and cannot be taken over: {}",
+            reasons
+                .iter()
+                .map(|r| describe_reason(r, snap, off, true))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        Alarm::StepFailed { step, error } => format!("step {step:?} failed: {error:?}"),
+        Alarm::IllegalTransition { from, to } => format!("BUG: illegal transition {from:?} -> {to:?}"),
+        Alarm::FencedOut => format!("fenced out by {partner}: halted"),
+        Alarm::SelfFenced { reason } => format!("self-fenced: {reason}"),
+    }
+}
+
+/// A procedure report for people (Unix times, step names).
+pub fn procedure_view(p: &ProcedureReport, snap: &HaSnapshot) -> ProcedureView {
+    let kind = match p.kind {
+        ProcedureKind::Shutdown => "shutdown".to_string(),
+        ProcedureKind::Takeover(k) => format!("takeover ({k:?})").to_lowercase(),
+        ProcedureKind::Giveback => "giveback".into(),
+        ProcedureKind::Resume { after_giveback } => {
+            if after_giveback {
+                "resume after giveback".into()
+            } else {
+                "resume at boot".into()
+            }
+        }
+    };
+    ProcedureView {
+        kind,
+        started_unix_ms: snap.unix_ms(p.started_ms),
+        finished_unix_ms: p.finished_ms.map(|t| snap.unix_ms(t)),
+        total_ms: p.finished_ms.map(|t| t.saturating_sub(p.started_ms)),
+        fenced: p.fenced,
+        phases: p
+            .phases
+            .iter()
+            .map(|ph| PhaseView {
+                step: format!("{:?}", ph.step),
+                elapsed_ms: ph.elapsed_ms(),
+                failures: ph.failures,
+            })
+            .collect(),
+    }
+}
+
+fn serving_own(s: State) -> bool {
+    matches!(
+        s,
+        State::Normal
+            | State::TakeoverRequested
+            | State::AwaitingShutdown
+            | State::TakingOver
+            | State::InTakeover
+            | State::GivingBack
+    )
+}
+
+impl PairStatus {
+    /// The HA part of the status. `now_unix_ms` is the wall clock at the snapshot.
+    pub fn from_snapshot(snap: &HaSnapshot, utc_offset_s: i64) -> PairStatus {
+        let st = &snap.status;
+        let off = utc_offset_s;
+        let now_unix_ms = snap.unix_ms(st.now_ms);
+        let local = NodeView {
+            name: snap.node_name.clone(),
+            id: st.node,
+            local: true,
+            state: Some(st.state),
+            state_since_unix_ms: Some(snap.unix_ms(st.state_since_ms)),
+            interconnect_heard_ms_ago: None,
+            mailbox_beat_ms_ago: None,
+        };
+        let partner = NodeView {
+            name: snap.partner_name.clone(),
+            id: st.node.partner(),
+            local: false,
+            state: st.partner_state,
+            state_since_unix_ms: None,
+            interconnect_heard_ms_ago: st.partner_last_heard_ms.map(|t| st.now_ms.saturating_sub(t)),
+            mailbox_beat_ms_ago: st
+                .partner_mailbox_last_change_ms
+                .map(|t| st.now_ms.saturating_sub(t)),
+        };
+        let summary = if st.mirror_current {
+            "mirrored".to_string()
+        } else if let Some(t) = st.mirror_not_current_since_ms {
+            format!("not mirrored since {}", clock(snap.unix_ms(t), off))
+        } else {
+            "never mirrored since start".to_string()
+        };
+        let mirror = MirrorView {
+            partner_log_mirrored: st.mirror_current,
+            not_mirrored_since_unix_ms: st.mirror_not_current_since_ms.map(|t| snap.unix_ms(t)),
+            summary,
+            ack_mode: st.ack_mode,
+        };
+        let partner_alive = st
+            .partner_last_heard_ms
+            .is_some_and(|t| st.now_ms.saturating_sub(t) < snap.partner_timeout_ms);
+        let partner_serves_own = partner_alive && st.partner_state.is_some_and(serving_own);
+        let partner_serves_ours = partner_alive && st.partner_state == Some(State::InTakeover);
+        let aggregates = snap
+            .aggregates
+            .iter()
+            .map(|a| {
+                let ours = a.home == st.node;
+                let served_by = if ours {
+                    if snap.serves_own {
+                        Some(snap.node_name.clone())
+                    } else if partner_serves_ours {
+                        Some(snap.partner_name.clone())
+                    } else {
+                        None
+                    }
+                } else if snap.serves_partner {
+                    Some(snap.node_name.clone())
+                } else if partner_serves_own {
+                    Some(snap.partner_name.clone())
+                } else {
+                    None
+                };
+                AggregateView {
+                    name: a.name.clone(),
+                    home: snap.name_of(a.home).to_string(),
+                    served_by,
+                    state: String::new(),
+                }
+            })
+            .collect();
+        let refusals = st
+            .refusals
+            .iter()
+            .map(|r| RefusalView {
+                at_unix_ms: snap.unix_ms(r.at_ms),
+                request: r.request,
+                reasons: r.reasons.clone(),
+                text: describe_refusal(r, snap, off),
+            })
+            .collect();
+        let alarms = st
+            .alarms
+            .iter()
+            .map(|(t, a)| AlarmView {
+                at_unix_ms: snap.unix_ms(*t),
+                alarm: a.clone(),
+                text: describe_alarm(a, snap, off),
+            })
+            .collect();
+        let mut s = PairStatus {
+            node: snap.node_name.clone(),
+            partner: snap.partner_name.clone(),
+            now_unix_ms,
+            headline: String::new(),
+            nodes: vec![local, partner],
+            mirror,
+            aggregates,
+            exports: Vec::new(),
+            nvram: None,
+            countdown_remaining_ms: st.countdown_remaining_ms,
+            running: st.running.as_ref().map(|p| procedure_view(p, snap)),
+            last_takeover: st.last_takeover.as_ref().map(|p| procedure_view(p, snap)),
+            last_giveback: st.last_giveback.as_ref().map(|p| procedure_view(p, snap)),
+            refusals,
+            alarms,
+            auto_giveback: st.auto_giveback,
+            holddown_until_unix_ms: st.holddown_until_ms.map(|t| snap.unix_ms(t)),
+            mailbox_access: st.mailbox_access,
+            ha: st.clone(),
+            extra: BTreeMap::new(),
+        };
+        s.headline = headline(&s);
+        s
+    }
+}
+
+/// The one-line verdict: the truth at a glance.
+pub fn headline(s: &PairStatus) -> String {
+    let me = &s.node;
+    let p = &s.partner;
+    let unserved: Vec<&str> = s
+        .aggregates
+        .iter()
+        .filter(|a| a.served_by.is_none())
+        .map(|a| a.name.as_str())
+        .collect();
+    let base = match (s.ha.state, s.ha.partner_state) {
+        (State::InTakeover, _) => format!("TAKEOVER: {me} serves {p}'s aggregates; {p} waits for giveback"),
+        (State::TakenOver, _) => format!("TAKEN OVER: {me} serves nothing and waits for giveback from {p}"),
+        (State::AwaitingShutdown, _) => format!("TAKEOVER IN PROGRESS: {p} is shutting down (countdown)"),
+        (State::TakingOver, _) => format!("TAKEOVER IN PROGRESS: {me} is taking {p} over"),
+        (State::ShuttingDown, _) => format!("SHUTTING DOWN: {me} hands its aggregates to {p}"),
+        (State::TakeoverRequested, _) => format!("TAKEOVER REQUESTED: waiting for {p} to answer"),
+        (State::GivingBack, _) => format!("GIVEBACK IN PROGRESS: {me} returns {p}'s aggregates"),
+        (State::Booting, _) => format!("BOOTING: {me} reads the mailbox"),
+        (State::Resuming, _) => format!("RESUMING: {me} brings its aggregates up"),
+        (State::Normal, Some(State::Normal)) if s.mirror.partner_log_mirrored => {
+            "OK: both nodes serve their own aggregates; partner log mirrored".to_string()
+        }
+        (State::Normal, Some(State::InTakeover)) => format!("TAKEN OVER BY {p}"),
+        (State::Normal, Some(ps)) => format!("DEGRADED: {p} is {ps:?}; partner log {}", s.mirror.summary),
+        (State::Normal, None) => format!("DEGRADED: {p} not heard; partner log {}", s.mirror.summary),
+    };
+    if unserved.is_empty() {
+        base
+    } else {
+        format!("{base} -- NOT SERVED: {}", unserved.join(", "))
+    }
+}
+
+/// The table `takeoverctl status` prints.
+pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
+    let off = utc_offset_s;
+    let c = |t: u64| clock(t, off);
+    let mut o = String::new();
+    let _ = writeln!(o, "{}", s.headline);
+    let _ = writeln!(o, "(status of {} at {})", s.node, c(s.now_unix_ms));
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "{:<10} {:<8} {:<18} {:<9} {:<22} {}",
+        "NODE", "ROLE", "STATE", "SINCE", "INTERCONNECT", "MAILBOX HEARTBEAT"
+    );
+    for n in &s.nodes {
+        let state = n.state.map_or("unknown".to_string(), |x| format!("{x:?}"));
+        let since = n.state_since_unix_ms.map_or("-".to_string(), c);
+        let (ic, mb) = if n.local {
+            ("-".to_string(), if s.mailbox_access { "writing" } else { "NO ACCESS" }.to_string())
+        } else {
+            (
+                n.interconnect_heard_ms_ago
+                    .map_or("never heard".into(), |a| format!("heard {} ago", duration(a))),
+                n.mailbox_beat_ms_ago
+                    .map_or("never seen".into(), |a| format!("moved {} ago", duration(a))),
+            )
+        };
+        let role = if n.local { "local" } else { "partner" };
+        let _ = writeln!(o, "{:<10} {:<8} {:<18} {:<9} {:<22} {}", n.name, role, state, since, ic, mb);
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "partner log mirror: {}    writes acknowledged: {}",
+        s.mirror.summary,
+        match s.mirror.ack_mode {
+            AckMode::Mirrored => "in both NVRAMs",
+            AckMode::LocalOnly => "in local NVRAM only (partner fenced)",
+        }
+    );
+    match &s.nvram {
+        Some(n) => {
+            let pct = if n.capacity_bytes == 0 { 0 } else { n.used_bytes * 100 / n.capacity_bytes };
+            let _ = writeln!(o, "NVRAM: {} -- {}% of {} bytes used {}", n.persistence, pct, n.capacity_bytes, n.detail);
+        }
+        None => {
+            let _ = writeln!(o, "NVRAM: (not reported)");
+        }
+    }
+    if let Some(r) = s.countdown_remaining_ms {
+        let _ = writeln!(o, "countdown: {} left", duration(r));
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "{:<16} {:<10} {:<10} {}", "AGGREGATE", "HOME", "SERVED BY", "STATE");
+    for a in &s.aggregates {
+        let by = a.served_by.as_deref().unwrap_or("NOBODY");
+        let note = if a.served_by.as_deref().is_some_and(|b| b != a.home) { " (taken over)" } else { "" };
+        let _ = writeln!(o, "{:<16} {:<10} {:<10} {}{}", a.name, a.home, by, a.state, note);
+    }
+    if !s.exports.is_empty() {
+        let _ = writeln!(o);
+        let _ = writeln!(o, "{:<16} {:<16} {:<24} {}", "EXPORT", "AGGREGATE", "ADDRESS", "SERVED BY");
+        for e in &s.exports {
+            let _ = writeln!(o, "{:<16} {:<16} {:<24} {}", e.name, e.aggregate, e.address, e.served_by.as_deref().unwrap_or("NOBODY"));
+        }
+    }
+    let _ = writeln!(o);
+    let proc_line = |label: &str, p: &Option<ProcedureView>, o: &mut String| match p {
+        None => {
+            let _ = writeln!(o, "{label}: none");
+        }
+        Some(p) => {
+            let total = p.total_ms.map_or("running".to_string(), duration);
+            let _ = writeln!(o, "{label}: {} at {}, {}{}", p.kind, c(p.started_unix_ms), total, if p.fenced { ", partner fenced first" } else { "" });
+            for ph in &p.phases {
+                let f = if ph.failures > 0 { format!(" ({} failed attempts)", ph.failures) } else { String::new() };
+                let _ = writeln!(o, "    {:<22} {}{}", ph.step, duration(ph.elapsed_ms), f);
+            }
+        }
+    };
+    if s.running.is_some() {
+        proc_line("running", &s.running, &mut o);
+    }
+    proc_line("last takeover", &s.last_takeover, &mut o);
+    proc_line("last giveback", &s.last_giveback, &mut o);
+    if let Some(h) = s.holddown_until_unix_ms.filter(|h| *h > s.now_unix_ms) {
+        let _ = writeln!(o, "hold-down until {} (operator takeovers refused)", c(h));
+    }
+    let _ = writeln!(o);
+    if s.refusals.is_empty() {
+        let _ = writeln!(o, "refusals: none");
+    } else {
+        let _ = writeln!(o, "refusals (newest last):");
+        for r in &s.refusals {
+            let _ = writeln!(o, "  {} {}: {}", c(r.at_unix_ms), refusal_prefix(r.request), r.text.join("; "));
+        }
+    }
+    if s.alarms.is_empty() {
+        let _ = writeln!(o, "alarms: none");
+    } else {
+        let _ = writeln!(o, "alarms (newest last):");
+        for a in &s.alarms {
+            let _ = writeln!(o, "  {} {}", c(a.at_unix_ms), a.text);
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::takeover::{Config, Event, Node, OperatorCmd};
+
+    fn snap(node: &Node) -> HaSnapshot {
+        HaSnapshot {
+            node_name: "alpha".into(),
+            partner_name: "beta".into(),
+            origin_unix_ms: 12 * 3_600_000,
+            status: node.status(),
+            serves_own: node.accepts_own(),
+            serves_partner: node.accepts_partner(),
+            aggregates: vec![
+                AggregateHome { name: "aggr0".into(), home: NodeId::A },
+                AggregateHome { name: "aggr1".into(), home: NodeId::B },
+            ],
+            partner_timeout_ms: 5_000,
+        }
+    }
+
+    #[test]
+    fn requests_parse_with_defaults_and_round_trip() {
+        let r = parse_request(br#"{"v":1,"cmd":"takeover","of":"beta"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Takeover {
+                of: Some("beta".into()),
+                countdown_ms: None,
+                immediate: false,
+                check_only: false,
+                wait: true,
+                timeout_ms: None
+            }
+        );
+        assert_eq!(parse_request(&encode_request(&r)).unwrap(), r);
+        assert_eq!(parse_request(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap(), Request::Status);
+    }
+
+    #[test]
+    fn malformed_requests_get_clear_errors() {
+        let kind = |b: &[u8]| parse_request(b).unwrap_err().kind;
+        assert_eq!(kind(b"status"), ErrorKind::Malformed);
+        assert_eq!(kind(b"[1]"), ErrorKind::Malformed);
+        assert_eq!(kind(br#"{"cmd":"status"}"#), ErrorKind::UnsupportedVersion);
+        assert_eq!(kind(br#"{"v":2,"cmd":"status"}"#), ErrorKind::UnsupportedVersion);
+        assert_eq!(kind(br#"{"v":1,"cmd":"statsu"}"#), ErrorKind::Malformed);
+        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","of":"b","countdwn_ms":5}"#), ErrorKind::Malformed);
+        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","countdown_ms":"5"}"#), ErrorKind::Malformed);
+        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","countdown_ms":0}"#), ErrorKind::InvalidArgument);
+        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","countdown_ms":5,"immediate":true}"#), ErrorKind::InvalidArgument);
+        let long = vec![b' '; MAX_LINE_BYTES + 1];
+        assert_eq!(kind(&long), ErrorKind::TooLong);
+        let e = parse_request(br#"{"v":1,"cmd":"statsu"}"#).unwrap_err();
+        assert!(e.message.contains("statsu"), "{}", e.message);
+    }
+
+    #[test]
+    fn replies_round_trip_and_version_is_checked() {
+        let r = Reply::Error { kind: ErrorKind::Busy, message: "x".into() };
+        let line = encode_reply(&r);
+        assert!(line.ends_with(b"\n"));
+        assert_eq!(parse_reply(&line).unwrap(), r);
+        let bad = br#"{"v":9,"type":"error","kind":"busy","message":"x"}"#;
+        assert_eq!(parse_reply(bad).unwrap_err().kind, ErrorKind::UnsupportedVersion);
+    }
+
+    #[test]
+    fn status_tells_mirror_refusals_and_takeover_at_a_glance() {
+        let mut n = Node::new(Config::new(NodeId::A), 0).unwrap();
+        n.step(
+            0,
+            Event::MailboxRead(Some(crate::core::takeover::MailboxView {
+                partner_slot: None,
+                please_die_for_me: false,
+                please_die_for_partner: false,
+            })),
+        );
+        n.step(1, Event::StepDone(crate::core::takeover::Step::RegisterOwn));
+        n.step(1, Event::MailboxChecked { please_die: false });
+        for st in [
+            crate::core::takeover::Step::OpenOwnAggregate,
+            crate::core::takeover::Step::ReplayOwnLog,
+            crate::core::takeover::Step::TakeOwnIps,
+            crate::core::takeover::Step::ServeOwnExports,
+        ] {
+            n.step(1, Event::StepDone(st));
+        }
+        n.step(1, Event::PartnerDisks { visible: 4, expected: 4 });
+        assert_eq!(n.state(), State::Normal);
+        // 12:04:07 local (offset 0): the partner reports its mirror not in sync.
+        let t = 4 * 60_000 + 7_000;
+        n.step(
+            t,
+            Event::Message(crate::core::takeover::Message::Heartbeat {
+                state: State::Normal,
+                protocol_version: 1,
+                mirror_in_sync: false,
+            }),
+        );
+        n.step(t + 1_000, Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
+        let s = PairStatus::from_snapshot(&snap(&n), 0);
+        assert_eq!(s.mirror.summary, "not mirrored since 12:04:07");
+        let r = s.refusals.last().unwrap();
+        assert!(r.text.contains(&"partner log not mirrored since 12:04:07".to_string()), "{:?}", r.text);
+        let table = render_status(&s, 0);
+        assert!(table.contains("cannot take over: "), "{table}");
+        assert!(table.contains("partner log mirror: not mirrored since 12:04:07"), "{table}");
+        assert!(table.starts_with("DEGRADED: beta is Normal"), "{table}");
+        // aggr1 is beta's and beta is alive and Normal: served by beta.
+        assert_eq!(s.aggregates[1].served_by.as_deref(), Some("beta"));
+        let json = serde_json::to_string(&s).unwrap();
+        let back: PairStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn clock_and_duration_formatting() {
+        assert_eq!(clock(12 * 3_600_000 + 4 * 60_000 + 7_000, 0), "12:04:07");
+        assert_eq!(clock(0, 3600), "01:00:00");
+        assert_eq!(clock(0, -3600), "23:00:00");
+        assert_eq!(duration(850), "850 ms");
+        assert_eq!(duration(4_200), "4.2 s");
+        assert_eq!(duration(185_000), "3 min 5 s");
+    }
+}

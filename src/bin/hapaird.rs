@@ -42,17 +42,19 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Bring up a working export on file-backed members in DIR, print its URI, and write
-    /// DIR/demo.json for scripts. Ctrl-C stops it cleanly.
+    /// Bring up a pair of nodes on file-backed members in DIR (each home to one aggregate, an
+    /// interconnect and service addresses on loopback), print the export URIs, and write
+    /// DIR/demo.json for scripts. Ctrl-C stops both cleanly.
     Demo {
         /// Directory for the member files, configuration and demo.json (on a filesystem that
         /// takes O_DIRECT, such as ext4 or xfs).
         #[arg(long, default_value = "/var/tmp/hapair-demo")]
         dir: PathBuf,
-        /// Size of each of the five members, in MiB.
-        #[arg(long, default_value_t = 256)]
+        /// Size of each member (five per node), in MiB.
+        #[arg(long, default_value_t = 128)]
         member_mib: u64,
-        /// TCP port of the export on 127.0.0.1 (0 picks a free one).
+        /// TCP port of the exports on their service addresses 127.0.0.10 (node a) and
+        /// 127.0.0.11 (node b); 0 picks a free one.
         #[arg(long, default_value_t = 10809)]
         port: u16,
     },
@@ -103,66 +105,153 @@ fn serve(cfg: Config, on_ready: impl FnOnce(&Node) -> Result<()>) -> Result<()> 
     Ok(())
 }
 
+fn run_pair(cfg: Config) -> Result<()> {
+    let node = cfg.node.clone();
+    let rt = hapair::daemon::pair::PairRuntime::start(cfg).map_err(|e| anyhow::anyhow!("node {node}: {e}"))?;
+    let sig = wait_for_signal()?;
+    tracing::info!(signal = sig, "stopping");
+    rt.stop();
+    Ok(())
+}
+
+fn free_port(ip: [u8; 4]) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))?.local_addr()?.port())
+}
+
+/// The demo pair: two nodes, each home to a 4+1 aggregate on file-backed members in DIR, an
+/// interconnect on loopback, and one loopback service address per node's export.
 fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let names = ["d0", "d1", "d2", "d3", "p"];
-    for n in names {
-        let p = dir.join(format!("{n}.img"));
-        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p)?;
-        if f.metadata()?.len() < member_mib << 20 {
-            f.set_len(member_mib << 20)?;
+    let port = if port == 0 { free_port([127, 0, 0, 10])? } else { port };
+    let ic_port = free_port([127, 0, 0, 1])?;
+    let key = dir.join("interconnect.key");
+    if !key.exists() {
+        let k: [u8; 32] = rand::random();
+        std::fs::write(&key, k.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+    }
+    let mut files = Vec::new();
+    for node in ["a", "b"] {
+        std::fs::create_dir_all(dir.join(node))?;
+        for m in ["d0", "d1", "d2", "d3", "p"] {
+            let p = dir.join(format!("disk-{node}-{m}.img"));
+            let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p)?;
+            if f.metadata()?.len() < member_mib << 20 {
+                f.set_len(member_mib << 20)?;
+            }
+            files.push(p);
         }
     }
-    let member = |n: &str| format!("\"{}\"", dir.join(format!("{n}.img")).display());
-    let unix = dir.join("aggr0.sock");
-    let text = format!(
-        "# written by hapaird demo\nnode = \"a\"\n\n[io]\nengine = \"io_uring\"\narena_mib = 64\n\n\
-         [[aggregate]]\nname = \"aggr0\"\nhome = \"a\"\ndata = [{}]\nparity = {}\nchunk_kib = 64\n\
-         nvram = \"{}\"\nnvram_mib = 64\n\n\
-         [[export]]\nname = \"aggr0\"\naggregate = \"aggr0\"\nlisten = \"127.0.0.1:{port}\"\nunix = \"{}\"\n",
-        names[..4].iter().map(|n| member(n)).collect::<Vec<_>>().join(", "),
-        member("p"),
-        dir.join("aggr0.nvlog").display(),
-        unix.display()
-    );
-    let cfg_path = dir.join("a.toml");
-    std::fs::write(&cfg_path, text)?;
-    let cfg = Config::load(&cfg_path)?;
-    let a = &cfg.aggregate[0];
-    match setup::format(a, &cfg.io, false, &mut progress_printer("format aggr0".into())) {
-        Ok(_) => eprintln!("formatted new aggregate aggr0 on {}", dir.display()),
-        Err(setup::SetupError::Labelled { .. }) => eprintln!("reusing aggregate aggr0 on {}", dir.display()),
-        Err(e) => return Err(e.into()),
+    let q = |p: &Path| format!("\"{}\"", p.display());
+    let members = |node: &str| -> (String, String) {
+        let d = ["d0", "d1", "d2", "d3"].iter().map(|m| q(&dir.join(format!("disk-{node}-{m}.img")))).collect::<Vec<_>>().join(", ");
+        (d, q(&dir.join(format!("disk-{node}-p.img"))))
+    };
+    let svc = |node: &str| if node == "a" { "127.0.0.10" } else { "127.0.0.11" };
+    let mut cfgs = Vec::new();
+    for (node, partner) in [("a", "b"), ("b", "a")] {
+        let mut text = format!(
+            "# written by hapaird demo\nnode = \"{node}\"\n\n[io]\nengine = \"io_uring\"\narena_mib = 32\nworkers = 16\n\n\
+             [pair]\npartner = \"{partner}\"\ninterconnect_listen = \"127.0.0.1:{ic_port}\"\npartner_interconnect = [\"127.0.0.1:{ic_port}\"]\n\
+             key_file = {}\ncontrol_socket = {}\nheartbeat_ms = 100\ninterconnect_timeout_ms = 2000\nmailbox_timeout_ms = 4000\ncountdown_ms = 10000\n",
+            q(&key),
+            q(&dir.join(format!("{node}.sock"))),
+        );
+        for owner in ["a", "b"] {
+            let (d, p) = members(owner);
+            let log = if owner == node { format!("aggr-{owner}.nvlog") } else { format!("aggr-{owner}.mirror") };
+            text += &format!(
+                "\n[[aggregate]]\nname = \"aggr-{owner}\"\nhome = \"{owner}\"\ndata = [{d}]\nparity = {p}\nchunk_kib = 64\nnvram = {}\nnvram_mib = 32\ncp_interval_ms = 500\n",
+                q(&dir.join(node).join(log))
+            );
+            text += &format!(
+                "\n[[export]]\nname = \"aggr-{owner}\"\naggregate = \"aggr-{owner}\"\nlisten = \"{}:{port}\"\nservice_addrs = [\"{}/32\"]\nservice_interface = \"lo\"\n",
+                svc(owner),
+                svc(owner)
+            );
+        }
+        let path = dir.join(format!("{node}.toml"));
+        std::fs::write(&path, text)?;
+        cfgs.push(path);
     }
-    let _ = std::fs::remove_file(&unix);
+    for cfg_path in &cfgs[..1] {
+        let cfg = Config::load(cfg_path)?;
+        for a in &cfg.aggregate {
+            match setup::format(a, &cfg.io, false, &mut progress_printer(format!("format {}", a.name))) {
+                Ok(_) => eprintln!("formatted new aggregate {} in {}", a.name, dir.display()),
+                Err(setup::SetupError::Labelled { .. }) => eprintln!("reusing aggregate {} in {}", a.name, dir.display()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for (node, cfg_path) in ["a", "b"].iter().zip(&cfgs) {
+        let log = std::fs::File::create(dir.join(format!("{node}.log")))?;
+        let child = std::process::Command::new(&exe)
+            .args(["run", "--config"])
+            .arg(cfg_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {node}"))?;
+        children.push((node.to_string(), child));
+    }
+    let stop_children = |children: &mut Vec<(String, std::process::Child)>| {
+        for (_, c) in children.iter() {
+            // SAFETY: signalling our own children.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        for (n, c) in children.iter_mut() {
+            let st = c.wait();
+            eprintln!("node {n} stopped: {st:?}");
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for node in ["a", "b"] {
+        while std::net::TcpStream::connect((svc(node), port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                stop_children(&mut children);
+                bail!("node {node} did not serve its export within 60 s: see {}", dir.join(format!("{node}.log")).display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let json_path = dir.join("demo.json");
-    serve(cfg, |node| {
-        let s = &node.served[0];
-        let doc = serde_json::json!({
-            "nodes": [{
-                "name": node.config.node,
-                "pid": std::process::id(),
+    let nodes: Vec<serde_json::Value> = ["a", "b"]
+        .iter()
+        .zip(&cfgs)
+        .zip(&children)
+        .map(|((node, cfg_path), (_, child))| {
+            serde_json::json!({
+                "name": node,
+                "pid": child.id(),
                 "config": cfg_path,
+                "control_socket": dir.join(format!("{node}.sock")),
+                "log": dir.join(format!("{node}.log")),
                 "exports": [{
-                    "name": s.export,
-                    "aggregate": s.aggregate,
-                    "uri": s.uri(),
-                    "unix_uri": format!("nbd+unix:///{}?socket={}", s.export, unix.display()),
-                    "tcp": s.tcp.map(|a| a.to_string()),
-                    "unix": unix,
+                    "name": format!("aggr-{node}"),
+                    "aggregate": format!("aggr-{node}"),
+                    "uri": format!("nbd://{}:{port}/aggr-{node}", svc(node)),
+                    "service_addr": svc(node),
                 }],
-                "aggregates": node.aggregates.iter().map(|a| a.status()).collect::<Vec<_>>(),
-            }]
-        });
-        let tmp = dir.join("demo.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
-        std::fs::rename(&tmp, &json_path)?;
-        println!("{}", s.uri());
-        eprintln!("hapair demo: export aggr0 at {} (and {}); try: nbdinfo {}", s.uri(), unix.display(), s.uri());
-        eprintln!("details in {}; Ctrl-C stops", json_path.display());
-        Ok(())
-    })?;
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({ "nodes": nodes, "interconnect": format!("127.0.0.1:{ic_port}") });
+    let tmp = dir.join("demo.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+    std::fs::rename(&tmp, &json_path)?;
+    for node in ["a", "b"] {
+        println!("nbd://{}:{port}/aggr-{node}", svc(node));
+    }
+    eprintln!("hapair demo: a pair of nodes, each serving its aggregate:");
+    eprintln!("  node a: nbd://{}:{port}/aggr-a   control: takeoverctl --socket {} status", svc("a"), dir.join("a.sock").display());
+    eprintln!("  node b: nbd://{}:{port}/aggr-b   control: takeoverctl --socket {} status", svc("b"), dir.join("b.sock").display());
+    eprintln!("  try: takeoverctl --socket {} takeover --of b   (then: giveback)", dir.join("a.sock").display());
+    eprintln!("  logs: {}/a.log, {}/b.log; details in {}; Ctrl-C stops both", dir.display(), dir.display(), json_path.display());
+    let _ = wait_for_signal()?;
+    stop_children(&mut children);
     let _ = std::fs::remove_file(&json_path);
     Ok(())
 }
@@ -172,7 +261,13 @@ fn main() {
     init_logging();
     let r = match cli.cmd {
         Cmd::Format { config, aggregate, force } => format(&config, aggregate.as_deref(), force),
-        Cmd::Run { config } => Config::load(&config).map_err(Into::into).and_then(|c| serve(c, |_| Ok(()))),
+        Cmd::Run { config } => Config::load(&config).map_err(Into::into).and_then(|c| {
+            if c.pair.is_some() {
+                run_pair(c)
+            } else {
+                serve(c, |_| Ok(()))
+            }
+        }),
         Cmd::CheckConfig { config } => Config::load(&config).map(|c| {
             println!("{}: ok: node {}, {} aggregate(s), {} export(s)", config.display(), c.node, c.aggregate.len(), c.export.len());
         }).map_err(Into::into),

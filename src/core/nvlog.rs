@@ -585,6 +585,23 @@ impl LogAppender {
         seq
     }
 
+    /// The bytes a byte-copy of this log needs to scan like the original: the header block and
+    /// the live records (head to tail, wrapping). Everything else is stale to a scan.
+    pub fn live_ranges(&self) -> Vec<Range<usize>> {
+        let mut v = vec![0..DATA_START];
+        if self.used > 0 {
+            if self.head < self.tail {
+                v.push(self.head..self.tail);
+            } else {
+                v.push(self.head..self.ring_end());
+                if self.tail > DATA_START {
+                    v.push(DATA_START..self.tail);
+                }
+            }
+        }
+        v
+    }
+
     /// Append a write of `data` at aggregate byte `offset`; returns its sequence number.
     /// The record is durable only after the ranges of the next [`commit`](Self::commit) are.
     pub fn append(&mut self, region: &mut [u8], offset: u64, data: &[u8]) -> Result<u64, AppendError> {

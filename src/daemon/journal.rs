@@ -313,22 +313,28 @@ impl Journal {
 
     /// Copy the whole region to the partner's mirror. Called with `inner` locked so the region
     /// does not change while it is copied; returns the last seq the copy covers and the batches.
-    fn resync_batches(inner: &mut Inner) -> (u64, Vec<LogRecords>) {
+    fn resync_batches(inner: &mut Inner) -> (u64, Vec<Range<usize>>, Vec<LogRecords>) {
         let c = inner.app.commit();
+        let live = inner.app.live_ranges();
         let bytes = inner.region.bytes();
         let seg = 1 << 20;
         let mut batches = Vec::new();
         let mut segments = Vec::new();
-        let mut off = 0usize;
-        while off < bytes.len() {
-            let n = seg.min(bytes.len() - off);
-            segments.push(LogSegment { region_offset: off as u64, bytes: bytes[off..off + n].to_vec() });
-            off += n;
-            if segments.len() == 4 || off == bytes.len() {
-                batches.push(LogRecords { first_seq: 0, last_seq: c.last_seq, segments: std::mem::take(&mut segments) });
+        for r in &live {
+            let mut off = r.start;
+            while off < r.end {
+                let n = seg.min(r.end - off);
+                segments.push(LogSegment { region_offset: off as u64, bytes: bytes[off..off + n].to_vec() });
+                off += n;
+                if segments.len() == 4 {
+                    batches.push(LogRecords { first_seq: 0, last_seq: c.last_seq, segments: std::mem::take(&mut segments) });
+                }
             }
         }
-        (c.last_seq, batches)
+        if !segments.is_empty() {
+            batches.push(LogRecords { first_seq: 0, last_seq: c.last_seq, segments });
+        }
+        (c.last_seq, live, batches)
     }
 
     /// Make `seq` durable: become the group-commit leader if nobody is, else wait for one.
@@ -362,8 +368,7 @@ impl Journal {
             let link = link.filter(|l| l.is_up());
             let resync = link.is_some() && g.mirror_needs_resync;
             let (c_last, ranges, batches) = if resync {
-                let (last, batches) = Self::resync_batches(&mut g);
-                (last, vec![0..self.region_bytes], batches)
+                Self::resync_batches(&mut g)
             } else {
                 let c = g.app.commit();
                 let segs: Vec<LogSegment> = c

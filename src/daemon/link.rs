@@ -226,7 +226,9 @@ impl Shared {
     fn establish(self: &Arc<Self>, mut stream: TcpStream) -> io::Result<()> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(self.cfg.timeout))?;
-        stream.set_write_timeout(Some(self.cfg.timeout))?;
+        // Writes may wait behind a large mirror batch the partner is still making durable: give
+        // them longer than the silence timeout, which the reader enforces.
+        stream.set_write_timeout(Some((self.cfg.timeout * 5).max(Duration::from_secs(5))))?;
         let mut session = Session::new(&self.cfg.key, nonce()).map_err(|e| io::Error::other(e.to_string()))?;
         let hello = Hello { node_id: self.cfg.node_id, software_version: self.cfg.software_version, capabilities: 0, nonce: session.local_nonce() };
         let frame = session.encode(&Message::Hello(hello)).map_err(|e| io::Error::other(e.to_string()))?;

@@ -363,7 +363,16 @@ impl PairNode {
         }
         let mut id = self.identity.lock().unwrap();
         let id = id.as_mut().ok_or("no identity manager")?;
-        let reports = id.take(&addrs).map_err(|e| e.to_string())?;
+        let reports = match id.take(&addrs) {
+            Ok(r) => r,
+            // 127.0.0.0/8 is local on lo whether or not the address is listed: a demo without
+            // CAP_NET_ADMIN still works, it just cannot show the address moving.
+            Err(e) if addrs.iter().all(|a| a.ifname == "lo") => {
+                tracing::warn!(error = %e, "cannot add loopback service addresses; serving on them anyway");
+                return Ok(());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         for r in reports {
             tracing::info!(addr = %r.addr.prefix, already = r.already_held, probe_ms = r.probe.as_millis() as u64,
                 add_ms = r.add.as_millis() as u64, announce_ms = r.announce.as_millis() as u64, "service address taken");
@@ -378,8 +387,14 @@ impl PairNode {
         }
         let mut id = self.identity.lock().unwrap();
         let id = id.as_mut().ok_or("no identity manager")?;
-        id.release(&addrs).map_err(|e| e.to_string())?;
-        Ok(())
+        match id.release(&addrs) {
+            Ok(_) => Ok(()),
+            Err(e) if addrs.iter().all(|a| a.ifname == "lo") => {
+                tracing::warn!(error = %e, "cannot remove loopback service addresses");
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Stop everything now: close clients unanswered, stop writing, drop addresses.
@@ -438,5 +453,299 @@ impl LinkHandler for PairNode {
             Some(h) => h.summary(),
             None => StateSummary { ha_state: 0, flags: 0, aggregates_served: 0, log_last_seq: 0 },
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The HA wiring: the executor the HA loop drives, the inbound path, the runtime.
+// ---------------------------------------------------------------------------------------------
+
+use crate::core::control::{AggregateHome, ExportView, NvramView, PairStatus};
+use crate::core::takeover::{self, AckMode, Alarm, NodeId, StepError};
+use crate::daemon::control::{ControlOptions, ControlServer, StatusProvider};
+use crate::daemon::ha::{self as ha, HaConfig, HaExecutor, HaHandle, HaLoop, StepDone, StepOutcome};
+use crate::daemon::mailbox::{DiskStore, MailboxConfig, MailboxDriver, MailboxHandle};
+use crate::io::mailbox::MailboxDisks;
+use std::sync::mpsc::{sync_channel, SyncSender};
+
+/// Executes the HA loop's actions on the pair node.
+pub struct PairExecutor {
+    node: Arc<PairNode>,
+    mailbox: MailboxHandle,
+    outbox: SyncSender<takeover::Message>,
+    epoch: u64,
+    /// How long a fence by mailbox alone waits for the partner to stop (twice the bound).
+    msgwait: Duration,
+}
+
+impl PairExecutor {
+    fn fence(node: &PairNode, mailbox: &MailboxHandle, epoch: u64, msgwait: Duration) -> Result<(), String> {
+        mailbox.write_please_die_now(true, epoch).map_err(|e| format!("please-die not written: {e}"))?;
+        // Mailbox-only fencing (no persistent reservations on these members): the partner stops
+        // when it reads please-die, or has stopped by itself if it cannot read its mailbox.
+        // Wait for its slot to say so, at most msgwait.
+        let t0 = Instant::now();
+        loop {
+            match mailbox.read_view() {
+                Some(v) => match v.partner_slot {
+                    None => break,
+                    Some(s) if s.clean_shutdown || s.state == takeover::State::TakenOver => break,
+                    _ => {}
+                },
+                None => {}
+            }
+            if t0.elapsed() >= msgwait {
+                tracing::warn!(ms = msgwait.as_millis() as u64, "partner did not confirm in its mailbox: fenced by the self-fence bound");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = node;
+        Ok(())
+    }
+}
+
+impl HaExecutor for PairExecutor {
+    fn send(&mut self, msg: takeover::Message) {
+        if self.outbox.try_send(msg).is_err() {
+            tracing::debug!("interconnect outbox full: HA message dropped (the state machine resends)");
+        }
+    }
+
+    fn begin(&mut self, step: Step, done: StepDone) {
+        if step == Step::Fence {
+            self.epoch += 1;
+        }
+        let node = self.node.clone();
+        let mailbox = self.mailbox.clone();
+        let epoch = self.epoch;
+        let msgwait = self.msgwait;
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let outcome = match step {
+                Step::Fence => match Self::fence(&node, &mailbox, epoch, msgwait) {
+                    Ok(()) => StepOutcome::Done,
+                    Err(e) => StepOutcome::Failed(StepError::Failed(e)),
+                },
+                Step::ReleaseFence => match mailbox.write_please_die_now(false, 0) {
+                    Ok(_) => StepOutcome::Done,
+                    Err(e) => StepOutcome::Failed(StepError::Failed(e.to_string())),
+                },
+                Step::RecheckMailbox | Step::MarkCleanShutdown => mailbox.run_step(step).unwrap_or(StepOutcome::Done),
+                other => {
+                    if !done.is_current() {
+                        return;
+                    }
+                    match node.run_step(other) {
+                        Ok(()) => StepOutcome::Done,
+                        Err(e) => StepOutcome::Failed(StepError::Failed(e)),
+                    }
+                }
+            };
+            if matches!(step, Step::Fence | Step::ReleaseFence | Step::RecheckMailbox | Step::MarkCleanShutdown) {
+                node.times.lock().unwrap().steps.push((format!("{step:?}"), t0.elapsed().as_millis() as u64));
+            }
+            done.finish(outcome);
+        });
+    }
+
+    fn halt_self(&mut self) {
+        tracing::error!("HALT: stopping all service now (taken over, please-die, or self-fenced)");
+        self.node.halt();
+    }
+
+    fn set_ack_mode(&mut self, mode: AckMode) {
+        tracing::info!(?mode, "acknowledgement mode");
+    }
+
+    fn alarm(&mut self, alarm: &Alarm) {
+        tracing::error!(?alarm, "ALARM");
+    }
+}
+
+/// What arrives over the interconnect for HA goes to the loop.
+struct Inbound {
+    ha: HaHandle,
+}
+
+impl HaInbound for Inbound {
+    fn on_ha_message(&self, bytes: &[u8]) {
+        match serde_json::from_slice::<takeover::Message>(bytes) {
+            Ok(m) => {
+                let _ = self.ha.message(m);
+            }
+            Err(e) => tracing::error!(error = %e, "undecodable HA message from an authenticated partner: ignored"),
+        }
+    }
+    fn on_link(&self, _up: bool) {}
+    fn summary(&self) -> StateSummary {
+        StateSummary { ha_state: 0, flags: StateSummary::HEALTHY, aggregates_served: 0, log_last_seq: 0 }
+    }
+}
+
+impl StatusProvider for PairNode {
+    fn fill(&self, st: &mut PairStatus) {
+        let mut exports = Vec::new();
+        for (whose, name) in [(Whose::Own, &self.own_cfg.name), (Whose::Partner, &self.partner_cfg.name)] {
+            let side = self.side(whose).lock().unwrap();
+            for e in self.exports_of(name) {
+                let served = side.servers.iter().find(|s| s.export == e.name);
+                exports.push(ExportView {
+                    name: e.name.clone(),
+                    aggregate: name.clone(),
+                    address: e.listen.map(|a| a.to_string()).or_else(|| e.unix.as_ref().map(|u| u.display().to_string())).unwrap_or_default(),
+                    served_by: served.map(|_| self.config.node.clone()),
+                    connections: served.map(|s| s.server.stats().connections_active),
+                });
+            }
+            if let Some(a) = &side.aggregate {
+                let s = a.status();
+                if let Some(v) = st.aggregates.iter_mut().find(|v| v.name == s.name) {
+                    v.state = match (&s.offline, s.failed_member) {
+                        (Some(why), _) => format!("offline: {why}"),
+                        (None, Some(m)) => format!("degraded: member {m} ({}) failed", s.members[m]),
+                        (None, None) => "online".into(),
+                    };
+                }
+            }
+        }
+        // Other nodes' exports we do not serve stay listed with served_by from the HA view.
+        st.exports = exports;
+        let own = self.own.lock().unwrap();
+        let persistence = own.journal.as_ref().map(|j| j.persistence()).unwrap_or_else(|| "own log not open".into());
+        let mirror = own.journal.as_ref().map(|j| format!("{:?}", j.mirror_state())).unwrap_or_default();
+        st.nvram = Some(NvramView {
+            persistence,
+            used_bytes: 0,
+            capacity_bytes: self.own_cfg.nvram_mib << 20,
+            detail: format!("own log mirror: {mirror}; fencing: mailbox only (cooperative: these members have no persistent reservations)"),
+        });
+        st.extra.insert("step_times_ms".into(), serde_json::json!(self.times.lock().unwrap().steps.iter().rev().take(40).collect::<Vec<_>>()));
+    }
+}
+
+/// A running pair node: the HA loop, the mailbox driver, the interconnect, the control socket.
+pub struct PairRuntime {
+    pub node: Arc<PairNode>,
+    pub ha: HaHandle,
+    pub control: Option<ControlServer>,
+    pub mailbox: Option<MailboxDriver>,
+    pub link: Arc<Link>,
+    loop_thread: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PairRuntime {
+    /// Bring the node up in its pair. The HA state machine then boots the node's own aggregate
+    /// (or waits for giveback, if it finds itself taken over).
+    pub fn start(config: Config) -> Result<PairRuntime, String> {
+        let node = PairNode::new(config)?;
+        let pair = node.pair.clone();
+        let mut hc = HaConfig::new(&node.config.node, &pair.partner).map_err(|e| e.to_string())?;
+        let t = &mut hc.takeover;
+        t.heartbeat_interval_ms = pair.heartbeat_ms;
+        t.interconnect_timeout_ms = pair.interconnect_timeout_ms;
+        t.mailbox_timeout_ms = pair.mailbox_timeout_ms;
+        t.request_timeout_ms = (pair.countdown_ms + 5_000).max(t.request_timeout_ms);
+        t.please_die_interval_ms = pair.heartbeat_ms * 2;
+        t.countdown_ms = pair.countdown_ms;
+        t.auto_giveback = pair.auto_giveback;
+        t.unsafe_skip_fence = pair.unsafe_skip_fence;
+        t.step_retry_ms = 500;
+        hc.tick = Duration::from_millis((pair.heartbeat_ms / 4).max(5));
+        hc.self_fence_bound_ms = pair.mailbox_timeout_ms / 2;
+        let home_id = |h: &str| if ha::node_id(&node.config.node, &pair.partner) == NodeId::A { if h == node.config.node { NodeId::A } else { NodeId::B } } else if h == node.config.node { NodeId::B } else { NodeId::A };
+        hc.aggregates = node.config.aggregate.iter().map(|a| AggregateHome { name: a.name.clone(), home: home_id(&a.home) }).collect();
+        let (handle, inbox) = ha::channel(ha::INPUT_CAPACITY);
+        // The mailbox on every shared member.
+        let members: Vec<std::path::PathBuf> = node.own_cfg.members().into_iter().chain(node.partner_cfg.members()).collect();
+        let disks = MailboxDisks::open(&members).map_err(|e| format!("mailbox: {e}"))?;
+        let store = Arc::new(DiskStore { disks, uuids: vec![[0; 16]; members.len()] });
+        let mcfg = MailboxConfig {
+            node_name: node.config.node.clone(),
+            partner_name: pair.partner.clone(),
+            interval: Duration::from_millis(pair.heartbeat_ms),
+            self_fence_bound_ms: hc.self_fence_bound_ms,
+        };
+        let driver = MailboxDriver::spawn(store, mcfg, handle.clone()).map_err(|e| e.to_string())?;
+        let mailbox = driver.handle.clone();
+        let link = node.start_link(Arc::new(Inbound { ha: handle.clone() }))?;
+        // HA messages leave through one sender thread: the loop never blocks on a socket.
+        let (out_tx, out_rx) = sync_channel::<takeover::Message>(256);
+        {
+            let link = link.clone();
+            std::thread::Builder::new().name("hapair-ha-out".into()).spawn(move || {
+                for m in out_rx {
+                    match serde_json::to_vec(&m) {
+                        Ok(b) => {
+                            link.send(&Message::Ha(b));
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot encode HA message"),
+                    }
+                }
+            }).map_err(|e| e.to_string())?;
+        }
+        let exec = PairExecutor {
+            node: node.clone(),
+            mailbox: mailbox.clone(),
+            outbox: out_tx,
+            epoch: crate::io::clock::unix_ms(),
+            msgwait: Duration::from_millis(2 * hc.self_fence_bound_ms),
+        };
+        let notifier = crate::io::sdnotify::Notifier::from_env().ok().flatten();
+        let watchdog = match (notifier, crate::io::sdnotify::watchdog_interval_from_env()) {
+            (Some(n), Some(d)) => Some((n, d)),
+            _ => None,
+        };
+        let loop_thread = HaLoop::spawn(hc, inbox, Box::new(exec), Box::new(mailbox), watchdog).map_err(|e| e.to_string())?;
+        let control = match std::fs::create_dir_all(pair.control_socket.parent().unwrap_or(std::path::Path::new("/"))) {
+            _ => ControlServer::start(&pair.control_socket, handle.clone(), node.clone(), ControlOptions::default()).map_err(|e| e.to_string())?,
+        };
+        // Feed health, mirror and disk visibility to the loop.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let node = node.clone();
+            let h = handle.clone();
+            let stop = stop.clone();
+            let every = Duration::from_millis(pair.heartbeat_ms);
+            std::thread::Builder::new().name("hapair-monitor".into()).spawn(move || {
+                while !stop.load(Ordering::Acquire) && !h.is_closed() {
+                    let _ = h.own_mirror(node.own_mirrored());
+                    let expected = node.partner_cfg.members().len() as u32;
+                    let visible = node.partner_cfg.members().iter().filter(|p| std::fs::metadata(p).is_ok()).count() as u32;
+                    let _ = h.partner_disks(visible, expected);
+                    let _ = h.health(true, "");
+                    std::thread::sleep(every);
+                }
+            }).map_err(|e| e.to_string())?;
+        }
+        if let Ok(Some(n)) = crate::io::sdnotify::Notifier::from_env() {
+            let _ = n.ready(&format!("node {} in pair with {}", node.config.node, pair.partner));
+        }
+        Ok(PairRuntime { node, ha: handle, control: Some(control), mailbox: Some(driver), link, loop_thread: Some(loop_thread), stop })
+    }
+
+    /// Stop the node gracefully where it can: drain what it serves, final CPs, close. (A stop
+    /// is not a takeover: the partner sees the interconnect and the mailbox go quiet.)
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        for whose in [Whose::Partner, Whose::Own] {
+            let _ = self.node.drain(whose);
+            self.node.stop_servers(whose);
+            if let Err(e) = self.node.close_aggregate(whose) {
+                tracing::error!(error = %e, "close on stop failed");
+            }
+        }
+        self.ha.stop();
+        if let Some(t) = self.loop_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(c) = self.control.take() {
+            c.stop();
+        }
+        if let Some(m) = self.mailbox.take() {
+            m.stop();
+        }
+        self.link.stop();
     }
 }

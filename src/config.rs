@@ -40,6 +40,7 @@
 //! mailbox_timeout_ms = 3000
 //! countdown_ms = 30000
 //! auto_giveback = false
+//! holddown_ms = 300000            # no operator takeover this soon after a giveback
 //! ```
 //!
 //! In a pair, both nodes list both aggregates: the one whose `home` is this node is served
@@ -190,6 +191,9 @@ pub struct PairConfig {
     pub countdown_ms: u64,
     #[serde(default)]
     pub auto_giveback: bool,
+    /// After a giveback, operator takeovers are refused for this long (ping-pong guard).
+    #[serde(default = "default_holddown_ms")]
+    pub holddown_ms: u64,
     /// TEST ONLY: take over without any fence. Never in production.
     #[serde(default)]
     pub unsafe_skip_fence: bool,
@@ -206,6 +210,9 @@ fn default_ic_timeout_ms() -> u64 {
 }
 fn default_mailbox_timeout_ms() -> u64 {
     3000
+}
+fn default_holddown_ms() -> u64 {
+    300_000
 }
 fn default_countdown_ms() -> u64 {
     30_000

@@ -650,6 +650,7 @@ impl PairRuntime {
         t.please_die_interval_ms = pair.heartbeat_ms * 2;
         t.countdown_ms = pair.countdown_ms;
         t.auto_giveback = pair.auto_giveback;
+        t.holddown_ms = pair.holddown_ms;
         t.unsafe_skip_fence = pair.unsafe_skip_fence;
         t.step_retry_ms = 500;
         hc.tick = Duration::from_millis((pair.heartbeat_ms / 4).max(5));

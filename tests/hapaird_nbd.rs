@@ -103,31 +103,44 @@ fn daemon_on_loop_devices_serves_real_clients() {
 }
 
 #[test]
-fn demo_runs_and_stops_cleanly() {
+fn demo_runs_a_pair_and_stops_cleanly() {
     require_tool("nbdinfo");
     let dir = scratch_dir();
     let d = dir.path().join("demo");
     let daemon = Daemon::spawn(&["demo", "--dir", d.to_str().unwrap(), "--member-mib", "16", "--port", "0"]);
     let json = d.join("demo.json");
-    let end = Instant::now() + Duration::from_secs(60);
+    let end = Instant::now() + Duration::from_secs(90);
     while !json.exists() {
-        assert!(Instant::now() < end, "demo.json not written within 60 s");
+        assert!(Instant::now() < end, "demo.json not written within 90 s");
         std::thread::sleep(Duration::from_millis(50));
     }
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let node = &doc["nodes"][0];
-    assert_eq!(node["name"], "a");
-    assert!(node["pid"].as_u64().unwrap() > 0);
-    let uri = node["exports"][0]["uri"].as_str().unwrap().to_string();
-    assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
-    let out = run(Command::new("nbdinfo").args(["--size", &uri]));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (4u64 * 15 << 20).to_string());
-    let unix_uri = node["exports"][0]["unix_uri"].as_str().unwrap();
-    run(Command::new("nbdinfo").args(["--size", unix_uri]));
+    let nodes = doc["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    let mut uris = Vec::new();
+    for (node, name) in nodes.iter().zip(["a", "b"]) {
+        assert_eq!(node["name"], name);
+        assert!(node["pid"].as_u64().unwrap() > 0);
+        assert!(std::path::Path::new(node["control_socket"].as_str().unwrap()).exists());
+        let uri = node["exports"][0]["uri"].as_str().unwrap().to_string();
+        let out = run(Command::new("nbdinfo").args(["--size", &uri]));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (4u64 * 15 << 20).to_string(), "{uri}");
+        uris.push(uri);
+    }
+    // A takeover through a's control socket: b's export answers at the same URI, served by a.
+    let sock = nodes[0]["control_socket"].as_str().unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    use std::io::{BufRead, Write};
+    s.write_all(b"{\"v\":1,\"cmd\":\"takeover\",\"of\":\"b\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["outcome"]["result"], "completed", "{reply}");
+    run(Command::new("nbdinfo").args(["--size", &uris[1]]));
     let out = daemon.stop(libc::SIGINT);
     assert!(out.status.success(), "demo exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
     let mut stdout = String::new();
     out.stdout.as_slice().read_to_string(&mut stdout).unwrap();
-    assert_eq!(stdout.trim(), uri, "the demo prints its URI");
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), uris, "the demo prints its URIs");
     assert!(!json.exists(), "demo.json removed on a clean stop");
 }

@@ -736,7 +736,12 @@ impl PairRuntime {
             if let Err(e) = self.node.close_aggregate(whose) {
                 tracing::error!(error = %e, "close on stop failed");
             }
+            let held = !self.node.side(whose).lock().unwrap().servers.is_empty();
+            let _ = held;
         }
+        // Addresses go with the service: release what this node holds.
+        let _ = self.node.release_ips(Whose::Partner);
+        let _ = self.node.release_ips(Whose::Own);
         self.ha.stop();
         if let Some(t) = self.loop_thread.take() {
             let _ = t.join();

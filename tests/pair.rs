@@ -52,7 +52,7 @@ impl Pair {
                 "node = \"{node}\"\n[io]\nworkers = 8\narena_mib = 16\n[pair]\npartner = \"{partner}\"\n\
                  interconnect_listen = \"127.0.0.1:{ic}\"\npartner_interconnect = [\"127.0.0.1:{ic}\"]\nkey_file = {}\n\
                  control_socket = {}\nheartbeat_ms = 100\ninterconnect_timeout_ms = 1000\nmailbox_timeout_ms = 2000\n\
-                 countdown_ms = {countdown_ms}\nholddown_ms = 3000\n",
+                 countdown_ms = {countdown_ms}\nholddown_ms = 8000\n",
                 q(&key),
                 q(&sock)
             );
@@ -173,9 +173,22 @@ fn tail(s: &str) -> String {
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        // A graceful stop releases the service addresses; kill what does not stop.
+        for c in self.procs.iter().flatten() {
+            // SAFETY: pids we spawned.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+        let end = Instant::now() + Duration::from_secs(10);
         for c in self.procs.iter_mut().flatten() {
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // And whatever a killed node left on lo.
+        for a in &self.svc {
+            let _ = Command::new("ip").args(["addr", "del", &format!("{}/32", a.ip()), "dev", "lo"]).stderr(Stdio::null()).status();
         }
     }
 }
@@ -195,6 +208,8 @@ struct Writer {
     unknown: Arc<Mutex<HashMap<u64, Vec<u64>>>>,
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
+    /// Set by the writer while paused with nothing in flight.
+    idle: Arc<AtomicBool>,
     completed: Arc<AtomicU64>,
     max_gap_ms: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -228,21 +243,25 @@ impl Writer {
             unknown: Arc::default(),
             stop: Arc::default(),
             pause: Arc::default(),
+            idle: Arc::default(),
             completed: Arc::default(),
             max_gap_ms: Arc::default(),
             thread: None,
         };
         let (acked, unknown, stop, pause, completed, gap) = (w.acked.clone(), w.unknown.clone(), w.stop.clone(), w.pause.clone(), w.completed.clone(), w.max_gap_ms.clone());
+        let idle = w.idle.clone();
         let t = std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut gen = 0u64;
             let mut last_done = Instant::now();
             while !stop.load(Ordering::Acquire) {
                 if pause.load(Ordering::Acquire) {
+                    idle.store(true, Ordering::Release);
                     std::thread::sleep(Duration::from_millis(10));
                     last_done = Instant::now();
                     continue;
                 }
+                idle.store(false, Ordering::Release);
                 let Some(mut s) = nbd_connect(addr, name) else {
                     std::thread::sleep(Duration::from_millis(20));
                     continue;
@@ -301,7 +320,11 @@ impl Writer {
     /// Pause writing, then read every block written through `addr` and check it.
     fn verify(&self, addr: SocketAddr, name: &str, what: &str) -> usize {
         self.pause.store(true, Ordering::Release);
-        std::thread::sleep(Duration::from_millis(300));
+        let end = Instant::now() + Duration::from_secs(30);
+        while !self.idle.load(Ordering::Acquire) {
+            assert!(Instant::now() < end, "{what}: the writer's requests did not complete within 30 s");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let mut s = None;
         for _ in 0..200 {
             s = nbd_connect(addr, name);
@@ -338,6 +361,7 @@ impl Writer {
             }
         }
         drop(unknown);
+        self.idle.store(false, Ordering::Release);
         self.pause.store(false, Ordering::Release);
         acked.len()
     }
@@ -402,7 +426,7 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
     assert_eq!(outcome(&r), "refused", "{r}");
     let text = r["outcome"]["text"].to_string();
     assert!(text.contains("hold") || text.contains("giveback"), "refusal says why: {text}");
-    std::thread::sleep(Duration::from_millis(3200));
+    std::thread::sleep(Duration::from_millis(8200));
     // 3: the operator at the node to be taken over asks for it.
     let r = p.ctl("b", r#"{"v":1,"cmd":"takeover"}"#);
     assert_eq!(outcome(&r), "completed", "{r}");

@@ -13,7 +13,7 @@
 //!
 //! plus `xor_into` throughput against memcpy. Environment: `HAPAIR_BENCH_MEMBER_MIB` (1024),
 //! `HAPAIR_BENCH_SECS` per run (5), `HAPAIR_BENCH_ROUNDS` (3), `HAPAIR_BENCH_CALLERS` ("1,32"),
-//! `HAPAIR_BENCH_DIR` (/var/tmp). Results go to stdout and `bench/RESULTS-raid.md`.
+//! `HAPAIR_BENCH_DIR` (/var/tmp), `HAPAIR_BENCH_WORKLOADS` ("seqwrite,randread,randwrite"). Results go to stdout and `bench/RESULTS-raid.md`.
 
 #[macro_use]
 mod common;
@@ -210,7 +210,7 @@ fn bench() -> Result<(), String> {
     let machine = machine_description(dir.path());
     progress!("creating 5 loop devices of {member_mib} MiB in {}", dir.path().display());
     let loops: Vec<LoopDev> =
-        (0..5).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_mib << 20, false)).collect();
+        (0..5).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_mib << 20, true)).collect();
     let cfg = AggregateConfig {
         name: "bench0".into(),
         home: "a".into(),
@@ -222,12 +222,19 @@ fn bench() -> Result<(), String> {
     progress!("formatting (writes every byte of the members, so that no read hits a hole)");
     setup::format(&cfg, &io, true, &mut |_, _| {}).map_err(|e| e.to_string())?;
     let agg = setup::open(&cfg, &io, &mut |_, _| {}).map_err(|e| e.to_string())?;
+    progress!("settling (sync, 5 s)");
+    settle(5);
     let g = agg.geometry();
     progress!("aggregate: {} data + parity, stripe {} KiB, {} MiB", g.data_members, g.stripe_bytes() >> 10, g.size_bytes() >> 20);
     check_interrupt()?;
 
+    let only = std::env::var("HAPAIR_BENCH_WORKLOADS").unwrap_or_else(|_| "seqwrite,randread,randwrite".into());
     let mut rows: Vec<Row> = Vec::new();
     for work in [Work::SeqWrite, Work::RandRead, Work::RandWrite] {
+        let key = format!("{work:?}").to_lowercase();
+        if !only.split(',').any(|w| w.trim() == key) {
+            continue;
+        }
         for &c in &callers_list {
             rows.push(Row { work, callers: c, engine: vec![], fio: vec![] });
         }

@@ -284,3 +284,10 @@ pub fn since_start() -> f64 {
     static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     T0.get_or_init(Instant::now).elapsed().as_secs_f64()
 }
+
+/// Let the storage stack settle after bulk writes (setup): write back everything and wait, so
+/// that the first measured run does not pay for the filesystem and host writing back setup.
+pub fn settle(secs: u64) {
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(secs));
+}

@@ -12,7 +12,7 @@
 //! ramp), `HAPAIR_BENCH_ROUNDS` (3), `HAPAIR_BENCH_WORKLOADS` (all: randread1, randread32,
 //! randwrite1, randwrite32, seqread, seqwrite), `HAPAIR_BENCH_CONTENDERS` (all: hapaird,
 //! nbdkit, nbdkit-nocache, raw), `HAPAIR_BENCH_WORKERS` (hapaird `io.workers`, default the
-//! daemon's), `HAPAIR_BENCH_DIR` (/var/tmp). Results go to stdout and `bench/RESULTS.md`
+//! daemon's), `HAPAIR_BENCH_DIR` (/var/tmp). Results go to stdout and `bench/RESULTS.md` (or `HAPAIR_BENCH_OUT`)
 //! (a hand-written "## Notes" section there is kept).
 
 #[macro_use]
@@ -218,7 +218,10 @@ fn bench() -> Result<(), String> {
                 let ci = (k + round + wi) % whos.len();
                 let who = whos[ci];
                 if !hguard.alive() {
-                    return Err(format!("hapaird exited; see {}", hlog.display()));
+                    let st = hguard.stop();
+                    let log = std::fs::read_to_string(&hlog).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                    return Err(format!("hapaird exited ({st:?}) before run {}; its log ends:\n{}", done + 1, tail.join("\n")));
                 }
                 // nbdkit opens the device buffered: start it from a cold, clean page cache.
                 solo.flush_buffers();
@@ -334,7 +337,10 @@ fn bench() -> Result<(), String> {
         export_bytes >> 20,
         if warnings.is_empty() { String::new() } else { format!("hapaird log warnings:\n```\n{}\n```\n", warnings.join("\n")) }
     );
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join("RESULTS.md");
+    let path = match std::env::var("HAPAIR_BENCH_OUT") {
+        Ok(p) => std::path::PathBuf::from(p),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join("RESULTS.md"),
+    };
     let notes = std::fs::read_to_string(&path).ok().and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string())).unwrap_or_default();
     std::fs::write(&path, format!("{body}{notes}")).map_err(|e| format!("{}: {e}", path.display()))?;
     progress!("wrote {}; detaching loop devices", path.display());

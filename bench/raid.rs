@@ -13,7 +13,7 @@
 //!
 //! plus `xor_into` throughput against memcpy. Environment: `HAPAIR_BENCH_MEMBER_MIB` (1024),
 //! `HAPAIR_BENCH_SECS` per run (5), `HAPAIR_BENCH_ROUNDS` (3), `HAPAIR_BENCH_CALLERS` ("1,32"),
-//! `HAPAIR_BENCH_DIR` (/var/tmp), `HAPAIR_BENCH_WORKLOADS` ("seqwrite,randread,randwrite"). Results go to stdout and `bench/RESULTS-raid.md`.
+//! `HAPAIR_BENCH_DIR` (/var/tmp), `HAPAIR_BENCH_WORKLOADS` ("seqwrite,randread,randwrite"), `HAPAIR_BENCH_OUT` (results file). Results go to stdout and `bench/RESULTS-raid.md`.
 
 #[macro_use]
 mod common;
@@ -343,7 +343,10 @@ fn bench() -> Result<(), String> {
 
 /// Write `bench/NAME`, keeping any hand-written "## Notes" section of the existing file.
 fn write_results(name: &str, body: &str) -> Result<(), String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join(name);
+    let path = match std::env::var("HAPAIR_BENCH_OUT") {
+        Ok(p) => std::path::PathBuf::from(p),
+        Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join(name),
+    };
     let notes = std::fs::read_to_string(&path).ok().and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string())).unwrap_or_default();
     std::fs::write(&path, format!("{body}{notes}")).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -342,8 +342,8 @@ fn bench() -> Result<(), String> {
          All NBD clients are fio 3.33's `nbd` engine (libnbd, one TCP connection on 127.0.0.1).\n\n\
          hapaird restarts during the run (it was found exited, not by this bench): {}.\n\n## Results\n{t}\n### Latency, mean / p99 (us)\n{lat}\n### Every round\n{spread}\n{}",
         workers.clone().unwrap_or_else(|| "16 (default)".into()),
-        if restarts.is_empty() { "none".to_string() } else { restarts.join("; ") },
         export_bytes >> 20,
+        if restarts.is_empty() { "none".to_string() } else { restarts.join("; ") },
         if warnings.is_empty() { String::new() } else { format!("hapaird log warnings:\n```\n{}\n```\n", warnings.join("\n")) }
     );
     let path = match std::env::var("HAPAIR_BENCH_OUT") {

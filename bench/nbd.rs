@@ -1,0 +1,359 @@
+//! NBD export benchmark, run by hand: `cargo bench --bench nbd`.
+//!
+//! fio's nbd engine (libnbd, one connection) against, interleaved round by round:
+//! - `hapaird run` serving a 4+1 RAID-4 aggregate of loop devices (the release binary);
+//! - `nbdkit file` serving one loop device of the same size on the same backing filesystem,
+//!   with the page cache (`cache=default`, the plugin's default) and with `cache=none` (the
+//!   plugin drops pages it read or wrote; nbdkit 1.32's file plugin has no O_DIRECT mode);
+//! - fio's io_uring engine with `--direct=1` straight on the aggregate's 4 data loop devices
+//!   (same block size and queue depth; no parity: the ceiling of the disks themselves).
+//!
+//! Environment: `HAPAIR_BENCH_MEMBER_MIB` (1024), `HAPAIR_BENCH_SECS` per run (6, after a 1 s
+//! ramp), `HAPAIR_BENCH_ROUNDS` (3), `HAPAIR_BENCH_WORKLOADS` (all: randread1, randread32,
+//! randwrite1, randwrite32, seqread, seqwrite), `HAPAIR_BENCH_CONTENDERS` (all: hapaird,
+//! nbdkit, nbdkit-nocache, raw), `HAPAIR_BENCH_WORKERS` (hapaird `io.workers`, default the
+//! daemon's), `HAPAIR_BENCH_DIR` (/var/tmp). Results go to stdout and `bench/RESULTS.md` (or `HAPAIR_BENCH_OUT`)
+//! (a hand-written "## Notes" section there is kept).
+
+#[macro_use]
+mod common;
+
+use common::*;
+use hapair::core::label::DATA_OFFSET_BYTES;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const EXPORT: &str = "bench0";
+
+#[derive(Clone, Copy)]
+struct Work {
+    key: &'static str,
+    label: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    depth: usize,
+    /// Report MB/s instead of IOPS.
+    bandwidth: bool,
+}
+
+const WORKS: [Work; 6] = [
+    Work { key: "randread1", label: "4 KiB rand read QD1", rw: "randread", bs: "4k", depth: 1, bandwidth: false },
+    Work { key: "randread32", label: "4 KiB rand read QD32", rw: "randread", bs: "4k", depth: 32, bandwidth: false },
+    Work { key: "randwrite1", label: "4 KiB rand write QD1", rw: "randwrite", bs: "4k", depth: 1, bandwidth: false },
+    Work { key: "randwrite32", label: "4 KiB rand write QD32", rw: "randwrite", bs: "4k", depth: 32, bandwidth: false },
+    Work { key: "seqread", label: "1 MiB seq read QD8", rw: "read", bs: "1m", depth: 8, bandwidth: true },
+    Work { key: "seqwrite", label: "1 MiB seq write QD8", rw: "write", bs: "1m", depth: 8, bandwidth: true },
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Who {
+    Hapaird,
+    Nbdkit,
+    NbdkitNoCache,
+    Raw,
+}
+
+impl Who {
+    fn key(self) -> &'static str {
+        match self {
+            Who::Hapaird => "hapaird",
+            Who::Nbdkit => "nbdkit",
+            Who::NbdkitNoCache => "nbdkit-nocache",
+            Who::Raw => "raw",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Who::Hapaird => "hapaird (RAID-4 4+1)",
+            Who::Nbdkit => "nbdkit file",
+            Who::NbdkitNoCache => "nbdkit file cache=none",
+            Who::Raw => "raw io_uring (4 data devs)",
+        }
+    }
+}
+
+fn common_args(w: &Work, secs: u64) -> Vec<String> {
+    vec![
+        format!("--rw={}", w.rw),
+        format!("--bs={}", w.bs),
+        format!("--iodepth={}", w.depth),
+        "--time_based".into(),
+        format!("--runtime={secs}"),
+        "--ramp_time=1".into(),
+        "--norandommap".into(),
+        "--randrepeat=0".into(),
+    ]
+}
+
+fn nbd_fio(port: u16, w: &Work, secs: u64) -> Result<FioResult, String> {
+    let mut args = vec!["--name=nbd".to_string(), "--ioengine=nbd".into(), format!("--uri=nbd://127.0.0.1:{port}/{EXPORT}")];
+    args.extend(common_args(w, secs));
+    run_fio(&args)
+}
+
+fn raw_fio(devs: &[LoopDev], w: &Work, secs: u64) -> Result<FioResult, String> {
+    let names: Vec<String> = devs.iter().map(|l| l.dev.display().to_string()).collect();
+    let mut args = vec![
+        "--name=raw".to_string(),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--filename={}", names.join(":")),
+        // The aggregate's data area only: labels and mailboxes stay intact.
+        format!("--offset={DATA_OFFSET_BYTES}"),
+        format!("--size={}", devs[0].bytes - DATA_OFFSET_BYTES),
+    ];
+    args.extend(common_args(w, secs));
+    run_fio(&args)
+}
+
+fn start_nbdkit(solo: &LoopDev, port: u16, nocache: bool, log: &Path) -> Result<ChildGuard, String> {
+    let mut cmd = Command::new("nbdkit");
+    cmd.args(["--exit-with-parent", "-f", "-p", &port.to_string(), "-i", "127.0.0.1", "file"]).arg(&solo.dev);
+    if nocache {
+        cmd.arg("cache=none");
+    }
+    let logf = std::fs::File::create(log).map_err(|e| e.to_string())?;
+    let child = cmd.stdout(Stdio::null()).stderr(logf).spawn().map_err(|e| format!("nbdkit: {e}"))?;
+    let mut g = ChildGuard::new(if nocache { "nbdkit cache=none" } else { "nbdkit" }, child);
+    wait_port(port, &mut g, Duration::from_secs(10))?;
+    Ok(g)
+}
+
+fn main() {
+    if let Err(e) = bench() {
+        eprintln!("nbd bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn list_env(name: &str, all: &[&str]) -> Vec<String> {
+    match std::env::var(name) {
+        Ok(v) => v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        Err(_) => all.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn bench() -> Result<(), String> {
+    let _ = interrupted_flag();
+    require_root();
+    for t in ["fio", "nbdkit", "losetup", "blockdev", "dd"] {
+        require_tool(t);
+    }
+    let hapaird = env!("CARGO_BIN_EXE_hapaird");
+    let member_mib = env_u64("HAPAIR_BENCH_MEMBER_MIB", 1024);
+    let secs = env_u64("HAPAIR_BENCH_SECS", 6);
+    let rounds = env_u64("HAPAIR_BENCH_ROUNDS", 3) as usize;
+    let workers = std::env::var("HAPAIR_BENCH_WORKERS").ok();
+    let work_keys = list_env("HAPAIR_BENCH_WORKLOADS", &WORKS.iter().map(|w| w.key).collect::<Vec<_>>());
+    let works: Vec<Work> = WORKS.iter().copied().filter(|w| work_keys.iter().any(|k| k == w.key)).collect();
+    let all_who = [Who::Hapaird, Who::Nbdkit, Who::NbdkitNoCache, Who::Raw];
+    let who_keys = list_env("HAPAIR_BENCH_CONTENDERS", &all_who.iter().map(|w| w.key()).collect::<Vec<_>>());
+    let whos: Vec<Who> = all_who.iter().copied().filter(|w| who_keys.iter().any(|k| k == w.key())).collect();
+    if works.is_empty() || whos.is_empty() {
+        return Err("nothing to run: check HAPAIR_BENCH_WORKLOADS / HAPAIR_BENCH_CONTENDERS".into());
+    }
+    let base = std::env::var("HAPAIR_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let dir = tempfile::Builder::new().prefix("hapair-bench-nbd.").tempdir_in(&base).map_err(|e| e.to_string())?;
+    let machine = machine_description(dir.path());
+    let member_bytes = member_mib << 20;
+    let export_bytes = 4 * (member_bytes - DATA_OFFSET_BYTES);
+
+    progress!("creating 5 loop devices of {member_mib} MiB and one of {} MiB (filled) in {}", export_bytes >> 20, dir.path().display());
+    let loops: Vec<LoopDev> = (0..5).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_bytes, true)).collect();
+    check_interrupt()?;
+    let solo = LoopDev::new(dir.path(), "solo.img", export_bytes, true);
+    check_interrupt()?;
+
+    let hport = free_port();
+    let config = dir.path().join("hapaird.toml");
+    let workers_line = workers.as_ref().map(|w| format!("workers = {w}\n")).unwrap_or_default();
+    let toml = format!(
+        "node = \"a\"\n\n[io]\nengine = \"io_uring\"\n{workers_line}\n[[aggregate]]\nname = \"{EXPORT}\"\nhome = \"a\"\n\
+         data = [{}]\nparity = \"{}\"\nchunk_kib = 64\n\n[[export]]\nname = \"{EXPORT}\"\naggregate = \"{EXPORT}\"\nlisten = \"127.0.0.1:{hport}\"\n",
+        loops[..4].iter().map(|l| format!("\"{}\"", l.dev.display())).collect::<Vec<_>>().join(", "),
+        loops[4].dev.display()
+    );
+    std::fs::write(&config, &toml).map_err(|e| e.to_string())?;
+    progress!("hapaird format (zeroes every member)");
+    let st = Command::new(hapaird).args(["format", "--force", "--config"]).arg(&config).stdout(Stdio::null()).status().map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err(format!("hapaird format failed: {st}"));
+    }
+    check_interrupt()?;
+    let hlog = dir.path().join("hapaird.log");
+    let start_hapaird = || -> Result<ChildGuard, String> {
+        let child = Command::new(hapaird)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&hlog).map_err(|e| e.to_string())?)
+            .spawn()
+            .map_err(|e| format!("hapaird run: {e}"))?;
+        let mut g = ChildGuard::new("hapaird", child);
+        wait_port(hport, &mut g, Duration::from_secs(30))?;
+        Ok(g)
+    };
+    let mut hguard = start_hapaird()?;
+    let mut restarts: Vec<String> = Vec::new();
+    progress!("hapaird serving on 127.0.0.1:{hport} (pid {})", hguard.pid());
+
+    progress!("settling (sync, 5 s)");
+    settle(5);
+    let (kport, kport_nc) = (free_port(), free_port());
+    let mut nbdkits = Vec::new();
+    if whos.contains(&Who::Nbdkit) {
+        nbdkits.push(start_nbdkit(&solo, kport, false, &dir.path().join("nbdkit.log"))?);
+    }
+    if whos.contains(&Who::NbdkitNoCache) {
+        nbdkits.push(start_nbdkit(&solo, kport_nc, true, &dir.path().join("nbdkit-nocache.log"))?);
+    }
+    progress!("nbdkit file {} on ports {kport} (cache=default) and {kport_nc} (cache=none)", solo.dev.display());
+
+    // results[work][who] = per-round results
+    let mut results: Vec<Vec<Vec<FioResult>>> = vec![vec![Vec::new(); whos.len()]; works.len()];
+    let total = rounds * works.len() * whos.len();
+    let mut done = 0;
+    for round in 0..rounds {
+        for (wi, w) in works.iter().enumerate() {
+            for k in 0..whos.len() {
+                // Rotate the order each round so that no contender always follows the same one.
+                let ci = (k + round + wi) % whos.len();
+                let who = whos[ci];
+                if !hguard.alive() {
+                    // Seen twice on the shared dev VM: hapaird exited 0 while idle between runs,
+                    // i.e. something outside this bench signalled it. Restart it and say so.
+                    let st = hguard.stop();
+                    let why = format!("before run {} hapaird was gone ({st:?}); restarted", done + 1);
+                    progress!("{why}");
+                    restarts.push(why);
+                    hguard = start_hapaird()?;
+                }
+                // nbdkit opens the device buffered: start it from a cold, clean page cache.
+                solo.flush_buffers();
+                let r = match who {
+                    Who::Hapaird => nbd_fio(hport, w, secs),
+                    Who::Nbdkit => nbd_fio(kport, w, secs),
+                    Who::NbdkitNoCache => nbd_fio(kport_nc, w, secs),
+                    Who::Raw => raw_fio(&loops[..4], w, secs),
+                }?;
+                // Write back what a buffered server left dirty before the next contender runs.
+                solo.flush_buffers();
+                done += 1;
+                progress!(
+                    "[{done}/{total}] round {} {:<22} {:<27} {:>9.0} IOPS {:>8.1} MB/s  lat mean {:>6.0} us p99 {:>6.0} us",
+                    round + 1, w.label, who.label(), r.iops, r.bytes_per_sec / 1e6, r.lat_mean_us, r.lat_p99_us
+                );
+                results[wi][ci].push(r);
+            }
+        }
+    }
+
+    progress!("stopping hapaird (SIGTERM: drain and clean close)");
+    let st = hguard.stop();
+    let hapaird_exit = match st {
+        Some(s) if s.success() => "exited cleanly".to_string(),
+        other => format!("exit: {other:?} (see log)"),
+    };
+    let hlog_text = std::fs::read_to_string(&hlog).unwrap_or_default();
+    let warnings: Vec<&str> = hlog_text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(5).collect();
+    drop(nbdkits);
+
+    // Tables.
+    let idx = |who: Who| whos.iter().position(|&w| w == who);
+    let med = |wi: usize, ci: usize, f: &dyn Fn(&FioResult) -> f64| median(&results[wi][ci].iter().map(f).collect::<Vec<_>>());
+    let mut t = String::new();
+    write!(t, "| workload |").unwrap();
+    for w in &whos {
+        write!(t, " {} |", w.label()).unwrap();
+    }
+    let ratio_cols: Vec<(&str, Who)> = [("hapaird / nbdkit", Who::Nbdkit), ("hapaird / nbdkit cache=none", Who::NbdkitNoCache), ("hapaird / raw", Who::Raw)]
+        .into_iter()
+        .filter(|(_, w)| idx(*w).is_some() && idx(Who::Hapaird).is_some())
+        .collect();
+    for (name, _) in &ratio_cols {
+        write!(t, " {name} |").unwrap();
+    }
+    writeln!(t).unwrap();
+    writeln!(t, "|---|{}", "---:|".repeat(whos.len() + ratio_cols.len())).unwrap();
+    let mut lat = String::new();
+    write!(lat, "| workload |").unwrap();
+    for w in &whos {
+        write!(lat, " {} |", w.label()).unwrap();
+    }
+    writeln!(lat).unwrap();
+    writeln!(lat, "|---|{}", "---:|".repeat(whos.len())).unwrap();
+    for (wi, w) in works.iter().enumerate() {
+        let metric = |r: &FioResult| if w.bandwidth { r.bytes_per_sec } else { r.iops };
+        write!(t, "| {} |", w.label).unwrap();
+        write!(lat, "| {} |", w.label).unwrap();
+        for ci in 0..whos.len() {
+            let v = med(wi, ci, &metric);
+            if w.bandwidth {
+                write!(t, " {:.0} MB/s |", v / 1e6).unwrap();
+            } else {
+                write!(t, " {:.0} IOPS |", v).unwrap();
+            }
+            write!(lat, " {:.0} / {:.0} |", med(wi, ci, &|r| r.lat_mean_us), med(wi, ci, &|r| r.lat_p99_us)).unwrap();
+        }
+        let h = med(wi, idx(Who::Hapaird).unwrap_or(0), &metric);
+        for (_, other) in &ratio_cols {
+            write!(t, " {:.2} |", h / med(wi, idx(*other).unwrap(), &metric)).unwrap();
+        }
+        writeln!(t).unwrap();
+        writeln!(lat).unwrap();
+    }
+    let mut spread = String::new();
+    for (wi, w) in works.iter().enumerate() {
+        for (ci, who) in whos.iter().enumerate() {
+            let vals: Vec<String> = results[wi][ci]
+                .iter()
+                .map(|r| if w.bandwidth { format!("{:.0}", r.bytes_per_sec / 1e6) } else { format!("{:.0}", r.iops) })
+                .collect();
+            writeln!(spread, "- {} / {}: {}", w.label, who.label(), vals.join(", ")).unwrap();
+        }
+    }
+    println!("\n{t}\nLatency, mean / p99 (us):\n\n{lat}");
+
+    let settings = format!(
+        "HAPAIR_BENCH_MEMBER_MIB={member_mib} HAPAIR_BENCH_SECS={secs} HAPAIR_BENCH_ROUNDS={rounds}{}",
+        workers.as_ref().map(|w| format!(" HAPAIR_BENCH_WORKERS={w}")).unwrap_or_default()
+    );
+    let body = format!(
+        "# NBD export benchmark\n\nGenerated by `cargo bench --bench nbd` (settings: `{settings}`). Medians of {rounds} \
+         rounds; within a round the contenders take turns on each workload, in an order rotated every round. Each run is \
+         fio for {secs} s after a 1 s ramp. 4 KiB rows are IOPS, 1 MiB rows MB/s (10^6 bytes/s).\n\n## Machine\n{machine}\n\
+         ## Contenders\n\
+         - **hapaird**: `hapaird run`, release build, io_uring engine, {} NBD workers, serving a RAID-4 aggregate of 5 loop \
+         devices of {member_mib} MiB (4 data + 1 parity, 64 KiB chunks, 256 KiB stripes; export {} MiB). Members opened \
+         O_DIRECT: no page cache anywhere on its path. After the run: {hapaird_exit}.\n\
+         - **nbdkit file**: `nbdkit --exit-with-parent -f -p PORT -i 127.0.0.1 file /dev/loopN` over one loop device \
+         (direct I/O to its backing file) of the same size as the export, backing file fully written first. nbdkit \
+         opens the device buffered, so reads can be served from and writes absorbed by the page cache; its page cache \
+         is dropped (`blockdev --flushbufs`) before and after every run, so each run starts cold and a run's dirty \
+         pages are written back outside the measured window.\n\
+         - **nbdkit file cache=none**: the same with `cache=none` (nbdkit 1.32's way to stay out of the page cache: \
+         fadvise DONTNEED after reads, sync_file_range + DONTNEED after writes; there is no O_DIRECT option). This is \
+         the like-for-like comparison with hapaird, which never acknowledges from RAM.\n\
+         - **raw**: fio `--ioengine=io_uring --direct=1` straight on the aggregate's 4 data loop devices (their data \
+         area), same block size and iodepth, files round-robin. No parity: the ceiling the disks give.\n\n\
+         All NBD clients are fio 3.33's `nbd` engine (libnbd, one TCP connection on 127.0.0.1).\n\n\
+         hapaird restarts during the run (it was found exited, not by this bench): {}.\n\n## Results\n{t}\n### Latency, mean / p99 (us)\n{lat}\n### Every round\n{spread}\n{}",
+        workers.clone().unwrap_or_else(|| "16 (default)".into()),
+        export_bytes >> 20,
+        if restarts.is_empty() { "none".to_string() } else { restarts.join("; ") },
+        if warnings.is_empty() { String::new() } else { format!("hapaird log warnings:\n```\n{}\n```\n", warnings.join("\n")) }
+    );
+    let path = match std::env::var("HAPAIR_BENCH_OUT") {
+        Ok(p) => std::path::PathBuf::from(p),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join("RESULTS.md"),
+    };
+    let notes = std::fs::read_to_string(&path).ok().and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string())).unwrap_or_default();
+    std::fs::write(&path, format!("{body}{notes}")).map_err(|e| format!("{}: {e}", path.display()))?;
+    progress!("wrote {}; detaching loop devices", path.display());
+    drop(solo);
+    drop(loops);
+    Ok(())
+}

@@ -217,6 +217,9 @@ fn bench() -> Result<(), String> {
         data: loops[..4].iter().map(|l| l.dev.clone()).collect(),
         parity: loops[4].dev.clone(),
         chunk_kib: 64,
+        nvram: None,
+        nvram_mib: 64,
+        cp_interval_ms: 1000,
     };
     let io = IoConfig { engine: EngineKind::IoUring, arena_mib: 256, ..IoConfig::default() };
     progress!("formatting (writes every byte of the members, so that no read hits a hole)");

@@ -8,7 +8,7 @@
 //! ring_entries = 256              # submission queue slots per ring
 //! arena_mib = 128                 # registered buffer memory shared by the rings
 //! max_request_kib = 4096          # largest request served in one piece
-//! workers = 16                    # NBD worker threads per export (one ring each)
+//! workers = 64                    # NBD worker threads per export (one ring each)
 //!
 //! [[aggregate]]
 //! name = "aggr0"
@@ -102,7 +102,7 @@ fn default_max_request_kib() -> u32 {
     4096
 }
 fn default_workers() -> usize {
-    16
+    64
 }
 
 impl Default for IoConfig {

@@ -151,7 +151,7 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     let mut cfgs = Vec::new();
     for (node, partner) in [("a", "b"), ("b", "a")] {
         let mut text = format!(
-            "# written by hapaird demo\nnode = \"{node}\"\n\n[io]\nengine = \"io_uring\"\narena_mib = 32\nworkers = 16\n\n\
+            "# written by hapaird demo\nnode = \"{node}\"\n\n[io]\nengine = \"io_uring\"\narena_mib = 32\nworkers = 64\n\n\
              [pair]\npartner = \"{partner}\"\ninterconnect_listen = \"127.0.0.1:{ic_port}\"\npartner_interconnect = [\"127.0.0.1:{ic_port}\"]\n\
              key_file = {}\ncontrol_socket = {}\nheartbeat_ms = 100\ninterconnect_timeout_ms = 2000\nmailbox_timeout_ms = 4000\ncountdown_ms = 10000\n",
             q(&key),

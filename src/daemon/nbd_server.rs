@@ -30,7 +30,6 @@ use std::net::{Shutdown, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -207,7 +206,7 @@ struct Shared {
     registry: Mutex<Registry>,
     registry_cv: Condvar,
     accepting: AtomicBool,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Mutex<Option<crossbeam_channel::Sender<Job>>>,
     counters: Arc<Counters>,
     budget: Arc<ByteBudget>,
     limiter: Mutex<RateLimiter>,
@@ -342,7 +341,8 @@ impl NbdServer {
                 "zero workers or limits",
             ));
         }
-        let (tx, rx) = mpsc::channel::<Job>();
+        // Many workers take jobs from one queue without a lock between them.
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             exports: RwLock::new(Vec::new()),
@@ -375,7 +375,6 @@ impl NbdServer {
         }
         let tcp_addr = listeners.iter().find_map(Listener::tcp_addr);
 
-        let rx = Arc::new(Mutex::new(rx));
         let mut workers = Vec::new();
         for i in 0..cfg.workers {
             let rx = rx.clone();
@@ -511,9 +510,9 @@ impl Drop for NbdServer {
     }
 }
 
-fn worker_loop(rx: Arc<Mutex<mpsc::Receiver<Job>>>) {
+fn worker_loop(rx: crossbeam_channel::Receiver<Job>) {
     loop {
-        let job = match rx.lock().unwrap().recv() {
+        let job = match rx.recv() {
             Ok(j) => j,
             Err(_) => return,
         };
@@ -649,7 +648,7 @@ const MAX_OPTION_BYTES: u32 = 64 << 10;
 /// Largest option data we read and throw away before hanging up instead.
 const MAX_OPTION_SKIP_BYTES: u32 = 16 << 20;
 
-fn discard(rd: &mut Stream, mut n: u64) -> io::Result<()> {
+fn discard(rd: &mut impl Read, mut n: u64) -> io::Result<()> {
     let mut scratch = [0u8; 16 << 10];
     while n > 0 {
         let k = n.min(scratch.len() as u64) as usize;
@@ -1081,6 +1080,10 @@ impl Shared {
             "transmission started");
         let max_requests = self.cfg.max_inflight_per_conn;
         let max_bytes = self.cfg.max_buffered_bytes_per_conn;
+        // One read syscall brings in every request header the client has queued, not one each.
+        // Requests buffered here but not yet taken when a drain starts count as unread.
+        let mut rd = std::io::BufReader::with_capacity(64 * 1024, rd);
+        let rd = &mut rd;
         loop {
             if conn.stop_reading.load(Ordering::Acquire) {
                 return Ok(());

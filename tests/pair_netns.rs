@@ -132,10 +132,6 @@ impl NodeProc {
         NodeProc { name: name.into(), child: Some(child), log }
     }
 
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
-    }
-
     /// Send `sig` and wait for the process to end; returns its exit status.
     fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
@@ -712,6 +708,15 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
     drop(w);
 }
 
-/// After the SIGKILL: a's kernel is still up in its namespace and still holds a's service
-/// address. Nothing is done here yet (placeholder for the node-death simulation).
-fn hard_takeover_node_silence(_ns_a: &str) {}
+/// Node a's machine dies: its daemon is already gone (SIGKILL, reaped: its sockets were closed
+/// by a's kernel, so the client saw its connection end), and now its network goes silent.
+///
+/// Why not the SIGKILL alone: a's kernel lives on in its namespace and keeps a's service
+/// address on eth0 (nothing removes it once the daemon is dead), so it answers b's ARP probe
+/// for that address and b's TakePartnerIdentity fails with "192.0.2.10 is in use on eth0 by
+/// 02:00:00:00:00:0a", retried every 500 ms for ever: the export never comes back. That is
+/// the daemon-crash-on-a-live-host case, which mailbox fencing cannot clean up (see the report
+/// of issue 7). A dead machine answers nothing, which is what this models.
+fn hard_takeover_node_silence(ns_a: &str) {
+    ip(&["-n", ns_a, "link", "set", "eth0", "down"]);
+}

@@ -242,6 +242,15 @@ fn control(sock: &Path, req: &str) -> serde_json::Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{req}: bad reply {line:?}: {e}"))
 }
 
+/// The node's last `n` HA steps with their durations, oldest first ("Step=ms").
+fn step_times(sock: &Path, n: usize) -> String {
+    let st = control(sock, r#"{"v":1,"cmd":"status"}"#);
+    let steps = st["status"]["extra"]["step_times_ms"].as_array().cloned().unwrap_or_default();
+    let mut v: Vec<String> = steps.iter().take(n).map(|s| format!("{}={}", s[0].as_str().unwrap_or("?"), s[1])).collect();
+    v.reverse();
+    v.join(" ")
+}
+
 fn headline(sock: &Path) -> String {
     control(sock, r#"{"v":1,"cmd":"status"}"#)["status"]["headline"].as_str().unwrap_or("").to_string()
 }
@@ -645,6 +654,7 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
          client's entry {SVC_A} -> {MAC_B} {} ms after the command was sent; {n} blocks verified through {SVC_A} served by b; b: {}",
         ms(cmd_ms), ms(st_to.longest_gap), st_to.reconnects, st_to.resent, ms(neigh), headline(&sock_b)
     );
+    eprintln!("  b's steps (ms): {}", step_times(&sock_b, 5));
     // b's own export was not disturbed.
     assert!(Nbd::open(&client, svc_b, "aggr-b").is_ok());
 
@@ -665,6 +675,7 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
     assert!(st_gb.reconnects >= 1, "{st_gb:?}");
     assert!(holds(&ns_a, SVC_A) && !holds(&ns_b, SVC_A), "a's service address is back on a");
     let n = verify_all(&client, svc_a, "aggr-a", &tr, "after giveback");
+    eprintln!("  b's steps (ms): {}; a's steps (ms): {}", step_times(&sock_b, 4), step_times(&sock_a, 5));
     assert_eq!(neigh_mac(&ns_c, SVC_A).as_deref(), Some(MAC_A));
     eprintln!(
         "GIVEBACK: command {} ms; client pause {} ms ({} reconnect(s), {} resent); client's entry {SVC_A} -> {MAC_A} {} ms after the command \
@@ -695,6 +706,7 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
          connected to b {} ms after SIGKILL; {n} blocks verified; b: {hb}",
         ms(st_hd.longest_gap), st_hd.reconnects, st_hd.resent, ms(neigh), ms(served)
     );
+    eprintln!("  b's steps (ms): {}", step_times(&sock_b, 5));
     let log = w.node("b").log_text();
     assert!(log.contains("Fence"), "b fenced a before taking over:\n{log}");
 

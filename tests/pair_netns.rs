@@ -17,10 +17,10 @@
 //! Everything the test makes (namespaces with their veths and bridge, loop devices, daemons) is
 //! removed by Drop guards, also when it fails. Only documentation addresses are used.
 //!
-//! Measured on the 2-core dev VM (debug build, three runs): client pause 0.95-1.1 s for the
+//! Measured on the 2-core dev VM (debug build, four runs): client pause 0.95-1.1 s for the
 //! graceful takeover (b's TakePartnerIdentity alone is ~0.82 s: 3 ARP probes 100 ms apart,
-//! 200 ms of listening, 3 announcement rounds), 1.07-1.16 s for giveback (a's TakeOwnIps the
-//! same ~0.83 s), 4.1-4.3 s for the hard takeover (interconnect and mailbox silence, then
+//! 200 ms of listening, 3 announcement rounds), 1.07-1.30 s for giveback (a's TakeOwnIps the
+//! same ~0.83 s), 4.0-4.3 s for the hard takeover (interconnect and mailbox silence, then
 //! Fence waits the 1.5 s self-fence bound for a dead partner, replay, then the same ~0.82 s of
 //! identity). The whole test takes ~16 s.
 //!

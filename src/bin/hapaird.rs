@@ -36,6 +36,13 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Remove this node's service addresses from its interfaces (for systemd's ExecStopPost:
+    /// a daemon that died must not leave addresses that block the partner's takeover).
+    ReleaseAddresses {
+        /// Node configuration file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Check a configuration file and print what it describes.
     CheckConfig {
         /// Node configuration file (TOML).
@@ -267,6 +274,16 @@ fn main() {
             } else {
                 serve(c, |_| Ok(()))
             }
+        }),
+        Cmd::ReleaseAddresses { config } => Config::load(&config).map_err(Into::into).and_then(|c| {
+            if c.pair.is_none() {
+                return Ok(());
+            }
+            let node = hapair::daemon::pair::PairNode::new(c).map_err(|e| anyhow::anyhow!(e))?;
+            for w in [hapair::daemon::pair::Whose::Own, hapair::daemon::pair::Whose::Partner] {
+                node.release_ips(w).map_err(|e| anyhow::anyhow!(e))?;
+            }
+            Ok(())
         }),
         Cmd::CheckConfig { config } => Config::load(&config).map(|c| {
             println!("{}: ok: node {}, {} aggregate(s), {} export(s)", config.display(), c.node, c.aggregate.len(), c.export.len());

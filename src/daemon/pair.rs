@@ -83,7 +83,10 @@ impl PairNode {
                 // Loopback has no neighbours to probe or tell.
                 IdentityConfig { probe_count: 0, announce_count: 0, ipv6_dad: false, ..IdentityConfig::default() }
             } else {
-                IdentityConfig::default()
+                // A takeover probes an address it has just fenced the holder of: a short probe
+                // (two ARP probes, 100 ms of listening) catches a misconfiguration without
+                // holding the clients for the ~7 s RFC 5227 allows a host joining a network.
+                IdentityConfig { probe_count: 2, probe_interval_ms: 50, probe_wait_ms: 100, announce_count: 2, announce_interval_ms: 100, ..IdentityConfig::default() }
             };
             Some(IdentityManager::new(cfg).map_err(|e| format!("netlink: {e}"))?)
         } else {
@@ -380,7 +383,8 @@ impl PairNode {
         Ok(())
     }
 
-    fn release_ips(&self, whose: Whose) -> Result<(), String> {
+    /// Remove the service addresses of `whose` exports from this host.
+    pub fn release_ips(&self, whose: Whose) -> Result<(), String> {
         let addrs = self.service_addrs(whose);
         if addrs.is_empty() {
             return Ok(());
@@ -641,6 +645,10 @@ impl PairRuntime {
     pub fn start(config: Config) -> Result<PairRuntime, String> {
         let node = PairNode::new(config)?;
         let pair = node.pair.clone();
+        // A daemon that is starting serves nothing: addresses a crashed predecessor left on the
+        // interface would make the partner's takeover refuse them (they answer its ARP probe).
+        let _ = node.release_ips(Whose::Own);
+        let _ = node.release_ips(Whose::Partner);
         let mut hc = HaConfig::new(&node.config.node, &pair.partner).map_err(|e| e.to_string())?;
         let t = &mut hc.takeover;
         t.heartbeat_interval_ms = pair.heartbeat_ms;

@@ -64,6 +64,8 @@ pub struct PairNode {
     pub times: Mutex<StepTimes>,
     pub drain_deadline: Duration,
     mirror_applied: AtomicU64,
+    /// The partner's mailbox counter and when it last moved (fed by the monitor thread).
+    partner_beat: Mutex<Option<(u64, Instant)>>,
 }
 
 impl PairNode {
@@ -106,6 +108,7 @@ impl PairNode {
             times: Mutex::new(StepTimes::default()),
             drain_deadline: Duration::from_secs(10),
             mirror_applied: AtomicU64::new(0),
+            partner_beat: Mutex::new(None),
         }))
     }
 
@@ -485,6 +488,13 @@ pub struct PairExecutor {
 impl PairExecutor {
     fn fence(node: &PairNode, mailbox: &MailboxHandle, epoch: u64, msgwait: Duration) -> Result<(), String> {
         mailbox.write_please_die_now(true, epoch).map_err(|e| format!("please-die not written: {e}"))?;
+        // A partner whose mailbox has been silent for 1.5 self-fence bounds (msgwait is two)
+        // has stopped writing: it fences itself one bound after its last heartbeat write,
+        // which came before we saw its counter move. No need to wait again.
+        if node.partner_beat.lock().unwrap().is_some_and(|(_, t)| t.elapsed() >= msgwait * 3 / 4) {
+            tracing::info!("partner's mailbox silent for longer than the self-fence wait: fenced");
+            return Ok(());
+        }
         // Mailbox-only fencing (no persistent reservations on these members): the partner stops
         // when it reads please-die, or has stopped by itself if it cannot read its mailbox.
         // Wait for its slot to say so, at most msgwait.
@@ -504,7 +514,6 @@ impl PairExecutor {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = node;
         Ok(())
     }
 }
@@ -694,6 +703,7 @@ impl PairRuntime {
                 }
             }).map_err(|e| e.to_string())?;
         }
+        let mailbox_for_monitor = mailbox.clone();
         let exec = PairExecutor {
             node: node.clone(),
             mailbox: mailbox.clone(),
@@ -716,9 +726,16 @@ impl PairRuntime {
             let node = node.clone();
             let h = handle.clone();
             let stop = stop.clone();
+            let mb = mailbox_for_monitor;
             let every = Duration::from_millis(pair.heartbeat_ms);
             std::thread::Builder::new().name("hapair-monitor".into()).spawn(move || {
                 while !stop.load(Ordering::Acquire) && !h.is_closed() {
+                    if let Some(c) = mb.read_view().and_then(|v| v.partner_slot).map(|s| s.counter) {
+                        let mut pb = node.partner_beat.lock().unwrap();
+                        if pb.is_none_or(|(old, _)| old != c) {
+                            *pb = Some((c, Instant::now()));
+                        }
+                    }
                     let _ = h.own_mirror(node.own_mirrored());
                     let expected = node.partner_cfg.members().len() as u32;
                     let visible = node.partner_cfg.members().iter().filter(|p| std::fs::metadata(p).is_ok()).count() as u32;

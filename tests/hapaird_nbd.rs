@@ -129,12 +129,21 @@ fn demo_runs_a_pair_and_stops_cleanly() {
     }
     // A takeover through a's control socket: b's export answers at the same URI, served by a.
     let sock = nodes[0]["control_socket"].as_str().unwrap();
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    use std::io::{BufRead, Write};
-    s.write_all(b"{\"v\":1,\"cmd\":\"takeover\",\"of\":\"b\"}\n").unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(&s).read_line(&mut line).unwrap();
-    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let ask = |req: &str| -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        s.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(&s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    // Until b's log is mirrored here a takeover is refused, and says why.
+    let end = Instant::now() + Duration::from_secs(30);
+    while ask(r#"{"v":1,"cmd":"status"}"#)["status"]["mirror"]["partner_log_mirrored"] != true {
+        assert!(Instant::now() < end, "b's log never mirrored on a");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reply = ask(r#"{"v":1,"cmd":"takeover","of":"b"}"#);
     assert_eq!(reply["outcome"]["result"], "completed", "{reply}");
     run(Command::new("nbdinfo").args(["--size", &uris[1]]));
     let out = daemon.stop(libc::SIGINT);

@@ -81,7 +81,23 @@ impl Pair {
         for n in ["a", "b"] {
             pair.wait_state(n, "Normal", 30);
         }
+        for n in ["a", "b"] {
+            pair.wait_mirrored(n, 30);
+        }
         pair
+    }
+
+    /// Wait until `node` reports its partner's log mirrored (a takeover is refused before).
+    pub fn wait_mirrored(&self, node: &str, secs: u64) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = self.ctl(node, r#"{"v":1,"cmd":"status"}"#);
+            if st["status"]["mirror"]["partner_log_mirrored"] == true {
+                return;
+            }
+            assert!(Instant::now() < end, "{node}: partner log not mirrored after {secs} s: {}", st["status"]["mirror"]);
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn start(&mut self, node: &str) {

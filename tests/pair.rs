@@ -129,3 +129,29 @@ fn sigkill_gives_hard_takeover_and_a_rebooted_node_waits_for_giveback() {
     w.verify(p.svc[0], "aggr-a", "after giveback to the rebooted node");
     w.finish();
 }
+
+#[test]
+fn a_node_that_lost_its_nvram_restores_its_log_from_the_partners_mirror() {
+    // Long CP interval and a large log: the writes below stay in the log (and the mirror) only.
+    let mut p = Pair::with(10_000, 20_000, 600_000, 32);
+    let w = Writer::start(p.svc[1], "aggr-b", 1024, 4);
+    std::thread::sleep(Duration::from_millis(700));
+    let n = w.verify(p.svc[1], "aggr-b", "before the crash");
+    assert!(n > 100, "the client wrote ({n} blocks)");
+    w.pause.store(true, Ordering::Release);
+    while !w.idle.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // b dies with its NVRAM: the log file is gone. Its aggregate was not closed cleanly.
+    p.signal("b", libc::SIGKILL);
+    let log = p.dir.path().join("b-aggr-b.log");
+    assert!(log.exists());
+    std::fs::remove_file(&log).unwrap();
+    p.start("b");
+    p.wait_state("b", "Normal", 60);
+    assert!(p.log("b").contains("NVRAM log restored from the partner's mirror"), "{}", tail(&p.log("b")));
+    // Every acknowledged write is back, served by b from its own aggregate.
+    let m = w.verify(p.svc[1], "aggr-b", "after restoring the log from the mirror");
+    assert_eq!(m, n);
+    w.finish();
+}

@@ -151,6 +151,13 @@ pub enum Message {
     Takeover,
     Giveback,
     GivebackComplete,
+    /// "My NVRAM log is lost: send me your mirror of it." Empty body.
+    MirrorFetch,
+    /// Bytes of the sender's mirror of the receiver's log, for the receiver to restore its log
+    /// from (same body as [`Message::LogRecords`]).
+    MirrorCopy(LogRecords),
+    /// The copy is complete: `region_bytes` bytes were sent. Body: u64.
+    MirrorCopyDone { region_bytes: u64 },
     /// A takeover state-machine message (`core::takeover::Message`), serialised by the HA
     /// layer. Opaque here; at most [`MAX_HA_BYTES`]. The MAC authenticates it like any other.
     Ha(Vec<u8>),
@@ -173,6 +180,9 @@ mod kind {
     pub const GIVEBACK: u16 = 21;
     pub const GIVEBACK_COMPLETE: u16 = 22;
     pub const HA: u16 = 32;
+    pub const MIRROR_FETCH: u16 = 6;
+    pub const MIRROR_COPY: u16 = 7;
+    pub const MIRROR_COPY_DONE: u16 = 8;
 }
 
 impl Message {
@@ -192,6 +202,9 @@ impl Message {
             Message::Giveback => kind::GIVEBACK,
             Message::GivebackComplete => kind::GIVEBACK_COMPLETE,
             Message::Ha(_) => kind::HA,
+            Message::MirrorFetch => kind::MIRROR_FETCH,
+            Message::MirrorCopy(_) => kind::MIRROR_COPY,
+            Message::MirrorCopyDone { .. } => kind::MIRROR_COPY_DONE,
         }
     }
 
@@ -210,7 +223,7 @@ impl Message {
                 out.extend_from_slice(&state.aggregates_served.to_le_bytes());
                 out.extend_from_slice(&state.log_last_seq.to_le_bytes());
             }
-            Message::LogRecords(r) => {
+            Message::LogRecords(r) | Message::MirrorCopy(r) => {
                 out.extend_from_slice(&r.first_seq.to_le_bytes());
                 out.extend_from_slice(&r.last_seq.to_le_bytes());
                 out.extend_from_slice(&(r.segments.len() as u32).to_le_bytes());
@@ -225,6 +238,8 @@ impl Message {
             }
             Message::PleaseShutdown { countdown_ms } => out.extend_from_slice(&countdown_ms.to_le_bytes()),
             Message::Ha(b) => out.extend_from_slice(b),
+            Message::MirrorCopyDone { region_bytes } => out.extend_from_slice(&region_bytes.to_le_bytes()),
+            Message::MirrorFetch => {}
             Message::PleaseTakeover
             | Message::ShutdownComplete
             | Message::PleaseDie
@@ -257,7 +272,7 @@ impl Message {
                 }
                 Message::Heartbeat { seq, state }
             }
-            kind::LOG_RECORDS => {
+            kind::LOG_RECORDS | kind::MIRROR_COPY => {
                 let first_seq = r.u64()?;
                 let last_seq = r.u64()?;
                 let count = r.u32()? as usize;
@@ -274,8 +289,15 @@ impl Message {
                     let bytes = r.take(len)?.to_vec();
                     segments.push(LogSegment { region_offset, bytes });
                 }
-                Message::LogRecords(LogRecords { first_seq, last_seq, segments })
+                let r = LogRecords { first_seq, last_seq, segments };
+                if kind == kind::MIRROR_COPY {
+                    Message::MirrorCopy(r)
+                } else {
+                    Message::LogRecords(r)
+                }
             }
+            kind::MIRROR_FETCH => Message::MirrorFetch,
+            kind::MIRROR_COPY_DONE => Message::MirrorCopyDone { region_bytes: r.u64()? },
             kind::LOG_ACK => Message::LogAck { up_to_seq: r.u64()? },
             kind::TRIM => Message::Trim { up_to_seq: r.u64()? },
             kind::PLEASE_TAKEOVER => Message::PleaseTakeover,
@@ -584,6 +606,9 @@ mod tests {
             Message::Giveback,
             Message::GivebackComplete,
             Message::Ha(br#"{"PleaseDie":{"epoch":3}}"#.to_vec()),
+            Message::MirrorFetch,
+            Message::MirrorCopy(LogRecords { first_seq: 0, last_seq: 9, segments: vec![LogSegment { region_offset: 0, bytes: vec![7; 64] }] }),
+            Message::MirrorCopyDone { region_bytes: 1 << 20 },
         ]
     }
 

@@ -551,23 +551,31 @@ impl Journal {
 }
 
 fn cp_thread(j: std::sync::Weak<Journal>) {
+    let mut last_cp = Instant::now();
     loop {
         let Some(journal) = j.upgrade() else { return };
         if journal.stop.load(Ordering::Acquire) {
             return;
         }
-        {
+        // Wake often enough to resynchronise a returning partner's mirror promptly, whatever
+        // the CP interval.
+        let tick = journal.cfg.cp_interval.min(Duration::from_millis(200));
+        let kicked = {
             let (m, cv) = &journal.cp_kick;
             let g = m.lock().unwrap();
-            let (mut g, _) = cv.wait_timeout_while(g, journal.cfg.cp_interval, |k| !*k).unwrap();
-            *g = false;
-        }
+            let (mut g, _) = cv.wait_timeout_while(g, tick, |k| !*k).unwrap();
+            std::mem::take(&mut *g)
+        };
         if journal.stop.load(Ordering::Acquire) {
             return;
         }
         if let Err(e) = journal.ensure_mirrored() {
             tracing::warn!(error = %e, "mirror resync failed");
         }
+        if !kicked && last_cp.elapsed() < journal.cfg.cp_interval {
+            continue;
+        }
+        last_cp = Instant::now();
         if let Err(e) = journal.checkpoint() {
             tracing::error!(error = %e, "consistency point failed; retrying");
             std::thread::sleep(Duration::from_millis(100));

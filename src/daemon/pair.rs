@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 pub struct Side {
     pub aggregate: Option<Arc<Aggregate>>,
+    /// The aggregate had not been closed cleanly when it was opened.
+    pub was_dirty: bool,
     pub journal: Option<Arc<Journal>>,
     pub servers: Vec<Served>,
 }
@@ -66,6 +68,9 @@ pub struct PairNode {
     mirror_applied: AtomicU64,
     /// The partner's mailbox counter and when it last moved (fed by the monitor thread).
     partner_beat: Mutex<Option<(u64, Instant)>>,
+    /// A restore of our lost log from the partner's mirror in progress: (bytes, done).
+    restore: Mutex<Option<(Vec<u8>, bool)>>,
+    restore_cv: std::sync::Condvar,
 }
 
 impl PairNode {
@@ -109,6 +114,8 @@ impl PairNode {
             drain_deadline: Duration::from_secs(10),
             mirror_applied: AtomicU64::new(0),
             partner_beat: Mutex::new(None),
+            restore: Mutex::new(None),
+            restore_cv: std::sync::Condvar::new(),
         }))
     }
 
@@ -225,8 +232,9 @@ impl PairNode {
         }
         let cfg = self.agg_cfg(whose);
         let mut p = crate::daemon::node::progress_printer(format!("parity resync of {}", cfg.name));
-        let agg = setup::open(cfg, &self.config.io, &mut p).map_err(|e| e.to_string())?;
+        let (agg, dirty) = setup::open_with_state(cfg, &self.config.io, &mut p).map_err(|e| e.to_string())?;
         side.aggregate = Some(Arc::new(agg));
+        side.was_dirty = dirty;
         Ok(())
     }
 
@@ -246,7 +254,13 @@ impl PairNode {
             r.bytes_mut()[..4096].fill(0);
             r.persist(&[0..4096]).map_err(|e| e.to_string())?;
         }
-        let region = NvramRegion::open(&path, bytes).map_err(|e| e.to_string())?;
+        let mut region = NvramRegion::open(&path, bytes).map_err(|e| e.to_string())?;
+        let unformatted = region.bytes()[..64].iter().all(|&b| b == 0);
+        if !discard && unformatted && side.was_dirty {
+            // The aggregate was not closed cleanly but there is no log: it was lost with this
+            // node's NVRAM. Acknowledged writes may be only in the partner's mirror of it.
+            self.restore_from_partner(&mut region)?;
+        }
         let cfg = JournalConfig { cp_interval: Duration::from_millis(self.own_cfg.cp_interval_ms), ..JournalConfig::default() };
         let (j, summary) = Journal::open(agg, region, cfg).map_err(|e| e.to_string())?;
         tracing::info!(discard, "own log: {summary:?}");
@@ -255,6 +269,67 @@ impl PairNode {
         }
         side.journal = Some(j);
         Ok(())
+    }
+
+    /// Fetch the partner's mirror of our log into `region` over the interconnect.
+    fn restore_from_partner(&self, region: &mut NvramRegion) -> Result<(), String> {
+        let lost = "local NVRAM log lost (the aggregate was not closed cleanly) and the partner's mirror";
+        let t0 = Instant::now();
+        let link = loop {
+            if let Some(l) = self.link.lock().unwrap().clone().filter(|l| l.is_up()) {
+                break l;
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                return Err(format!("{lost} is unreachable: not serving until the partner answers"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        *self.restore.lock().unwrap() = Some((vec![0u8; region.len()], false));
+        if !link.send(&Message::MirrorFetch) {
+            return Err(format!("{lost} could not be requested"));
+        }
+        let g = self.restore.lock().unwrap();
+        let (mut g, _) = self
+            .restore_cv
+            .wait_timeout_while(g, Duration::from_secs(60), |r| r.as_ref().is_some_and(|(_, done)| !done))
+            .unwrap();
+        let (bytes, done) = g.take().ok_or("restore state vanished")?;
+        if !done {
+            return Err(format!("{lost} did not arrive within 60 s"));
+        }
+        region.bytes_mut().copy_from_slice(&bytes);
+        region.persist(&[0..region.len()]).map_err(|e| e.to_string())?;
+        tracing::warn!(bytes = bytes.len(), ms = t0.elapsed().as_millis() as u64, "NVRAM log restored from the partner's mirror");
+        Ok(())
+    }
+
+    /// Send our mirror of the partner's log back to it (it lost its own).
+    fn send_mirror_copy(&self) {
+        let snap = match self.mirror.lock().unwrap().as_ref() {
+            Some(m) => m.snapshot(),
+            None => {
+                tracing::error!("partner asked for its log, but we serve its aggregate: nothing sent");
+                return;
+            }
+        };
+        let Some(link) = self.link.lock().unwrap().clone() else { return };
+        let seg = 1 << 20;
+        let segments: Vec<crate::core::interconnect::LogSegment> = snap
+            .chunks(seg)
+            .enumerate()
+            .map(|(i, c)| crate::core::interconnect::LogSegment { region_offset: (i * seg) as u64, bytes: c.to_vec() })
+            .collect();
+        // Off the interconnect's reader thread: it must keep reading while we send.
+        let total = snap.len() as u64;
+        std::thread::spawn(move || {
+            for batch in segments.chunks(4) {
+                if !link.send(&Message::MirrorCopy(LogRecords { first_seq: 0, last_seq: 0, segments: batch.to_vec() })) {
+                    return;
+                }
+            }
+            link.send(&Message::MirrorCopyDone { region_bytes: total });
+            tracing::warn!(bytes = total, "sent our mirror of the partner's log to the partner (its own was lost)");
+        });
     }
 
     /// Replay the partner's log from our mirror onto its aggregate, and keep journaling its
@@ -449,10 +524,37 @@ impl LinkHandler for PairNode {
         Ok(seq)
     }
     fn on_message(&self, msg: Message) {
-        if let Message::Ha(bytes) = msg {
-            if let Some(h) = self.ha.lock().unwrap().clone() {
-                h.on_ha_message(&bytes);
+        match msg {
+            Message::Ha(bytes) => {
+                if let Some(h) = self.ha.lock().unwrap().clone() {
+                    h.on_ha_message(&bytes);
+                }
             }
+            Message::MirrorFetch => self.send_mirror_copy(),
+            Message::MirrorCopy(r) => {
+                let mut g = self.restore.lock().unwrap();
+                if let Some((buf, false)) = g.as_mut() {
+                    for s in &r.segments {
+                        let a = s.region_offset as usize;
+                        match a.checked_add(s.bytes.len()).filter(|&e| e <= buf.len()) {
+                            Some(e) => buf[a..e].copy_from_slice(&s.bytes),
+                            None => tracing::error!(offset = a, "mirror copy segment outside our log region: ignored"),
+                        }
+                    }
+                }
+            }
+            Message::MirrorCopyDone { region_bytes } => {
+                let mut g = self.restore.lock().unwrap();
+                if let Some((buf, done)) = g.as_mut() {
+                    if region_bytes as usize == buf.len() {
+                        *done = true;
+                    } else {
+                        tracing::error!(region_bytes, ours = buf.len(), "partner's mirror has another size than our log: not restored");
+                    }
+                }
+                self.restore_cv.notify_all();
+            }
+            _ => {}
         }
     }
     fn summary(&self) -> StateSummary {

@@ -102,6 +102,11 @@ pub fn format(cfg: &AggregateConfig, io: &IoConfig, force: bool, progress: Progr
 
 /// Assemble the aggregate described by `cfg`; resync parity first if it was not closed cleanly.
 pub fn open(cfg: &AggregateConfig, io: &IoConfig, progress: Progress) -> Result<Aggregate, SetupError> {
+    open_with_state(cfg, io, progress).map(|(a, _)| a)
+}
+
+/// [`open`], also saying whether the aggregate had not been closed cleanly.
+pub fn open_with_state(cfg: &AggregateConfig, io: &IoConfig, progress: Progress) -> Result<(Aggregate, bool), SetupError> {
     let members = open_members(cfg)?;
     for m in members.iter().filter(|m| !m.direct) {
         tracing::warn!(member = %m.path.display(), "filesystem refuses O_DIRECT: member opened buffered");
@@ -125,5 +130,5 @@ pub fn open(cfg: &AggregateConfig, io: &IoConfig, progress: Progress) -> Result<
             agg.resync_parity(progress)?;
         }
     }
-    Ok(agg)
+    Ok((agg, dirty))
 }

@@ -33,6 +33,11 @@ fn node_idx(n: &str) -> usize {
 
 impl Pair {
     pub fn new(countdown_ms: u64) -> Pair {
+        Pair::with(countdown_ms, 2000, 300, 8)
+    }
+
+    /// A pair with these timings and NVRAM size.
+    pub fn with(countdown_ms: u64, mailbox_timeout_ms: u64, cp_interval_ms: u64, nvram_mib: u64) -> Pair {
         let dir = scratch_dir();
         let loops: Vec<LoopDev> = (0..10).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 24 << 20)).collect();
         let ic = free_port();
@@ -50,7 +55,7 @@ impl Pair {
             let mut t = format!(
                 "node = \"{node}\"\n[io]\nworkers = 8\narena_mib = 16\n[pair]\npartner = \"{partner}\"\n\
                  interconnect_listen = \"127.0.0.1:{ic}\"\npartner_interconnect = [\"127.0.0.1:{ic}\"]\nkey_file = {}\n\
-                 control_socket = {}\nheartbeat_ms = 100\ninterconnect_timeout_ms = 1000\nmailbox_timeout_ms = 2000\n\
+                 control_socket = {}\nheartbeat_ms = 100\ninterconnect_timeout_ms = 1000\nmailbox_timeout_ms = {mailbox_timeout_ms}\n\
                  countdown_ms = {countdown_ms}\nholddown_ms = 8000\n",
                 q(&key),
                 q(&sock)
@@ -60,7 +65,7 @@ impl Pair {
                 let log = if *owner == node { "log" } else { "mirror" };
                 t += &format!(
                     "[[aggregate]]\nname = \"aggr-{owner}\"\nhome = \"{owner}\"\ndata = [{}]\nparity = {}\nchunk_kib = 64\n\
-                     nvram = {}\nnvram_mib = 8\ncp_interval_ms = 300\n\
+                     nvram = {}\nnvram_mib = {nvram_mib}\ncp_interval_ms = {cp_interval_ms}\n\
                      [[export]]\nname = \"aggr-{owner}\"\naggregate = \"aggr-{owner}\"\nlisten = \"{}\"\nservice_addrs = [\"{}/32\"]\nservice_interface = \"lo\"\n",
                     m[..4].iter().map(|l| q(&l.dev)).collect::<Vec<_>>().join(", "),
                     q(&m[4].dev),

@@ -195,7 +195,18 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     let mut children = Vec::new();
     for (node, cfg_path) in ["a", "b"].iter().zip(&cfgs) {
         let log = std::fs::File::create(dir.join(format!("{node}.log")))?;
-        let child = std::process::Command::new(&exe)
+        let mut cmd = std::process::Command::new(&exe);
+        // The nodes stop with the demo, even when the demo itself is killed.
+        // SAFETY: prctl is async-signal-safe and touches only the child being started.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(["run", "--config"])
             .arg(cfg_path)
             .stdout(log.try_clone()?)

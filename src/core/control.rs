@@ -464,6 +464,42 @@ pub fn duration(ms: u64) -> String {
     }
 }
 
+/// Parse a duration as operators type it: `500ms`, `30s`, `2m`, `1h`, `1m30s`; a bare number is
+/// seconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return secs.checked_mul(1000).ok_or_else(|| format!("duration {t:?} too long"));
+    }
+    let mut total: u64 = 0;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("bad duration {t:?}: expected a number at {rest:?}"));
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| format!("bad number in {t:?}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let mult = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" | "min" => 60_000,
+            "h" => 3_600_000,
+            u => return Err(format!("bad duration {t:?}: unknown unit {u:?} (use ms, s, m, h)")),
+        };
+        rest = &rest[unit_len..];
+        total = n
+            .checked_mul(mult)
+            .and_then(|x| total.checked_add(x))
+            .ok_or_else(|| format!("duration {t:?} too long"))?;
+    }
+    Ok(total)
+}
+
 /// One reason for people. `local_clock`: the reason's times are on this node's clock (false
 /// for reasons the partner sent, whose times we cannot place).
 pub fn describe_reason(
@@ -983,6 +1019,19 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         let back: PairStatus = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn durations_parse_as_operators_type_them() {
+        assert_eq!(parse_duration_ms("30"), Ok(30_000));
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
+        assert!(parse_duration_ms("").is_err());
+        assert!(parse_duration_ms("5x").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration_ms("s").is_err());
+        assert!(parse_duration_ms("99999999999999999999h").is_err());
     }
 
     #[test]

@@ -47,9 +47,27 @@ fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let sock_a = dir.path().join("a.sock");
     let sock_b = dir.path().join("b.sock");
-    let sa = ControlServer::start(&sock_a, pair.a.handle.clone(), Arc::new(Provider), ControlOptions::default()).unwrap();
-    let sb = ControlServer::start(&sock_b, pair.b.handle.clone(), Arc::new(Provider), ControlOptions::default()).unwrap();
-    Setup { pair, _dir: dir, sock_a, sock_b, _servers: vec![sa, sb] }
+    let sa = ControlServer::start(
+        &sock_a,
+        pair.a.handle.clone(),
+        Arc::new(Provider),
+        ControlOptions::default(),
+    )
+    .unwrap();
+    let sb = ControlServer::start(
+        &sock_b,
+        pair.b.handle.clone(),
+        Arc::new(Provider),
+        ControlOptions::default(),
+    )
+    .unwrap();
+    Setup {
+        pair,
+        _dir: dir,
+        sock_a,
+        sock_b,
+        _servers: vec![sa, sb],
+    }
 }
 
 fn ctl(sock: &Path, args: &[&str]) -> Output {
@@ -62,11 +80,17 @@ fn ctl(sock: &Path, args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn is_clock(s: &str) -> bool {
-    s.len() == 8 && s.as_bytes()[2] == b':' && s.as_bytes()[5] == b':' && s.chars().filter(|c| c.is_ascii_digit()).count() == 6
+    s.len() == 8
+        && s.as_bytes()[2] == b':'
+        && s.as_bytes()[5] == b':'
+        && s.chars().filter(|c| c.is_ascii_digit()).count() == 6
 }
 
 #[test]
@@ -75,14 +99,23 @@ fn status_table_and_json() {
     let o = ctl(&s.sock_a, &["status"]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
-    assert!(out.starts_with("OK: both nodes serve their own aggregates; partner log mirrored"), "{out}");
+    assert!(
+        out.starts_with("OK: both nodes serve their own aggregates; partner log mirrored"),
+        "{out}"
+    );
     assert!(out.contains("partner log mirror: mirrored"), "{out}");
-    assert!(out.contains("NVRAM: file /var/lib/hapair/nvram (fdatasync) -- 12% of"), "{out}");
+    assert!(
+        out.contains("NVRAM: file /var/lib/hapair/nvram (fdatasync) -- 12% of"),
+        "{out}"
+    );
     let row = out.lines().find(|l| l.starts_with("aggr-b")).expect(&out);
     let cols: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(cols, ["aggr-b", "b", "b", "online"], "{row}");
     let b_row = out.lines().find(|l| l.starts_with("b ")).expect(&out);
-    assert!(b_row.contains("partner") && b_row.contains("Normal") && b_row.contains("heard"), "{b_row}");
+    assert!(
+        b_row.contains("partner") && b_row.contains("Normal") && b_row.contains("heard"),
+        "{b_row}"
+    );
 
     let o = ctl(&s.sock_b, &["status", "--json"]);
     assert_eq!(o.status.code(), Some(0));
@@ -124,7 +157,10 @@ fn takeover_refused_then_done_then_given_back_with_watch() {
     assert_eq!(o.status.code(), Some(1));
     let o = ctl(&s.sock_a, &["status"]);
     let out = text(&o).0;
-    assert!(out.contains("partner log mirror: not mirrored since "), "{out}");
+    assert!(
+        out.contains("partner log mirror: not mirrored since "),
+        "{out}"
+    );
     assert!(out.contains("refusals (newest last):"), "{out}");
     s.pair.b.handle.own_mirror(true).unwrap();
     let deadline = Instant::now() + T;
@@ -145,20 +181,39 @@ fn takeover_refused_then_done_then_given_back_with_watch() {
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}{err}");
     assert!(out.starts_with("takeover (graceful) complete at "), "{out}");
-    for p in ["Fence", "OpenPartnerAggregate", "ReplayPartnerLog", "TakePartnerIdentity", "ServePartnerExports"] {
+    for p in [
+        "Fence",
+        "OpenPartnerAggregate",
+        "ReplayPartnerLog",
+        "TakePartnerIdentity",
+        "ServePartnerExports",
+    ] {
         assert!(out.contains(p), "{out}");
     }
-    assert!(out.contains("TAKEOVER: a serves b's aggregates; b waits for giveback"), "{out}");
+    assert!(
+        out.contains("TAKEOVER: a serves b's aggregates; b waits for giveback"),
+        "{out}"
+    );
     let o = ctl(&s.sock_a, &["status"]);
     let out = text(&o).0;
     let row = out.lines().find(|l| l.starts_with("aggr-b")).expect(&out);
     assert!(row.contains(" a ") && row.contains("(taken over)"), "{row}");
-    assert!(out.contains("last takeover: takeover (graceful) at "), "{out}");
-    assert!(out.contains("in local NVRAM only (partner fenced)"), "{out}");
+    assert!(
+        out.contains("last takeover: takeover (graceful) at "),
+        "{out}"
+    );
+    assert!(
+        out.contains("in local NVRAM only (partner fenced)"),
+        "{out}"
+    );
     // Takeover again: refused (already taken over).
     let o = ctl(&s.sock_a, &["takeover", "--of", "b"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).1.contains("b is already taken over"), "{:?}", text(&o));
+    assert!(
+        text(&o).1.contains("b is already taken over"),
+        "{:?}",
+        text(&o)
+    );
 
     let o = ctl(&s.sock_a, &["giveback", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
@@ -172,7 +227,12 @@ fn takeover_refused_then_done_then_given_back_with_watch() {
     std::thread::sleep(Duration::from_millis(300));
     watch.kill().unwrap();
     let mut lines = String::new();
-    watch.stdout.take().unwrap().read_to_string(&mut lines).unwrap();
+    watch
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut lines)
+        .unwrap();
     let _ = watch.wait();
     let order: Vec<&str> = ["b ShuttingDown", "b TakenOver", "b Resuming", "b Normal"].to_vec();
     let mut at = 0;
@@ -189,12 +249,22 @@ fn takeover_at_the_node_to_be_taken_over() {
     let s = setup();
     let o = ctl(&s.sock_b, &["takeover"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
-    assert!(text(&o).0.contains("takeover complete: b is TakenOver"), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("takeover complete: b is TakenOver"),
+        "{:?}",
+        text(&o)
+    );
     assert!(s.pair.a.wait_state(State::InTakeover, T));
     // Giveback at the wrong node is refused with the reason.
     let o = ctl(&s.sock_b, &["giveback"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o).1.starts_with("cannot give back: this node has not taken a over"), "{:?}", text(&o));
+    assert!(
+        text(&o)
+            .1
+            .starts_with("cannot give back: this node has not taken a over"),
+        "{:?}",
+        text(&o)
+    );
     let o = ctl(&s.sock_a, &["giveback", "--no-wait"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
     assert!(text(&o).0.starts_with("giveback started"), "{:?}", text(&o));
@@ -209,16 +279,29 @@ fn usage_and_unreachable_exit_codes() {
     assert!(text(&o).1.contains("no node \"zz\""), "{:?}", text(&o));
     let o = ctl(&s.sock_a, &["takeover", "--countdown", "5x"]);
     assert_eq!(o.status.code(), Some(2));
-    let o = ctl(&s.sock_a, &["takeover", "--countdown", "5s", "--immediate", "--of", "b"]);
+    let o = ctl(
+        &s.sock_a,
+        &["takeover", "--countdown", "5s", "--immediate", "--of", "b"],
+    );
     assert_eq!(o.status.code(), Some(2));
     let o = ctl(&s.sock_a, &["takeover", "--countdown", "5s"]);
-    assert_eq!(o.status.code(), Some(2), "countdown belongs to the taking node");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "countdown belongs to the taking node"
+    );
     assert!(text(&o).1.contains("takeover --of a"), "{:?}", text(&o));
     let o = ctl(&s.sock_a, &["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
     let o = ctl(Path::new("/nonexistent/hapaird.sock"), &["status"]);
     assert_eq!(o.status.code(), Some(3));
-    assert!(text(&o).1.contains("cannot reach hapaird at /nonexistent/hapaird.sock"), "{:?}", text(&o));
+    assert!(
+        text(&o)
+            .1
+            .contains("cannot reach hapaird at /nonexistent/hapaird.sock"),
+        "{:?}",
+        text(&o)
+    );
     assert_eq!(s.pair.a.state(), State::Normal);
 }
 
@@ -235,7 +318,10 @@ fn raw_protocol_errors_are_clear() {
         serde_json::from_str(&l).unwrap()
     };
     let v = ask(b"hello\n");
-    assert_eq!((v["type"].as_str(), v["kind"].as_str()), (Some("error"), Some("malformed")));
+    assert_eq!(
+        (v["type"].as_str(), v["kind"].as_str()),
+        (Some("error"), Some("malformed"))
+    );
     assert!(v["message"].as_str().unwrap().contains("not JSON"));
     let v = ask(b"{\"cmd\":\"status\"}\n");
     assert_eq!(v["kind"], "unsupported_version");
@@ -243,18 +329,33 @@ fn raw_protocol_errors_are_clear() {
     assert_eq!(v["kind"], "malformed");
     assert!(v["message"].as_str().unwrap().contains("wiat"), "{v}");
     let v = ask(b"{\"v\":1,\"cmd\":\"status\"}\n");
-    assert_eq!((v["v"].as_u64(), v["type"].as_str()), (Some(1), Some("status")));
+    assert_eq!(
+        (v["v"].as_u64(), v["type"].as_str()),
+        (Some(1), Some("status"))
+    );
     // An over-long line: answered, then the connection is closed.
     let mut long = vec![b'x'; 70 * 1024];
     long.push(b'\n');
     let v = ask(&long);
     assert_eq!(v["kind"], "too_long");
     let mut rest = String::new();
-    assert_eq!(r.read_line(&mut rest).unwrap_or(0), 0, "closed after too_long");
+    assert_eq!(
+        r.read_line(&mut rest).unwrap_or(0),
+        0,
+        "closed after too_long"
+    );
     // The server still serves others.
     assert_eq!(ctl(&s.sock_a, &["status"]).status.code(), Some(0));
     // A second server on the same socket is refused.
-    let e = ControlServer::start(&s.sock_a, s.pair.a.handle.clone(), Arc::new(Provider), ControlOptions::default());
-    assert!(matches!(e, Err(hapair::daemon::control::ControlError::InUse { .. })));
+    let e = ControlServer::start(
+        &s.sock_a,
+        s.pair.a.handle.clone(),
+        Arc::new(Provider),
+        ControlOptions::default(),
+    );
+    assert!(matches!(
+        e,
+        Err(hapair::daemon::control::ControlError::InUse { .. })
+    ));
     let _ = &s.sock_b;
 }

@@ -123,16 +123,27 @@ struct Conn {
 impl Conn {
     fn open(socket: &PathBuf, read_timeout: Option<Duration>) -> Result<Conn, ExitCode> {
         let s = UnixStream::connect(socket).map_err(|e| {
-            fail(EXIT_UNREACHABLE, format!("cannot reach hapaird at {}: {e}", socket.display()))
+            fail(
+                EXIT_UNREACHABLE,
+                format!("cannot reach hapaird at {}: {e}", socket.display()),
+            )
         })?;
-        s.set_read_timeout(read_timeout).map_err(|e| fail(EXIT_UNREACHABLE, e))?;
+        s.set_read_timeout(read_timeout)
+            .map_err(|e| fail(EXIT_UNREACHABLE, e))?;
         let r = BufReader::new(s.try_clone().map_err(|e| fail(EXIT_UNREACHABLE, e))?);
-        Ok(Conn { w: s, r, socket: socket.clone() })
+        Ok(Conn {
+            w: s,
+            r,
+            socket: socket.clone(),
+        })
     }
 
     fn send(&mut self, req: &Request) -> Result<(), ExitCode> {
         self.w.write_all(&encode_request(req)).map_err(|e| {
-            fail(EXIT_UNREACHABLE, format!("writing to {}: {e}", self.socket.display()))
+            fail(
+                EXIT_UNREACHABLE,
+                format!("writing to {}: {e}", self.socket.display()),
+            )
         })
     }
 
@@ -188,8 +199,12 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             match reply {
                 Reply::Status { status } => {
                     if json {
-                        let pretty: serde_json::Value = serde_json::from_str(&raw).map_err(|e| fail(EXIT_PROTOCOL, e))?;
-                        println!("{}", serde_json::to_string_pretty(&pretty["status"]).unwrap_or_default());
+                        let pretty: serde_json::Value =
+                            serde_json::from_str(&raw).map_err(|e| fail(EXIT_PROTOCOL, e))?;
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&pretty["status"]).unwrap_or_default()
+                        );
                     } else {
                         print!("{}", control::render_status(&status, offset()));
                     }
@@ -199,7 +214,15 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                 other => Err(fail(EXIT_PROTOCOL, format!("unexpected reply {other:?}"))),
             }
         }
-        Cmd::Takeover { of, countdown, immediate, check_only, no_wait, timeout, json } => {
+        Cmd::Takeover {
+            of,
+            countdown,
+            immediate,
+            check_only,
+            no_wait,
+            timeout,
+            json,
+        } => {
             let req = Request::Takeover {
                 of,
                 countdown_ms: countdown,
@@ -210,8 +233,15 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             };
             operate(&cli.socket, req, timeout, json)
         }
-        Cmd::Giveback { no_wait, timeout, json } => {
-            let req = Request::Giveback { wait: !no_wait, timeout_ms: timeout };
+        Cmd::Giveback {
+            no_wait,
+            timeout,
+            json,
+        } => {
+            let req = Request::Giveback {
+                wait: !no_wait,
+                timeout_ms: timeout,
+            };
             operate(&cli.socket, req, timeout, json)
         }
         Cmd::Watch { json } => {
@@ -229,7 +259,9 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
                         let _ = std::io::stdout().flush();
                     }
                     Reply::Error { kind, message } => return Err(error_exit(kind, &message)),
-                    other => return Err(fail(EXIT_PROTOCOL, format!("unexpected reply {other:?}"))),
+                    other => {
+                        return Err(fail(EXIT_PROTOCOL, format!("unexpected reply {other:?}")))
+                    }
                 }
             }
         }
@@ -241,10 +273,18 @@ fn watch_line(s: &PairStatus) -> String {
     let states: Vec<String> = s
         .nodes
         .iter()
-        .map(|n| format!("{} {}", n.name, n.state.map_or("unknown".into(), |x| format!("{x:?}"))))
+        .map(|n| {
+            format!(
+                "{} {}",
+                n.name,
+                n.state.map_or("unknown".into(), |x| format!("{x:?}"))
+            )
+        })
         .collect();
     let running = s.running.as_ref().and_then(|p| {
-        s.ha.running.as_ref().map(|_| format!(" [{}: {} phases done]", p.kind, p.phases.len()))
+        s.ha.running
+            .as_ref()
+            .map(|_| format!(" [{}: {} phases done]", p.kind, p.phases.len()))
     });
     format!(
         "{} {} | mirror: {}{} | {}",
@@ -256,7 +296,12 @@ fn watch_line(s: &PairStatus) -> String {
     )
 }
 
-fn operate(socket: &PathBuf, req: Request, timeout_ms: Option<u64>, json: bool) -> Result<ExitCode, ExitCode> {
+fn operate(
+    socket: &PathBuf,
+    req: Request,
+    timeout_ms: Option<u64>,
+    json: bool,
+) -> Result<ExitCode, ExitCode> {
     // The daemon answers at the latest when its wait ends; allow for that plus a margin.
     let wait = Duration::from_millis(timeout_ms.unwrap_or(600_000)) + Duration::from_secs(30);
     let mut c = Conn::open(socket, Some(wait))?;
@@ -288,7 +333,10 @@ fn operate(socket: &PathBuf, req: Request, timeout_ms: Option<u64>, json: bool) 
         }
         Outcome::Accepted { state } => {
             if !json {
-                println!("{what} started: {} is {state:?}; follow it with `takeoverctl watch`", status.node);
+                println!(
+                    "{what} started: {} is {state:?}; follow it with `takeoverctl watch`",
+                    status.node
+                );
             }
             EXIT_OK
         }
@@ -302,7 +350,12 @@ fn operate(socket: &PathBuf, req: Request, timeout_ms: Option<u64>, json: bool) 
                             .iter()
                             .map(|p| format!("{} {}", p.step, control::duration(p.elapsed_ms)))
                             .collect();
-                        println!("{} complete at {} in {total}: {}", r.kind, control::clock(r.finished_unix_ms.unwrap_or(status.now_unix_ms), off), phases.join(", "));
+                        println!(
+                            "{} complete at {} in {total}: {}",
+                            r.kind,
+                            control::clock(r.finished_unix_ms.unwrap_or(status.now_unix_ms), off),
+                            phases.join(", ")
+                        );
                     }
                     None => println!("{what} complete: {} is {state:?}", status.node),
                 }

@@ -195,7 +195,10 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
             shared.clients.fetch_sub(1, Ordering::SeqCst);
             let _ = stream.write_all(&encode_reply(&Reply::Error {
                 kind: ErrorKind::Busy,
-                message: format!("too many control connections (limit {})", shared.opts.max_clients),
+                message: format!(
+                    "too many control connections (limit {})",
+                    shared.opts.max_clients
+                ),
             }));
             continue;
         }
@@ -225,7 +228,8 @@ fn read_line(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, ProtocolError> {
     if n == 0 {
         return Ok(None);
     }
-    if line.len() > MAX_LINE_BYTES || (line.last() != Some(&b'\n') && line.len() == MAX_LINE_BYTES + 1)
+    if line.len() > MAX_LINE_BYTES
+        || (line.last() != Some(&b'\n') && line.len() == MAX_LINE_BYTES + 1)
     {
         return Err(ProtocolError::new(
             ErrorKind::TooLong,

@@ -60,11 +60,16 @@ fn began(recs: &[Record]) -> Vec<Step> {
 #[test]
 fn takeover_from_the_partner_then_giveback() {
     let (p, _store) = pair();
-    let r = p
-        .a
-        .handle
-        .operator(OpRequest::TakeoverPartner { countdown_ms: None, immediate: false }, wait())
-        .unwrap();
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: false,
+                },
+                wait(),
+            )
+            .unwrap();
     let Outcome::Completed { state, report } = r.outcome else {
         panic!("{:?}", r.outcome)
     };
@@ -72,7 +77,16 @@ fn takeover_from_the_partner_then_giveback() {
     let report = report.expect("takeover report");
     assert_eq!(report.kind, "takeover (graceful)");
     let phases: Vec<&str> = report.phases.iter().map(|p| p.step.as_str()).collect();
-    assert_eq!(phases, ["Fence", "OpenPartnerAggregate", "ReplayPartnerLog", "TakePartnerIdentity", "ServePartnerExports"]);
+    assert_eq!(
+        phases,
+        [
+            "Fence",
+            "OpenPartnerAggregate",
+            "ReplayPartnerLog",
+            "TakePartnerIdentity",
+            "ServePartnerExports"
+        ]
+    );
     assert!(report.fenced);
     // b shut down gracefully, every step in order, and waits for giveback.
     assert!(p.b.wait_state(State::TakenOver, T));
@@ -80,8 +94,14 @@ fn takeover_from_the_partner_then_giveback() {
     let tail: Vec<Step> = b_steps.iter().rev().take(7).rev().copied().collect();
     assert_eq!(tail, SHUTDOWN);
     // a acknowledges from its own NVRAM only while b is fenced, and tells b to stay down.
-    assert!(p.a.rec.wait_for(T, |r| *r == Record::AckMode(AckMode::LocalOnly)));
-    assert!(p.a.rec.wait_for(T, |r| matches!(r, Record::Sent(Message::PleaseDie { .. }))));
+    assert!(p
+        .a
+        .rec
+        .wait_for(T, |r| *r == Record::AckMode(AckMode::LocalOnly)));
+    assert!(p
+        .a
+        .rec
+        .wait_for(T, |r| matches!(r, Record::Sent(Message::PleaseDie { .. }))));
     // The mailbox says the same within a heartbeat or two.
     let deadline = Instant::now() + T;
     loop {
@@ -99,39 +119,94 @@ fn takeover_from_the_partner_then_giveback() {
     };
     assert_eq!(state, State::Normal);
     let phases: Vec<String> = report.unwrap().phases.into_iter().map(|p| p.step).collect();
-    assert_eq!(phases, ["DrainPartnerExports", "CpPartnerAggregate", "ReleasePartnerIps", "ClosePartnerAggregate", "ReleaseFence"]);
+    assert_eq!(
+        phases,
+        [
+            "DrainPartnerExports",
+            "CpPartnerAggregate",
+            "ReleasePartnerIps",
+            "ClosePartnerAggregate",
+            "ReleaseFence"
+        ]
+    );
     assert!(p.b.wait_state(State::Normal, T));
     // b resumed without replaying the log a already replayed and checkpointed.
     let b_steps = began(&p.b.rec.records());
-    assert!(b_steps.ends_with(&[
-        Step::RegisterOwn,
-        Step::RecheckMailbox,
-        Step::OpenOwnAggregate,
-        Step::DiscardOwnLog,
-        Step::TakeOwnIps,
-        Step::ServeOwnExports
-    ]), "{b_steps:?}");
-    assert!(p.a.rec.wait_for(T, |r| *r == Record::AckMode(AckMode::Mirrored)));
-    assert!(!p.b.mailbox.read_view().unwrap().please_die_for_me, "please-die cleared");
-    assert_eq!(p.b.rec.count(|r| *r == Record::Halted), 0, "graceful: b never halted");
+    assert!(
+        b_steps.ends_with(&[
+            Step::RegisterOwn,
+            Step::RecheckMailbox,
+            Step::OpenOwnAggregate,
+            Step::DiscardOwnLog,
+            Step::TakeOwnIps,
+            Step::ServeOwnExports
+        ]),
+        "{b_steps:?}"
+    );
+    assert!(p
+        .a
+        .rec
+        .wait_for(T, |r| *r == Record::AckMode(AckMode::Mirrored)));
+    assert!(
+        !p.b.mailbox.read_view().unwrap().please_die_for_me,
+        "please-die cleared"
+    );
+    assert_eq!(
+        p.b.rec.count(|r| *r == Record::Halted),
+        0,
+        "graceful: b never halted"
+    );
 }
 
 #[test]
 fn takeover_asked_at_the_node_to_be_taken_over() {
     let (p, _store) = pair();
-    let r = p.b.handle.operator(OpRequest::TakeoverSelf, wait()).unwrap();
-    assert!(matches!(r.outcome, Outcome::Completed { state: State::TakenOver, .. }), "{:?}", r.outcome);
-    assert!(p.b.rec.wait_for(T, |r| *r == Record::Sent(Message::PleaseTakeover)));
+    let r =
+        p.b.handle
+            .operator(OpRequest::TakeoverSelf, wait())
+            .unwrap();
+    assert!(
+        matches!(
+            r.outcome,
+            Outcome::Completed {
+                state: State::TakenOver,
+                ..
+            }
+        ),
+        "{:?}",
+        r.outcome
+    );
+    assert!(p
+        .b
+        .rec
+        .wait_for(T, |r| *r == Record::Sent(Message::PleaseTakeover)));
     assert!(p.a.wait_state(State::InTakeover, T));
     let st = p.a.handle.snapshot().unwrap().status;
-    assert_eq!(st.last_takeover.unwrap().kind, ProcedureKind::Takeover(TakeoverKind::Graceful));
+    assert_eq!(
+        st.last_takeover.unwrap().kind,
+        ProcedureKind::Takeover(TakeoverKind::Graceful)
+    );
     // Not waiting: the reply comes as soon as the giveback started.
-    let r = p
-        .a
-        .handle
-        .operator(OpRequest::Giveback, OpOptions { wait: false, ..wait() })
-        .unwrap();
-    assert!(matches!(r.outcome, Outcome::Accepted { state: State::GivingBack }), "{:?}", r.outcome);
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::Giveback,
+                OpOptions {
+                    wait: false,
+                    ..wait()
+                },
+            )
+            .unwrap();
+    assert!(
+        matches!(
+            r.outcome,
+            Outcome::Accepted {
+                state: State::GivingBack
+            }
+        ),
+        "{:?}",
+        r.outcome
+    );
     assert!(p.a.wait_state(State::Normal, T));
     assert!(p.b.wait_state(State::Normal, T));
 }
@@ -140,24 +215,61 @@ fn takeover_asked_at_the_node_to_be_taken_over() {
 fn countdown_expiry_forces_the_takeover() {
     let (p, _store) = pair();
     // b cannot finish draining: the countdown must end it.
-    p.b.rec.plan(Step::DrainInFlight, StepPlan { hold: true, ..StepPlan::default() });
+    p.b.rec.plan(
+        Step::DrainInFlight,
+        StepPlan {
+            hold: true,
+            ..StepPlan::default()
+        },
+    );
     let t0 = Instant::now();
-    let r = p
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: Some(300),
+                    immediate: false,
+                },
+                wait(),
+            )
+            .unwrap();
+    assert!(
+        matches!(
+            r.outcome,
+            Outcome::Completed {
+                state: State::InTakeover,
+                ..
+            }
+        ),
+        "{:?}",
+        r.outcome
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "not before the countdown"
+    );
+    assert!(p.a.rec.wait_for(T, |r| *r
+        == Record::Sent(Message::PleaseShutdown { countdown_ms: 300 })));
+    assert!(p
         .a
-        .handle
-        .operator(OpRequest::TakeoverPartner { countdown_ms: Some(300), immediate: false }, wait())
-        .unwrap();
-    assert!(matches!(r.outcome, Outcome::Completed { state: State::InTakeover, .. }), "{:?}", r.outcome);
-    assert!(t0.elapsed() >= Duration::from_millis(300), "not before the countdown");
-    assert!(p.a.rec.wait_for(T, |r| *r == Record::Sent(Message::PleaseShutdown { countdown_ms: 300 })));
-    assert!(p.a.rec.wait_for(T, |r| *r == Record::Sent(Message::Takeover)));
-    assert!(p.b.rec.wait_for(T, |r| *r == Record::Halted), "b forced down");
+        .rec
+        .wait_for(T, |r| *r == Record::Sent(Message::Takeover)));
+    assert!(
+        p.b.rec.wait_for(T, |r| *r == Record::Halted),
+        "b forced down"
+    );
     assert!(p.b.wait_state(State::TakenOver, T));
     let st = p.a.handle.snapshot().unwrap().status;
-    assert_eq!(st.last_takeover.unwrap().kind, ProcedureKind::Takeover(TakeoverKind::Forced));
+    assert_eq!(
+        st.last_takeover.unwrap().kind,
+        ProcedureKind::Takeover(TakeoverKind::Forced)
+    );
     // The abandoned drain reports late: dropped, b stays down.
     p.b.rec.release(Step::DrainInFlight);
-    assert!(p.b.rec.wait_for(T, |r| matches!(r, Record::Completed(Step::DrainInFlight, _))));
+    assert!(p.b.rec.wait_for(T, |r| matches!(
+        r,
+        Record::Completed(Step::DrainInFlight, _)
+    )));
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(p.b.state(), State::TakenOver);
 }
@@ -173,54 +285,120 @@ fn refusals_reach_the_operator_with_reasons() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // check_only tells the same without doing anything.
-    let r = p
-        .a
-        .handle
-        .operator(OpRequest::TakeoverPartner { countdown_ms: None, immediate: false }, OpOptions { check_only: true, ..wait() })
-        .unwrap();
-    let Outcome::Refused { refusal, .. } = r.outcome else { panic!("{:?}", r.outcome) };
-    assert!(matches!(refusal.reasons[..], [RefusalReason::MirrorNotCurrent { since_ms: Some(_) }]), "{refusal:?}");
-    assert_eq!(p.a.rec.count(|r| matches!(r, Record::Refusal(_))), 0, "check only");
-    let r = p
-        .a
-        .handle
-        .operator(OpRequest::TakeoverPartner { countdown_ms: None, immediate: false }, wait())
-        .unwrap();
-    let Outcome::Refused { refusal, .. } = r.outcome else { panic!("{:?}", r.outcome) };
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: false,
+                },
+                OpOptions {
+                    check_only: true,
+                    ..wait()
+                },
+            )
+            .unwrap();
+    let Outcome::Refused { refusal, .. } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(
+        matches!(
+            refusal.reasons[..],
+            [RefusalReason::MirrorNotCurrent { since_ms: Some(_) }]
+        ),
+        "{refusal:?}"
+    );
+    assert_eq!(
+        p.a.rec.count(|r| matches!(r, Record::Refusal(_))),
+        0,
+        "check only"
+    );
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: false,
+                },
+                wait(),
+            )
+            .unwrap();
+    let Outcome::Refused { refusal, .. } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
     assert_eq!(refusal.request, RequestKind::TakeoverOfPartner);
-    assert!(matches!(refusal.reasons[..], [RefusalReason::MirrorNotCurrent { since_ms: Some(_) }]));
+    assert!(matches!(
+        refusal.reasons[..],
+        [RefusalReason::MirrorNotCurrent { since_ms: Some(_) }]
+    ));
     assert_eq!(p.a.state(), State::Normal);
     // The refusal of a please-takeover comes from the partner: a is unhealthy.
     p.b.handle.own_mirror(true).unwrap();
     p.a.handle.health(false, "nvram battery low").unwrap();
-    let r = p.b.handle.operator(OpRequest::TakeoverSelf, wait()).unwrap();
-    let Outcome::Refused { refusal, .. } = r.outcome else { panic!("{:?}", r.outcome) };
+    let r =
+        p.b.handle
+            .operator(OpRequest::TakeoverSelf, wait())
+            .unwrap();
+    let Outcome::Refused { refusal, .. } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
     assert_eq!(refusal.request, RequestKind::TakeoverOfSelf);
-    assert!(refusal.reasons.contains(&RefusalReason::SelfUnhealthy { detail: "nvram battery low".into() }), "{refusal:?}");
+    assert!(
+        refusal.reasons.contains(&RefusalReason::SelfUnhealthy {
+            detail: "nvram battery low".into()
+        }),
+        "{refusal:?}"
+    );
     assert_eq!(p.b.state(), State::Normal);
     // Giveback when nothing was taken over.
     let r = p.a.handle.operator(OpRequest::Giveback, wait()).unwrap();
-    let Outcome::Refused { refusal, .. } = r.outcome else { panic!("{:?}", r.outcome) };
+    let Outcome::Refused { refusal, .. } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
     assert_eq!(refusal.reasons, vec![RefusalReason::NotInTakeover]);
     // Refusals are in the status too.
     let st = p.a.handle.snapshot().unwrap().status;
-    assert!(st.refusals.iter().any(|r| r.request == RequestKind::Giveback));
+    assert!(st
+        .refusals
+        .iter()
+        .any(|r| r.request == RequestKind::Giveback));
 }
 
 #[test]
 fn failed_fence_is_reported_to_the_waiting_operator() {
     let (p, _store) = pair();
-    p.a.rec.plan(Step::Fence, StepPlan { fail: Some(StepError::Failed("sg_io: EIO".into())), ..StepPlan::default() });
-    let r = p
-        .a
-        .handle
-        .operator(OpRequest::TakeoverPartner { countdown_ms: None, immediate: true }, wait())
-        .unwrap();
-    let Outcome::Failed { state, detail } = r.outcome else { panic!("{:?}", r.outcome) };
+    p.a.rec.plan(
+        Step::Fence,
+        StepPlan {
+            fail: Some(StepError::Failed("sg_io: EIO".into())),
+            ..StepPlan::default()
+        },
+    );
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: true,
+                },
+                wait(),
+            )
+            .unwrap();
+    let Outcome::Failed { state, detail } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
     assert_eq!(state, State::Normal);
     assert!(detail.contains("fence failed"), "{detail}");
-    assert!(p.a.rec.count(|r| *r == Record::Began(Step::Fence)) >= 3, "retried before giving up");
-    assert_eq!(p.a.rec.count(|r| *r == Record::Began(Step::OpenPartnerAggregate)), 0, "never opened unfenced");
+    assert!(
+        p.a.rec.count(|r| *r == Record::Began(Step::Fence)) >= 3,
+        "retried before giving up"
+    );
+    assert_eq!(
+        p.a.rec
+            .count(|r| *r == Record::Began(Step::OpenPartnerAggregate)),
+        0,
+        "never opened unfenced"
+    );
 }
 
 #[test]
@@ -230,11 +408,17 @@ fn self_fence_when_the_mailbox_loses_its_majority() {
     store.set_broken(0, true);
     store.set_broken(1, true);
     assert!(p.a.rec.wait_for(T, |r| *r == Record::Halted));
-    assert!(p.b.rec.wait_for(T, |r| *r == Record::Halted), "both lost the majority");
+    assert!(
+        p.b.rec.wait_for(T, |r| *r == Record::Halted),
+        "both lost the majority"
+    );
     let took = t0.elapsed();
     // The bound counts from the last majority write, which came up to one heartbeat (40 ms)
     // before the disks broke.
-    assert!(took >= Duration::from_millis(250 - 40), "not before the bound: {took:?}");
+    assert!(
+        took >= Duration::from_millis(250 - 40),
+        "not before the bound: {took:?}"
+    );
     assert!(took < Duration::from_secs(3), "{took:?}");
     assert!(p.a.rec.count(|r| matches!(r, Record::Alarm(Alarm::SelfFenced { reason }) if reason.contains("majority"))) >= 1);
     assert!(p.a.wait_state(State::TakenOver, T));
@@ -246,7 +430,11 @@ fn self_fence_when_the_mailbox_loses_its_majority() {
     store.set_broken(1, false);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(p.a.state(), State::TakenOver);
-    assert_eq!(p.a.rec.count(|r| *r == Record::Halted), 1, "halted once, not on every tick");
+    assert_eq!(
+        p.a.rec.count(|r| *r == Record::Halted),
+        1,
+        "halted once, not on every tick"
+    );
     assert_eq!(p.b.state(), State::TakenOver);
 }
 
@@ -255,16 +443,39 @@ fn interconnect_cut_with_a_live_mailbox_alarms_and_never_takes_over() {
     let (p, _store) = pair();
     p.a.link_up.store(false, Ordering::SeqCst);
     p.b.link_up.store(false, Ordering::SeqCst);
-    assert!(p.a.rec.wait_for(T, |r| matches!(r, Record::Alarm(Alarm::InterconnectDown { .. }))));
-    assert!(p.b.rec.wait_for(T, |r| matches!(r, Record::Alarm(Alarm::InterconnectDown { .. }))));
+    assert!(p.a.rec.wait_for(T, |r| matches!(
+        r,
+        Record::Alarm(Alarm::InterconnectDown { .. })
+    )));
+    assert!(p.b.rec.wait_for(T, |r| matches!(
+        r,
+        Record::Alarm(Alarm::InterconnectDown { .. })
+    )));
     std::thread::sleep(Duration::from_millis(800)); // longer than the mailbox timeout
     assert_eq!(p.a.state(), State::Normal);
     assert_eq!(p.b.state(), State::Normal);
     assert_eq!(p.a.rec.count(|r| *r == Record::Began(Step::Fence)), 0);
     // A takeover needs the interconnect: refused with the reason.
-    let r = p.a.handle.operator(OpRequest::TakeoverPartner { countdown_ms: None, immediate: false }, wait()).unwrap();
-    let Outcome::Refused { refusal, .. } = r.outcome else { panic!("{:?}", r.outcome) };
-    assert!(refusal.reasons.iter().any(|r| matches!(r, RefusalReason::PartnerUnreachable { .. })), "{refusal:?}");
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: false,
+                },
+                wait(),
+            )
+            .unwrap();
+    let Outcome::Refused { refusal, .. } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert!(
+        refusal
+            .reasons
+            .iter()
+            .any(|r| matches!(r, RefusalReason::PartnerUnreachable { .. })),
+        "{refusal:?}"
+    );
 }
 
 #[test]
@@ -273,13 +484,30 @@ fn watch_streams_changes() {
     let rx = p.a.handle.watch().unwrap();
     let first = rx.recv_timeout(T).unwrap();
     assert_eq!(first.status.state, State::Normal);
-    let _ = p.a.handle.operator(OpRequest::TakeoverPartner { countdown_ms: None, immediate: false }, wait()).unwrap();
+    let _ =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: false,
+                },
+                wait(),
+            )
+            .unwrap();
     let mut seen = vec![first.status.state];
     while let Ok(s) = rx.recv_timeout(Duration::from_millis(300)) {
         if seen.last() != Some(&s.status.state) {
             seen.push(s.status.state);
         }
     }
-    assert_eq!(seen, [State::Normal, State::AwaitingShutdown, State::TakingOver, State::InTakeover]);
+    assert_eq!(
+        seen,
+        [
+            State::Normal,
+            State::AwaitingShutdown,
+            State::TakingOver,
+            State::InTakeover
+        ]
+    );
     let _ = TAKEOVER;
 }

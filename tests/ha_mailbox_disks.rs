@@ -18,13 +18,18 @@ const T: Duration = Duration::from_secs(10);
 
 fn store(loops: &[LoopDev]) -> Arc<DiskStore> {
     let paths: Vec<_> = loops.iter().map(|l| l.dev.clone()).collect();
-    Arc::new(DiskStore { disks: MailboxDisks::open(&paths).unwrap(), uuids: vec![[7; 16]; paths.len()] })
+    Arc::new(DiskStore {
+        disks: MailboxDisks::open(&paths).unwrap(),
+        uuids: vec![[7; 16]; paths.len()],
+    })
 }
 
 #[test]
 fn node_fences_itself_when_its_slot_cannot_reach_a_majority() {
     let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..3).map(|i| LoopDev::new(dir.path(), &format!("sf{i}.img"), 4 << 20)).collect();
+    let loops: Vec<LoopDev> = (0..3)
+        .map(|i| LoopDev::new(dir.path(), &format!("sf{i}.img"), 4 << 20))
+        .collect();
     let (h, inbox) = ha::channel(ha::INPUT_CAPACITY);
     let mut a = TestNode::start(fast_config("a", "b"), store(&loops), inbox, h, None);
     assert!(a.wait_state(State::Normal, T), "boots and resumes alone");
@@ -33,7 +38,10 @@ fn node_fences_itself_when_its_slot_cannot_reach_a_majority() {
     let deadline = Instant::now() + T;
     loop {
         let own = reader.read_slot(a.mailbox.own_index()).newest;
-        if own.as_ref().is_some_and(|s| State::from_code(s.state) == Some(State::Normal)) {
+        if own
+            .as_ref()
+            .is_some_and(|s| State::from_code(s.state) == Some(State::Normal))
+        {
             break;
         }
         assert!(Instant::now() < deadline, "{own:?}");
@@ -47,7 +55,10 @@ fn node_fences_itself_when_its_slot_cannot_reach_a_majority() {
     loops[1].shrink(64 << 10);
     assert!(a.rec.wait_for(T, |r| *r == Record::Halted), "self-fenced");
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(250) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     assert!(a.wait_state(State::TakenOver, T));
     let dev0 = loops[0].dev.display().to_string();
     let recs = a.rec.records();
@@ -58,20 +69,39 @@ fn node_fences_itself_when_its_slot_cannot_reach_a_majority() {
             _ => None,
         })
         .expect("self-fence alarm");
-    assert!(reason.contains("1 of 3") && reason.contains(&dev0), "the log says why: {reason}");
+    assert!(
+        reason.contains("1 of 3") && reason.contains(&dev0),
+        "the log says why: {reason}"
+    );
     let st = a.handle.snapshot().unwrap().status;
-    assert!(st.transitions.last().unwrap().reason.starts_with("self-fenced"), "{:?}", st.transitions.last());
+    assert!(
+        st.transitions
+            .last()
+            .unwrap()
+            .reason
+            .starts_with("self-fenced"),
+        "{:?}",
+        st.transitions.last()
+    );
     a.stop();
 }
 
 #[test]
 fn please_die_through_the_disks_alone_halts_the_partner_and_holds_it_after_restart() {
     let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..3).map(|i| LoopDev::new(dir.path(), &format!("pd{i}.img"), 4 << 20)).collect();
+    let loops: Vec<LoopDev> = (0..3)
+        .map(|i| LoopDev::new(dir.path(), &format!("pd{i}.img"), 4 << 20))
+        .collect();
     let (ha_, ia) = ha::channel(ha::INPUT_CAPACITY);
     let (hb, ib) = ha::channel(ha::INPUT_CAPACITY);
     // Each node opens the shared members on its own, as two hosts would.
-    let a = TestNode::start(fast_config("a", "b"), store(&loops), ia, ha_.clone(), Some(hb.clone()));
+    let a = TestNode::start(
+        fast_config("a", "b"),
+        store(&loops),
+        ia,
+        ha_.clone(),
+        Some(hb.clone()),
+    );
     let mut b = TestNode::start(fast_config("b", "a"), store(&loops), ib, hb, Some(ha_));
     assert!(a.wait_state(State::Normal, T) && b.wait_state(State::Normal, T));
     let deadline = Instant::now() + T;
@@ -84,12 +114,32 @@ fn please_die_through_the_disks_alone_halts_the_partner_and_holds_it_after_resta
     let r = a
         .handle
         .operator(
-            OpRequest::TakeoverPartner { countdown_ms: None, immediate: true },
-            OpOptions { check_only: false, wait: true, timeout: T },
+            OpRequest::TakeoverPartner {
+                countdown_ms: None,
+                immediate: true,
+            },
+            OpOptions {
+                check_only: false,
+                wait: true,
+                timeout: T,
+            },
         )
         .unwrap();
-    assert!(matches!(r.outcome, Outcome::Completed { state: State::InTakeover, .. }), "{:?}", r.outcome);
-    assert!(a.rec.wait_for(T, |r| *r == Record::Sent(Message::Takeover)), "sent, but dropped");
+    assert!(
+        matches!(
+            r.outcome,
+            Outcome::Completed {
+                state: State::InTakeover,
+                ..
+            }
+        ),
+        "{:?}",
+        r.outcome
+    );
+    assert!(
+        a.rec.wait_for(T, |r| *r == Record::Sent(Message::Takeover)),
+        "sent, but dropped"
+    );
     assert!(b.rec.wait_for(T, |r| *r == Record::Halted), "b halted");
     assert!(b.wait_state(State::TakenOver, T));
     let st = b.handle.snapshot().unwrap().status;
@@ -104,7 +154,11 @@ fn please_die_through_the_disks_alone_halts_the_partner_and_holds_it_after_resta
     assert!(b2.wait_state(State::TakenOver, T));
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(b2.state(), State::TakenOver);
-    assert_eq!(b2.rec.count(|r| *r == Record::Began(Step::RegisterOwn)), 0, "never registered its key");
+    assert_eq!(
+        b2.rec.count(|r| *r == Record::Began(Step::RegisterOwn)),
+        0,
+        "never registered its key"
+    );
     let st = b2.handle.snapshot().unwrap().status;
     assert_eq!(st.transitions[0].reason, "please-die in mailbox at boot");
     drop(b2);

@@ -9,9 +9,9 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   fio libnbd-bin nbdkit qemu-utils sg3-utils iproute2 util-linux e2fsprogs kmod \
-  qemu-system-x86 busybox-static cpio xz-utils zstd \
+  qemu-system-x86 busybox-static cpio xz-utils zstd systemd \
   >/dev/null
-for t in fio nbdinfo nbdcopy nbdkit qemu-img qemu-io losetup sg_persist ip mkfs.ext4; do
+for t in fio nbdinfo nbdcopy nbdkit qemu-img qemu-io losetup sg_persist ip mkfs.ext4 systemd-analyze; do
   command -v "$t" >/dev/null || { echo "install-test-deps: $t missing after install" >&2; exit 1; }
 done
 echo "install-test-deps: ok"

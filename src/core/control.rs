@@ -133,7 +133,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
         Some(v) => {
             return Err(ProtocolError::new(
                 ErrorKind::UnsupportedVersion,
-                format!("protocol version {v} not supported; this daemon speaks {PROTOCOL_VERSION}"),
+                format!(
+                    "protocol version {v} not supported; this daemon speaks {PROTOCOL_VERSION}"
+                ),
             ))
         }
         None => {
@@ -199,12 +201,17 @@ pub fn encode_request(req: &Request) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
-    Status { status: Box<PairStatus> },
+    Status {
+        status: Box<PairStatus>,
+    },
     Outcome {
         outcome: Outcome,
         status: Box<PairStatus>,
     },
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -232,7 +239,10 @@ pub fn parse_reply(line: &[u8]) -> Result<Reply, ProtocolError> {
     if env.v != PROTOCOL_VERSION {
         return Err(ProtocolError::new(
             ErrorKind::UnsupportedVersion,
-            format!("daemon speaks protocol {}, takeoverctl {PROTOCOL_VERSION}", env.v),
+            format!(
+                "daemon speaks protocol {}, takeoverctl {PROTOCOL_VERSION}",
+                env.v
+            ),
         ));
     }
     Ok(env.body)
@@ -464,6 +474,54 @@ pub fn duration(ms: u64) -> String {
     }
 }
 
+/// Parse a duration as operators type it: `500ms`, `30s`, `2m`, `1h`, `1m30s`; a bare number is
+/// seconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    if t.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return secs
+            .checked_mul(1000)
+            .ok_or_else(|| format!("duration {t:?} too long"));
+    }
+    let mut total: u64 = 0;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("bad duration {t:?}: expected a number at {rest:?}"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("bad number in {t:?}"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" | "min" => 60_000,
+            "h" => 3_600_000,
+            u => {
+                return Err(format!(
+                    "bad duration {t:?}: unknown unit {u:?} (use ms, s, m, h)"
+                ))
+            }
+        };
+        rest = &rest[unit_len..];
+        total = n
+            .checked_mul(mult)
+            .and_then(|x| total.checked_add(x))
+            .ok_or_else(|| format!("duration {t:?} too long"))?;
+    }
+    Ok(total)
+}
+
 /// One reason for people. `local_clock`: the reason's times are on this node's clock (false
 /// for reasons the partner sent, whose times we cannot place).
 pub fn describe_reason(
@@ -511,7 +569,9 @@ pub fn describe_reason(
             Some(s) => format!("{partner} is not waiting for giveback (state {s:?})"),
             None => format!("{partner}'s state is unknown"),
         },
-        RefusalReason::Conflict => "conflicting request (both nodes asked at once, or not the partner)".into(),
+        RefusalReason::Conflict => {
+            "conflicting request (both nodes asked at once, or not the partner)".into()
+        }
     }
 }
 
@@ -631,7 +691,9 @@ impl PairStatus {
             local: false,
             state: st.partner_state,
             state_since_unix_ms: None,
-            interconnect_heard_ms_ago: st.partner_last_heard_ms.map(|t| st.now_ms.saturating_sub(t)),
+            interconnect_heard_ms_ago: st
+                .partner_last_heard_ms
+                .map(|t| st.now_ms.saturating_sub(t)),
             mailbox_beat_ms_ago: st
                 .partner_mailbox_last_change_ms
                 .map(|t| st.now_ms.saturating_sub(t)),
@@ -739,9 +801,15 @@ pub fn headline(s: &PairStatus) -> String {
         .map(|a| a.name.as_str())
         .collect();
     let base = match (s.ha.state, s.ha.partner_state) {
-        (State::InTakeover, _) => format!("TAKEOVER: {me} serves {p}'s aggregates; {p} waits for giveback"),
-        (State::TakenOver, _) => format!("TAKEN OVER: {me} serves nothing and waits for giveback from {p}"),
-        (State::AwaitingShutdown, _) => format!("TAKEOVER IN PROGRESS: {p} is shutting down (countdown)"),
+        (State::InTakeover, _) => {
+            format!("TAKEOVER: {me} serves {p}'s aggregates; {p} waits for giveback")
+        }
+        (State::TakenOver, _) => {
+            format!("TAKEN OVER: {me} serves nothing and waits for giveback from {p}")
+        }
+        (State::AwaitingShutdown, _) => {
+            format!("TAKEOVER IN PROGRESS: {p} is shutting down (countdown)")
+        }
         (State::TakingOver, _) => format!("TAKEOVER IN PROGRESS: {me} is taking {p} over"),
         (State::ShuttingDown, _) => format!("SHUTTING DOWN: {me} hands its aggregates to {p}"),
         (State::TakeoverRequested, _) => format!("TAKEOVER REQUESTED: waiting for {p} to answer"),
@@ -752,8 +820,12 @@ pub fn headline(s: &PairStatus) -> String {
             "OK: both nodes serve their own aggregates; partner log mirrored".to_string()
         }
         (State::Normal, Some(State::InTakeover)) => format!("TAKEN OVER BY {p}"),
-        (State::Normal, Some(ps)) => format!("DEGRADED: {p} is {ps:?}; partner log {}", s.mirror.summary),
-        (State::Normal, None) => format!("DEGRADED: {p} not heard; partner log {}", s.mirror.summary),
+        (State::Normal, Some(ps)) => {
+            format!("DEGRADED: {p} is {ps:?}; partner log {}", s.mirror.summary)
+        }
+        (State::Normal, None) => {
+            format!("DEGRADED: {p} not heard; partner log {}", s.mirror.summary)
+        }
     };
     if unserved.is_empty() {
         base
@@ -772,24 +844,39 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<10} {:<8} {:<18} {:<9} {:<22} {}",
-        "NODE", "ROLE", "STATE", "SINCE", "INTERCONNECT", "MAILBOX HEARTBEAT"
+        "{:<10} {:<8} {:<18} {:<9} {:<22} MAILBOX HEARTBEAT",
+        "NODE", "ROLE", "STATE", "SINCE", "INTERCONNECT"
     );
     for n in &s.nodes {
         let state = n.state.map_or("unknown".to_string(), |x| format!("{x:?}"));
         let since = n.state_since_unix_ms.map_or("-".to_string(), c);
         let (ic, mb) = if n.local {
-            ("-".to_string(), if s.mailbox_access { "writing" } else { "NO ACCESS" }.to_string())
+            (
+                "-".to_string(),
+                if s.mailbox_access {
+                    "writing"
+                } else {
+                    "NO ACCESS"
+                }
+                .to_string(),
+            )
         } else {
             (
                 n.interconnect_heard_ms_ago
-                    .map_or("never heard".into(), |a| format!("heard {} ago", duration(a))),
-                n.mailbox_beat_ms_ago
-                    .map_or("never seen".into(), |a| format!("moved {} ago", duration(a))),
+                    .map_or("never heard".into(), |a| {
+                        format!("heard {} ago", duration(a))
+                    }),
+                n.mailbox_beat_ms_ago.map_or("never seen".into(), |a| {
+                    format!("moved {} ago", duration(a))
+                }),
             )
         };
         let role = if n.local { "local" } else { "partner" };
-        let _ = writeln!(o, "{:<10} {:<8} {:<18} {:<9} {:<22} {}", n.name, role, state, since, ic, mb);
+        let _ = writeln!(
+            o,
+            "{:<10} {:<8} {:<18} {:<9} {:<22} {}",
+            n.name, role, state, since, ic, mb
+        );
     }
     let _ = writeln!(o);
     let _ = writeln!(
@@ -803,8 +890,14 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     );
     match &s.nvram {
         Some(n) => {
-            let pct = if n.capacity_bytes == 0 { 0 } else { n.used_bytes * 100 / n.capacity_bytes };
-            let _ = writeln!(o, "NVRAM: {} -- {}% of {} bytes used {}", n.persistence, pct, n.capacity_bytes, n.detail);
+            let pct = (n.used_bytes * 100)
+                .checked_div(n.capacity_bytes)
+                .unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "NVRAM: {} -- {}% of {} bytes used {}",
+                n.persistence, pct, n.capacity_bytes, n.detail
+            );
         }
         None => {
             let _ = writeln!(o, "NVRAM: (not reported)");
@@ -814,17 +907,40 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
         let _ = writeln!(o, "countdown: {} left", duration(r));
     }
     let _ = writeln!(o);
-    let _ = writeln!(o, "{:<16} {:<10} {:<10} {}", "AGGREGATE", "HOME", "SERVED BY", "STATE");
+    let _ = writeln!(
+        o,
+        "{:<16} {:<10} {:<10} STATE",
+        "AGGREGATE", "HOME", "SERVED BY"
+    );
     for a in &s.aggregates {
         let by = a.served_by.as_deref().unwrap_or("NOBODY");
-        let note = if a.served_by.as_deref().is_some_and(|b| b != a.home) { " (taken over)" } else { "" };
-        let _ = writeln!(o, "{:<16} {:<10} {:<10} {}{}", a.name, a.home, by, a.state, note);
+        let note = if a.served_by.as_deref().is_some_and(|b| b != a.home) {
+            " (taken over)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "{:<16} {:<10} {:<10} {}{}",
+            a.name, a.home, by, a.state, note
+        );
     }
     if !s.exports.is_empty() {
         let _ = writeln!(o);
-        let _ = writeln!(o, "{:<16} {:<16} {:<24} {}", "EXPORT", "AGGREGATE", "ADDRESS", "SERVED BY");
+        let _ = writeln!(
+            o,
+            "{:<16} {:<16} {:<24} SERVED BY",
+            "EXPORT", "AGGREGATE", "ADDRESS"
+        );
         for e in &s.exports {
-            let _ = writeln!(o, "{:<16} {:<16} {:<24} {}", e.name, e.aggregate, e.address, e.served_by.as_deref().unwrap_or("NOBODY"));
+            let _ = writeln!(
+                o,
+                "{:<16} {:<16} {:<24} {}",
+                e.name,
+                e.aggregate,
+                e.address,
+                e.served_by.as_deref().unwrap_or("NOBODY")
+            );
         }
     }
     let _ = writeln!(o);
@@ -834,9 +950,24 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
         }
         Some(p) => {
             let total = p.total_ms.map_or("running".to_string(), duration);
-            let _ = writeln!(o, "{label}: {} at {}, {}{}", p.kind, c(p.started_unix_ms), total, if p.fenced { ", partner fenced first" } else { "" });
+            let _ = writeln!(
+                o,
+                "{label}: {} at {}, {}{}",
+                p.kind,
+                c(p.started_unix_ms),
+                total,
+                if p.fenced {
+                    ", partner fenced first"
+                } else {
+                    ""
+                }
+            );
             for ph in &p.phases {
-                let f = if ph.failures > 0 { format!(" ({} failed attempts)", ph.failures) } else { String::new() };
+                let f = if ph.failures > 0 {
+                    format!(" ({} failed attempts)", ph.failures)
+                } else {
+                    String::new()
+                };
                 let _ = writeln!(o, "    {:<22} {}{}", ph.step, duration(ph.elapsed_ms), f);
             }
         }
@@ -855,7 +986,13 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     } else {
         let _ = writeln!(o, "refusals (newest last):");
         for r in &s.refusals {
-            let _ = writeln!(o, "  {} {}: {}", c(r.at_unix_ms), refusal_prefix(r.request), r.text.join("; "));
+            let _ = writeln!(
+                o,
+                "  {} {}: {}",
+                c(r.at_unix_ms),
+                refusal_prefix(r.request),
+                r.text.join("; ")
+            );
         }
     }
     if s.alarms.is_empty() {
@@ -883,8 +1020,14 @@ mod tests {
             serves_own: node.accepts_own(),
             serves_partner: node.accepts_partner(),
             aggregates: vec![
-                AggregateHome { name: "aggr0".into(), home: NodeId::A },
-                AggregateHome { name: "aggr1".into(), home: NodeId::B },
+                AggregateHome {
+                    name: "aggr0".into(),
+                    home: NodeId::A,
+                },
+                AggregateHome {
+                    name: "aggr1".into(),
+                    home: NodeId::B,
+                },
             ],
             partner_timeout_ms: 5_000,
         }
@@ -905,7 +1048,10 @@ mod tests {
             }
         );
         assert_eq!(parse_request(&encode_request(&r)).unwrap(), r);
-        assert_eq!(parse_request(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap(), Request::Status);
+        assert_eq!(
+            parse_request(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap(),
+            Request::Status
+        );
     }
 
     #[test]
@@ -914,12 +1060,27 @@ mod tests {
         assert_eq!(kind(b"status"), ErrorKind::Malformed);
         assert_eq!(kind(b"[1]"), ErrorKind::Malformed);
         assert_eq!(kind(br#"{"cmd":"status"}"#), ErrorKind::UnsupportedVersion);
-        assert_eq!(kind(br#"{"v":2,"cmd":"status"}"#), ErrorKind::UnsupportedVersion);
+        assert_eq!(
+            kind(br#"{"v":2,"cmd":"status"}"#),
+            ErrorKind::UnsupportedVersion
+        );
         assert_eq!(kind(br#"{"v":1,"cmd":"statsu"}"#), ErrorKind::Malformed);
-        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","of":"b","countdwn_ms":5}"#), ErrorKind::Malformed);
-        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","countdown_ms":"5"}"#), ErrorKind::Malformed);
-        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","countdown_ms":0}"#), ErrorKind::InvalidArgument);
-        assert_eq!(kind(br#"{"v":1,"cmd":"takeover","countdown_ms":5,"immediate":true}"#), ErrorKind::InvalidArgument);
+        assert_eq!(
+            kind(br#"{"v":1,"cmd":"takeover","of":"b","countdwn_ms":5}"#),
+            ErrorKind::Malformed
+        );
+        assert_eq!(
+            kind(br#"{"v":1,"cmd":"takeover","countdown_ms":"5"}"#),
+            ErrorKind::Malformed
+        );
+        assert_eq!(
+            kind(br#"{"v":1,"cmd":"takeover","countdown_ms":0}"#),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            kind(br#"{"v":1,"cmd":"takeover","countdown_ms":5,"immediate":true}"#),
+            ErrorKind::InvalidArgument
+        );
         let long = vec![b' '; MAX_LINE_BYTES + 1];
         assert_eq!(kind(&long), ErrorKind::TooLong);
         let e = parse_request(br#"{"v":1,"cmd":"statsu"}"#).unwrap_err();
@@ -928,12 +1089,18 @@ mod tests {
 
     #[test]
     fn replies_round_trip_and_version_is_checked() {
-        let r = Reply::Error { kind: ErrorKind::Busy, message: "x".into() };
+        let r = Reply::Error {
+            kind: ErrorKind::Busy,
+            message: "x".into(),
+        };
         let line = encode_reply(&r);
         assert!(line.ends_with(b"\n"));
         assert_eq!(parse_reply(&line).unwrap(), r);
         let bad = br#"{"v":9,"type":"error","kind":"busy","message":"x"}"#;
-        assert_eq!(parse_reply(bad).unwrap_err().kind, ErrorKind::UnsupportedVersion);
+        assert_eq!(
+            parse_reply(bad).unwrap_err().kind,
+            ErrorKind::UnsupportedVersion
+        );
     }
 
     #[test]
@@ -957,7 +1124,13 @@ mod tests {
         ] {
             n.step(1, Event::StepDone(st));
         }
-        n.step(1, Event::PartnerDisks { visible: 4, expected: 4 });
+        n.step(
+            1,
+            Event::PartnerDisks {
+                visible: 4,
+                expected: 4,
+            },
+        );
         assert_eq!(n.state(), State::Normal);
         // 12:04:07 local (offset 0): the partner reports its mirror not in sync.
         let t = 4 * 60_000 + 7_000;
@@ -969,20 +1142,46 @@ mod tests {
                 mirror_in_sync: false,
             }),
         );
-        n.step(t + 1_000, Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
+        n.step(
+            t + 1_000,
+            Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)),
+        );
         let s = PairStatus::from_snapshot(&snap(&n), 0);
         assert_eq!(s.mirror.summary, "not mirrored since 12:04:07");
         let r = s.refusals.last().unwrap();
-        assert!(r.text.contains(&"partner log not mirrored since 12:04:07".to_string()), "{:?}", r.text);
+        assert!(
+            r.text
+                .contains(&"partner log not mirrored since 12:04:07".to_string()),
+            "{:?}",
+            r.text
+        );
         let table = render_status(&s, 0);
         assert!(table.contains("cannot take over: "), "{table}");
-        assert!(table.contains("partner log mirror: not mirrored since 12:04:07"), "{table}");
+        assert!(
+            table.contains("partner log mirror: not mirrored since 12:04:07"),
+            "{table}"
+        );
         assert!(table.starts_with("DEGRADED: beta is Normal"), "{table}");
         // aggr1 is beta's and beta is alive and Normal: served by beta.
         assert_eq!(s.aggregates[1].served_by.as_deref(), Some("beta"));
         let json = serde_json::to_string(&s).unwrap();
         let back: PairStatus = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn durations_parse_as_operators_type_them() {
+        assert_eq!(parse_duration_ms("30"), Ok(30_000));
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
+        assert!(parse_duration_ms("").is_err());
+        assert!(parse_duration_ms("5x")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_duration_ms("s").is_err());
+        assert!(parse_duration_ms("99999999999999999999h").is_err());
     }
 
     #[test]

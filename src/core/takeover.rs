@@ -1519,7 +1519,11 @@ impl Node {
             Message::PleaseTakeover => {
                 let reasons = self.takeover_refusals(true, true);
                 if reasons.is_empty() {
-                    self.begin_countdown("partner asked to be taken over", self.cfg.countdown_ms, out);
+                    self.begin_countdown(
+                        "partner asked to be taken over",
+                        self.cfg.countdown_ms,
+                        out,
+                    );
                 } else {
                     out.push(Action::Send(Message::Refused {
                         request: RequestKind::PleaseTakeover,
@@ -3072,7 +3076,10 @@ mod tests {
             countdown_ms: Some(1_234),
             immediate: false,
         }));
-        assert!(sends(&a, |m| *m == Message::PleaseShutdown { countdown_ms: 1_234 }));
+        assert!(sends(&a, |m| *m
+            == Message::PleaseShutdown {
+                countdown_ms: 1_234
+            }));
         assert_eq!(h.n.status().countdown_remaining_ms, Some(1_234));
     }
 

@@ -152,7 +152,6 @@ impl ControlServer {
     fn stop_inner(&mut self) {
         if let Some(t) = self.thread.take() {
             self.stop.store(true, Ordering::SeqCst);
-            let _ = UnixStream::connect(&self.path); // wake accept()
             let _ = t.join();
             let _ = std::fs::remove_file(&self.path);
         }
@@ -166,23 +165,40 @@ impl Drop for ControlServer {
 }
 
 fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
-    for conn in listener.incoming() {
+    // Non-blocking accept polled every 50 ms: stopping must not depend on the socket file
+    // still being there to connect to.
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::error!("control socket: cannot poll: {e}");
+        return;
+    }
+    loop {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        let mut stream = match conn {
-            Ok(s) => s,
+        let mut stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             Err(e) => {
                 tracing::warn!("control accept: {e}");
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
         };
+        if let Err(e) = stream.set_nonblocking(false) {
+            tracing::warn!("control connection: {e}");
+            continue;
+        }
         if shared.clients.fetch_add(1, Ordering::SeqCst) >= shared.opts.max_clients {
             shared.clients.fetch_sub(1, Ordering::SeqCst);
             let _ = stream.write_all(&encode_reply(&Reply::Error {
                 kind: ErrorKind::Busy,
-                message: format!("too many control connections (limit {})", shared.opts.max_clients),
+                message: format!(
+                    "too many control connections (limit {})",
+                    shared.opts.max_clients
+                ),
             }));
             continue;
         }
@@ -212,7 +228,8 @@ fn read_line(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, ProtocolError> {
     if n == 0 {
         return Ok(None);
     }
-    if line.len() > MAX_LINE_BYTES || (line.last() != Some(&b'\n') && line.len() == MAX_LINE_BYTES + 1)
+    if line.len() > MAX_LINE_BYTES
+        || (line.last() != Some(&b'\n') && line.len() == MAX_LINE_BYTES + 1)
     {
         return Err(ProtocolError::new(
             ErrorKind::TooLong,

@@ -109,7 +109,9 @@ pub enum StepOutcome {
     Done,
     Failed(StepError),
     /// `RecheckMailbox` only: done, and whether please-die is set for us.
-    MailboxChecked { please_die: bool },
+    MailboxChecked {
+        please_die: bool,
+    },
 }
 
 struct Completions {
@@ -398,7 +400,8 @@ impl HaConfig {
         }
         let id = node_id(node_name, partner_name);
         let takeover = takeover::Config::new(id);
-        let tick = Duration::from_millis(takeover.heartbeat_interval_ms / 4).max(Duration::from_millis(1));
+        let tick =
+            Duration::from_millis(takeover.heartbeat_interval_ms / 4).max(Duration::from_millis(1));
         let self_fence_bound_ms = takeover.mailbox_timeout_ms / 2;
         Ok(HaConfig {
             takeover,
@@ -482,7 +485,10 @@ impl HaLoop {
         watchdog: Option<(Notifier, Duration)>,
     ) -> Result<JoinHandle<()>, HaError> {
         cfg.takeover.validate()?;
-        crate::daemon::mailbox::check_bound(cfg.self_fence_bound_ms, cfg.takeover.mailbox_timeout_ms)?;
+        crate::daemon::mailbox::check_bound(
+            cfg.self_fence_bound_ms,
+            cfg.takeover.mailbox_timeout_ms,
+        )?;
         if cfg.takeover.node != node_id(&cfg.node_name, &cfg.partner_name) {
             return Err(HaError::Names(cfg.node_name.clone()));
         }
@@ -524,7 +530,11 @@ impl HaLoop {
         let mut next_tick = Instant::now();
         loop {
             let now = Instant::now();
-            match self.inbox.rx.recv_timeout(next_tick.saturating_duration_since(now)) {
+            match self
+                .inbox
+                .rx
+                .recv_timeout(next_tick.saturating_duration_since(now))
+            {
                 Ok(Input::Stop) => break,
                 Ok(input) => self.handle(input),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -684,7 +694,9 @@ impl HaLoop {
     fn drain_completions(&mut self) {
         loop {
             let next = self.completions.queue.lock().unwrap().pop_front();
-            let Some((step, seq, outcome)) = next else { return };
+            let Some((step, seq, outcome)) = next else {
+                return;
+            };
             let current = *self.completions.current.lock().unwrap();
             if current != Some((step, seq)) || self.node.running_step() != Some(step) {
                 tracing::info!(node = %self.cfg.node_name, ?step, seq, ?outcome, "late completion dropped");
@@ -738,7 +750,10 @@ impl HaLoop {
             let outcome = if reasons.is_empty() {
                 Outcome::CheckPassed {
                     note: match req {
-                        OpRequest::TakeoverSelf => "nothing here refuses it; the partner runs its own checks when asked".into(),
+                        OpRequest::TakeoverSelf => {
+                            "nothing here refuses it; the partner runs its own checks when asked"
+                                .into()
+                        }
                         OpRequest::TakeoverPartner { .. } => "all takeover checks pass".into(),
                         OpRequest::Giveback => "giveback checks run when it is asked".into(),
                     },
@@ -844,9 +859,9 @@ impl HaLoop {
         let state = self.node.state();
         let st = self.node.status();
         let reason = || {
-            st.transitions
-                .last()
-                .map_or(String::new(), |t| format!("{:?} -> {:?}: {}", t.from, t.to, t.reason))
+            st.transitions.last().map_or(String::new(), |t| {
+                format!("{:?} -> {:?}: {}", t.from, t.to, t.reason)
+            })
         };
         let progress = match (op.req, state) {
             (OpRequest::TakeoverSelf, State::TakeoverRequested) => Progress::Waiting,
@@ -906,15 +921,23 @@ impl HaLoop {
             mirror_current: st.mirror_current,
             mailbox_access: st.mailbox_access,
             ack_mode: st.ack_mode,
-            running: st
-                .running
-                .as_ref()
-                .map(|p| (self.node.running_step().unwrap_or(Step::Fence), p.phases.len())),
+            running: st.running.as_ref().map(|p| {
+                (
+                    self.node.running_step().unwrap_or(Step::Fence),
+                    p.phases.len(),
+                )
+            }),
             refusal: st.refusals.last().map(|r| (r.at_ms, r.request)),
             alarm: st.alarms.last().map(|(t, _)| *t),
             alarms: st.alarms.len(),
-            last_takeover: st.last_takeover.as_ref().map(|p| (p.started_ms, p.finished_ms)),
-            last_giveback: st.last_giveback.as_ref().map(|p| (p.started_ms, p.finished_ms)),
+            last_takeover: st
+                .last_takeover
+                .as_ref()
+                .map(|p| (p.started_ms, p.finished_ms)),
+            last_giveback: st
+                .last_giveback
+                .as_ref()
+                .map(|p| (p.started_ms, p.finished_ms)),
             serves: (self.node.accepts_own(), self.node.accepts_partner()),
             countdown: st.countdown_remaining_ms.is_some(),
             auto_giveback: st.auto_giveback,

@@ -75,7 +75,13 @@ impl Recorder {
 
     /// Count of records matching.
     pub fn count(&self, pred: impl Fn(&Record) -> bool) -> usize {
-        self.log.0.lock().unwrap().iter().filter(|r| pred(r)).count()
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| pred(r))
+            .count()
     }
 
     /// Set how `step` behaves from now on.
@@ -101,8 +107,18 @@ pub struct RecordingExecutor {
 }
 
 impl RecordingExecutor {
-    pub fn new(rec: Recorder, link: Option<HaHandle>, link_up: Arc<AtomicBool>, mailbox: Option<MailboxHandle>) -> Self {
-        RecordingExecutor { rec, link, link_up, mailbox }
+    pub fn new(
+        rec: Recorder,
+        link: Option<HaHandle>,
+        link_up: Arc<AtomicBool>,
+        mailbox: Option<MailboxHandle>,
+    ) -> Self {
+        RecordingExecutor {
+            rec,
+            link,
+            link_up,
+            mailbox,
+        }
     }
 }
 
@@ -122,7 +138,14 @@ impl HaExecutor for RecordingExecutor {
 
     fn begin(&mut self, step: Step, done: StepDone) {
         self.rec.push(Record::Began(step));
-        let plan = self.rec.plans.lock().unwrap().get(&step).cloned().unwrap_or_default();
+        let plan = self
+            .rec
+            .plans
+            .lock()
+            .unwrap()
+            .get(&step)
+            .cloned()
+            .unwrap_or_default();
         let rec = self.rec.clone();
         let mailbox = self.mailbox.clone();
         std::thread::spawn(move || {
@@ -147,7 +170,9 @@ impl HaExecutor for RecordingExecutor {
                         }
                     }
                     (Some(mb), s) => mb.run_step(s).unwrap_or(StepOutcome::Done),
-                    (None, Step::RecheckMailbox) => StepOutcome::MailboxChecked { please_die: false },
+                    (None, Step::RecheckMailbox) => {
+                        StepOutcome::MailboxChecked { please_die: false }
+                    }
                     (None, _) => StepOutcome::Done,
                 }
             };
@@ -192,10 +217,20 @@ pub fn fast_config(node: &str, partner: &str) -> HaConfig {
     t.step_retry_ms = 50;
     c.tick = Duration::from_millis(10);
     c.self_fence_bound_ms = 250;
-    let (a, b) = if node < partner { (node, partner) } else { (partner, node) };
+    let (a, b) = if node < partner {
+        (node, partner)
+    } else {
+        (partner, node)
+    };
     c.aggregates = vec![
-        AggregateHome { name: format!("aggr-{a}"), home: NodeId::A },
-        AggregateHome { name: format!("aggr-{b}"), home: NodeId::B },
+        AggregateHome {
+            name: format!("aggr-{a}"),
+            home: NodeId::A,
+        },
+        AggregateHome {
+            name: format!("aggr-{b}"),
+            home: NodeId::B,
+        },
     ];
     c
 }
@@ -213,7 +248,13 @@ pub struct TestNode {
 
 impl TestNode {
     /// Start one node on `store`, sending to `link` (the partner's handle, if any).
-    pub fn start(cfg: HaConfig, store: Arc<dyn MailboxStore>, inbox: ha::HaInbox, handle: HaHandle, link: Option<HaHandle>) -> TestNode {
+    pub fn start(
+        cfg: HaConfig,
+        store: Arc<dyn MailboxStore>,
+        inbox: ha::HaInbox,
+        handle: HaHandle,
+        link: Option<HaHandle>,
+    ) -> TestNode {
         let rec = Recorder::default();
         let link_up = Arc::new(AtomicBool::new(true));
         let driver = MailboxDriver::spawn(
@@ -228,13 +269,23 @@ impl TestNode {
         )
         .expect("mailbox driver");
         let mailbox = driver.handle.clone();
-        let exec = RecordingExecutor::new(rec.clone(), link, link_up.clone(), Some(mailbox.clone()));
+        let exec =
+            RecordingExecutor::new(rec.clone(), link, link_up.clone(), Some(mailbox.clone()));
         let name = cfg.node_name.clone();
-        let thread = ha::HaLoop::spawn(cfg, inbox, Box::new(exec), Box::new(mailbox.clone()), None).expect("spawn loop");
+        let thread = ha::HaLoop::spawn(cfg, inbox, Box::new(exec), Box::new(mailbox.clone()), None)
+            .expect("spawn loop");
         // What the node would report at start: it sees the partner's disks, its log mirrored.
         handle.partner_disks(4, 4).unwrap();
         handle.own_mirror(true).unwrap();
-        TestNode { name, handle, rec, link_up, mailbox, driver: Some(driver), thread: Some(thread) }
+        TestNode {
+            name,
+            handle,
+            rec,
+            link_up,
+            mailbox,
+            driver: Some(driver),
+            thread: Some(thread),
+        }
     }
 
     /// The state machine's state now.
@@ -298,7 +349,9 @@ impl Pair {
         while Instant::now() < deadline {
             let ok = [&self.a, &self.b].iter().all(|n| {
                 n.handle.snapshot().is_ok_and(|s| {
-                    s.status.state == State::Normal && s.status.partner_state == Some(State::Normal) && s.status.mirror_current
+                    s.status.state == State::Normal
+                        && s.status.partner_state == Some(State::Normal)
+                        && s.status.mirror_current
                 })
             });
             if ok {

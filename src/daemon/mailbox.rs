@@ -126,16 +126,23 @@ impl MailboxStore for MemStore {
 /// Errors of the synchronous mailbox operations used by steps.
 #[derive(Debug, thiserror::Error)]
 pub enum MailboxError {
-    #[error("mailbox slot reached {written} of {members} members (a majority is needed): {failures:?}")]
+    #[error(
+        "mailbox slot reached {written} of {members} members (a majority is needed): {failures:?}"
+    )]
     NoMajorityWrite {
         written: usize,
         members: usize,
         failures: Vec<String>,
     },
-    #[error("partner's mailbox slot readable on {readable} of {members} members (a majority is needed)")]
+    #[error(
+        "partner's mailbox slot readable on {readable} of {members} members (a majority is needed)"
+    )]
     NoMajorityRead { readable: usize, members: usize },
     #[error("self-fence bound {bound_ms} ms is too long for mailbox_timeout_ms {mailbox_timeout_ms}: the partner must wait at least twice the bound")]
-    Bound { bound_ms: u64, mailbox_timeout_ms: u64 },
+    Bound {
+        bound_ms: u64,
+        mailbox_timeout_ms: u64,
+    },
     #[error("cannot start the mailbox driver thread: {0}")]
     Thread(std::io::Error),
 }
@@ -430,7 +437,6 @@ impl MailboxHandle {
     pub fn members(&self) -> usize {
         self.inner.store.members()
     }
-
 }
 
 impl MailboxSink for MailboxHandle {

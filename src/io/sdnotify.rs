@@ -121,6 +121,15 @@ pub fn watchdog_interval_from_env() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// The notifier and the `WATCHDOG=1` interval when systemd runs us with `WatchdogSec=`, for
+/// [`crate::daemon::ha::HaLoop::spawn`]'s `watchdog` argument.
+pub fn watchdog_from_env() -> Result<Option<(Notifier, Duration)>, SdNotifyError> {
+    let Some(every) = watchdog_interval_from_env() else {
+        return Ok(None);
+    };
+    Ok(Notifier::from_env()?.map(|n| (n, every)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,361 @@
+//! The real takeoverctl binary against the real control server, backed by two HA loops (the
+//! recording executor standing in for the node) on real threads.
+
+use hapair::core::control::{NvramView, PairStatus};
+use hapair::core::takeover::State;
+use hapair::daemon::control::{ControlOptions, ControlServer, StatusProvider};
+use hapair::daemon::ha_testing::Pair;
+use hapair::daemon::mailbox::MemStore;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(10);
+
+/// What a node would add: its NVRAM line and an extra field.
+struct Provider;
+
+impl StatusProvider for Provider {
+    fn fill(&self, s: &mut PairStatus) {
+        s.nvram = Some(NvramView {
+            persistence: "file /var/lib/hapair/nvram (fdatasync)".into(),
+            used_bytes: 1 << 20,
+            capacity_bytes: 8 << 20,
+            detail: String::new(),
+        });
+        s.extra.insert("test".into(), serde_json::json!(true));
+        for a in &mut s.aggregates {
+            a.state = "online".into();
+        }
+    }
+}
+
+struct Setup {
+    _servers: Vec<ControlServer>,
+    pair: Pair,
+    _dir: tempfile::TempDir,
+    sock_a: PathBuf,
+    sock_b: PathBuf,
+}
+
+fn setup() -> Setup {
+    let pair = Pair::start(Arc::new(MemStore::new(3)), |_| {});
+    assert!(pair.wait_normal(T));
+    let dir = tempfile::tempdir().unwrap();
+    let sock_a = dir.path().join("a.sock");
+    let sock_b = dir.path().join("b.sock");
+    let sa = ControlServer::start(
+        &sock_a,
+        pair.a.handle.clone(),
+        Arc::new(Provider),
+        ControlOptions::default(),
+    )
+    .unwrap();
+    let sb = ControlServer::start(
+        &sock_b,
+        pair.b.handle.clone(),
+        Arc::new(Provider),
+        ControlOptions::default(),
+    )
+    .unwrap();
+    Setup {
+        pair,
+        _dir: dir,
+        sock_a,
+        sock_b,
+        _servers: vec![sa, sb],
+    }
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_takeoverctl"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run takeoverctl")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn is_clock(s: &str) -> bool {
+    s.len() == 8
+        && s.as_bytes()[2] == b':'
+        && s.as_bytes()[5] == b':'
+        && s.chars().filter(|c| c.is_ascii_digit()).count() == 6
+}
+
+#[test]
+fn status_table_and_json() {
+    let s = setup();
+    let o = ctl(&s.sock_a, &["status"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        out.starts_with("OK: both nodes serve their own aggregates; partner log mirrored"),
+        "{out}"
+    );
+    assert!(out.contains("partner log mirror: mirrored"), "{out}");
+    assert!(
+        out.contains("NVRAM: file /var/lib/hapair/nvram (fdatasync) -- 12% of"),
+        "{out}"
+    );
+    let row = out.lines().find(|l| l.starts_with("aggr-b")).expect(&out);
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols, ["aggr-b", "b", "b", "online"], "{row}");
+    let b_row = out.lines().find(|l| l.starts_with("b ")).expect(&out);
+    assert!(
+        b_row.contains("partner") && b_row.contains("Normal") && b_row.contains("heard"),
+        "{b_row}"
+    );
+
+    let o = ctl(&s.sock_b, &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["node"], "b");
+    assert_eq!(v["nodes"][0]["state"], "Normal");
+    assert_eq!(v["nodes"][1]["name"], "a");
+    assert_eq!(v["mirror"]["summary"], "mirrored");
+    assert_eq!(v["nvram"]["capacity_bytes"], 8 << 20);
+    assert_eq!(v["extra"]["test"], true);
+    let st: PairStatus = serde_json::from_value(v).unwrap();
+    assert_eq!(st.ha.state, State::Normal);
+}
+
+#[test]
+fn takeover_refused_then_done_then_given_back_with_watch() {
+    let s = setup();
+    // Check only: nothing refuses it, nothing happens.
+    let o = ctl(&s.sock_a, &["takeover", "--of", "b", "--check-only"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(text(&o).0.contains("takeover check passed"));
+    assert_eq!(s.pair.a.state(), State::Normal);
+
+    // b's log stops being mirrored: refused, with the reason and the time it started.
+    s.pair.b.handle.own_mirror(false).unwrap();
+    let deadline = Instant::now() + T;
+    while s.pair.a.handle.snapshot().unwrap().status.mirror_current {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let o = ctl(&s.sock_a, &["takeover", "--of", "b"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let msg = err.trim_end();
+    let prefix = "cannot take over: partner log not mirrored since ";
+    assert!(msg.starts_with(prefix), "{msg}");
+    assert!(is_clock(&msg[prefix.len()..prefix.len() + 8]), "{msg}");
+    let o = ctl(&s.sock_a, &["takeover", "--of", "b", "--check-only"]);
+    assert_eq!(o.status.code(), Some(1));
+    let o = ctl(&s.sock_a, &["status"]);
+    let out = text(&o).0;
+    assert!(
+        out.contains("partner log mirror: not mirrored since "),
+        "{out}"
+    );
+    assert!(out.contains("refusals (newest last):"), "{out}");
+    s.pair.b.handle.own_mirror(true).unwrap();
+    let deadline = Instant::now() + T;
+    while !s.pair.a.handle.snapshot().unwrap().status.mirror_current {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // Follow it with watch at b while a takes b over.
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_takeoverctl"))
+        .arg("--socket")
+        .arg(&s.sock_b)
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = ctl(&s.sock_a, &["takeover", "--of", "b", "--countdown", "2s"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(out.starts_with("takeover (graceful) complete at "), "{out}");
+    for p in [
+        "Fence",
+        "OpenPartnerAggregate",
+        "ReplayPartnerLog",
+        "TakePartnerIdentity",
+        "ServePartnerExports",
+    ] {
+        assert!(out.contains(p), "{out}");
+    }
+    assert!(
+        out.contains("TAKEOVER: a serves b's aggregates; b waits for giveback"),
+        "{out}"
+    );
+    let o = ctl(&s.sock_a, &["status"]);
+    let out = text(&o).0;
+    let row = out.lines().find(|l| l.starts_with("aggr-b")).expect(&out);
+    assert!(row.contains(" a ") && row.contains("(taken over)"), "{row}");
+    assert!(
+        out.contains("last takeover: takeover (graceful) at "),
+        "{out}"
+    );
+    assert!(
+        out.contains("in local NVRAM only (partner fenced)"),
+        "{out}"
+    );
+    // Takeover again: refused (already taken over).
+    let o = ctl(&s.sock_a, &["takeover", "--of", "b"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).1.contains("b is already taken over"),
+        "{:?}",
+        text(&o)
+    );
+
+    let o = ctl(&s.sock_a, &["giveback", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["type"], "outcome");
+    assert_eq!(v["outcome"]["result"], "completed");
+    assert_eq!(v["outcome"]["report"]["kind"], "giveback");
+    assert!(s.pair.b.wait_state(State::Normal, T));
+
+    // The watch saw b go down and come back.
+    std::thread::sleep(Duration::from_millis(300));
+    watch.kill().unwrap();
+    let mut lines = String::new();
+    watch
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut lines)
+        .unwrap();
+    let _ = watch.wait();
+    let order: Vec<&str> = ["b ShuttingDown", "b TakenOver", "b Resuming", "b Normal"].to_vec();
+    let mut at = 0;
+    for l in lines.lines() {
+        if at < order.len() && l.contains(order[at]) {
+            at += 1;
+        }
+    }
+    assert_eq!(at, order.len(), "watch output:\n{lines}");
+}
+
+#[test]
+fn takeover_at_the_node_to_be_taken_over() {
+    let s = setup();
+    let o = ctl(&s.sock_b, &["takeover"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(
+        text(&o).0.contains("takeover complete: b is TakenOver"),
+        "{:?}",
+        text(&o)
+    );
+    assert!(s.pair.a.wait_state(State::InTakeover, T));
+    // Giveback at the wrong node is refused with the reason.
+    let o = ctl(&s.sock_b, &["giveback"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o)
+            .1
+            .starts_with("cannot give back: this node has not taken a over"),
+        "{:?}",
+        text(&o)
+    );
+    let o = ctl(&s.sock_a, &["giveback", "--no-wait"]);
+    assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    assert!(text(&o).0.starts_with("giveback started"), "{:?}", text(&o));
+    assert!(s.pair.b.wait_state(State::Normal, T));
+}
+
+#[test]
+fn usage_and_unreachable_exit_codes() {
+    let s = setup();
+    let o = ctl(&s.sock_a, &["takeover", "--of", "zz"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("no node \"zz\""), "{:?}", text(&o));
+    let o = ctl(&s.sock_a, &["takeover", "--countdown", "5x"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = ctl(
+        &s.sock_a,
+        &["takeover", "--countdown", "5s", "--immediate", "--of", "b"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let o = ctl(&s.sock_a, &["takeover", "--countdown", "5s"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "countdown belongs to the taking node"
+    );
+    assert!(text(&o).1.contains("takeover --of a"), "{:?}", text(&o));
+    let o = ctl(&s.sock_a, &["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = ctl(Path::new("/nonexistent/hapaird.sock"), &["status"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        text(&o)
+            .1
+            .contains("cannot reach hapaird at /nonexistent/hapaird.sock"),
+        "{:?}",
+        text(&o)
+    );
+    assert_eq!(s.pair.a.state(), State::Normal);
+}
+
+#[test]
+fn raw_protocol_errors_are_clear() {
+    let s = setup();
+    let mut c = UnixStream::connect(&s.sock_a).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut ask = |line: &[u8]| -> serde_json::Value {
+        c.write_all(line).unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap()
+    };
+    let v = ask(b"hello\n");
+    assert_eq!(
+        (v["type"].as_str(), v["kind"].as_str()),
+        (Some("error"), Some("malformed"))
+    );
+    assert!(v["message"].as_str().unwrap().contains("not JSON"));
+    let v = ask(b"{\"cmd\":\"status\"}\n");
+    assert_eq!(v["kind"], "unsupported_version");
+    let v = ask(b"{\"v\":1,\"cmd\":\"giveback\",\"wiat\":true}\n");
+    assert_eq!(v["kind"], "malformed");
+    assert!(v["message"].as_str().unwrap().contains("wiat"), "{v}");
+    let v = ask(b"{\"v\":1,\"cmd\":\"status\"}\n");
+    assert_eq!(
+        (v["v"].as_u64(), v["type"].as_str()),
+        (Some(1), Some("status"))
+    );
+    // An over-long line: answered, then the connection is closed.
+    let mut long = vec![b'x'; 70 * 1024];
+    long.push(b'\n');
+    let v = ask(&long);
+    assert_eq!(v["kind"], "too_long");
+    let mut rest = String::new();
+    assert_eq!(
+        r.read_line(&mut rest).unwrap_or(0),
+        0,
+        "closed after too_long"
+    );
+    // The server still serves others.
+    assert_eq!(ctl(&s.sock_a, &["status"]).status.code(), Some(0));
+    // A second server on the same socket is refused.
+    let e = ControlServer::start(
+        &s.sock_a,
+        s.pair.a.handle.clone(),
+        Arc::new(Provider),
+        ControlOptions::default(),
+    );
+    assert!(matches!(
+        e,
+        Err(hapair::daemon::control::ControlError::InUse { .. })
+    ));
+    let _ = &s.sock_b;
+}

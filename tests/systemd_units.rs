@@ -107,6 +107,16 @@ fn restart_policy_and_privileges_match_the_daemon() {
             "CAP_IPC_LOCK"
         ]
     );
-    assert!(get("ExecStart")[0].contains("--socket /run/hapair/hapaird.sock"));
+    assert!(get("ExecStart")[0].ends_with("hapaird run --config /etc/hapair/hapaird.toml"));
+    assert!(get("ExecStopPost")[0].ends_with("hapaird release-addresses --config /etc/hapair/hapaird.toml"));
+    // The control socket's default lives in the unit's RuntimeDirectory.
+    let cfg = hapair::config::Config::parse(
+        "node = \"a\"\n[pair]\npartner = \"b\"\npartner_interconnect = [\"192.0.2.2:7700\"]\nkey_file = \"/k\"\n\
+         [[aggregate]]\nname = \"x\"\nhome = \"a\"\ndata = [\"/d0\"]\nparity = \"/p0\"\nnvram = \"/n0\"\n\
+         [[aggregate]]\nname = \"y\"\nhome = \"b\"\ndata = [\"/d1\"]\nparity = \"/p1\"\nnvram = \"/n1\"\n",
+        std::path::Path::new("unit-test.toml"),
+    )
+    .unwrap();
+    assert_eq!(cfg.pair.unwrap().control_socket, std::path::PathBuf::from("/run/hapair/hapaird.sock"));
     assert_eq!(get("RuntimeDirectory"), ["hapair"]);
 }

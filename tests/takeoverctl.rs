@@ -234,7 +234,9 @@ fn takeover_refused_then_done_then_given_back_with_watch() {
         .read_to_string(&mut lines)
         .unwrap();
     let _ = watch.wait();
-    let order: Vec<&str> = ["b ShuttingDown", "b TakenOver", "b Resuming", "b Normal"].to_vec();
+    // Short states (ShuttingDown, Resuming) can pass between two updates of a busy machine;
+    // being taken over and coming back cannot.
+    let order: Vec<&str> = ["b TakenOver", "b Normal"].to_vec();
     let mut at = 0;
     for l in lines.lines() {
         if at < order.len() && l.contains(order[at]) {

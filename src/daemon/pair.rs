@@ -703,13 +703,16 @@ impl StatusProvider for PairNode {
         let mut exports = Vec::new();
         for (whose, name) in [(Whose::Own, &self.own_cfg.name), (Whose::Partner, &self.partner_cfg.name)] {
             let side = self.side(whose).lock().unwrap();
+            // Who serves the aggregate, as the HA state machine sees it (the partner's own
+            // export is served there, not here).
+            let ha_served_by = st.aggregates.iter().find(|v| &v.name == name).and_then(|v| v.served_by.clone());
             for e in self.exports_of(name) {
                 let served = side.servers.iter().find(|s| s.export == e.name);
                 exports.push(ExportView {
                     name: e.name.clone(),
                     aggregate: name.clone(),
                     address: e.listen.map(|a| a.to_string()).or_else(|| e.unix.as_ref().map(|u| u.display().to_string())).unwrap_or_default(),
-                    served_by: served.map(|_| self.config.node.clone()),
+                    served_by: served.map(|_| self.config.node.clone()).or(ha_served_by.clone()),
                     connections: served.map(|s| s.server.stats().connections_active),
                 });
             }
@@ -727,7 +730,11 @@ impl StatusProvider for PairNode {
         // Other nodes' exports we do not serve stay listed with served_by from the HA view.
         st.exports = exports;
         let own = self.own.lock().unwrap();
-        let persistence = own.journal.as_ref().map(|j| j.persistence()).unwrap_or_else(|| "own log not open".into());
+        let persistence = own
+            .journal
+            .as_ref()
+            .map(|j| j.persistence().trim_start_matches("NVRAM: ").to_string())
+            .unwrap_or_else(|| "own log not open".into());
         let mirror = own.journal.as_ref().map(|j| format!("{:?}", j.mirror_state())).unwrap_or_default();
         st.nvram = Some(NvramView {
             persistence,

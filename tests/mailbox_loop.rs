@@ -16,6 +16,7 @@ fn slot(name: &str, partner: &str, counter: u64, please_die: bool) -> Slot {
         state: 3,
         clean_shutdown: false,
         please_die_for_partner: please_die,
+        unmirrored: false,
         please_die_epoch: if please_die { 1 } else { 0 },
         writer_ms: counter * 100,
     }

@@ -14,7 +14,7 @@
 //! | 48 | 16 | aggregate_uuid | aggregate of the member this slot is on |
 //! | 64 | 8 | counter | heartbeat counter, bumped on every write; silence = it stops moving |
 //! | 72 | 4 | state | the writer's HA state code (opaque here; the HA layer maps it) |
-//! | 76 | 4 | flags | bit 0 clean shutdown, bit 1 please-die for the partner |
+//! | 76 | 4 | flags | bit 0 clean shutdown, bit 1 please-die for the partner, bit 2 unmirrored: the writer acknowledges writes its partner's mirror does not hold |
 //! | 80 | 8 | please_die_epoch | takeover epoch the please-die belongs to |
 //! | 88 | 8 | writer_ms | writer's monotonic clock, for people reading dumps |
 //! | 96 | 3996 | reserved | zero |
@@ -34,6 +34,7 @@ pub const SLOTS: usize = 2;
 
 const FLAG_CLEAN_SHUTDOWN: u32 = 1;
 const FLAG_PLEASE_DIE: u32 = 2;
+const FLAG_UNMIRRORED: u32 = 4;
 
 const _: () = assert!((SLOTS * SLOT_BYTES) as u64 <= MAILBOX_BYTES);
 
@@ -58,6 +59,9 @@ pub struct Slot {
     pub state: u32,
     pub clean_shutdown: bool,
     pub please_die_for_partner: bool,
+    /// The writer acknowledges writes on local durability alone (its partner's mirror of its log
+    /// is not current): a takeover from the mirror would lose them.
+    pub unmirrored: bool,
     pub please_die_epoch: u64,
     pub writer_ms: u64,
 }
@@ -93,7 +97,8 @@ impl Slot {
         b[64..72].copy_from_slice(&self.counter.to_le_bytes());
         b[72..76].copy_from_slice(&self.state.to_le_bytes());
         let flags = if self.clean_shutdown { FLAG_CLEAN_SHUTDOWN } else { 0 }
-            | if self.please_die_for_partner { FLAG_PLEASE_DIE } else { 0 };
+            | if self.please_die_for_partner { FLAG_PLEASE_DIE } else { 0 }
+            | if self.unmirrored { FLAG_UNMIRRORED } else { 0 };
         b[76..80].copy_from_slice(&flags.to_le_bytes());
         b[80..88].copy_from_slice(&self.please_die_epoch.to_le_bytes());
         b[88..96].copy_from_slice(&self.writer_ms.to_le_bytes());
@@ -132,7 +137,7 @@ impl Slot {
         }
         let node_name = std::str::from_utf8(&name[..end]).map_err(|_| SlotError::Field("node_name"))?.to_string();
         let flags = u32_at(76);
-        if flags & !(FLAG_CLEAN_SHUTDOWN | FLAG_PLEASE_DIE) != 0 {
+        if flags & !(FLAG_CLEAN_SHUTDOWN | FLAG_PLEASE_DIE | FLAG_UNMIRRORED) != 0 {
             return Err(SlotError::Field("flags"));
         }
         if b[96..SLOT_BYTES - 4].iter().any(|&c| c != 0) {
@@ -146,6 +151,7 @@ impl Slot {
             state: u32_at(72),
             clean_shutdown: flags & FLAG_CLEAN_SHUTDOWN != 0,
             please_die_for_partner: flags & FLAG_PLEASE_DIE != 0,
+            unmirrored: flags & FLAG_UNMIRRORED != 0,
             please_die_epoch: u64_at(80),
             writer_ms: u64_at(88),
         })
@@ -227,6 +233,7 @@ pub fn ha_view(own: &SlotVote, partner: &SlotVote, members: usize) -> Option<Mai
         counter: s.counter,
         state: State::from_code(s.state).unwrap_or(State::Normal),
         clean_shutdown: s.clean_shutdown,
+        unmirrored: s.unmirrored,
     });
     Some(MailboxView {
         partner_slot,
@@ -248,6 +255,7 @@ mod tests {
             state: 7,
             clean_shutdown: true,
             please_die_for_partner: true,
+            unmirrored: true,
             please_die_epoch: 9,
             writer_ms: 12345,
         }

@@ -607,6 +607,9 @@ impl Sim {
                         counter,
                         state,
                         clean_shutdown,
+                        // The simulated nodes acknowledge locally only while the partner is
+                        // fenced, so they never run unmirrored.
+                        unmirrored: false,
                     });
                 }
             }

@@ -491,6 +491,10 @@ pub struct MailboxSlot {
     pub counter: u64,
     pub state: State,
     pub clean_shutdown: bool,
+    /// The partner acknowledges writes that our mirror of its log does not hold (its
+    /// interconnect to us is down): a takeover from the mirror would lose them.
+    #[serde(default)]
+    pub unmirrored: bool,
 }
 
 /// One mailbox read: the partner's slot and the please-die flags.
@@ -1693,6 +1697,12 @@ impl Node {
         self.mailbox_access = true;
         self.mailbox_alarm_raised = false;
         if let Some(slot) = view.partner_slot {
+            // The mailbox is the channel that still works when the interconnect does not: a
+            // partner acknowledging writes our mirror lacks says so here, before the first one.
+            if slot.unmirrored && self.mirror_current {
+                self.mirror_current = false;
+                self.mirror_not_current_since_ms = Some(self.now_ms);
+            }
             if self.mailbox_last_counter != Some(slot.counter) {
                 self.mailbox_last_counter = Some(slot.counter);
                 self.mailbox_last_change_ms = Some(self.now_ms);
@@ -1970,6 +1980,7 @@ mod tests {
                     counter,
                     state,
                     clean_shutdown: false,
+                    unmirrored: false,
                 }),
                 please_die_for_me: pd,
                 please_die_for_partner: false,
@@ -2566,6 +2577,35 @@ mod tests {
         assert!(!a.iter().any(|x| matches!(x, Action::Alarm(_))));
     }
 
+    #[test]
+    fn partner_unmirrored_in_the_mailbox_blocks_a_hard_takeover() {
+        // The interconnect is down from the start (the partner's heartbeats said its log was
+        // mirrored before that); the partner, acknowledging writes our mirror lacks, said so
+        // in its mailbox slot; then it died. Taking over from our stale mirror would lose
+        // those writes: refused, with the alarm.
+        let mut h = H::booted(NodeId::A);
+        h.at(
+            100,
+            Event::Message(Message::Heartbeat {
+                state: State::Normal,
+                protocol_version: 1,
+                mirror_in_sync: true,
+            }),
+        );
+        for t in (1_000..=3_000).step_by(1_000) {
+            let mut v = h.view(t, State::Normal, false);
+            v.partner_slot.as_mut().unwrap().unmirrored = t >= 2_000;
+            h.at(t, Event::MailboxRead(Some(v)));
+            h.at(t, Event::Tick);
+        }
+        let a = h.at(30_000, Event::Tick);
+        assert_eq!(h.n.state(), State::Normal, "no takeover from a stale mirror");
+        let r = h.last_refusal();
+        assert_eq!(r.request, RequestKind::HardTakeover);
+        assert_eq!(r.reasons, vec![RefusalReason::MirrorNotCurrent { since_ms: Some(2_000) }]);
+        assert!(a.iter().any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+    }
+
     // ---- refusals, one per reason ------------------------------------------------------
 
     fn refused_reasons(h: &mut H) -> Vec<RefusalReason> {
@@ -2898,7 +2938,7 @@ mod tests {
             partner_slot: Some(MailboxSlot {
                 counter: 3,
                 state: State::TakenOver,
-                clean_shutdown: false,
+                clean_shutdown: false, unmirrored: false,
             }),
             please_die_for_me: false,
             please_die_for_partner: true,

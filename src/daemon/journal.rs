@@ -38,6 +38,9 @@ pub trait MirrorLink: Send + Sync {
     fn wait_ack(&self, seq: u64, timeout: Duration) -> bool;
 }
 
+/// See [`Journal::set_unmirrored_hook`].
+pub type UnmirroredHook = Box<dyn Fn(bool) -> Result<(), String> + Send + Sync>;
+
 /// Journal errors.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -139,6 +142,10 @@ pub struct Journal {
     mirror: RwLock<Option<Arc<dyn MirrorLink>>>,
     mirror_state: Mutex<MirrorState>,
     cp_lock: Mutex<()>,
+    /// Records, durably and where the partner can read it without the interconnect, that we
+    /// acknowledge writes its mirror lacks (true) or no longer do (false).
+    unmirrored_hook: RwLock<Option<UnmirroredHook>>,
+    unmirrored_flag: AtomicBool,
     cp_kick: (Mutex<bool>, Condvar),
     stop: AtomicBool,
     cfg: JournalConfig,
@@ -257,6 +264,8 @@ impl Journal {
             mirror: RwLock::new(None),
             mirror_state: Mutex::new(MirrorState::NoPartner),
             cp_lock: Mutex::new(()),
+            unmirrored_hook: RwLock::new(None),
+            unmirrored_flag: AtomicBool::new(false),
             cp_kick: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             cfg,
@@ -286,6 +295,14 @@ impl Journal {
         } else {
             MirrorState::NoPartner
         };
+    }
+
+    /// Install the hook that records "unmirrored" where the partner reads it (the disk
+    /// mailbox). With a hook, no write is acknowledged on local durability alone before the
+    /// hook said so durably: a partner that later finds this node dead and its interconnect
+    /// silent then knows its mirror is stale and refuses to take over from it.
+    pub fn set_unmirrored_hook(&self, hook: Option<UnmirroredHook>) {
+        *self.unmirrored_hook.write().unwrap() = hook;
     }
 
     /// Mirroring state, for status.
@@ -417,6 +434,31 @@ impl Journal {
                     self.set_not_mirrored("interconnect down");
                 }
                 self.stats.local_only_commits.fetch_add(1, Ordering::Relaxed);
+            }
+            let local_only = self.mirror.read().unwrap().is_some() && !mirrored;
+            let hook_set = self.unmirrored_hook.read().unwrap().is_some();
+            if hook_set && local_only != self.unmirrored_flag.load(Ordering::Acquire) && (local_only || c_last > 0) {
+                // Record the change before acknowledging (setting) or after catching up
+                // (clearing). Outside the lock: it is a disk write.
+                drop(g);
+                let r = (self.unmirrored_hook.read().unwrap().as_ref().expect("hook"))(local_only);
+                g = self.inner.lock().unwrap();
+                match r {
+                    Ok(()) => {
+                        self.unmirrored_flag.store(local_only, Ordering::Release);
+                        tracing::warn!(unmirrored = local_only, "recorded in the mailbox whether writes are acknowledged unmirrored");
+                    }
+                    Err(e) if local_only => {
+                        // Durable here, but not acknowledged: the client sees an error rather
+                        // than a write a takeover could lose.
+                        g.committing = false;
+                        self.progress.notify_all();
+                        return Err(JournalError::Log(format!(
+                            "partner unreachable and the mailbox cannot record that writes are unmirrored: {e}"
+                        )));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not clear the unmirrored flag; will retry"),
+                }
             }
             g.app.mark_acked(c_last).map_err(|e| JournalError::Log(e.to_string()))?;
             g.durable = g.durable.max(c_last);
@@ -900,4 +942,44 @@ mod tests {
         agg.read(0, &mut all).unwrap();
         assert!(all[..] == model[..], "the mirror held every acknowledged write");
     }
+    #[test]
+    fn no_unmirrored_ack_before_the_mailbox_says_so() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(2, 4096, 16);
+        let agg = Arc::new(agg);
+        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let link = Arc::new(LocalLink {
+            mirror: MirrorRegion::new(region(dir.path(), "mirror")),
+            up: AtomicBool::new(true),
+            acked: Mutex::new(0),
+            cv: Condvar::new(),
+        });
+        j.set_mirror(Some(link.clone()));
+        let calls: Arc<Mutex<Vec<bool>>> = Arc::default();
+        let fail = Arc::new(AtomicBool::new(false));
+        {
+            let (calls, fail) = (calls.clone(), fail.clone());
+            j.set_unmirrored_hook(Some(Box::new(move |on| {
+                calls.lock().unwrap().push(on);
+                if fail.load(Ordering::Acquire) { Err("mailbox unwritable".into()) } else { Ok(()) }
+            })));
+        }
+        j.write(0, &pattern(4096, 1)).unwrap();
+        assert!(calls.lock().unwrap().is_empty(), "mirrored: nothing to record");
+        // The partner goes away and the mailbox cannot record it: the write is refused.
+        link.up.store(false, Ordering::Release);
+        fail.store(true, Ordering::Release);
+        assert!(j.write(4096, &pattern(4096, 2)).is_err(), "no unmirrored acknowledgement without the mailbox flag");
+        // With the mailbox writable, the flag is recorded first, then writes go on.
+        fail.store(false, Ordering::Release);
+        j.write(8192, &pattern(4096, 3)).unwrap();
+        j.write(12288, &pattern(4096, 4)).unwrap();
+        assert_eq!(*calls.lock().unwrap(), vec![true, true], "one failed and one successful recording, not one per write");
+        // Back, resynchronised: the flag is cleared.
+        link.up.store(true, Ordering::Release);
+        j.write(16384, &pattern(4096, 5)).unwrap();
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        assert_eq!(calls.lock().unwrap().last(), Some(&false));
+    }
+
 }

@@ -177,6 +177,8 @@ struct Desired {
     beat: Option<(u64, State, bool)>,
     please_die: bool,
     please_die_epoch: u64,
+    /// We acknowledge writes the partner's mirror lacks.
+    unmirrored: bool,
     /// MarkCleanShutdown ran: keep the flag while ShuttingDown / TakenOver.
     clean_marked: bool,
     /// Bumped on every change; the driver writes when it differs from what it wrote.
@@ -313,6 +315,7 @@ impl Inner {
             state: state.code(),
             clean_shutdown: clean || clean_kept,
             please_die_for_partner: d.please_die,
+            unmirrored: d.unmirrored,
             please_die_epoch: d.please_die_epoch,
             writer_ms: self.now_ms(),
         })
@@ -372,6 +375,14 @@ impl MailboxHandle {
             d.please_die = on;
             d.please_die_epoch = if on { epoch } else { 0 };
         });
+        self.majority_write(&d)
+    }
+
+    /// Say in our slot *now* whether we acknowledge writes the partner's mirror lacks. Setting
+    /// it must reach a majority before the first such write is acknowledged: it is how a
+    /// partner that cannot hear the interconnect learns not to take over from a stale mirror.
+    pub fn set_unmirrored_now(&self, on: bool) -> Result<usize, MailboxError> {
+        let d = self.update(|d| d.unmirrored = on);
         self.majority_write(&d)
     }
 

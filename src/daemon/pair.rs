@@ -71,6 +71,8 @@ pub struct PairNode {
     /// A restore of our lost log from the partner's mirror in progress: (bytes, done).
     restore: Mutex<Option<(Vec<u8>, bool)>>,
     restore_cv: std::sync::Condvar,
+    /// The mailbox driver's handle (set once the runtime started it).
+    pub mailbox: Mutex<Option<crate::daemon::mailbox::MailboxHandle>>,
 }
 
 impl PairNode {
@@ -116,6 +118,7 @@ impl PairNode {
             partner_beat: Mutex::new(None),
             restore: Mutex::new(None),
             restore_cv: std::sync::Condvar::new(),
+            mailbox: Mutex::new(None),
         }))
     }
 
@@ -266,6 +269,9 @@ impl PairNode {
         tracing::info!(discard, "own log: {summary:?}");
         if let Some(link) = self.link.lock().unwrap().clone() {
             j.set_mirror(Some(link as Arc<dyn MirrorLink>));
+        }
+        if let Some(mb) = self.mailbox.lock().unwrap().clone() {
+            j.set_unmirrored_hook(Some(Box::new(move |on| mb.set_unmirrored_now(on).map(|_| ()).map_err(|e| e.to_string()))));
         }
         side.journal = Some(j);
         Ok(())
@@ -796,6 +802,7 @@ impl PairRuntime {
         };
         let driver = MailboxDriver::spawn(store, mcfg, handle.clone()).map_err(|e| e.to_string())?;
         let mailbox = driver.handle.clone();
+        *node.mailbox.lock().unwrap() = Some(mailbox.clone());
         let link = node.start_link(Arc::new(Inbound { ha: handle.clone() }))?;
         // HA messages leave through one sender thread: the loop never blocks on a socket.
         let (out_tx, out_rx) = sync_channel::<takeover::Message>(256);

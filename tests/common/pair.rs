@@ -356,6 +356,7 @@ impl Writer {
         let mut s = s.unwrap_or_else(|| panic!("{what}: cannot reach {addr}"));
         let acked = self.acked.lock().unwrap().clone();
         let mut unknown = self.unknown.lock().unwrap();
+        let mut landed = Vec::new();
         for (&block, &gen) in &acked {
             let mut req = Vec::new();
             req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
@@ -377,10 +378,13 @@ impl Writer {
                 "{what}: ACKNOWLEDGED WRITE LOST: block {block} acked gen {gen}, read gen {read_gen}"
             );
             if later_unknown {
+                // That write landed after all: it is what the block holds from now on.
                 unknown.remove(&block);
+                landed.push((block, read_gen));
             }
         }
         drop(unknown);
+        self.acked.lock().unwrap().extend(landed);
         self.idle.store(false, Ordering::Release);
         self.pause.store(false, Ordering::Release);
         acked.len()

@@ -354,6 +354,7 @@ impl Writer {
             std::thread::sleep(Duration::from_millis(50));
         }
         let mut s = s.unwrap_or_else(|| panic!("{what}: cannot reach {addr}"));
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         let acked = self.acked.lock().unwrap().clone();
         let mut unknown = self.unknown.lock().unwrap();
         let mut landed = Vec::new();
@@ -365,12 +366,25 @@ impl Writer {
             req.extend_from_slice(&block.to_be_bytes());
             req.extend_from_slice(&(block * BLOCK as u64).to_be_bytes());
             req.extend_from_slice(&(BLOCK as u32).to_be_bytes());
-            s.write_all(&req).unwrap();
             let mut h = [0u8; 16];
-            s.read_exact(&mut h).unwrap();
-            assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
             let mut got = vec![0u8; BLOCK];
-            s.read_exact(&mut got).unwrap();
+            let mut tries = 0;
+            loop {
+                let r = s.write_all(&req).and_then(|_| s.read_exact(&mut h)).and_then(|_| s.read_exact(&mut got));
+                match r {
+                    Ok(()) => break,
+                    // A verifying read is idempotent: on a busy machine a connection can time out;
+                    // read again on a new one (data, not connections, is what is checked).
+                    Err(e) if tries < 3 => {
+                        tries += 1;
+                        eprintln!("{what}: verify read of block {block} failed ({e}); reconnecting");
+                        s = nbd_connect(addr, name).unwrap_or_else(|| panic!("{what}: cannot reconnect to {addr}"));
+                        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                    }
+                    Err(e) => panic!("{what}: verify read of block {block} keeps failing: {e}"),
+                }
+            }
+            assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
             let read_gen = u64::from_le_bytes(got[8..16].try_into().unwrap());
             let later_unknown = unknown.get(&block).is_some_and(|g| g.contains(&read_gen) && read_gen > gen);
             assert!(

@@ -33,7 +33,9 @@ fn node_idx(n: &str) -> usize {
 
 impl Pair {
     pub fn new(countdown_ms: u64) -> Pair {
-        Pair::with(countdown_ms, 2000, 300, 8)
+        // The mailbox timeout bounds self-fencing (half of it): generous enough for slow disk
+        // writes on a busy CI machine.
+        Pair::with(countdown_ms, 5000, 300, 8)
     }
 
     /// A pair with these timings and NVRAM size.
@@ -193,6 +195,9 @@ pub fn tail(s: &str) -> String {
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- a.log (tail)\n{}\n--- b.log (tail)\n{}", tail(&self.log("a")), tail(&self.log("b")));
+        }
         // A graceful stop releases the service addresses; kill what does not stop.
         for c in self.procs.iter().flatten() {
             // SAFETY: pids we spawned.

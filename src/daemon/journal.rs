@@ -400,13 +400,13 @@ impl Journal {
                 (c.last_seq, c.ranges, batches)
             };
             drop(g);
+            // Send to the partner first, make the local copy durable while it does the same,
+            // then wait for its acknowledgement: the cost is the larger of the two, not the sum.
+            let sent = link.as_ref().is_some_and(|l| batches.into_iter().all(|b| l.send_records(b)));
             // SAFETY: the region lives in `inner`, which lives as long as `self`.
             let persisted = unsafe { self.persister.persist(&ranges) };
             let mirrored = match (&link, &persisted) {
-                (Some(l), Ok(())) => {
-                    let sent = batches.into_iter().all(|b| l.send_records(b));
-                    sent && l.wait_ack(c_last, MIRROR_ACK_TIMEOUT)
-                }
+                (Some(l), Ok(())) => sent && l.wait_ack(c_last, MIRROR_ACK_TIMEOUT),
                 _ => false,
             };
             g = self.inner.lock().unwrap();

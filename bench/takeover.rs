@@ -231,6 +231,70 @@ fn operator(p: &Pair, w: &Writer, node: &str, req: &str) -> Result<(Value, u64, 
     }
 }
 
+/// Pause the client, read back every block it wrote and check it; like `Writer::verify`, except
+/// that a write whose outcome was unknown (in flight on a connection that died) and that is
+/// found on disk is promoted to acknowledged. `Writer::verify` forgets such a write once it has
+/// seen it, so the next verification reports the block as lost although nothing changed
+/// (seen on this bench's first 5-round run: "block 227 acked gen 7406, read gen 11259").
+/// Returns (blocks checked, unknown writes found landed).
+fn verify(w: &Writer, addr: std::net::SocketAddr, what: &str) -> Result<(usize, usize), String> {
+    use std::io::{Read, Write};
+    w.pause.store(true, Ordering::Release);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !w.idle.load(Ordering::Acquire) {
+        if Instant::now() > end {
+            return Err(format!("{what}: the client's requests did not complete within 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut s = None;
+    for _ in 0..200 {
+        s = pair::nbd_connect(addr, EXPORT_B);
+        if s.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut s = s.ok_or_else(|| format!("{what}: cannot reach {addr}"))?;
+    let mut acked = w.acked.lock().unwrap();
+    let mut unknown = w.unknown.lock().unwrap();
+    let mut landed = 0;
+    let blocks: Vec<(u64, u64)> = acked.iter().map(|(b, g)| (*b, *g)).collect();
+    for &(block, gen) in &blocks {
+        let mut req = Vec::new();
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes());
+        req.extend_from_slice(&block.to_be_bytes());
+        req.extend_from_slice(&(block * 4096).to_be_bytes());
+        req.extend_from_slice(&4096u32.to_be_bytes());
+        let mut h = [0u8; 16];
+        let mut got = vec![0u8; 4096];
+        s.write_all(&req).and_then(|_| s.read_exact(&mut h)).and_then(|_| s.read_exact(&mut got)).map_err(|e| format!("{what}: read of block {block}: {e}"))?;
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        if err != 0 {
+            return Err(format!("{what}: read of block {block} failed with NBD error {err}"));
+        }
+        let read_gen = u64::from_le_bytes(got[8..16].try_into().unwrap());
+        if got == pair::block_data(block, gen) {
+            continue;
+        }
+        let later_unknown = unknown.get(&block).is_some_and(|g| g.contains(&read_gen)) && read_gen > gen;
+        if later_unknown && got == pair::block_data(block, read_gen) {
+            acked.insert(block, read_gen);
+            unknown.remove(&block);
+            landed += 1;
+            continue;
+        }
+        w.pause.store(false, Ordering::Release);
+        return Err(format!("{what}: ACKNOWLEDGED WRITE LOST: block {block} acked gen {gen}, read gen {read_gen}"));
+    }
+    drop((acked, unknown));
+    w.idle.store(false, Ordering::Release);
+    w.pause.store(false, Ordering::Release);
+    Ok((blocks.len(), landed))
+}
+
 fn bench() -> Result<(), String> {
     let _ = interrupted_flag();
     common::require_root();
@@ -245,10 +309,11 @@ fn bench() -> Result<(), String> {
     progress!("pair Normal; client writing to {EXPORT_B} at {svc}");
     let wg = WriterGuard(Some(Writer::start(svc, EXPORT_B, BLOCKS, 42)));
     std::thread::sleep(Duration::from_millis(1000));
-    let n0 = wg.w().verify(svc, EXPORT_B, "before the first move");
+    let (n0, _) = verify(wg.w(), svc, "before the first move")?;
     progress!("client running ({n0} blocks verified)");
 
     let mut samples: Vec<Sample> = Vec::new();
+    let mut landed_total = 0;
     for round in 1..=rounds {
         for mv in [Move::TakeoverAtPartner, Move::Giveback, Move::TakeoverAtNode, Move::Giveback, Move::HardTakeover, Move::GivebackAfterHard] {
             check_interrupt()?;
@@ -293,7 +358,8 @@ fn bench() -> Result<(), String> {
             let writes = w.completed.load(Ordering::Relaxed) - c0;
             let nodes: &[&str] = if mv == Move::HardTakeover { &["a"] } else { &["a", "b"] };
             let tl = timeline(&p, t0_unix, nodes);
-            let verified = w.verify(svc, EXPORT_B, mv.label());
+            let (verified, landed) = verify(w, svc, mv.label())?;
+            landed_total += landed;
             let kind = reply.as_ref().and_then(|r| r["outcome"]["report"]["kind"].as_str().map(str::to_string)).unwrap_or_default();
             progress!(
                 "round {round}/{rounds} {:<40} client gap {:>5} ms  command {:>5} ms  report {:>5} ms  [{}] {}",
@@ -316,7 +382,8 @@ fn bench() -> Result<(), String> {
     }
     let w = wg.0.as_ref().unwrap();
     let total_writes = w.completed.load(Ordering::Relaxed);
-    let verified = w.verify(svc, EXPORT_B, "at the end");
+    let (verified, landed) = verify(w, svc, "at the end")?;
+    landed_total += landed;
     drop(wg);
     progress!("done: {total_writes} writes acknowledged, {verified} blocks verified at the end; stopping the pair");
     let (a_log, b_log) = (p.log("a"), p.log("b"));
@@ -428,7 +495,8 @@ fn bench() -> Result<(), String> {
          longest time between two completed writes, reset right before the move and read once the client has completed \
          200 more writes and at least 500 ms have passed since the move ended. After every move all acknowledged blocks \
          are read back and checked: none was ever lost ({total_writes} writes acknowledged in all; the run stops at the \
-         first lost write).\n\
+         first lost write). A write in flight on a connection that closed has an unknown outcome; when it is found on \
+         disk it counts as acknowledged from then on ({landed_total} such writes found landed).\n\
          - **Command wall time**: the control-socket request until its reply (the reply comes when the procedure has \
          completed). For the hard takeover: from the SIGKILL until a reports `InTakeover` (polled every 10 ms). \
          **Report total** and phases: `outcome.report` of the reply (for the hard takeover: a's `status.last_takeover`). \

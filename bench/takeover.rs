@@ -91,6 +91,9 @@ struct Sample {
     phases: Vec<(String, u64)>,
     /// Both nodes' state transitions during the move: (ms after its start, "node: From->To").
     timeline: Vec<(u64, String)>,
+    /// b's own steps ("step done" lines of b's log during the move): its graceful shutdown for a
+    /// takeover, its resume for a giveback. Not in the procedure report, which is a's.
+    home_steps: Vec<(String, u64)>,
     /// Writes the client completed during the move and its settle window.
     writes: u64,
     /// Blocks verified afterwards.
@@ -295,6 +298,19 @@ fn verify(w: &Writer, addr: std::net::SocketAddr, what: &str) -> Result<(usize, 
     Ok((blocks.len(), landed))
 }
 
+/// "step done" lines (step, ms) in `log` after byte `from`.
+fn steps_done(log: &str, from: usize) -> Vec<(String, u64)> {
+    log.get(from..)
+        .unwrap_or("")
+        .lines()
+        .filter(|l| l.contains("step done"))
+        .filter_map(|l| {
+            let field = |k: &str| l.split_whitespace().find_map(|t| t.strip_prefix(k)).map(str::to_string);
+            Some((field("step=")?, field("ms=")?.parse().ok()?))
+        })
+        .collect()
+}
+
 fn bench() -> Result<(), String> {
     let _ = interrupted_flag();
     common::require_root();
@@ -318,6 +334,7 @@ fn bench() -> Result<(), String> {
         for mv in [Move::TakeoverAtPartner, Move::Giveback, Move::TakeoverAtNode, Move::Giveback, Move::HardTakeover, Move::GivebackAfterHard] {
             check_interrupt()?;
             let w = wg.w();
+            let b_log_from = p.log("b").len();
             let (reply, cmd_ms, t0_unix, c0, t_done, (total_ms, phases)) = match mv {
                 Move::TakeoverAtPartner => {
                     let (r, ms, t0u, c0) = operator(&p, w, "a", r#"{"v":1,"cmd":"takeover","of":"b","countdown_ms":10000}"#)?;
@@ -358,6 +375,7 @@ fn bench() -> Result<(), String> {
             let writes = w.completed.load(Ordering::Relaxed) - c0;
             let nodes: &[&str] = if mv == Move::HardTakeover { &["a"] } else { &["a", "b"] };
             let tl = timeline(&p, t0_unix, nodes);
+            let home_steps = if mv == Move::HardTakeover { Vec::new() } else { steps_done(&p.log("b"), b_log_from) };
             let (verified, landed) = verify(w, svc, mv.label())?;
             landed_total += landed;
             let kind = reply.as_ref().and_then(|r| r["outcome"]["report"]["kind"].as_str().map(str::to_string)).unwrap_or_default();
@@ -370,7 +388,7 @@ fn bench() -> Result<(), String> {
                 phases.iter().map(|(s, m)| format!("{s}={m}")).collect::<Vec<_>>().join(" "),
                 kind
             );
-            samples.push(Sample { round, mv, gap_ms, cmd_ms, total_ms, phases, timeline: tl, writes, verified });
+            samples.push(Sample { round, mv, gap_ms, cmd_ms, total_ms, phases, home_steps, timeline: tl, writes, verified });
             if mv == Move::HardTakeover {
                 // b reboots: it finds please-die and waits for giveback (not measured).
                 let t = Instant::now();
@@ -422,19 +440,21 @@ fn bench() -> Result<(), String> {
         let mut order: Vec<String> = Vec::new();
         let mut vals: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for x in &s {
-            for (step, ms) in &x.phases {
-                if !order.contains(step) {
+            let own = x.phases.iter().map(|(st, ms)| (format!("a: {st}"), *ms));
+            let home = x.home_steps.iter().map(|(st, ms)| (format!("b: {st}"), *ms));
+            for (step, ms) in own.chain(home) {
+                if !order.contains(&step) {
                     order.push(step.clone());
                 }
-                vals.entry(step.clone()).or_default().push(*ms as f64);
+                vals.entry(step).or_default().push(ms as f64);
             }
         }
         if order.is_empty() {
             continue;
         }
-        writeln!(ph, "\n**{}** ({}):\n\n| phase | median / max (ms) |\n|---|---:|", k.label(), k.command()).unwrap();
+        writeln!(ph, "\n**{}** ({}):\n\n| phase | median / max (ms) | n |\n|---|---:|---:|", k.label(), k.command()).unwrap();
         for step in &order {
-            writeln!(ph, "| {step} | {} |", stat(vals[step].clone())).unwrap();
+            writeln!(ph, "| {step} | {} | {} |", stat(vals[step].clone()), vals[step].len()).unwrap();
         }
     }
     let mut tl = String::new();
@@ -462,7 +482,7 @@ fn bench() -> Result<(), String> {
     for s in &samples {
         writeln!(
             every,
-            "- round {} — {}: gap {} ms, command {} ms, report {} ms, {} writes, {} blocks verified; phases: {}; transitions: {}",
+            "- round {} — {}: gap {} ms, command {} ms, report {} ms, {} writes, {} blocks verified; phases: {}; b's steps: {}; transitions: {}",
             s.round,
             s.mv.label(),
             s.gap_ms,
@@ -471,6 +491,7 @@ fn bench() -> Result<(), String> {
             s.writes,
             s.verified,
             s.phases.iter().map(|(st, m)| format!("{st} {m}")).collect::<Vec<_>>().join(", "),
+            s.home_steps.iter().map(|(st, m)| format!("{st} {m}")).collect::<Vec<_>>().join(", "),
             s.timeline.iter().map(|(ms, x)| format!("{x} +{ms}")).collect::<Vec<_>>().join(", ")
         )
         .unwrap();
@@ -503,7 +524,7 @@ fn bench() -> Result<(), String> {
          For the takeover asked at b, the reply at b comes once b is `TakenOver` and carries no report; its phases are a's \
          `status.last_takeover`. An operator takeover refused for the hold-down after \
          a giveback is retried every 250 ms; only the accepted request is timed.\n\n\
-         ## Results\n{t}\n### Phases (from the procedure report)\n{ph}\n### State transitions of both nodes (from `status.ha.transitions`)\n{tl}\n### Every move\n{every}\n{}",
+         ## Results\n{t}\n### Phases: a's from the procedure report, b's from the `step done` lines of b's log\n{ph}\n### State transitions of both nodes (from `status.ha.transitions`)\n{tl}\n### Every move\n{every}\n{}",
         if warnings.is_empty() { String::new() } else { format!("Daemon log warnings (first 8 per node):\n```\n{}\n```\n", warnings.join("\n")) }
     );
     let path = match std::env::var("HAPAIR_BENCH_OUT") {

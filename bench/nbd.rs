@@ -1,7 +1,11 @@
 //! NBD export benchmark, run by hand: `cargo bench --bench nbd`.
 //!
 //! fio's nbd engine (libnbd, one connection) against, interleaved round by round:
-//! - `hapaird run` serving a 4+1 RAID-4 aggregate of loop devices (the release binary);
+//! - `hapaird run` serving a 4+1 RAID-4 aggregate of loop devices (the release binary), in two
+//!   configurations on two sets of loop devices: **write-through** (no NVRAM log: a write is
+//!   acknowledged once on the members) and **NVRAM** (a single node's NVRAM log, a file in
+//!   `HAPAIR_BENCH_NVRAM_DIR`, default /var/tmp: ext4 with msync; no partner, so no mirror:
+//!   `cargo bench --bench mirror` measures that);
 //! - `nbdkit file` serving one loop device of the same size on the same backing filesystem,
 //!   with the page cache (`cache=default`, the plugin's default) and with `cache=none` (the
 //!   plugin drops pages it read or wrote; nbdkit 1.32's file plugin has no O_DIRECT mode);
@@ -11,7 +15,7 @@
 //! Environment: `HAPAIR_BENCH_MEMBER_MIB` (1024), `HAPAIR_BENCH_SECS` per run (6, after a 1 s
 //! ramp), `HAPAIR_BENCH_ROUNDS` (3), `HAPAIR_BENCH_WORKLOADS` (all: randread1, randread32,
 //! randwrite1, randwrite32, seqread, seqwrite), `HAPAIR_BENCH_CONTENDERS` (all: hapaird,
-//! nbdkit, nbdkit-nocache, raw), `HAPAIR_BENCH_WORKERS` (hapaird `io.workers`, default the
+//! hapaird-nvram, nbdkit, nbdkit-nocache, raw), `HAPAIR_BENCH_WORKERS` (hapaird `io.workers`, default the
 //! daemon's), `HAPAIR_BENCH_DIR` (/var/tmp). Results go to stdout and `bench/RESULTS.md` (or `HAPAIR_BENCH_OUT`)
 //! (a hand-written "## Notes" section there is kept).
 
@@ -50,6 +54,7 @@ const WORKS: [Work; 6] = [
 #[derive(Clone, Copy, PartialEq)]
 enum Who {
     Hapaird,
+    HapairdNvram,
     Nbdkit,
     NbdkitNoCache,
     Raw,
@@ -59,6 +64,7 @@ impl Who {
     fn key(self) -> &'static str {
         match self {
             Who::Hapaird => "hapaird",
+            Who::HapairdNvram => "hapaird-nvram",
             Who::Nbdkit => "nbdkit",
             Who::NbdkitNoCache => "nbdkit-nocache",
             Who::Raw => "raw",
@@ -66,7 +72,8 @@ impl Who {
     }
     fn label(self) -> &'static str {
         match self {
-            Who::Hapaird => "hapaird (RAID-4 4+1)",
+            Who::Hapaird => "hapaird write-through (no NVRAM)",
+            Who::HapairdNvram => "hapaird NVRAM log (no partner)",
             Who::Nbdkit => "nbdkit file",
             Who::NbdkitNoCache => "nbdkit file cache=none",
             Who::Raw => "raw io_uring (4 data devs)",
@@ -148,7 +155,9 @@ fn bench() -> Result<(), String> {
     let workers = std::env::var("HAPAIR_BENCH_WORKERS").ok();
     let work_keys = list_env("HAPAIR_BENCH_WORKLOADS", &WORKS.iter().map(|w| w.key).collect::<Vec<_>>());
     let works: Vec<Work> = WORKS.iter().copied().filter(|w| work_keys.iter().any(|k| k == w.key)).collect();
-    let all_who = [Who::Hapaird, Who::Nbdkit, Who::NbdkitNoCache, Who::Raw];
+    let all_who = [Who::Hapaird, Who::HapairdNvram, Who::Nbdkit, Who::NbdkitNoCache, Who::Raw];
+    let nvram_dir = std::env::var("HAPAIR_BENCH_NVRAM_DIR").unwrap_or_else(|_| "/var/tmp".into());
+    let nvram_mib = env_u64("HAPAIR_BENCH_NVRAM_MIB", 64);
     let who_keys = list_env("HAPAIR_BENCH_CONTENDERS", &all_who.iter().map(|w| w.key()).collect::<Vec<_>>());
     let whos: Vec<Who> = all_who.iter().copied().filter(|w| who_keys.iter().any(|k| k == w.key())).collect();
     if works.is_empty() || whos.is_empty() {
@@ -160,45 +169,65 @@ fn bench() -> Result<(), String> {
     let member_bytes = member_mib << 20;
     let export_bytes = 4 * (member_bytes - DATA_OFFSET_BYTES);
 
-    progress!("creating 5 loop devices of {member_mib} MiB and one of {} MiB (filled) in {}", export_bytes >> 20, dir.path().display());
-    let loops: Vec<LoopDev> = (0..5).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_bytes, true)).collect();
+    let nv_on = whos.contains(&Who::HapairdNvram);
+    let nloops = if nv_on { 10 } else { 5 };
+    progress!("creating {nloops} loop devices of {member_mib} MiB and one of {} MiB (filled) in {}", export_bytes >> 20, dir.path().display());
+    let loops: Vec<LoopDev> = (0..nloops).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_bytes, true)).collect();
+    let nvdir = tempfile::Builder::new().prefix("hapair-bench-nbd-nvram.").tempdir_in(&nvram_dir).map_err(|e| e.to_string())?;
     check_interrupt()?;
     let solo = LoopDev::new(dir.path(), "solo.img", export_bytes, true);
     check_interrupt()?;
 
-    let hport = free_port();
-    let config = dir.path().join("hapaird.toml");
     let workers_line = workers.as_ref().map(|w| format!("workers = {w}\n")).unwrap_or_default();
-    let toml = format!(
-        "node = \"a\"\n\n[io]\nengine = \"io_uring\"\n{workers_line}\n[[aggregate]]\nname = \"{EXPORT}\"\nhome = \"a\"\n\
-         data = [{}]\nparity = \"{}\"\nchunk_kib = 64\n\n[[export]]\nname = \"{EXPORT}\"\naggregate = \"{EXPORT}\"\nlisten = \"127.0.0.1:{hport}\"\n",
-        loops[..4].iter().map(|l| format!("\"{}\"", l.dev.display())).collect::<Vec<_>>().join(", "),
-        loops[4].dev.display()
-    );
-    std::fs::write(&config, &toml).map_err(|e| e.to_string())?;
-    progress!("hapaird format (zeroes every member)");
-    let st = Command::new(hapaird).args(["format", "--force", "--config"]).arg(&config).stdout(Stdio::null()).status().map_err(|e| e.to_string())?;
-    if !st.success() {
-        return Err(format!("hapaird format failed: {st}"));
+    // [0]: write-through on loops 0..5; [1]: NVRAM log on loops 5..10.
+    let mut hports = Vec::new();
+    let mut configs = Vec::new();
+    let mut hlogs = Vec::new();
+    for (i, nv) in [(0usize, false), (1, true)] {
+        if nv && !nv_on {
+            continue;
+        }
+        let port = free_port();
+        let m = &loops[i * 5..i * 5 + 5];
+        let nv_lines = if nv { format!("nvram = \"{}\"\nnvram_mib = {nvram_mib}\n", nvdir.path().join("bench0.nvlog").display()) } else { String::new() };
+        let toml = format!(
+            "node = \"a\"\n\n[io]\nengine = \"io_uring\"\n{workers_line}\n[[aggregate]]\nname = \"{EXPORT}\"\nhome = \"a\"\n\
+             data = [{}]\nparity = \"{}\"\nchunk_kib = 64\n{nv_lines}\n[[export]]\nname = \"{EXPORT}\"\naggregate = \"{EXPORT}\"\nlisten = \"127.0.0.1:{port}\"\n",
+            m[..4].iter().map(|l| format!("\"{}\"", l.dev.display())).collect::<Vec<_>>().join(", "),
+            m[4].dev.display()
+        );
+        let config = dir.path().join(format!("hapaird{i}.toml"));
+        std::fs::write(&config, &toml).map_err(|e| e.to_string())?;
+        progress!("hapaird format {} (zeroes every member)", if nv { "NVRAM" } else { "write-through" });
+        let st = Command::new(hapaird).args(["format", "--force", "--config"]).arg(&config).stdout(Stdio::null()).status().map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err(format!("hapaird format failed: {st}"));
+        }
+        check_interrupt()?;
+        hports.push(port);
+        configs.push(config);
+        hlogs.push(dir.path().join(format!("hapaird{i}.log")));
     }
-    check_interrupt()?;
-    let hlog = dir.path().join("hapaird.log");
-    let start_hapaird = || -> Result<ChildGuard, String> {
+    let start_hapaird = |i: usize| -> Result<ChildGuard, String> {
         let child = Command::new(hapaird)
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(&configs[i])
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&hlog).map_err(|e| e.to_string())?)
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&hlogs[i]).map_err(|e| e.to_string())?)
             .spawn()
             .map_err(|e| format!("hapaird run: {e}"))?;
-        let mut g = ChildGuard::new("hapaird", child);
-        wait_port(hport, &mut g, Duration::from_secs(30))?;
+        let mut g = ChildGuard::new(if i == 0 { "hapaird write-through" } else { "hapaird NVRAM" }, child);
+        wait_port(hports[i], &mut g, Duration::from_secs(30))?;
         Ok(g)
     };
-    let mut hguard = start_hapaird()?;
+    let mut hguards = Vec::new();
+    for i in 0..configs.len() {
+        hguards.push(start_hapaird(i)?);
+        progress!("{} serving on 127.0.0.1:{} (pid {})", hguards[i].name, hports[i], hguards[i].pid());
+    }
     let mut restarts: Vec<String> = Vec::new();
-    progress!("hapaird serving on 127.0.0.1:{hport} (pid {})", hguard.pid());
 
     progress!("settling (sync, 5 s)");
     settle(5);
@@ -222,19 +251,23 @@ fn bench() -> Result<(), String> {
                 // Rotate the order each round so that no contender always follows the same one.
                 let ci = (k + round + wi) % whos.len();
                 let who = whos[ci];
-                if !hguard.alive() {
-                    // Seen twice on the shared dev VM: hapaird exited 0 while idle between runs,
-                    // i.e. something outside this bench signalled it. Restart it and say so.
-                    let st = hguard.stop();
-                    let why = format!("before run {} hapaird was gone ({st:?}); restarted", done + 1);
-                    progress!("{why}");
-                    restarts.push(why);
-                    hguard = start_hapaird()?;
+                for i in 0..hguards.len() {
+                    if !hguards[i].alive() {
+                        // Seen twice on the shared dev VM: hapaird exited 0 while idle between
+                        // runs, i.e. something outside this bench signalled it. Restart it and
+                        // say so.
+                        let st = hguards[i].stop();
+                        let why = format!("before run {} {} was gone ({st:?}); restarted", done + 1, hguards[i].name);
+                        progress!("{why}");
+                        restarts.push(why);
+                        hguards[i] = start_hapaird(i)?;
+                    }
                 }
                 // nbdkit opens the device buffered: start it from a cold, clean page cache.
                 solo.flush_buffers();
                 let r = match who {
-                    Who::Hapaird => nbd_fio(hport, w, secs),
+                    Who::Hapaird => nbd_fio(hports[0], w, secs),
+                    Who::HapairdNvram => nbd_fio(hports[1], w, secs),
                     Who::Nbdkit => nbd_fio(kport, w, secs),
                     Who::NbdkitNoCache => nbd_fio(kport_nc, w, secs),
                     Who::Raw => raw_fio(&loops[..4], w, secs),
@@ -243,7 +276,7 @@ fn bench() -> Result<(), String> {
                 solo.flush_buffers();
                 done += 1;
                 progress!(
-                    "[{done}/{total}] round {} {:<22} {:<27} {:>9.0} IOPS {:>8.1} MB/s  lat mean {:>6.0} us p99 {:>6.0} us",
+                    "[{done}/{total}] round {} {:<22} {:<33} {:>9.0} IOPS {:>8.1} MB/s  lat mean {:>6.0} us p99 {:>6.0} us",
                     round + 1, w.label, who.label(), r.iops, r.bytes_per_sec / 1e6, r.lat_mean_us, r.lat_p99_us
                 );
                 results[wi][ci].push(r);
@@ -252,13 +285,22 @@ fn bench() -> Result<(), String> {
     }
 
     progress!("stopping hapaird (SIGTERM: drain and clean close)");
-    let st = hguard.stop();
-    let hapaird_exit = match st {
-        Some(s) if s.success() => "exited cleanly".to_string(),
-        other => format!("exit: {other:?} (see log)"),
-    };
-    let hlog_text = std::fs::read_to_string(&hlog).unwrap_or_default();
-    let warnings: Vec<&str> = hlog_text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(5).collect();
+    let mut exits = Vec::new();
+    let mut warnings: Vec<String> = Vec::new();
+    let mut nvram_line = String::new();
+    for (i, g) in hguards.iter_mut().enumerate() {
+        let st = g.stop();
+        exits.push(match st {
+            Some(s) if s.success() => format!("{} exited cleanly", g.name),
+            other => format!("{} exit: {other:?} (see log)", g.name),
+        });
+        let text = std::fs::read_to_string(&hlogs[i]).unwrap_or_default();
+        warnings.extend(text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(5).map(|l| format!("{}: {l}", g.name)));
+        if let Some(l) = text.lines().find(|l| l.contains("NVRAM:")) {
+            nvram_line = l[l.find("NVRAM:").unwrap()..].chars().take(100).collect();
+        }
+    }
+    let hapaird_exit = exits.join("; ");
     drop(nbdkits);
 
     // Tables.
@@ -269,11 +311,17 @@ fn bench() -> Result<(), String> {
     for w in &whos {
         write!(t, " {} |", w.label()).unwrap();
     }
-    let ratio_cols: Vec<(&str, Who)> = [("hapaird / nbdkit", Who::Nbdkit), ("hapaird / nbdkit cache=none", Who::NbdkitNoCache), ("hapaird / raw", Who::Raw)]
-        .into_iter()
-        .filter(|(_, w)| idx(*w).is_some() && idx(Who::Hapaird).is_some())
-        .collect();
-    for (name, _) in &ratio_cols {
+    // (name, numerator, denominator)
+    let ratio_cols: Vec<(&str, Who, Who)> = [
+        ("NVRAM / write-through", Who::HapairdNvram, Who::Hapaird),
+        ("write-through / nbdkit cache=none", Who::Hapaird, Who::NbdkitNoCache),
+        ("NVRAM / nbdkit cache=none", Who::HapairdNvram, Who::NbdkitNoCache),
+        ("write-through / raw", Who::Hapaird, Who::Raw),
+    ]
+    .into_iter()
+    .filter(|(_, a, b)| idx(*a).is_some() && idx(*b).is_some())
+    .collect();
+    for (name, _, _) in &ratio_cols {
         write!(t, " {name} |").unwrap();
     }
     writeln!(t).unwrap();
@@ -298,9 +346,8 @@ fn bench() -> Result<(), String> {
             }
             write!(lat, " {:.0} / {:.0} |", med(wi, ci, &|r| r.lat_mean_us), med(wi, ci, &|r| r.lat_p99_us)).unwrap();
         }
-        let h = med(wi, idx(Who::Hapaird).unwrap_or(0), &metric);
-        for (_, other) in &ratio_cols {
-            write!(t, " {:.2} |", h / med(wi, idx(*other).unwrap(), &metric)).unwrap();
+        for (_, num, den) in &ratio_cols {
+            write!(t, " {:.2} |", med(wi, idx(*num).unwrap(), &metric) / med(wi, idx(*den).unwrap(), &metric)).unwrap();
         }
         writeln!(t).unwrap();
         writeln!(lat).unwrap();
@@ -318,7 +365,7 @@ fn bench() -> Result<(), String> {
     println!("\n{t}\nLatency, mean / p99 (us):\n\n{lat}");
 
     let settings = format!(
-        "HAPAIR_BENCH_MEMBER_MIB={member_mib} HAPAIR_BENCH_SECS={secs} HAPAIR_BENCH_ROUNDS={rounds}{}",
+        "HAPAIR_BENCH_MEMBER_MIB={member_mib} HAPAIR_BENCH_SECS={secs} HAPAIR_BENCH_ROUNDS={rounds} HAPAIR_BENCH_NVRAM_DIR={nvram_dir} HAPAIR_BENCH_NVRAM_MIB={nvram_mib}{}",
         workers.as_ref().map(|w| format!(" HAPAIR_BENCH_WORKERS={w}")).unwrap_or_default()
     );
     let body = format!(
@@ -326,9 +373,14 @@ fn bench() -> Result<(), String> {
          rounds; within a round the contenders take turns on each workload, in an order rotated every round. Each run is \
          fio for {secs} s after a 1 s ramp. 4 KiB rows are IOPS, 1 MiB rows MB/s (10^6 bytes/s).\n\n## Machine\n{machine}\n\
          ## Contenders\n\
-         - **hapaird**: `hapaird run`, release build, io_uring engine, {} NBD workers, serving a RAID-4 aggregate of 5 loop \
-         devices of {member_mib} MiB (4 data + 1 parity, 64 KiB chunks, 256 KiB stripes; export {} MiB). Members opened \
-         O_DIRECT: no page cache anywhere on its path. After the run: {hapaird_exit}.\n\
+         - **hapaird write-through (no NVRAM)**: `hapaird run`, release build, io_uring engine, {} NBD workers, serving a \
+         RAID-4 aggregate of 5 loop devices of {member_mib} MiB (4 data + 1 parity, 64 KiB chunks, 256 KiB stripes; export \
+         {} MiB), no `nvram` key: a write is acknowledged once it is on the members (RAID-4 read-modify-write for a small \
+         write). Members opened O_DIRECT: no page cache anywhere on its path.\n\
+         - **hapaird NVRAM log (no partner)**: the same on its own 5 loop devices, with `nvram` = a {nvram_mib} MiB file \
+         in {nvram_dir} ({nvram_line}), default CP interval (1 s, or at 50 % full); single node, so no mirror. A write \
+         is acknowledged once persisted in the log; CPs write the log to the members in the background. \
+         After the run: {hapaird_exit}.\n\
          - **nbdkit file**: `nbdkit --exit-with-parent -f -p PORT -i 127.0.0.1 file /dev/loopN` over one loop device \
          (direct I/O to its backing file) of the same size as the export, backing file fully written first. nbdkit \
          opens the device buffered, so reads can be served from and writes absorbed by the page cache; its page cache \
@@ -341,7 +393,7 @@ fn bench() -> Result<(), String> {
          area), same block size and iodepth, files round-robin. No parity: the ceiling the disks give.\n\n\
          All NBD clients are fio 3.33's `nbd` engine (libnbd, one TCP connection on 127.0.0.1).\n\n\
          hapaird restarts during the run (it was found exited, not by this bench): {}.\n\n## Results\n{t}\n### Latency, mean / p99 (us)\n{lat}\n### Every round\n{spread}\n{}",
-        workers.clone().unwrap_or_else(|| "16 (default)".into()),
+        workers.clone().unwrap_or_else(|| "64 (the daemon's default)".into()),
         export_bytes >> 20,
         if restarts.is_empty() { "none".to_string() } else { restarts.join("; ") },
         if warnings.is_empty() { String::new() } else { format!("hapaird log warnings:\n```\n{}\n```\n", warnings.join("\n")) }
@@ -355,5 +407,6 @@ fn bench() -> Result<(), String> {
     progress!("wrote {}; detaching loop devices", path.display());
     drop(solo);
     drop(loops);
+    drop(nvdir);
     Ok(())
 }

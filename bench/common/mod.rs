@@ -192,6 +192,10 @@ pub struct FioResult {
     pub lat_mean_us: f64,
     /// 99th percentile completion latency, microseconds.
     pub lat_p99_us: f64,
+    /// Median and 99.9th percentile completion latency, microseconds (the largest over the
+    /// directions that ran).
+    pub lat_p50_us: f64,
+    pub lat_p999_us: f64,
 }
 
 /// Run fio with `args` plus JSON output; the fio child is killed if we are interrupted.
@@ -230,6 +234,9 @@ pub fn run_fio(args: &[String]) -> Result<FioResult, String> {
         lat_w += iops;
         let p99 = d["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0;
         r.lat_p99_us = r.lat_p99_us.max(p99);
+        let pct = |k: &str| d["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+        r.lat_p50_us = r.lat_p50_us.max(pct("50.000000"));
+        r.lat_p999_us = r.lat_p999_us.max(pct("99.900000"));
     }
     if lat_w > 0.0 {
         r.lat_mean_us /= lat_w;

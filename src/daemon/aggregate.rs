@@ -112,6 +112,17 @@ pub struct Aggregate {
     /// Serialises label rewrites.
     label_lock: Mutex<()>,
     pub stats: AggStats,
+    /// Called once when a member refuses our I/O with a reservation conflict.
+    on_fenced: Mutex<Option<FencedHook>>,
+}
+
+/// Told that this node was fenced off the aggregate's disks (see [`Aggregate::set_on_fenced`]).
+pub type FencedHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// A member refused our I/O because another initiator holds its persistent reservation:
+/// the block layer turns SCSI status RESERVATION CONFLICT into EBADE. Not a disk failure.
+pub fn is_reservation_conflict(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBADE)
 }
 
 /// Things an operator wants to see about an aggregate.
@@ -329,6 +340,7 @@ impl Aggregate {
             locks: StripeLocks { held: Mutex::new(HashSet::new()), cv: Condvar::new() },
             label_lock: Mutex::new(()),
             stats: AggStats::default(),
+            on_fenced: Mutex::new(None),
         };
         if failure_is_new {
             tracing::error!(aggregate = %agg.name, member = ?failed_member, "member unusable at assembly: serving degraded");
@@ -362,6 +374,11 @@ impl Aggregate {
                 self.put_engine(engine);
                 return Ok(());
             }
+            if let Some((m, e)) = errs.iter().find(|(_, e)| is_reservation_conflict(e)) {
+                let why = self.fenced(*m, e);
+                self.put_engine(engine);
+                return Err(AggregateError::Offline { name: self.name.clone(), why });
+            }
             let (m, e) = &errs[0];
             self.stats.member_errors.fetch_add(1, Ordering::Relaxed);
             if failed.is_some() || errs.len() > 1 {
@@ -376,8 +393,40 @@ impl Aggregate {
         }
     }
 
+    /// `f` is called (once, from the I/O path) when a member refuses our I/O with a
+    /// reservation conflict: the partner fenced us, stop serving.
+    pub fn set_on_fenced(&self, f: FencedHook) {
+        *self.on_fenced.lock().unwrap() = Some(f);
+    }
+
+    /// A reservation conflict on member `m`: we are fenced. Nothing is written (labels
+    /// included: the disks refuse us anyway), no member is failed, the aggregate goes
+    /// offline and the hook is told. Returns the reason.
+    fn fenced(&self, m: usize, err: &io::Error) -> String {
+        let why = format!("fenced: member {m} ({}) refused our I/O with a reservation conflict ({err})", self.paths[m]);
+        let first = {
+            let mut st = self.state.write().unwrap();
+            let first = st.offline.is_none();
+            if first {
+                st.offline = Some(why.clone());
+            }
+            first
+        };
+        if first {
+            tracing::error!(aggregate = %self.name, member = m, path = %self.paths[m], "{why}");
+            if let Some(f) = self.on_fenced.lock().unwrap().as_ref() {
+                f(&why);
+            }
+        }
+        why
+    }
+
     /// Mark member `m` failed after an I/O error (no-op if it already is).
     fn fail_member(&self, m: usize, err: &io::Error) {
+        if is_reservation_conflict(err) {
+            self.fenced(m, err);
+            return;
+        }
         let _g = self.label_lock.lock().unwrap();
         let st = self.state.read().unwrap().clone();
         if st.offline.is_some() || st.failed == Some(m) {

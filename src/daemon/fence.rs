@@ -240,7 +240,10 @@ impl PrFencer<PrDevice> {
 fn no_pr_words(r: &NoPrReason) -> String {
     match r {
         NoPrReason::NotADevice(k) => format!("not a device ({k})"),
-        NoPrReason::NoScsiPassthrough(..) => format!("not a SCSI device ({r})"),
+        NoPrReason::NoScsiPassthrough(k, errno) => format!(
+            "not a SCSI device ({k}; SG_GET_VERSION_NUM: {})",
+            std::io::Error::from_raw_os_error(*errno).kind()
+        ),
         other => other.to_string(),
     }
 }

@@ -28,9 +28,14 @@ use std::time::{Duration, Instant};
 pub trait MailboxStore: Send + Sync + 'static {
     /// Number of members (the majority is counted over these).
     fn members(&self) -> usize;
-    /// Write `slot` into slot `slot.slot_index` of every member; returns how many took it and
-    /// a description of each failure.
+    /// Write `slot` into slot `slot.slot_index` of every member we write; returns how many
+    /// took it and a description of each failure.
     fn write_slot(&self, slot: &Slot) -> (usize, Vec<String>);
+    /// Members we write our slot to (the self-fence majority counts over these). All of them,
+    /// except under PR fencing, where a node may write only the members it holds.
+    fn write_members(&self) -> usize {
+        self.members()
+    }
     /// Read slot `index` from every member and vote.
     fn read_slot(&self, index: usize) -> SlotVote;
 }
@@ -40,16 +45,24 @@ pub struct DiskStore {
     pub disks: MailboxDisks,
     /// Aggregate uuid written into the slot of member `i` (for people reading dumps).
     pub uuids: Vec<[u8; 16]>,
+    /// `Some(n)`: write our slot to the first `n` members only (our own aggregate's, listed
+    /// first). Under Write Exclusive reservations the others refuse our writes (EBADE): our
+    /// heartbeat lives on the disks we hold, and the partner reads it there.
+    pub write_first: Option<usize>,
 }
 
 impl MailboxStore for DiskStore {
     fn members(&self) -> usize {
         self.disks.len()
     }
+    fn write_members(&self) -> usize {
+        self.write_first.map_or(self.disks.len(), |n| n.min(self.disks.len()))
+    }
     fn write_slot(&self, slot: &Slot) -> (usize, Vec<String>) {
+        let n = self.write_members();
         let r = self
             .disks
-            .write_slot(slot, |i| self.uuids.get(i).copied().unwrap_or([0; 16]));
+            .write_slot_first(n, slot, |i| self.uuids.get(i).copied().unwrap_or([0; 16]));
         let failed = r
             .failed
             .iter()
@@ -321,13 +334,13 @@ impl Inner {
     /// Writes the slot for `d`; returns (written, members, failures).
     fn write(&self, d: &Desired) -> (usize, usize, Vec<String>) {
         let Some(slot) = self.slot(d) else {
-            return (0, self.store.members(), vec!["no heartbeat yet".into()]);
+            return (0, self.store.write_members(), vec!["no heartbeat yet".into()]);
         };
         let (written, failed) = {
             let _g = self.write_lock.lock().unwrap();
             self.store.write_slot(&slot)
         };
-        let members = self.store.members();
+        let members = self.store.write_members();
         if written * 2 > members {
             self.last_majority_ms.store(self.now_ms(), Ordering::SeqCst);
         } else {
@@ -484,7 +497,7 @@ impl MailboxSink for MailboxHandle {
         let detail = self.inner.last_failure.lock().unwrap().clone();
         Some(format!(
             "no heartbeat reached a majority of the {} mailbox members for {} ms (bound {} ms){}{}",
-            self.inner.store.members(),
+            self.inner.store.write_members(),
             now - last,
             self.inner.cfg.self_fence_bound_ms,
             if detail.is_empty() { "" } else { "; last: " },

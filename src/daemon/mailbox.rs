@@ -63,12 +63,22 @@ impl MailboxStore for DiskStore {
         let r = self
             .disks
             .write_slot_first(n, slot, |i| self.uuids.get(i).copied().unwrap_or([0; 16]));
-        let failed = r
-            .failed
-            .iter()
-            .map(|(p, e)| format!("{}: {e}", p.display()))
-            .collect();
-        (r.written, failed)
+        // Under PR fencing a member that refuses our slot with a reservation conflict (EBADE)
+        // is held by the partner: the disk itself fences us off it, which is what a self-fence
+        // would achieve. Counting it as a failure would make a fenced node (TakenOver, then
+        // Resuming until its RESERVE) self-fence for the very condition the disk enforces.
+        // Data writes refused that way report the fence to the HA loop (aggregate.rs).
+        let pr = self.write_first.is_some();
+        let mut written = r.written;
+        let mut failed = Vec::new();
+        for (p, e) in &r.failed {
+            if pr && crate::daemon::aggregate::is_reservation_conflict(e) {
+                written += 1;
+            } else {
+                failed.push(format!("{}: {e}", p.display()));
+            }
+        }
+        (written, failed)
     }
     fn read_slot(&self, index: usize) -> SlotVote {
         self.disks.read_slot(index)

@@ -20,7 +20,7 @@ fail() {
     echo "FAIL: $*"
     for n in a b; do
         echo "---- $n.log (last 40 lines)"
-        tail -n 40 $W/$n.log 2>/dev/null
+        tail -n 40 $W/$n.log 2>/dev/null | sed 's/\x1b\[[0-9;]*m//g'
     done
     stop_all
     exit 1
@@ -115,9 +115,19 @@ wait_state() { # NODE STATE SECS
     fail "node $1 is '$s', not $2, after $3 s"
 }
 # keys HOST LUN: registered keys (sorted) through that host's path.
-keys() { sg_persist -n -i -k -d "$(dev $1 $2)" | grep -o '0x[0-9a-f]*' | sort | tr '\n' ' ' | sed 's/ $//'; }
-holder() { sg_persist -n -i -r -d "$(dev $1 $2)" | grep -o 'Key=0x[0-9a-f]*' | cut -d= -f2; }
-rtype() { sg_persist -n -i -r -d "$(dev $1 $2)" | grep -o 'type: .*' ; }
+# sg_persist retried through unit attentions (LUN inventory changes, preempts, releases).
+sgp() {
+    local i out
+    for i in 1 2 3 4 5; do
+        out=$(sg_persist -n -i "$@" 2>&1) && { echo "$out"; return 0; }
+        echo "$out" | grep -qi "unit attention" || break
+    done
+    echo "$out" >&2
+    return 1
+}
+keys() { sgp -k -d "$(dev $1 $2)" | grep -E '^ +0x[0-9a-f]+$' | tr -d ' ' | sort | tr '\n' ' ' | sed 's/ $//'; }
+holder() { sgp -r -d "$(dev $1 $2)" | grep -o 'Key=0x[0-9a-f]*' | cut -d= -f2; }
+rtype() { sgp -r -d "$(dev $1 $2)" | grep -o 'type: .*' ; }
 expect_pr() { # LUN WANT_KEYS WANT_HOLDER
     local k r
     k=$(keys 1 $1) || fail "sg_persist -k on $(dev 1 $1)"
@@ -128,7 +138,7 @@ expect_pr() { # LUN WANT_KEYS WANT_HOLDER
 }
 # nbd_write EXPORT_IP PORT EXPORT PATTERN OFFSET, nbd_read ... (qemu-io checks the pattern)
 nbd() {
-    qemu-io -f raw --image-opts "driver=nbd,server.type=inet,server.host=$1,server.port=$2,export=$3" -c "$4" 2>&1
+    qemu-io --image-opts "driver=nbd,server.type=inet,server.host=$1,server.port=$2,export=$3" -c "$4" 2>&1
 }
 nbd_write() {
     local out
@@ -171,14 +181,22 @@ for n in a b; do
     f=$(status $n | jq -r '.status.extra.fencing')
     echo "   node $n status: fencing: $f"
     case "$f" in "SCSI-3 PR (Write Exclusive) on 4 members"*) ;; *) fail "node $n fencing is '$f'" ;; esac
-    grep -m1 "fencing: SCSI-3 PR" $W/$n.log | sed 's/^/   log: /'
+    grep -m1 "fencing: SCSI-3 PR" $W/$n.log | sed 's/\x1b\[[0-9;]*m//g; s/^/   log: /'
 done
 grep -q "fencing: SCSI-3 PR (Write Exclusive) on 4 members" $W/a.log || fail "startup log of a does not say PR"
+for n in a b; do
+    end=$((SECONDS + 60))
+    until [ "$(status $n | jq -r '.status.mirror.partner_log_mirrored')" = true ]; do
+        [ $SECONDS -lt $end ] || fail "node $n: partner log not mirrored after 60 s"
+        sleep 0.5
+    done
+done
+ok "both nodes hold a current mirror of the partner's log"
 
 step "sg_persist: both keys on every LUN; a holds aggr-a's LUNs, b holds aggr-b's"
 for i in 0 1; do expect_pr $i "$KA $KB" $KA; done
 for i in 2 3; do expect_pr $i "$KA $KB" $KB; done
-sg_persist -n -i -s -d "$(dev 1 2)" | sed 's/^/   | /'
+sgp -s -d "$(dev 1 2)" | sed 's/^/   | /'
 
 step "both serve: write through each export"
 nbd_write 127.0.9.10 10809 aggr-a 0x11 0

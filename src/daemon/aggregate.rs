@@ -928,6 +928,8 @@ pub(crate) mod tests {
     pub struct MemDisks {
         pub data: Mutex<Vec<Vec<u8>>>,
         pub failed: Mutex<HashSet<usize>>,
+        /// Members that refuse writes with EBADE (reservation conflict: held by another node).
+        pub conflict: Mutex<HashSet<usize>>,
     }
 
     pub struct MemEngine(pub Arc<MemDisks>);
@@ -935,11 +937,15 @@ pub(crate) mod tests {
     impl Engine for MemEngine {
         fn run(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<()>> {
             let failed = self.0.failed.lock().unwrap().clone();
+            let conflict = self.0.conflict.lock().unwrap().clone();
             let mut d = self.0.data.lock().unwrap();
             ops.iter_mut()
                 .map(|op| {
                     if failed.contains(&op.member) {
                         return Err(io::Error::from_raw_os_error(libc::EIO));
+                    }
+                    if conflict.contains(&op.member) && matches!(op.buf, OpBuf::Write(_)) {
+                        return Err(io::Error::from_raw_os_error(libc::EBADE));
                     }
                     let disk = &mut d[op.member];
                     let o = op.offset as usize;
@@ -968,6 +974,7 @@ pub(crate) mod tests {
         let disks = Arc::new(MemDisks {
             data: Mutex::new(vec![vec![0xAA; member_bytes as usize]; n + 1]),
             failed: Mutex::new(HashSet::new()),
+            conflict: Mutex::new(HashSet::new()),
         });
         let d2 = disks.clone();
         let factory: EngineFactory = Arc::new(move || Ok(Box::new(MemEngine(d2.clone())) as Box<dyn Engine>));
@@ -995,6 +1002,30 @@ pub(crate) mod tests {
             xor_into(&mut x, &d[m][off..off + data_bytes]);
         }
         assert!(x == d[n][off..off + data_bytes], "parity does not match data");
+    }
+
+    /// A reservation conflict is a fence, not a disk failure: no member is failed, no label is
+    /// written, the aggregate goes offline and the hook hears of it exactly once.
+    #[test]
+    fn reservation_conflict_fences_instead_of_failing_a_member() {
+        let (agg, disks) = mem_aggregate(2, 4096, 64);
+        let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+        let c2 = calls.clone();
+        agg.set_on_fenced(Box::new(move |why| c2.lock().unwrap().push(why.to_string())));
+        agg.write(0, &vec![7u8; 8192], false).unwrap();
+        let gen = agg.status().generation;
+        disks.conflict.lock().unwrap().insert(1);
+        let e = agg.write(0, &vec![9u8; 8192], false).unwrap_err();
+        assert!(e.to_string().contains("fenced: member 1 (mem1) refused our I/O with a reservation conflict"), "{e}");
+        let st = agg.status();
+        assert_eq!(st.failed_member, None, "no member failed");
+        assert_eq!(st.generation, gen, "no label rewritten");
+        assert!(st.offline.as_deref().is_some_and(|o| o.starts_with("fenced")), "{st:?}");
+        assert!(agg.write(4096, &vec![1u8; 4096], false).is_err());
+        assert!(agg.set_clean_state(CleanState::Clean).is_err());
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1, "hook told once: {calls:?}");
+        assert!(calls[0].contains("reservation conflict"));
     }
 
     #[derive(Debug, Clone)]

@@ -197,6 +197,11 @@ pub struct PairConfig {
     /// TEST ONLY: take over without any fence. Never in production.
     #[serde(default)]
     pub unsafe_skip_fence: bool,
+    /// Where the members have SCSI-3 persistent reservations: how a takeover removes the
+    /// partner's key. `"preempt-and-abort"` (default: the partner's queued writes are aborted
+    /// too) or `"preempt"` (for targets that cannot abort, e.g. LIO behind tcm_loop).
+    #[serde(default)]
+    pub fence_preempt: crate::core::fence::PreemptAction,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -332,6 +337,9 @@ impl Config {
         if let Some(p) = &self.pair {
             if !name_ok(&p.partner, 31) || p.partner == self.node {
                 return Err(bad("pair.partner".into(), format!("{:?} is not a partner name (and must differ from node)", p.partner)));
+            }
+            if crate::core::fence::node_key(&p.partner) == crate::core::fence::node_key(&self.node) {
+                return Err(bad("pair.partner".into(), format!("{:?} and {:?} derive the same reservation key: rename one", p.partner, self.node)));
             }
             let me_first = self.node < p.partner;
             if me_first && p.partner_interconnect.is_empty() {

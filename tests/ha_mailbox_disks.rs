@@ -21,6 +21,7 @@ fn store(loops: &[LoopDev]) -> Arc<DiskStore> {
     Arc::new(DiskStore {
         disks: MailboxDisks::open(&paths).unwrap(),
         uuids: vec![[7; 16]; paths.len()],
+        write_first: None,
     })
 }
 

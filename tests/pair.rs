@@ -29,6 +29,14 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     let n0 = w.verify(p.svc[1], "aggr-b", "before takeover");
+    // Loop devices have no persistent reservations: status says the fence is the mailbox's.
+    for n in ["a", "b"] {
+        let st = p.ctl(n, r#"{"v":1,"cmd":"status"}"#);
+        let f = st["status"]["extra"]["fencing"].as_str().unwrap_or_else(|| panic!("no fencing in status: {st}"));
+        assert!(f.starts_with("mailbox only (cooperative): /dev/loop") && f.contains("has no PR support: not a SCSI device"), "{f}");
+        let detail = st["status"]["nvram"]["detail"].as_str().unwrap();
+        assert!(detail.contains(&format!("fencing: {f}")), "{detail}");
+    }
     // 1: the operator at the partner takes b over.
     let r = p.ctl("a", r#"{"v":1,"cmd":"takeover","of":"b","countdown_ms":10000}"#);
     assert_eq!(outcome(&r), "completed", "{r}");

@@ -1,6 +1,7 @@
 //! Sans-io core: no syscalls, no clocks, no `unsafe`.
 pub mod arp;
 pub mod control;
+pub mod fence;
 pub mod interconnect;
 pub mod label;
 pub mod mailbox;

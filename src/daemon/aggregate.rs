@@ -112,6 +112,17 @@ pub struct Aggregate {
     /// Serialises label rewrites.
     label_lock: Mutex<()>,
     pub stats: AggStats,
+    /// Called once when a member refuses our I/O with a reservation conflict.
+    on_fenced: Mutex<Option<FencedHook>>,
+}
+
+/// Told that this node was fenced off the aggregate's disks (see [`Aggregate::set_on_fenced`]).
+pub type FencedHook = Box<dyn Fn(&str) + Send + Sync>;
+
+/// A member refused our I/O because another initiator holds its persistent reservation:
+/// the block layer turns SCSI status RESERVATION CONFLICT into EBADE. Not a disk failure.
+pub fn is_reservation_conflict(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EBADE)
 }
 
 /// Things an operator wants to see about an aggregate.
@@ -329,6 +340,7 @@ impl Aggregate {
             locks: StripeLocks { held: Mutex::new(HashSet::new()), cv: Condvar::new() },
             label_lock: Mutex::new(()),
             stats: AggStats::default(),
+            on_fenced: Mutex::new(None),
         };
         if failure_is_new {
             tracing::error!(aggregate = %agg.name, member = ?failed_member, "member unusable at assembly: serving degraded");
@@ -362,6 +374,11 @@ impl Aggregate {
                 self.put_engine(engine);
                 return Ok(());
             }
+            if let Some((m, e)) = errs.iter().find(|(_, e)| is_reservation_conflict(e)) {
+                let why = self.fenced(*m, e);
+                self.put_engine(engine);
+                return Err(AggregateError::Offline { name: self.name.clone(), why });
+            }
             let (m, e) = &errs[0];
             self.stats.member_errors.fetch_add(1, Ordering::Relaxed);
             if failed.is_some() || errs.len() > 1 {
@@ -376,8 +393,40 @@ impl Aggregate {
         }
     }
 
+    /// `f` is called (once, from the I/O path) when a member refuses our I/O with a
+    /// reservation conflict: the partner fenced us, stop serving.
+    pub fn set_on_fenced(&self, f: FencedHook) {
+        *self.on_fenced.lock().unwrap() = Some(f);
+    }
+
+    /// A reservation conflict on member `m`: we are fenced. Nothing is written (labels
+    /// included: the disks refuse us anyway), no member is failed, the aggregate goes
+    /// offline and the hook is told. Returns the reason.
+    fn fenced(&self, m: usize, err: &io::Error) -> String {
+        let why = format!("fenced: member {m} ({}) refused our I/O with a reservation conflict ({err})", self.paths[m]);
+        let first = {
+            let mut st = self.state.write().unwrap();
+            let first = st.offline.is_none();
+            if first {
+                st.offline = Some(why.clone());
+            }
+            first
+        };
+        if first {
+            tracing::error!(aggregate = %self.name, member = m, path = %self.paths[m], "{why}");
+            if let Some(f) = self.on_fenced.lock().unwrap().as_ref() {
+                f(&why);
+            }
+        }
+        why
+    }
+
     /// Mark member `m` failed after an I/O error (no-op if it already is).
     fn fail_member(&self, m: usize, err: &io::Error) {
+        if is_reservation_conflict(err) {
+            self.fenced(m, err);
+            return;
+        }
         let _g = self.label_lock.lock().unwrap();
         let st = self.state.read().unwrap().clone();
         if st.offline.is_some() || st.failed == Some(m) {
@@ -879,6 +928,8 @@ pub(crate) mod tests {
     pub struct MemDisks {
         pub data: Mutex<Vec<Vec<u8>>>,
         pub failed: Mutex<HashSet<usize>>,
+        /// Members that refuse writes with EBADE (reservation conflict: held by another node).
+        pub conflict: Mutex<HashSet<usize>>,
     }
 
     pub struct MemEngine(pub Arc<MemDisks>);
@@ -886,11 +937,15 @@ pub(crate) mod tests {
     impl Engine for MemEngine {
         fn run(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<()>> {
             let failed = self.0.failed.lock().unwrap().clone();
+            let conflict = self.0.conflict.lock().unwrap().clone();
             let mut d = self.0.data.lock().unwrap();
             ops.iter_mut()
                 .map(|op| {
                     if failed.contains(&op.member) {
                         return Err(io::Error::from_raw_os_error(libc::EIO));
+                    }
+                    if conflict.contains(&op.member) && matches!(op.buf, OpBuf::Write(_)) {
+                        return Err(io::Error::from_raw_os_error(libc::EBADE));
                     }
                     let disk = &mut d[op.member];
                     let o = op.offset as usize;
@@ -919,6 +974,7 @@ pub(crate) mod tests {
         let disks = Arc::new(MemDisks {
             data: Mutex::new(vec![vec![0xAA; member_bytes as usize]; n + 1]),
             failed: Mutex::new(HashSet::new()),
+            conflict: Mutex::new(HashSet::new()),
         });
         let d2 = disks.clone();
         let factory: EngineFactory = Arc::new(move || Ok(Box::new(MemEngine(d2.clone())) as Box<dyn Engine>));
@@ -946,6 +1002,30 @@ pub(crate) mod tests {
             xor_into(&mut x, &d[m][off..off + data_bytes]);
         }
         assert!(x == d[n][off..off + data_bytes], "parity does not match data");
+    }
+
+    /// A reservation conflict is a fence, not a disk failure: no member is failed, no label is
+    /// written, the aggregate goes offline and the hook hears of it exactly once.
+    #[test]
+    fn reservation_conflict_fences_instead_of_failing_a_member() {
+        let (agg, disks) = mem_aggregate(2, 4096, 64);
+        let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+        let c2 = calls.clone();
+        agg.set_on_fenced(Box::new(move |why| c2.lock().unwrap().push(why.to_string())));
+        agg.write(0, &vec![7u8; 8192], false).unwrap();
+        let gen = agg.status().generation;
+        disks.conflict.lock().unwrap().insert(1);
+        let e = agg.write(0, &vec![9u8; 8192], false).unwrap_err();
+        assert!(e.to_string().contains("fenced: member 1 (mem1) refused our I/O with a reservation conflict"), "{e}");
+        let st = agg.status();
+        assert_eq!(st.failed_member, None, "no member failed");
+        assert_eq!(st.generation, gen, "no label rewritten");
+        assert!(st.offline.as_deref().is_some_and(|o| o.starts_with("fenced")), "{st:?}");
+        assert!(agg.write(4096, &vec![1u8; 4096], false).is_err());
+        assert!(agg.set_clean_state(CleanState::Clean).is_err());
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1, "hook told once: {calls:?}");
+        assert!(calls[0].contains("reservation conflict"));
     }
 
     #[derive(Debug, Clone)]

@@ -28,9 +28,14 @@ use std::time::{Duration, Instant};
 pub trait MailboxStore: Send + Sync + 'static {
     /// Number of members (the majority is counted over these).
     fn members(&self) -> usize;
-    /// Write `slot` into slot `slot.slot_index` of every member; returns how many took it and
-    /// a description of each failure.
+    /// Write `slot` into slot `slot.slot_index` of every member we write; returns how many
+    /// took it and a description of each failure.
     fn write_slot(&self, slot: &Slot) -> (usize, Vec<String>);
+    /// Members we write our slot to (the self-fence majority counts over these). All of them,
+    /// except under PR fencing, where a node may write only the members it holds.
+    fn write_members(&self) -> usize {
+        self.members()
+    }
     /// Read slot `index` from every member and vote.
     fn read_slot(&self, index: usize) -> SlotVote;
 }
@@ -40,22 +45,40 @@ pub struct DiskStore {
     pub disks: MailboxDisks,
     /// Aggregate uuid written into the slot of member `i` (for people reading dumps).
     pub uuids: Vec<[u8; 16]>,
+    /// `Some(n)`: write our slot to the first `n` members only (our own aggregate's, listed
+    /// first). Under Write Exclusive reservations the others refuse our writes (EBADE): our
+    /// heartbeat lives on the disks we hold, and the partner reads it there.
+    pub write_first: Option<usize>,
 }
 
 impl MailboxStore for DiskStore {
     fn members(&self) -> usize {
         self.disks.len()
     }
+    fn write_members(&self) -> usize {
+        self.write_first.map_or(self.disks.len(), |n| n.min(self.disks.len()))
+    }
     fn write_slot(&self, slot: &Slot) -> (usize, Vec<String>) {
+        let n = self.write_members();
         let r = self
             .disks
-            .write_slot(slot, |i| self.uuids.get(i).copied().unwrap_or([0; 16]));
-        let failed = r
-            .failed
-            .iter()
-            .map(|(p, e)| format!("{}: {e}", p.display()))
-            .collect();
-        (r.written, failed)
+            .write_slot_first(n, slot, |i| self.uuids.get(i).copied().unwrap_or([0; 16]));
+        // Under PR fencing a member that refuses our slot with a reservation conflict (EBADE)
+        // is held by the partner: the disk itself fences us off it, which is what a self-fence
+        // would achieve. Counting it as a failure would make a fenced node (TakenOver, then
+        // Resuming until its RESERVE) self-fence for the very condition the disk enforces.
+        // Data writes refused that way report the fence to the HA loop (aggregate.rs).
+        let pr = self.write_first.is_some();
+        let mut written = r.written;
+        let mut failed = Vec::new();
+        for (p, e) in &r.failed {
+            if pr && crate::daemon::aggregate::is_reservation_conflict(e) {
+                written += 1;
+            } else {
+                failed.push(format!("{}: {e}", p.display()));
+            }
+        }
+        (written, failed)
     }
     fn read_slot(&self, index: usize) -> SlotVote {
         self.disks.read_slot(index)
@@ -324,13 +347,13 @@ impl Inner {
     /// Writes the slot for `d`; returns (written, members, failures).
     fn write(&self, d: &Desired) -> (usize, usize, Vec<String>) {
         let Some(slot) = self.slot(d) else {
-            return (0, self.store.members(), vec!["no heartbeat yet".into()]);
+            return (0, self.store.write_members(), vec!["no heartbeat yet".into()]);
         };
         let (written, failed) = {
             let _g = self.write_lock.lock().unwrap();
             self.store.write_slot(&slot)
         };
-        let members = self.store.members();
+        let members = self.store.write_members();
         if written * 2 > members {
             self.last_majority_ms.store(self.now_ms(), Ordering::SeqCst);
         } else {
@@ -495,7 +518,7 @@ impl MailboxSink for MailboxHandle {
         let detail = self.inner.last_failure.lock().unwrap().clone();
         Some(format!(
             "no heartbeat reached a majority of the {} mailbox members for {} ms (bound {} ms){}{}",
-            self.inner.store.members(),
+            self.inner.store.write_members(),
             now - last,
             self.inner.cfg.self_fence_bound_ms,
             if detail.is_empty() { "" } else { "; last: " },

@@ -2,6 +2,7 @@
 pub mod aggregate;
 pub mod backend;
 pub mod control;
+pub mod fence;
 pub mod ha;
 pub mod ha_testing;
 pub mod identity;

@@ -45,6 +45,8 @@ pub struct StepTimes {
 /// Hooks into the HA layer for what arrives over the interconnect.
 pub trait HaInbound: Send + Sync {
     fn on_ha_message(&self, bytes: &[u8]);
+    /// A write of ours was refused with a reservation conflict.
+    fn fenced_out(&self);
     fn on_link(&self, up: bool);
     fn summary(&self) -> StateSummary;
 }
@@ -73,6 +75,10 @@ pub struct PairNode {
     restore_cv: std::sync::Condvar,
     /// The mailbox driver's handle (set once the runtime started it).
     pub mailbox: Mutex<Option<crate::daemon::mailbox::MailboxHandle>>,
+    /// How this pair fences, decided from the probe of every member at startup.
+    pub fence_mode: FenceMode,
+    /// Our nexus to every member, under PR fencing.
+    pub pr: Option<Arc<PrFencer<PrDevice>>>,
 }
 
 impl PairNode {
@@ -82,6 +88,20 @@ impl PairNode {
         let pair = config.pair.clone().ok_or("configuration has no [pair] section")?;
         let own_cfg = config.aggregate.iter().find(|a| a.home == config.node).cloned().ok_or("no own aggregate")?;
         let partner_cfg = config.aggregate.iter().find(|a| a.home == pair.partner).cloned().ok_or("no partner aggregate")?;
+        // Fencing: SCSI-3 PR if every member has it, the mailbox alone if none has, and no
+        // start at all for a mix (a fence that covers some disks only is no fence).
+        let members: Vec<std::path::PathBuf> = own_cfg.members().into_iter().chain(partner_cfg.members()).collect();
+        let fence_mode = probe_members(&members, pair.fence_preempt).map_err(|e| format!("fencing: {e}"))?;
+        tracing::info!(node = %config.node, "fencing: {}", fence_mode.describe());
+        let pr = if fence_mode.is_pr() {
+            let (own_key, partner_key) = (node_key(&config.node), node_key(&pair.partner));
+            tracing::info!(own_key = format_args!("{own_key:#018x}"), partner_key = format_args!("{partner_key:#018x}"), "reservation keys");
+            let f = PrFencer::open(&own_cfg.members(), &partner_cfg.members(), own_key, partner_key, pair.fence_preempt)
+                .map_err(|e| format!("fencing: {e}"))?;
+            Some(Arc::new(f))
+        } else {
+            None
+        };
         let mirror_path = partner_cfg.nvram.clone().expect("validated");
         let mirror = NvramRegion::open(&mirror_path, partner_cfg.nvram_mib << 20).map_err(|e| e.to_string())?;
         tracing::info!(mirror = %mirror_path.display(), "partner log mirror: {}", mirror.persistence());
@@ -119,6 +139,8 @@ impl PairNode {
             restore: Mutex::new(None),
             restore_cv: std::sync::Condvar::new(),
             mailbox: Mutex::new(None),
+            fence_mode,
+            pr,
         }))
     }
 
@@ -236,6 +258,13 @@ impl PairNode {
         let cfg = self.agg_cfg(whose);
         let mut p = crate::daemon::node::progress_printer(format!("parity resync of {}", cfg.name));
         let (agg, dirty) = setup::open_with_state(cfg, &self.config.io, &mut p).map_err(|e| e.to_string())?;
+        // A write of ours refused with a reservation conflict: the partner fenced us.
+        if let Some(h) = self.ha.lock().unwrap().clone() {
+            agg.set_on_fenced(Box::new(move |why| {
+                tracing::error!("{why}: telling the HA loop we are fenced out");
+                h.fenced_out();
+            }));
+        }
         side.aggregate = Some(Arc::new(agg));
         side.was_dirty = dirty;
         Ok(())
@@ -580,6 +609,9 @@ use crate::core::takeover::{self, AckMode, Alarm, NodeId, StepError};
 use crate::daemon::control::{ControlOptions, ControlServer, StatusProvider};
 use crate::daemon::ha::{self as ha, HaConfig, HaExecutor, HaHandle, HaLoop, StepDone, StepOutcome};
 use crate::daemon::mailbox::{DiskStore, MailboxConfig, MailboxDriver, MailboxHandle};
+use crate::core::fence::{node_key, FenceMode};
+use crate::daemon::fence::{probe_members, FenceError, PrFencer};
+use crate::io::sg::PrDevice;
 use crate::io::mailbox::MailboxDisks;
 use std::sync::mpsc::{sync_channel, SyncSender};
 
@@ -594,8 +626,13 @@ pub struct PairExecutor {
 }
 
 impl PairExecutor {
-    fn fence(node: &PairNode, mailbox: &MailboxHandle, epoch: u64, msgwait: Duration) -> Result<(), String> {
-        mailbox.write_please_die_now(true, epoch).map_err(|e| format!("please-die not written: {e}"))?;
+    fn fence(node: &PairNode, mailbox: &MailboxHandle, epoch: u64, msgwait: Duration) -> Result<(), StepError> {
+        mailbox.write_please_die_now(true, epoch).map_err(|e| StepError::Failed(format!("please-die not written: {e}")))?;
+        if let Some(pr) = &node.pr {
+            // The reservation is the fence: once the partner's key is preempted its disks
+            // refuse its writes, whatever it does. No waiting for its mailbox.
+            return pr.fence().map_err(fence_step_error);
+        }
         // A partner whose mailbox has been silent for 1.5 self-fence bounds (msgwait is two)
         // has stopped writing: it fences itself one bound after its last heartbeat write,
         // which came before we saw its counter move. No need to wait again.
@@ -646,11 +683,20 @@ impl HaExecutor for PairExecutor {
             let outcome = match step {
                 Step::Fence => match Self::fence(&node, &mailbox, epoch, msgwait) {
                     Ok(()) => StepOutcome::Done,
-                    Err(e) => StepOutcome::Failed(StepError::Failed(e)),
+                    Err(e) => StepOutcome::Failed(e),
                 },
-                Step::ReleaseFence => match mailbox.write_please_die_now(false, 0) {
-                    Ok(_) => StepOutcome::Done,
-                    Err(e) => StepOutcome::Failed(StepError::Failed(e.to_string())),
+                // Reservations first (the partner reserves at its RegisterOwn), then the
+                // mailbox: the partner does not resume before please-die is gone.
+                Step::ReleaseFence => match node.pr.as_ref().map_or(Ok(()), |pr| pr.release_fence().map_err(fence_step_error)) {
+                    Err(e) => StepOutcome::Failed(e),
+                    Ok(()) => match mailbox.write_please_die_now(false, 0) {
+                        Ok(_) => StepOutcome::Done,
+                        Err(e) => StepOutcome::Failed(StepError::Failed(e.to_string())),
+                    },
+                },
+                Step::RegisterOwn => match node.pr.as_ref().map_or(Ok(()), |pr| pr.register_own().map_err(fence_step_error)) {
+                    Ok(()) => StepOutcome::Done,
+                    Err(e) => StepOutcome::Failed(e),
                 },
                 Step::RecheckMailbox | Step::MarkCleanShutdown => mailbox.run_step(step).unwrap_or(StepOutcome::Done),
                 other => {
@@ -663,7 +709,7 @@ impl HaExecutor for PairExecutor {
                     }
                 }
             };
-            if matches!(step, Step::Fence | Step::ReleaseFence | Step::RecheckMailbox | Step::MarkCleanShutdown) {
+            if matches!(step, Step::Fence | Step::ReleaseFence | Step::RegisterOwn | Step::RecheckMailbox | Step::MarkCleanShutdown) {
                 node.times.lock().unwrap().steps.push((format!("{step:?}"), t0.elapsed().as_millis() as u64));
             }
             done.finish(outcome);
@@ -684,6 +730,16 @@ impl HaExecutor for PairExecutor {
     }
 }
 
+/// A fencing step's error for the HA layer: a conflict (our key is gone) halts us, anything
+/// else is retried.
+fn fence_step_error(e: FenceError) -> StepError {
+    if e.is_fenced() {
+        StepError::ReservationConflict
+    } else {
+        StepError::Failed(e.to_string())
+    }
+}
+
 /// What arrives over the interconnect for HA goes to the loop.
 struct Inbound {
     ha: HaHandle,
@@ -699,6 +755,9 @@ impl HaInbound for Inbound {
         }
     }
     fn on_link(&self, _up: bool) {}
+    fn fenced_out(&self) {
+        let _ = self.ha.fenced_out();
+    }
     fn summary(&self) -> StateSummary {
         StateSummary { ha_state: 0, flags: StateSummary::HEALTHY, aggregates_served: 0, log_last_seq: 0 }
     }
@@ -746,8 +805,9 @@ impl StatusProvider for PairNode {
             persistence,
             used_bytes: 0,
             capacity_bytes: self.own_cfg.nvram_mib << 20,
-            detail: format!("own log mirror: {mirror}; fencing: mailbox only (cooperative: these members have no persistent reservations)"),
+            detail: format!("own log mirror: {mirror}; fencing: {}", self.fence_mode.describe()),
         });
+        st.extra.insert("fencing".into(), serde_json::json!(self.fence_mode.describe()));
         st.extra.insert("step_times_ms".into(), serde_json::json!(self.times.lock().unwrap().steps.iter().rev().take(40).collect::<Vec<_>>()));
     }
 }
@@ -793,7 +853,10 @@ impl PairRuntime {
         // The mailbox on every shared member.
         let members: Vec<std::path::PathBuf> = node.own_cfg.members().into_iter().chain(node.partner_cfg.members()).collect();
         let disks = MailboxDisks::open(&members).map_err(|e| format!("mailbox: {e}"))?;
-        let store = Arc::new(DiskStore { disks, uuids: vec![[0; 16]; members.len()] });
+        // Under Write Exclusive reservations we may write only the members we hold: our slot
+        // goes to our own aggregate's members (listed first), the partner reads it there.
+        let write_first = node.pr.as_ref().map(|_| node.own_cfg.members().len());
+        let store = Arc::new(DiskStore { disks, uuids: vec![[0; 16]; members.len()], write_first });
         let mcfg = MailboxConfig {
             node_name: node.config.node.clone(),
             partner_name: pair.partner.clone(),

@@ -63,9 +63,15 @@ impl MailboxDisks {
     /// Write `slot` (for each member with that member's aggregate uuid from `uuid_of`) into slot
     /// `slot.slot_index` of every member.
     pub fn write_slot(&self, slot: &Slot, uuid_of: impl Fn(usize) -> [u8; 16]) -> WriteRound {
+        self.write_slot_first(self.members.len(), slot, uuid_of)
+    }
+
+    /// As [`MailboxDisks::write_slot`], on the first `n` members only (the members this node
+    /// may write under Write Exclusive reservations: its own aggregate, listed first).
+    pub fn write_slot_first(&self, n: usize, slot: &Slot, uuid_of: impl Fn(usize) -> [u8; 16]) -> WriteRound {
         let mut buf = IoBuf::new(SLOT_BYTES);
         let mut round = WriteRound { written: 0, failed: Vec::new() };
-        for (i, (p, f)) in self.members.iter().enumerate() {
+        for (i, (p, f)) in self.members.iter().enumerate().take(n) {
             let mut s = slot.clone();
             s.aggregate_uuid = uuid_of(i);
             match s.encode() {

@@ -14,6 +14,8 @@
 #        HAPAIR_VM_FENCE=preempt|preempt-and-abort (default preempt; see below)
 #        HAPAIR_VM_DEVKIND=sd|sg: hand the test /dev/sdX (default) or their /dev/sgN
 #        HAPAIR_VM_DEBUG=1: verbose kernel console, blocked-task dump after 30 s
+#        HAPAIR_VM_SCENARIO=prtest|pair: hapair-prtest on one LUN (default), or two hapaird
+#          daemons fencing with PR over four LUNs (tests/vm/pair-guest.sh; tests/vm/pair.sh)
 # Needs root. Installs qemu-system-x86, busybox-static, sg3-utils through apt if missing.
 # Exits 0 only if the scenario ran in the guest and passed; otherwise non-zero with the reason.
 set -euo pipefail
@@ -33,6 +35,13 @@ TIMEOUT_S=${HAPAIR_VM_TIMEOUT_S:-120}
 # HAPAIR_VM_FENCE=preempt-and-abort reproduces the hang.
 FENCE=${HAPAIR_VM_FENCE:-preempt}
 DEVKIND=${HAPAIR_VM_DEVKIND:-sd}
+SCENARIO=${HAPAIR_VM_SCENARIO:-prtest}
+case "$SCENARIO" in
+prtest) NLUNS=1 MEM=1024 ;;
+# Two aggregates of 1 data + 1 parity member: four LUNs, each seen by both "hosts".
+pair) NLUNS=4 MEM=2048 ;;
+*) echo "$0: HAPAIR_VM_SCENARIO must be prtest or pair" >&2; exit 1 ;;
+esac
 # HAPAIR_VM_DEBUG=1: full kernel log on the console, blocked-task dump after 30 s.
 KQUIET=quiet
 [ "${HAPAIR_VM_DEBUG:-0}" = 1 ] && KQUIET="loglevel=7"
@@ -84,13 +93,21 @@ SG_PERSIST=$(command -v sg_persist) || die "sg_persist not found after install"
 # ---- the test binary -----------------------------------------------------------------------
 if [ -z "$BIN" ]; then
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-    say "building hapair-prtest (debug) in $CARGO_TARGET_DIR"
-    (cd "$REPO" && nice -n 10 cargo build --quiet --bin hapair-prtest) ||
-        die "cargo build --bin hapair-prtest failed"
+    say "building hapair-prtest, hapaird, takeoverctl (debug) in $CARGO_TARGET_DIR"
+    (cd "$REPO" && nice -n 10 cargo build --quiet --bin hapair-prtest --bin hapaird --bin takeoverctl) ||
+        die "cargo build failed"
     BIN=$CARGO_TARGET_DIR/debug/hapair-prtest
 fi
 BIN=$(realpath "$BIN") || die "test binary path does not resolve"
 [ -x "$BIN" ] || die "test binary $BIN is not executable"
+BINDIR=$(dirname "$BIN")
+if [ "$SCENARIO" = pair ]; then
+    for b in hapaird takeoverctl; do
+        [ -x "$BINDIR/$b" ] || die "$BINDIR/$b missing (built next to $BIN)"
+    done
+    command -v qemu-io >/dev/null || { apt_update_once; apt-get install -y -qq qemu-utils >/dev/null || die "apt-get install qemu-utils failed"; }
+    command -v python3 >/dev/null || die "python3 needed in the guest chroot (control socket client)"
+fi
 
 # ---- guest kernel (cached; nothing goes to /boot) ------------------------------------------
 mkdir -p "$CACHE"
@@ -217,6 +234,10 @@ WANT="${WANT[*]}"
 DEVKIND=$DEVKIND
 DEBUG=${HAPAIR_VM_DEBUG:-0}
 FENCE=$FENCE
+SCENARIO=$SCENARIO
+NLUNS=$NLUNS
+BINDIR=$BINDIR
+REPO=$REPO
 EOF
 cat >>"$IR/init" <<'EOF'
 halt() { sync; poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; exit 1; }
@@ -239,42 +260,50 @@ mount -t configfs configfs /sys/kernel/config || fail "mount configfs"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro hostroot /mnt/host ||
     fail "mount host root over 9p"
 
-# LIO: one fileio backstore, two tcm_loop targets (two initiators) to it.
+# LIO: NLUNS fileio backstores; per host one tcm_loop target (one initiator) exporting all of
+# them: host h sees LUN i as its own /dev/sdX, linked as /dev/hapair/h$h-lun$i.
 T=/sys/kernel/config/target
-mkdir -p $T/core/fileio_0/lun0 || fail "mkdir fileio backstore"
-echo "fd_dev_name=/lun0.img,fd_dev_size=16777216" > $T/core/fileio_0/lun0/control ||
-    fail "fileio control"
-echo 1 > $T/core/fileio_0/lun0/enable || fail "enable backstore"
+mkdir -p /dev/hapair
+for i in $(seq 0 $((NLUNS - 1))); do
+    mkdir -p $T/core/fileio_$i/lun$i || fail "mkdir fileio backstore $i"
+    echo "fd_dev_name=/lun$i.img,fd_dev_size=$((32 << 20))" > $T/core/fileio_$i/lun$i/control ||
+        fail "fileio control $i"
+    echo 1 > $T/core/fileio_$i/lun$i/enable || fail "enable backstore $i"
+done
 sd_list() { ls /sys/block 2>/dev/null | grep '^sd' ; }
 DEVS=""
 for h in 1 2; do
     tgt=naa.5001405000000a0$h
     ini=naa.5001405000000b0$h
-    mkdir -p $T/loopback/$tgt/tpgt_1/lun/lun_0 || fail "mkdir tcm_loop target $h"
-    # nexus BEFORE the LUN link, or the LUN has no I_T nexus and no disk appears.
+    mkdir -p $T/loopback/$tgt/tpgt_1 || fail "mkdir tcm_loop target $h"
+    # nexus BEFORE the LUN links, or the LUNs have no I_T nexus and no disk appears.
     echo $ini > $T/loopback/$tgt/tpgt_1/nexus || fail "nexus $h"
-    before=$(sd_list)
-    ln -s $T/core/fileio_0/lun0 $T/loopback/$tgt/tpgt_1/lun/lun_0/hapair_lun ||
-        fail "link LUN for target $h"
-    new=""
-    for i in $(seq 1 100); do
-        for d in $(sd_list); do
-            echo "$before" | grep -qx "$d" || new=$d
-        done
-        [ -n "$new" ] && [ -b /dev/$new ] && break
+    for i in $(seq 0 $((NLUNS - 1))); do
+        mkdir -p $T/loopback/$tgt/tpgt_1/lun/lun_$i || fail "mkdir lun_$i of target $h"
+        before=$(sd_list)
+        ln -s $T/core/fileio_$i/lun$i $T/loopback/$tgt/tpgt_1/lun/lun_$i/hapair_lun ||
+            fail "link LUN $i for target $h"
         new=""
-        sleep 0.1
+        for t in $(seq 1 100); do
+            for d in $(sd_list); do
+                echo "$before" | grep -qx "$d" || new=$d
+            done
+            [ -n "$new" ] && [ -b /dev/$new ] && break
+            new=""
+            sleep 0.1
+        done
+        [ -n "$new" ] || fail "no sd device appeared for LUN $i of tcm_loop target $h"
+        if [ "$DEVKIND" = sg ]; then
+            sgdev=$(ls /sys/block/$new/device/scsi_generic 2>/dev/null | head -n1)
+            [ -n "$sgdev" ] && [ -c /dev/$sgdev ] || fail "no sg node for /dev/$new"
+            log "host $h: target $tgt initiator $ini LUN $i -> /dev/$new (/dev/$sgdev)"
+            new=$sgdev
+        else
+            log "host $h: target $tgt initiator $ini LUN $i -> /dev/$new"
+        fi
+        ln -s /dev/$new /dev/hapair/h$h-lun$i || fail "symlink /dev/hapair/h$h-lun$i"
+        [ $i = 0 ] && DEVS="$DEVS $new"
     done
-    [ -n "$new" ] || fail "no sd device appeared for tcm_loop target $h"
-    if [ "$DEVKIND" = sg ]; then
-        sgdev=$(ls /sys/block/$new/device/scsi_generic 2>/dev/null | head -n1)
-        [ -n "$sgdev" ] && [ -c /dev/$sgdev ] || fail "no sg node for /dev/$new"
-        log "host $h: target $tgt initiator $ini -> /dev/$new (/dev/$sgdev)"
-        new=$sgdev
-    else
-        log "host $h: target $tgt initiator $ini -> /dev/$new"
-    fi
-    DEVS="$DEVS $new"
 done
 set -- $DEVS
 for d in dev proc sys; do
@@ -284,11 +313,22 @@ if [ "$DEBUG" = 1 ]; then
     # Dump blocked tasks and CPU backtraces to the console if the run is stuck.
     (sleep 30; echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger) &
 fi
-log "running $BIN --node-a /dev/$1 --node-b /dev/$2 --fence $FENCE"
-chroot /mnt/host $BIN --node-a /dev/$1 --node-b /dev/$2 --sg-persist $SG_PERSIST --fence $FENCE \
-    > $R/prtest.log 2>&1
-rc=$?
-log "hapair-prtest exited $rc"
+if [ "$SCENARIO" = pair ]; then
+    # Scratch space for configs, NVRAM files and sockets: a tmpfs over the read-only /tmp.
+    mount -t tmpfs -o size=256m tmpfs /mnt/host/tmp || fail "tmpfs on /tmp of the chroot"
+    ip link set lo up || fail "lo up"
+    log "running tests/vm/pair-guest.sh (fence $FENCE)"
+    chroot /mnt/host /bin/bash $REPO/tests/vm/pair-guest.sh $BINDIR $FENCE > $R/prtest.log 2>&1
+    rc=$?
+    log "pair-guest.sh exited $rc"
+    umount /mnt/host/tmp
+else
+    log "running $BIN --node-a /dev/$1 --node-b /dev/$2 --fence $FENCE"
+    chroot /mnt/host $BIN --node-a /dev/$1 --node-b /dev/$2 --sg-persist $SG_PERSIST --fence $FENCE \
+        > $R/prtest.log 2>&1
+    rc=$?
+    log "hapair-prtest exited $rc"
+fi
 echo $rc > $R/rc
 for d in sys proc dev; do umount /mnt/host/$d; done
 halt
@@ -304,7 +344,7 @@ say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), fence action: $FENCE"
 [ "$FENCE" = preempt ] && say "NOTE: fencing with PREEMPT, not PREEMPT AND ABORT (LIO/tcm_loop deadlock)"
 start=$(date +%s)
 nice -n 10 timeout --kill-after=10 "$TIMEOUT_S" "$QEMU" \
-    -accel tcg -smp 2 -m 1024 -net none -nographic -no-reboot \
+    -accel tcg -smp 2 -m $MEM -net none -nographic -no-reboot \
     -kernel "$VMLINUZ" -initrd "$WORK/initrd.gz" \
     -append "console=ttyS0 $KQUIET panic=-1" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
@@ -330,7 +370,7 @@ show_console() {
 [ -f "$RES/rc" ] || { show_console; die "guest reported no result (qemu exit $qrc)"; }
 rc=$(cat "$RES/rc")
 case "$rc" in
-0) say "PASS: hapair-prtest passed on two LIO initiators in the VM" ;;
+0) say "PASS: scenario $SCENARIO passed on LIO initiators in the VM" ;;
 setup:*) show_console; die "guest $rc" ;;
-*) die "hapair-prtest failed in the VM with exit code $rc" ;;
+*) die "scenario $SCENARIO failed in the VM with exit code $rc" ;;
 esac

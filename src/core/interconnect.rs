@@ -120,10 +120,13 @@ pub struct LogSegment {
     pub bytes: Vec<u8>,
 }
 
-/// A group commit for the mirror. Body: first_seq u64, last_seq u64, count u32, then per
-/// segment region_offset u64, len u32, bytes.
+/// A group commit for the mirror. Body: epoch u64, first_seq u64, last_seq u64, count u32,
+/// then per segment region_offset u64, len u32, bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogRecords {
+    /// The sender's log epoch (random at each format of its log). Sequence numbers restart with
+    /// every epoch, so an acknowledgement counts only for the epoch it names.
+    pub epoch: u64,
     pub first_seq: u64,
     pub last_seq: u64,
     pub segments: Vec<LogSegment>,
@@ -136,8 +139,9 @@ pub enum Message {
     /// Body: seq u64 + [`StateSummary`].
     Heartbeat { seq: u64, state: StateSummary },
     LogRecords(LogRecords),
-    /// The mirror holds everything up to `up_to_seq` durably. Body: u64.
-    LogAck { up_to_seq: u64 },
+    /// The mirror holds everything up to `up_to_seq` of log epoch `epoch` durably.
+    /// Body: epoch u64, up_to_seq u64.
+    LogAck { epoch: u64, up_to_seq: u64 },
     /// A CP put everything up to `up_to_seq` on the members: trim the mirror. Body: u64.
     Trim { up_to_seq: u64 },
     /// Empty body: "take me over".
@@ -224,6 +228,7 @@ impl Message {
                 out.extend_from_slice(&state.log_last_seq.to_le_bytes());
             }
             Message::LogRecords(r) | Message::MirrorCopy(r) => {
+                out.extend_from_slice(&r.epoch.to_le_bytes());
                 out.extend_from_slice(&r.first_seq.to_le_bytes());
                 out.extend_from_slice(&r.last_seq.to_le_bytes());
                 out.extend_from_slice(&(r.segments.len() as u32).to_le_bytes());
@@ -233,9 +238,11 @@ impl Message {
                     out.extend_from_slice(&s.bytes);
                 }
             }
-            Message::LogAck { up_to_seq } | Message::Trim { up_to_seq } => {
+            Message::LogAck { epoch, up_to_seq } => {
+                out.extend_from_slice(&epoch.to_le_bytes());
                 out.extend_from_slice(&up_to_seq.to_le_bytes())
             }
+            Message::Trim { up_to_seq } => out.extend_from_slice(&up_to_seq.to_le_bytes()),
             Message::PleaseShutdown { countdown_ms } => out.extend_from_slice(&countdown_ms.to_le_bytes()),
             Message::Ha(b) => out.extend_from_slice(b),
             Message::MirrorCopyDone { region_bytes } => out.extend_from_slice(&region_bytes.to_le_bytes()),
@@ -273,6 +280,7 @@ impl Message {
                 Message::Heartbeat { seq, state }
             }
             kind::LOG_RECORDS | kind::MIRROR_COPY => {
+                let epoch = r.u64()?;
                 let first_seq = r.u64()?;
                 let last_seq = r.u64()?;
                 let count = r.u32()? as usize;
@@ -289,7 +297,7 @@ impl Message {
                     let bytes = r.take(len)?.to_vec();
                     segments.push(LogSegment { region_offset, bytes });
                 }
-                let r = LogRecords { first_seq, last_seq, segments };
+                let r = LogRecords { epoch, first_seq, last_seq, segments };
                 if kind == kind::MIRROR_COPY {
                     Message::MirrorCopy(r)
                 } else {
@@ -298,7 +306,7 @@ impl Message {
             }
             kind::MIRROR_FETCH => Message::MirrorFetch,
             kind::MIRROR_COPY_DONE => Message::MirrorCopyDone { region_bytes: r.u64()? },
-            kind::LOG_ACK => Message::LogAck { up_to_seq: r.u64()? },
+            kind::LOG_ACK => Message::LogAck { epoch: r.u64()?, up_to_seq: r.u64()? },
             kind::TRIM => Message::Trim { up_to_seq: r.u64()? },
             kind::PLEASE_TAKEOVER => Message::PleaseTakeover,
             kind::PLEASE_SHUTDOWN => Message::PleaseShutdown { countdown_ms: r.u32()? },
@@ -589,6 +597,7 @@ mod tests {
                 state: StateSummary { ha_state: 3, flags: StateSummary::HEALTHY, aggregates_served: 2, log_last_seq: 99 },
             },
             Message::LogRecords(LogRecords {
+                epoch: 3,
                 first_seq: 5,
                 last_seq: 7,
                 segments: vec![
@@ -596,7 +605,7 @@ mod tests {
                     LogSegment { region_offset: 8192, bytes: vec![] },
                 ],
             }),
-            Message::LogAck { up_to_seq: 7 },
+            Message::LogAck { epoch: 5, up_to_seq: 7 },
             Message::Trim { up_to_seq: 6 },
             Message::PleaseTakeover,
             Message::PleaseShutdown { countdown_ms: 30_000 },
@@ -607,7 +616,7 @@ mod tests {
             Message::GivebackComplete,
             Message::Ha(br#"{"PleaseDie":{"epoch":3}}"#.to_vec()),
             Message::MirrorFetch,
-            Message::MirrorCopy(LogRecords { first_seq: 0, last_seq: 9, segments: vec![LogSegment { region_offset: 0, bytes: vec![7; 64] }] }),
+            Message::MirrorCopy(LogRecords { epoch: 0, first_seq: 0, last_seq: 9, segments: vec![LogSegment { region_offset: 0, bytes: vec![7; 64] }] }),
             Message::MirrorCopyDone { region_bytes: 1 << 20 },
         ]
     }
@@ -626,8 +635,8 @@ mod tests {
     /// After a rejection the session is unchanged and the next legitimate frame still goes.
     fn still_works(a: &mut Session, b: &mut Session, before: u64) {
         assert_eq!(b.rx_last_seq(), before, "rejected frame changed state");
-        let f = a.encode(&Message::LogAck { up_to_seq: 1 }).unwrap();
-        assert_eq!(b.decode_frame(&f).unwrap(), Message::LogAck { up_to_seq: 1 });
+        let f = a.encode(&Message::LogAck { epoch: 1, up_to_seq: 1 }).unwrap();
+        assert_eq!(b.decode_frame(&f).unwrap(), Message::LogAck { epoch: 1, up_to_seq: 1 });
     }
 
     #[test]
@@ -734,7 +743,7 @@ mod tests {
     fn truncated_frame_is_rejected() {
         let (mut a, mut b) = pair();
         let last = b.rx_last_seq();
-        let f = a.encode(&Message::LogAck { up_to_seq: 3 }).unwrap();
+        let f = a.encode(&Message::LogAck { epoch: 1, up_to_seq: 3 }).unwrap();
         for cut in [0, 1, HEADER_BYTES - 1, HEADER_BYTES, f.len() - 1] {
             assert_eq!(b.decode_frame(&f[..cut]), Err(FrameError::Truncated { have: cut, need: if cut < HEADER_BYTES { HEADER_BYTES } else { f.len() } }));
             assert!(matches!(b.decode(&f[..cut]), Ok(Decoded::NeedMore { .. })));
@@ -743,7 +752,7 @@ mod tests {
         longer.push(0);
         assert_eq!(b.decode_frame(&longer), Err(FrameError::TrailingBytes(1)));
         assert_eq!(b.rx_last_seq(), last);
-        assert_eq!(b.decode_frame(&f).unwrap(), Message::LogAck { up_to_seq: 3 });
+        assert_eq!(b.decode_frame(&f).unwrap(), Message::LogAck { epoch: 1, up_to_seq: 3 });
     }
 
     #[test]
@@ -758,6 +767,7 @@ mod tests {
             Err(FrameError::Oversized { body_len: MAX_BODY_BYTES + 1, max: MAX_BODY_BYTES })
         );
         let huge = Message::LogRecords(LogRecords {
+            epoch: 3,
             first_seq: 1,
             last_seq: 1,
             segments: vec![LogSegment { region_offset: 0, bytes: vec![0; MAX_BODY_BYTES] }],
@@ -798,7 +808,7 @@ mod tests {
             b.decode_frame(&seal(&a, nb, kind::PLEASE_DIE, 1000, &[0])),
             Err(FrameError::Malformed { kind: kind::PLEASE_DIE, reason: "trailing bytes in body" })
         );
-        let mut many = vec![0u8; 16];
+        let mut many = vec![0u8; 24]; // epoch, first_seq, last_seq
         many.extend_from_slice(&(MAX_SEGMENTS as u32 + 1).to_le_bytes());
         assert_eq!(
             b.decode_frame(&seal(&a, nb, kind::LOG_RECORDS, 1000, &many)),

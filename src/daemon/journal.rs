@@ -34,8 +34,10 @@ pub trait MirrorLink: Send + Sync {
     fn is_up(&self) -> bool;
     /// Send bytes of our log region for the partner's mirror. False if the link is down.
     fn send_records(&self, records: LogRecords) -> bool;
-    /// Wait until the partner acknowledged `seq` durable, or `timeout`. True if acknowledged.
-    fn wait_ack(&self, seq: u64, timeout: Duration) -> bool;
+    /// Wait until the partner acknowledged `seq` of log epoch `epoch` durable, or `timeout`.
+    /// True if acknowledged. Sequence numbers restart with every epoch (every format of the
+    /// log): an acknowledgement of another epoch never counts.
+    fn wait_ack(&self, epoch: u64, seq: u64, timeout: Duration) -> bool;
 }
 
 /// See [`Journal::set_unmirrored_hook`].
@@ -332,6 +334,7 @@ impl Journal {
     /// does not change while it is copied; returns the last seq the copy covers and the batches.
     fn resync_batches(inner: &mut Inner) -> (u64, Vec<Range<usize>>, Vec<LogRecords>) {
         let c = inner.app.commit();
+        let epoch = inner.app.header().epoch;
         let live = inner.app.live_ranges();
         let bytes = inner.region.bytes();
         let seg = 1 << 20;
@@ -344,12 +347,12 @@ impl Journal {
                 segments.push(LogSegment { region_offset: off as u64, bytes: bytes[off..off + n].to_vec() });
                 off += n;
                 if segments.len() == 4 {
-                    batches.push(LogRecords { first_seq: 0, last_seq: c.last_seq, segments: std::mem::take(&mut segments) });
+                    batches.push(LogRecords { epoch, first_seq: 0, last_seq: c.last_seq, segments: std::mem::take(&mut segments) });
                 }
             }
         }
         if !segments.is_empty() {
-            batches.push(LogRecords { first_seq: 0, last_seq: c.last_seq, segments });
+            batches.push(LogRecords { epoch, first_seq: 0, last_seq: c.last_seq, segments });
         }
         (c.last_seq, live, batches)
     }
@@ -381,6 +384,7 @@ impl Journal {
             }
             force = false;
             g.committing = true;
+            let epoch = g.app.header().epoch;
             let link = self.mirror.read().unwrap().clone();
             let link = link.filter(|l| l.is_up());
             let resync = link.is_some() && g.mirror_needs_resync;
@@ -395,7 +399,7 @@ impl Journal {
                     .collect();
                 let batches = segs
                     .chunks(MAX_SEGMENTS)
-                    .map(|s| LogRecords { first_seq: c.first_seq, last_seq: c.last_seq, segments: s.to_vec() })
+                    .map(|s| LogRecords { epoch: g.app.header().epoch, first_seq: c.first_seq, last_seq: c.last_seq, segments: s.to_vec() })
                     .collect();
                 (c.last_seq, c.ranges, batches)
             };
@@ -406,7 +410,7 @@ impl Journal {
             // SAFETY: the region lives in `inner`, which lives as long as `self`.
             let persisted = unsafe { self.persister.persist(&ranges) };
             let mirrored = match (&link, &persisted) {
-                (Some(l), Ok(())) => sent && l.wait_ack(c_last, MIRROR_ACK_TIMEOUT),
+                (Some(l), Ok(())) => sent && l.wait_ack(epoch, c_last, MIRROR_ACK_TIMEOUT),
                 _ => false,
             };
             g = self.inner.lock().unwrap();
@@ -556,8 +560,9 @@ impl Journal {
             let mut g = self.inner.lock().unwrap();
             if link.is_up() && !g.mirror_needs_resync {
                 let last = g.durable;
-                let ok = link.send_records(LogRecords { first_seq: last, last_seq: last, segments: vec![seg] })
-                    && link.wait_ack(last, MIRROR_ACK_TIMEOUT);
+                let epoch = g.app.header().epoch;
+                let ok = link.send_records(LogRecords { epoch, first_seq: last, last_seq: last, segments: vec![seg] })
+                    && link.wait_ack(epoch, last, MIRROR_ACK_TIMEOUT);
                 if !ok {
                     g.mirror_needs_resync = true;
                     self.set_not_mirrored("partner did not acknowledge a trim");
@@ -739,7 +744,9 @@ mod tests {
     struct LocalLink {
         mirror: MirrorRegion,
         up: AtomicBool,
-        acked: Mutex<u64>,
+        /// Accept records but never apply or acknowledge them (a partner that went quiet).
+        blackhole: AtomicBool,
+        acked: Mutex<(u64, u64)>,
         cv: Condvar,
     }
 
@@ -751,16 +758,20 @@ mod tests {
             if !self.is_up() {
                 return false;
             }
+            if self.blackhole.load(Ordering::Acquire) {
+                return true;
+            }
             let seq = self.mirror.apply(&records).unwrap();
             let mut a = self.acked.lock().unwrap();
-            *a = (*a).max(seq);
+            *a = if a.0 == records.epoch { (a.0, a.1.max(seq)) } else { (records.epoch, seq) };
             self.cv.notify_all();
             true
         }
-        fn wait_ack(&self, seq: u64, timeout: Duration) -> bool {
+        fn wait_ack(&self, epoch: u64, seq: u64, timeout: Duration) -> bool {
             let a = self.acked.lock().unwrap();
-            let (a, _) = self.cv.wait_timeout_while(a, timeout, |a| *a < seq && self.is_up()).unwrap();
-            *a >= seq
+            let ok = |a: &(u64, u64)| a.0 == epoch && a.1 >= seq;
+            let (a, _) = self.cv.wait_timeout_while(a, timeout, |a| !ok(a) && self.is_up()).unwrap();
+            ok(&a)
         }
     }
 
@@ -902,7 +913,8 @@ mod tests {
         let link = Arc::new(LocalLink {
             mirror: MirrorRegion::new(region(dir.path(), "mirror")),
             up: AtomicBool::new(true),
-            acked: Mutex::new(0),
+            blackhole: AtomicBool::new(false),
+            acked: Mutex::new((0, 0)),
             cv: Condvar::new(),
         });
         j.set_mirror(Some(link.clone()));
@@ -951,7 +963,8 @@ mod tests {
         let link = Arc::new(LocalLink {
             mirror: MirrorRegion::new(region(dir.path(), "mirror")),
             up: AtomicBool::new(true),
-            acked: Mutex::new(0),
+            blackhole: AtomicBool::new(false),
+            acked: Mutex::new((0, 0)),
             cv: Condvar::new(),
         });
         j.set_mirror(Some(link.clone()));
@@ -980,6 +993,40 @@ mod tests {
         j.write(16384, &pattern(4096, 5)).unwrap();
         assert_eq!(j.mirror_state(), MirrorState::Mirrored);
         assert_eq!(calls.lock().unwrap().last(), Some(&false));
+    }
+
+    #[test]
+    fn an_acknowledgement_of_an_earlier_log_epoch_never_counts() {
+        // A node's log restarts its sequence numbers at every format (a restart, a giveback).
+        // The partner's acknowledgements of the old log must not acknowledge the new one.
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(2, 4096, 16);
+        let agg = Arc::new(agg);
+        let link = Arc::new(LocalLink {
+            mirror: MirrorRegion::new(region(dir.path(), "mirror")),
+            up: AtomicBool::new(true),
+            blackhole: AtomicBool::new(false),
+            acked: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+        });
+        {
+            let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+            j.set_mirror(Some(link.clone()));
+            for i in 0..20 {
+                j.write(i as u64 * 4096, &pattern(4096, i)).unwrap();
+            }
+            assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+            j.close().unwrap();
+        }
+        // The partner now takes records without acknowledging them.
+        link.blackhole.store(true, Ordering::Release);
+        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        j.set_mirror(Some(link.clone()));
+        j.write(0, &pattern(4096, 99)).unwrap();
+        assert!(
+            matches!(j.mirror_state(), MirrorState::NotMirrored { .. }),
+            "seq 1 of the new log was taken as mirrored on the strength of the old log's acks"
+        );
     }
 
 }

@@ -58,7 +58,8 @@ struct Shared {
     conn: Mutex<Option<Conn>>,
     next_id: AtomicU64,
     up: AtomicBool,
-    acked: Mutex<u64>,
+    /// The partner's latest acknowledgement: (log epoch, up to seq).
+    acked: Mutex<(u64, u64)>,
     acked_cv: Condvar,
     stop: AtomicBool,
     /// Clock origin for the rate limiter.
@@ -107,7 +108,7 @@ impl Link {
             conn: Mutex::new(None),
             next_id: AtomicU64::new(1),
             up: AtomicBool::new(false),
-            acked: Mutex::new(0),
+            acked: Mutex::new((0, 0)),
             acked_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -170,14 +171,15 @@ impl MirrorLink for Link {
     fn send_records(&self, records: LogRecords) -> bool {
         self.shared.send(&Message::LogRecords(records))
     }
-    fn wait_ack(&self, seq: u64, timeout: Duration) -> bool {
+    fn wait_ack(&self, epoch: u64, seq: u64, timeout: Duration) -> bool {
         let s = &self.shared;
+        let ok = |a: &(u64, u64)| a.0 == epoch && a.1 >= seq;
         let g = s.acked.lock().unwrap();
         let (g, _) = s
             .acked_cv
-            .wait_timeout_while(g, timeout, |a| *a < seq && s.up.load(Ordering::Acquire))
+            .wait_timeout_while(g, timeout, |a| !ok(a) && s.up.load(Ordering::Acquire))
             .unwrap();
-        *g >= seq
+        ok(&g)
     }
 }
 
@@ -322,13 +324,14 @@ impl Shared {
         match msg {
             Message::LogRecords(r) => match self.handler.on_log_records(&r) {
                 Ok(seq) => {
-                    self.send(&Message::LogAck { up_to_seq: seq });
+                    self.send(&Message::LogAck { epoch: r.epoch, up_to_seq: seq });
                 }
                 Err(e) => tracing::error!(error = %e, "mirror update refused; not acknowledged"),
             },
-            Message::LogAck { up_to_seq } => {
+            Message::LogAck { epoch, up_to_seq } => {
                 let mut a = self.acked.lock().unwrap();
-                *a = (*a).max(up_to_seq);
+                // A new epoch (the partner's log was formatted again) starts counting afresh.
+                *a = if a.0 == epoch { (epoch, a.1.max(up_to_seq)) } else { (epoch, up_to_seq) };
                 self.acked_cv.notify_all();
             }
             Message::Hello(_) => {

@@ -358,7 +358,7 @@ impl PairNode {
         let total = snap.len() as u64;
         std::thread::spawn(move || {
             for batch in segments.chunks(4) {
-                if !link.send(&Message::MirrorCopy(LogRecords { first_seq: 0, last_seq: 0, segments: batch.to_vec() })) {
+                if !link.send(&Message::MirrorCopy(LogRecords { epoch: 0, first_seq: 0, last_seq: 0, segments: batch.to_vec() })) {
                     return;
                 }
             }

@@ -307,6 +307,35 @@ impl Journal {
         *self.unmirrored_hook.write().unwrap() = hook;
     }
 
+    /// True when every acknowledged write is in the partner's mirror *and* the mailbox no
+    /// longer says otherwise (what the partner may rely on for a takeover).
+    pub fn fully_mirrored(&self) -> bool {
+        matches!(self.mirror_state(), MirrorState::Mirrored) && !self.unmirrored_flag.load(Ordering::Acquire)
+    }
+
+    /// Clear the mailbox's "unmirrored" flag once mirrored again (set synchronously by the
+    /// commit that first acknowledges unmirrored; cleared here, from the CP thread).
+    fn sync_unmirrored_flag(&self) {
+        if !self.unmirrored_flag.load(Ordering::Acquire) || !matches!(self.mirror_state(), MirrorState::Mirrored) {
+            return;
+        }
+        let hook = self.unmirrored_hook.read().unwrap();
+        let Some(h) = hook.as_ref() else { return };
+        // Under the inner lock, so no commit sets the flag between our check and the clear.
+        let g = self.inner.lock().unwrap();
+        if g.mirror_needs_resync || g.committing {
+            return;
+        }
+        match h(false) {
+            Ok(()) => {
+                self.unmirrored_flag.store(false, Ordering::Release);
+                tracing::info!("mailbox: writes are mirrored again");
+            }
+            Err(e) => tracing::warn!(error = %e, "could not clear the unmirrored flag; will retry"),
+        }
+        drop(g);
+    }
+
     /// Mirroring state, for status.
     pub fn mirror_state(&self) -> MirrorState {
         self.mirror_state.lock().unwrap().clone()
@@ -619,6 +648,7 @@ fn cp_thread(j: std::sync::Weak<Journal>) {
         if let Err(e) = journal.ensure_mirrored() {
             tracing::warn!(error = %e, "mirror resync failed");
         }
+        journal.sync_unmirrored_flag();
         if !kicked && last_cp.elapsed() < journal.cfg.cp_interval {
             continue;
         }

@@ -531,7 +531,9 @@ impl PairNode {
     /// Is every write we acknowledged in the partner's mirror?
     pub fn own_mirrored(&self) -> bool {
         let side = self.own.lock().unwrap();
-        side.journal.as_ref().is_none_or(|j| matches!(j.mirror_state(), crate::daemon::journal::MirrorState::Mirrored))
+        // No journal open (booting, or taken over): say "not mirrored" rather than claim it,
+        // so the partner sees one change, false to true, once our log is copied.
+        side.journal.as_ref().is_some_and(|j| j.fully_mirrored())
     }
 
     /// Mirror records applied since start (status).

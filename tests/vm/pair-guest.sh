@@ -4,8 +4,8 @@
 #
 # Two hapaird daemons, node a on initiator 1 (/dev/hapair/h1-lun*) and node b on initiator 2
 # (/dev/hapair/h2-lun*), over four LIO LUNs: aggr-a = lun0 (data) + lun1 (parity), home a;
-# aggr-b = lun2 + lun3, home b. Interconnect and service addresses on lo, NVRAM in /tmp
-# (a tmpfs). Shows and checks: both serve with SCSI-3 PR fencing; sg_persist sees both keys on
+# aggr-b = lun2 + lun3, home b. Interconnect and service addresses on lo, NVRAM in the scratch
+# tmpfs (third argument). Shows and checks: both serve with SCSI-3 PR fencing; sg_persist sees both keys on
 # every LUN and each home node holding its own; a graceful takeover moves b's reservation to a
 # and b's own path then refuses writes (reservation conflict); giveback restores it; data
 # written through the export before, during and after reads back. Exit 0 only if all held.
@@ -13,7 +13,7 @@ set -uo pipefail
 BINDIR=$1
 FENCE=${2:-preempt}
 HAPAIRD=$BINDIR/hapaird
-W=/tmp/pair
+W=${3:-/tmp}/pair
 mkdir -p $W
 PIDS=()
 fail() {

@@ -161,6 +161,10 @@ VMLINUZ=$KROOT/boot/vmlinuz-$KVER
 
 # ---- work dir and cleanup ------------------------------------------------------------------
 WORK=$(mktemp -d /tmp/hapair-vm.XXXXXX)
+# The pair scenario mounts a tmpfs here inside the guest's view of the host's / (read-only):
+# the directory has to exist on the host, and must not hold the repository or the build.
+SCRATCH=/run/hapair-vm-scratch
+mkdir -p "$SCRATCH"
 QEMU_PID=""
 cleanup() {
     if [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; then
@@ -238,6 +242,7 @@ SCENARIO=$SCENARIO
 NLUNS=$NLUNS
 BINDIR=$BINDIR
 REPO=$REPO
+SCRATCH=$SCRATCH
 EOF
 cat >>"$IR/init" <<'EOF'
 halt() { sync; poweroff -f; sleep 5; echo o > /proc/sysrq-trigger; exit 1; }
@@ -314,14 +319,15 @@ if [ "$DEBUG" = 1 ]; then
     (sleep 30; echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger) &
 fi
 if [ "$SCENARIO" = pair ]; then
-    # Scratch space for configs, NVRAM files and sockets: a tmpfs over the read-only /tmp.
-    mount -t tmpfs -o size=256m tmpfs /mnt/host/tmp || fail "tmpfs on /tmp of the chroot"
+    # Scratch space for configs, NVRAM files and sockets: a tmpfs over a directory the host
+    # made for it (not /tmp: the repository or the build may live there).
+    mount -t tmpfs -o size=256m tmpfs /mnt/host$SCRATCH || fail "tmpfs on $SCRATCH of the chroot"
     ip link set lo up || fail "lo up"
     log "running tests/vm/pair-guest.sh (fence $FENCE)"
-    chroot /mnt/host /bin/bash $REPO/tests/vm/pair-guest.sh $BINDIR $FENCE > $R/prtest.log 2>&1
+    chroot /mnt/host /bin/bash $REPO/tests/vm/pair-guest.sh $BINDIR $FENCE $SCRATCH > $R/prtest.log 2>&1
     rc=$?
     log "pair-guest.sh exited $rc"
-    umount /mnt/host/tmp
+    umount /mnt/host$SCRATCH
 else
     log "running $BIN --node-a /dev/$1 --node-b /dev/$2 --fence $FENCE"
     chroot /mnt/host $BIN --node-a /dev/$1 --node-b /dev/$2 --sg-persist $SG_PERSIST --fence $FENCE \

@@ -7,9 +7,21 @@ cd "$(dirname "$0")/.."
 tools/install-test-deps.sh
 export RUST_BACKTRACE=1
 cargo build --all-targets   # the benches must keep compiling; they are run by hand (bench/)
-cargo test --lib --bins --tests --no-fail-fast -- --test-threads=2
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+rc=0
+cargo test --lib --bins --tests --no-fail-fast -- --test-threads=2 2>&1 | tee "$out" || rc=$?
+passed=$(grep -E '^test result:' "$out" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -E '^test result:' "$out" | awk '{s += $6} END {print s + 0}')
+if [ "$rc" -ne 0 ]; then
+  echo "tests: $passed passed, $failed failed"
+  exit "$rc"
+fi
 # Real SCSI-3 persistent reservations: a nested VM with LIO (tests/vm/run.sh says what it does).
-tests/vm/run.sh
+vm_passed=0
+vm_failed=0
+if tests/vm/run.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
 # Two hapaird daemons fencing with PR on four LUNs in the same VM (about 2.5 min under TCG).
-tests/vm/pair.sh
-echo "tools/test.sh: all tests passed"
+if tests/vm/pair.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
+echo "tests: $((passed + vm_passed)) passed, $((failed + vm_failed)) failed"
+[ "$vm_failed" -eq 0 ]

@@ -780,6 +780,19 @@ mod tests {
         cv: Condvar,
     }
 
+    impl LocalLink {
+        /// Up, acknowledging, with its mirror region in `dir`.
+        fn new(dir: &Path) -> Arc<LocalLink> {
+            Arc::new(LocalLink {
+                mirror: MirrorRegion::new(region(dir, "mirror")),
+                up: AtomicBool::new(true),
+                blackhole: AtomicBool::new(false),
+                acked: Mutex::new((0, 0)),
+                cv: Condvar::new(),
+            })
+        }
+    }
+
     impl MirrorLink for LocalLink {
         fn is_up(&self) -> bool {
             self.up.load(Ordering::Acquire)
@@ -940,13 +953,7 @@ mod tests {
         let (agg, _disks) = mem_aggregate(4, 4096, 32);
         let agg = Arc::new(agg);
         let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
-        let link = Arc::new(LocalLink {
-            mirror: MirrorRegion::new(region(dir.path(), "mirror")),
-            up: AtomicBool::new(true),
-            blackhole: AtomicBool::new(false),
-            acked: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-        });
+        let link = LocalLink::new(dir.path());
         j.set_mirror(Some(link.clone()));
         let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
         let mut write = |i: u64| {
@@ -990,13 +997,7 @@ mod tests {
         let (agg, _disks) = mem_aggregate(2, 4096, 16);
         let agg = Arc::new(agg);
         let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
-        let link = Arc::new(LocalLink {
-            mirror: MirrorRegion::new(region(dir.path(), "mirror")),
-            up: AtomicBool::new(true),
-            blackhole: AtomicBool::new(false),
-            acked: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-        });
+        let link = LocalLink::new(dir.path());
         j.set_mirror(Some(link.clone()));
         let calls: Arc<Mutex<Vec<bool>>> = Arc::default();
         let fail = Arc::new(AtomicBool::new(false));
@@ -1032,13 +1033,7 @@ mod tests {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let (agg, _disks) = mem_aggregate(2, 4096, 16);
         let agg = Arc::new(agg);
-        let link = Arc::new(LocalLink {
-            mirror: MirrorRegion::new(region(dir.path(), "mirror")),
-            up: AtomicBool::new(true),
-            blackhole: AtomicBool::new(false),
-            acked: Mutex::new((0, 0)),
-            cv: Condvar::new(),
-        });
+        let link = LocalLink::new(dir.path());
         {
             let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
             j.set_mirror(Some(link.clone()));

@@ -898,9 +898,12 @@ impl PairRuntime {
             _ => None,
         };
         let loop_thread = HaLoop::spawn(hc, inbox, Box::new(exec), Box::new(mailbox), watchdog).map_err(|e| e.to_string())?;
-        let control = match std::fs::create_dir_all(pair.control_socket.parent().unwrap_or(std::path::Path::new("/"))) {
-            _ => ControlServer::start(&pair.control_socket, handle.clone(), node.clone(), ControlOptions::default()).map_err(|e| e.to_string())?,
-        };
+        // A missing parent directory shows as the bind error below, with the path.
+        if let Some(dir) = pair.control_socket.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let control = ControlServer::start(&pair.control_socket, handle.clone(), node.clone(), ControlOptions::default())
+            .map_err(|e| e.to_string())?;
         // Feed health, mirror and disk visibility to the loop.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
@@ -942,8 +945,6 @@ impl PairRuntime {
             if let Err(e) = self.node.close_aggregate(whose) {
                 tracing::error!(error = %e, "close on stop failed");
             }
-            let held = !self.node.side(whose).lock().unwrap().servers.is_empty();
-            let _ = held;
         }
         // Addresses go with the service: release what this node holds.
         let _ = self.node.release_ips(Whose::Partner);

@@ -40,8 +40,14 @@ struct Work {
 }
 
 const WORKS: [Work; 2] = [
-    Work { label: "4 KiB rand write QD1", depth: 1 },
-    Work { label: "4 KiB rand write QD32", depth: 32 },
+    Work {
+        label: "4 KiB rand write QD1",
+        depth: 1,
+    },
+    Work {
+        label: "4 KiB rand write QD32",
+        depth: 32,
+    },
 ];
 
 #[derive(Clone, Copy, PartialEq)]
@@ -53,10 +59,30 @@ struct Who {
 }
 
 const WHOS: [Who; 4] = [
-    Who { key: "local-ext4", label: "local only, log on ext4 (msync)", mirrored: false, shm: false },
-    Who { key: "mirror-ext4", label: "mirrored, log + mirror on ext4 (msync)", mirrored: true, shm: false },
-    Who { key: "local-shm", label: "local only, log on tmpfs", mirrored: false, shm: true },
-    Who { key: "mirror-shm", label: "mirrored, log + mirror on tmpfs", mirrored: true, shm: true },
+    Who {
+        key: "local-ext4",
+        label: "local only, log on ext4 (msync)",
+        mirrored: false,
+        shm: false,
+    },
+    Who {
+        key: "mirror-ext4",
+        label: "mirrored, log + mirror on ext4 (msync)",
+        mirrored: true,
+        shm: false,
+    },
+    Who {
+        key: "local-shm",
+        label: "local only, log on tmpfs",
+        mirrored: false,
+        shm: true,
+    },
+    Who {
+        key: "mirror-shm",
+        label: "mirrored, log + mirror on tmpfs",
+        mirrored: true,
+        shm: true,
+    },
 ];
 
 /// One running setup: its daemons, the port of the measured export, a's control socket.
@@ -74,15 +100,26 @@ fn q(p: &Path) -> String {
 }
 
 fn run_ok(cmd: &mut Command, what: &str) -> Result<(), String> {
-    let out = cmd.stdout(Stdio::null()).output().map_err(|e| format!("{what}: {e}"))?;
+    let out = cmd
+        .stdout(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{what} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{what} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(())
 }
 
 fn spawn_daemon(hapaird: &str, cfg: &Path, log: &Path, name: &str) -> Result<ChildGuard, String> {
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| e.to_string())?;
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| e.to_string())?;
     let child = Command::new(hapaird)
         .args(["run", "--config"])
         .arg(cfg)
@@ -98,8 +135,10 @@ fn spawn_daemon(hapaird: &str, cfg: &Path, log: &Path, name: &str) -> Result<Chi
 /// One request on a control socket.
 fn ctl(sock: &Path, req: &str) -> Result<serde_json::Value, String> {
     let mut s = UnixStream::connect(sock).map_err(|e| format!("{}: {e}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(|e| e.to_string())?;
-    s.write_all(format!("{req}\n").as_bytes()).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut line = Vec::new();
     let mut b = [0u8; 4096];
     while !line.ends_with(b"\n") {
@@ -117,10 +156,21 @@ fn status(sock: &Path) -> Result<serde_json::Value, String> {
 }
 
 fn local_state(st: &serde_json::Value) -> String {
-    st["nodes"].as_array().and_then(|ns| ns.iter().find(|n| n["local"] == true)).and_then(|n| n["state"].as_str()).unwrap_or("?").to_string()
+    st["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["local"] == true))
+        .and_then(|n| n["state"].as_str())
+        .unwrap_or("?")
+        .to_string()
 }
 
-fn aggregate_toml(name: &str, home: &str, devs: &[LoopDev], nvram: &Path, nvram_mib: u64) -> String {
+fn aggregate_toml(
+    name: &str,
+    home: &str,
+    devs: &[LoopDev],
+    nvram: &Path,
+    nvram_mib: u64,
+) -> String {
     format!(
         "[[aggregate]]\nname = \"{name}\"\nhome = \"{home}\"\ndata = [{}]\nparity = {}\nchunk_kib = 64\nnvram = {}\nnvram_mib = {nvram_mib}\n",
         devs[..devs.len() - 1].iter().map(|l| q(&l.dev)).collect::<Vec<_>>().join(", "),
@@ -130,28 +180,60 @@ fn aggregate_toml(name: &str, home: &str, devs: &[LoopDev], nvram: &Path, nvram_
 }
 
 /// Make the loop devices, configs and daemons of one setup and wait until it serves.
-fn start_setup(hapaird: &str, who: Who, dir: &Path, nvdir: &Path, member_bytes: u64, nvram_mib: u64, loops: &mut Vec<LoopDev>) -> Result<Setup, String> {
+fn start_setup(
+    hapaird: &str,
+    who: Who,
+    dir: &Path,
+    nvdir: &Path,
+    member_bytes: u64,
+    nvram_mib: u64,
+    loops: &mut Vec<LoopDev>,
+) -> Result<Setup, String> {
     let k = who.key;
     let first = loops.len();
     for i in 0..5 {
-        loops.push(LoopDev::new(dir, &format!("{k}-m{i}.img"), member_bytes, false));
+        loops.push(LoopDev::new(
+            dir,
+            &format!("{k}-m{i}.img"),
+            member_bytes,
+            false,
+        ));
     }
     let port = free_port();
-    let export = |aggr: &str, port: u16| format!("[[export]]\nname = \"{EXPORT}\"\naggregate = \"{aggr}\"\nlisten = \"127.0.0.1:{port}\"\n");
+    let export = |aggr: &str, port: u16| {
+        format!("[[export]]\nname = \"{EXPORT}\"\naggregate = \"{aggr}\"\nlisten = \"127.0.0.1:{port}\"\n")
+    };
     let io = "[io]\nengine = \"io_uring\"\n";
     if !who.mirrored {
         let cfg = dir.join(format!("{k}.toml"));
         let text = format!(
             "node = \"a\"\n{io}{}{}",
-            aggregate_toml(&format!("{k}-a"), "a", &loops[first..first + 5], &nvdir.join(format!("{k}-a.log")), nvram_mib),
+            aggregate_toml(
+                &format!("{k}-a"),
+                "a",
+                &loops[first..first + 5],
+                &nvdir.join(format!("{k}-a.log")),
+                nvram_mib
+            ),
             export(&format!("{k}-a"), port)
         );
         std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
-        run_ok(Command::new(hapaird).args(["format", "--force", "--config"]).arg(&cfg), "hapaird format")?;
+        run_ok(
+            Command::new(hapaird)
+                .args(["format", "--force", "--config"])
+                .arg(&cfg),
+            "hapaird format",
+        )?;
         let log = dir.join(format!("{k}.log"));
         let mut g = spawn_daemon(hapaird, &cfg, &log, k)?;
         wait_port(port, &mut g, Duration::from_secs(30))?;
-        return Ok(Setup { who, port, ctl: None, logs: vec![log], guards: vec![g] });
+        return Ok(Setup {
+            who,
+            port,
+            ctl: None,
+            logs: vec![log],
+            guards: vec![g],
+        });
     }
     // b's own aggregate (a pair needs one per node): small, never written by the bench.
     for i in 0..3 {
@@ -165,7 +247,11 @@ fn start_setup(hapaird: &str, who: Who, dir: &Path, nvdir: &Path, member_bytes: 
     let mut socks = Vec::new();
     for (node, partner) in [("a", "b"), ("b", "a")] {
         let sock = dir.join(format!("{k}-{node}.sock"));
-        let (la, lb) = if node == "a" { ("log", "mirror") } else { ("mirror", "log") };
+        let (la, lb) = if node == "a" {
+            ("log", "mirror")
+        } else {
+            ("mirror", "log")
+        };
         let text = format!(
             "node = \"{node}\"\n{io}[pair]\npartner = \"{partner}\"\ninterconnect_listen = \"127.0.0.1:{ic}\"\n\
              partner_interconnect = [\"127.0.0.1:{ic}\"]\nkey_file = {}\ncontrol_socket = {}\n{}{}{}{}",
@@ -181,9 +267,20 @@ fn start_setup(hapaird: &str, who: Who, dir: &Path, nvdir: &Path, member_bytes: 
         cfgs.push(cfg);
         socks.push(sock);
     }
-    run_ok(Command::new(hapaird).args(["format", "--force", "--config"]).arg(&cfgs[0]), "hapaird format (pair)")?;
-    let logs = vec![dir.join(format!("{k}-a.log")), dir.join(format!("{k}-b.log"))];
-    let mut guards = vec![spawn_daemon(hapaird, &cfgs[0], &logs[0], &format!("{k} a"))?, spawn_daemon(hapaird, &cfgs[1], &logs[1], &format!("{k} b"))?];
+    run_ok(
+        Command::new(hapaird)
+            .args(["format", "--force", "--config"])
+            .arg(&cfgs[0]),
+        "hapaird format (pair)",
+    )?;
+    let logs = vec![
+        dir.join(format!("{k}-a.log")),
+        dir.join(format!("{k}-b.log")),
+    ];
+    let mut guards = vec![
+        spawn_daemon(hapaird, &cfgs[0], &logs[0], &format!("{k} a"))?,
+        spawn_daemon(hapaird, &cfgs[1], &logs[1], &format!("{k} b"))?,
+    ];
     wait_port(port, &mut guards[0], Duration::from_secs(30))?;
     // Both Normal and a's log mirrored before anything is measured.
     let end = Instant::now() + Duration::from_secs(30);
@@ -192,7 +289,9 @@ fn start_setup(hapaird: &str, who: Who, dir: &Path, nvdir: &Path, member_bytes: 
         let ok = (|| -> Result<bool, String> {
             let sa = status(&socks[0])?;
             let sb = status(&socks[1])?;
-            Ok(local_state(&sa) == "Normal" && local_state(&sb) == "Normal" && sa["mirror"]["summary"].as_str().is_some())
+            Ok(local_state(&sa) == "Normal"
+                && local_state(&sb) == "Normal"
+                && sa["mirror"]["summary"].as_str().is_some())
         })()
         .unwrap_or(false);
         if ok {
@@ -200,7 +299,11 @@ fn start_setup(hapaird: &str, who: Who, dir: &Path, nvdir: &Path, member_bytes: 
         }
         for g in guards.iter_mut() {
             if !g.alive() {
-                return Err(format!("{} exited during start; see {}", g.name, dir.display()));
+                return Err(format!(
+                    "{} exited during start; see {}",
+                    g.name,
+                    dir.display()
+                ));
             }
         }
         if Instant::now() > end {
@@ -208,7 +311,13 @@ fn start_setup(hapaird: &str, who: Who, dir: &Path, nvdir: &Path, member_bytes: 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(Setup { who, port, ctl: Some(socks[0].clone()), logs, guards })
+    Ok(Setup {
+        who,
+        port,
+        ctl: Some(socks[0].clone()),
+        logs,
+        guards,
+    })
 }
 
 fn fio(port: u16, w: &Work, secs: u64) -> Result<FioResult, String> {
@@ -243,7 +352,13 @@ fn time_us(n: usize, mut f: impl FnMut()) -> (f64, f64) {
 /// msync(MS_SYNC) of one freshly dirtied 4 KiB page of a mapped 16 MiB file in `dir`.
 fn msync_cost(dir: &Path) -> Result<(f64, f64), String> {
     let path = dir.join("msync-probe");
-    let f = std::fs::OpenOptions::new().create(true).read(true).write(true).truncate(true).open(&path).map_err(|e| e.to_string())?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| e.to_string())?;
     let bytes = 16usize << 20;
     // Write every block first, as the daemon does, so msync allocates nothing.
     fill_file(&f, bytes)?;
@@ -321,11 +436,19 @@ fn bench() -> Result<(), String> {
     let secs = env_u64("HAPAIR_BENCH_SECS", 6);
     let rounds = env_u64("HAPAIR_BENCH_ROUNDS", 3) as usize;
     let settle_secs = env_u64("HAPAIR_BENCH_SETTLE_SECS", 2);
-    let dir = tempfile::Builder::new().prefix("hapair-bench-mirror.").tempdir_in("/var/tmp").map_err(|e| e.to_string())?;
-    let shm = tempfile::Builder::new().prefix("hapair-bench-mirror.").tempdir_in("/dev/shm").map_err(|e| e.to_string())?;
+    let dir = tempfile::Builder::new()
+        .prefix("hapair-bench-mirror.")
+        .tempdir_in("/var/tmp")
+        .map_err(|e| e.to_string())?;
+    let shm = tempfile::Builder::new()
+        .prefix("hapair-bench-mirror.")
+        .tempdir_in("/dev/shm")
+        .map_err(|e| e.to_string())?;
     let machine = machine_description(dir.path());
 
-    progress!("timing the primitives: msync of 4 KiB on ext4 and tmpfs, TCP round trip on 127.0.0.1");
+    progress!(
+        "timing the primitives: msync of 4 KiB on ext4 and tmpfs, TCP round trip on 127.0.0.1"
+    );
     let ms_ext4 = msync_cost(dir.path())?;
     let ms_shm = msync_cost(shm.path())?;
     let rtt = tcp_rtt()?;
@@ -340,9 +463,21 @@ fn bench() -> Result<(), String> {
     // Loop devices are dropped after the setups (declared first, dropped last).
     let result = (|| -> Result<(Vec<Vec<Vec<FioResult>>>, Vec<String>), String> {
         for who in WHOS {
-            progress!("starting {} ({} loop devices of {member_mib} MiB, format, daemons)", who.label, 5);
+            progress!(
+                "starting {} ({} loop devices of {member_mib} MiB, format, daemons)",
+                who.label,
+                5
+            );
             let nvdir = if who.shm { shm.path() } else { dir.path() };
-            setups.push(start_setup(hapaird, who, dir.path(), nvdir, member_mib << 20, nvram_mib, &mut loops)?);
+            setups.push(start_setup(
+                hapaird,
+                who,
+                dir.path(),
+                nvdir,
+                member_mib << 20,
+                nvram_mib,
+                &mut loops,
+            )?);
             check_interrupt()?;
         }
         progress!("settling (sync, 3 s)");
@@ -371,7 +506,12 @@ fn bench() -> Result<(), String> {
                             let m = st["mirror"]["summary"].as_str().unwrap_or("?").to_string();
                             let ack = st["mirror"]["ack_mode"].to_string();
                             if !m.starts_with("mirrored") {
-                                checks.push(format!("round {} {} {}: mirror {m:?}, ack mode {ack}", round + 1, w.label, s.who.label));
+                                checks.push(format!(
+                                    "round {} {} {}: mirror {m:?}, ack mode {ack}",
+                                    round + 1,
+                                    w.label,
+                                    s.who.label
+                                ));
                             }
                             format!("mirror: {m}, ack {ack}")
                         }
@@ -397,9 +537,19 @@ fn bench() -> Result<(), String> {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             if let Some(l) = text.lines().find(|l| l.contains("NVRAM:")) {
                 let i = l.find("NVRAM:").unwrap();
-                nvram_lines.push(format!("{} ({}): {}", s.who.label, log.file_name().unwrap().to_string_lossy(), l[i..].chars().take(100).collect::<String>()));
+                nvram_lines.push(format!(
+                    "{} ({}): {}",
+                    s.who.label,
+                    log.file_name().unwrap().to_string_lossy(),
+                    l[i..].chars().take(100).collect::<String>()
+                ));
             }
-            warnings.extend(text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(4).map(|l| format!("{}: {l}", s.who.key)));
+            warnings.extend(
+                text.lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(4)
+                    .map(|l| format!("{}: {l}", s.who.key)),
+            );
         }
     }
     progress!("stopping the daemons (SIGTERM), detaching loop devices");
@@ -408,14 +558,22 @@ fn bench() -> Result<(), String> {
     let (results, checks) = result?;
 
     // Tables.
-    let med = |wi: usize, ci: usize, f: &dyn Fn(&FioResult) -> f64| median(&results[wi][ci].iter().map(f).collect::<Vec<_>>());
+    let med = |wi: usize, ci: usize, f: &dyn Fn(&FioResult) -> f64| {
+        median(&results[wi][ci].iter().map(f).collect::<Vec<_>>())
+    };
     let mut t = String::new();
     writeln!(t, "| workload | log on | local only: IOPS | mirrored: IOPS | mirrored / local | local: mean / p50 / p99 (us) | mirrored: mean / p50 / p99 (us) | added by mirroring: mean / p50 / p99 (us) |").unwrap();
     writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|").unwrap();
     for (wi, w) in WORKS.iter().enumerate() {
         for (fs, li, mi) in [("ext4 (msync)", 0, 1), ("tmpfs", 2, 3)] {
             let (li_iops, mi_iops) = (med(wi, li, &|r| r.iops), med(wi, mi, &|r| r.iops));
-            let lat = |ci: usize| (med(wi, ci, &|r| r.lat_mean_us), med(wi, ci, &|r| r.lat_p50_us), med(wi, ci, &|r| r.lat_p99_us));
+            let lat = |ci: usize| {
+                (
+                    med(wi, ci, &|r| r.lat_mean_us),
+                    med(wi, ci, &|r| r.lat_p50_us),
+                    med(wi, ci, &|r| r.lat_p99_us),
+                )
+            };
             let (l, m) = (lat(li), lat(mi));
             writeln!(
                 t,
@@ -428,7 +586,15 @@ fn bench() -> Result<(), String> {
     let mut spread = String::new();
     for (wi, w) in WORKS.iter().enumerate() {
         for (ci, who) in WHOS.iter().enumerate() {
-            let vals: Vec<String> = results[wi][ci].iter().map(|r| format!("{:.0} ({:.0}/{:.0} us)", r.iops, r.lat_mean_us, r.lat_p99_us)).collect();
+            let vals: Vec<String> = results[wi][ci]
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{:.0} ({:.0}/{:.0} us)",
+                        r.iops, r.lat_mean_us, r.lat_p99_us
+                    )
+                })
+                .collect();
             writeln!(spread, "- {} / {}: {}", w.label, who.label, vals.join(", ")).unwrap();
         }
     }
@@ -474,10 +640,16 @@ fn bench() -> Result<(), String> {
     );
     let path = match std::env::var("HAPAIR_BENCH_OUT") {
         Ok(p) => PathBuf::from(p),
-        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join("RESULTS-mirror.md"),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("bench")
+            .join("RESULTS-mirror.md"),
     };
-    let notes = std::fs::read_to_string(&path).ok().and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string())).unwrap_or_default();
-    std::fs::write(&path, format!("{body}{notes}")).map_err(|e| format!("{}: {e}", path.display()))?;
+    let notes = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string()))
+        .unwrap_or_default();
+    std::fs::write(&path, format!("{body}{notes}"))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     progress!("wrote {}", path.display());
     Ok(())
 }

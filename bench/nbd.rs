@@ -43,12 +43,54 @@ struct Work {
 }
 
 const WORKS: [Work; 6] = [
-    Work { key: "randread1", label: "4 KiB rand read QD1", rw: "randread", bs: "4k", depth: 1, bandwidth: false },
-    Work { key: "randread32", label: "4 KiB rand read QD32", rw: "randread", bs: "4k", depth: 32, bandwidth: false },
-    Work { key: "randwrite1", label: "4 KiB rand write QD1", rw: "randwrite", bs: "4k", depth: 1, bandwidth: false },
-    Work { key: "randwrite32", label: "4 KiB rand write QD32", rw: "randwrite", bs: "4k", depth: 32, bandwidth: false },
-    Work { key: "seqread", label: "1 MiB seq read QD8", rw: "read", bs: "1m", depth: 8, bandwidth: true },
-    Work { key: "seqwrite", label: "1 MiB seq write QD8", rw: "write", bs: "1m", depth: 8, bandwidth: true },
+    Work {
+        key: "randread1",
+        label: "4 KiB rand read QD1",
+        rw: "randread",
+        bs: "4k",
+        depth: 1,
+        bandwidth: false,
+    },
+    Work {
+        key: "randread32",
+        label: "4 KiB rand read QD32",
+        rw: "randread",
+        bs: "4k",
+        depth: 32,
+        bandwidth: false,
+    },
+    Work {
+        key: "randwrite1",
+        label: "4 KiB rand write QD1",
+        rw: "randwrite",
+        bs: "4k",
+        depth: 1,
+        bandwidth: false,
+    },
+    Work {
+        key: "randwrite32",
+        label: "4 KiB rand write QD32",
+        rw: "randwrite",
+        bs: "4k",
+        depth: 32,
+        bandwidth: false,
+    },
+    Work {
+        key: "seqread",
+        label: "1 MiB seq read QD8",
+        rw: "read",
+        bs: "1m",
+        depth: 8,
+        bandwidth: true,
+    },
+    Work {
+        key: "seqwrite",
+        label: "1 MiB seq write QD8",
+        rw: "write",
+        bs: "1m",
+        depth: 8,
+        bandwidth: true,
+    },
 ];
 
 #[derive(Clone, Copy, PartialEq)]
@@ -95,7 +137,11 @@ fn common_args(w: &Work, secs: u64) -> Vec<String> {
 }
 
 fn nbd_fio(port: u16, w: &Work, secs: u64) -> Result<FioResult, String> {
-    let mut args = vec!["--name=nbd".to_string(), "--ioengine=nbd".into(), format!("--uri=nbd://127.0.0.1:{port}/{EXPORT}")];
+    let mut args = vec![
+        "--name=nbd".to_string(),
+        "--ioengine=nbd".into(),
+        format!("--uri=nbd://127.0.0.1:{port}/{EXPORT}"),
+    ];
     args.extend(common_args(w, secs));
     run_fio(&args)
 }
@@ -115,15 +161,40 @@ fn raw_fio(devs: &[LoopDev], w: &Work, secs: u64) -> Result<FioResult, String> {
     run_fio(&args)
 }
 
-fn start_nbdkit(solo: &LoopDev, port: u16, nocache: bool, log: &Path) -> Result<ChildGuard, String> {
+fn start_nbdkit(
+    solo: &LoopDev,
+    port: u16,
+    nocache: bool,
+    log: &Path,
+) -> Result<ChildGuard, String> {
     let mut cmd = Command::new("nbdkit");
-    cmd.args(["--exit-with-parent", "-f", "-p", &port.to_string(), "-i", "127.0.0.1", "file"]).arg(&solo.dev);
+    cmd.args([
+        "--exit-with-parent",
+        "-f",
+        "-p",
+        &port.to_string(),
+        "-i",
+        "127.0.0.1",
+        "file",
+    ])
+    .arg(&solo.dev);
     if nocache {
         cmd.arg("cache=none");
     }
     let logf = std::fs::File::create(log).map_err(|e| e.to_string())?;
-    let child = cmd.stdout(Stdio::null()).stderr(logf).spawn().map_err(|e| format!("nbdkit: {e}"))?;
-    let mut g = ChildGuard::new(if nocache { "nbdkit cache=none" } else { "nbdkit" }, child);
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .map_err(|e| format!("nbdkit: {e}"))?;
+    let mut g = ChildGuard::new(
+        if nocache {
+            "nbdkit cache=none"
+        } else {
+            "nbdkit"
+        },
+        child,
+    );
     wait_port(port, &mut g, Duration::from_secs(10))?;
     Ok(g)
 }
@@ -137,7 +208,11 @@ fn main() {
 
 fn list_env(name: &str, all: &[&str]) -> Vec<String> {
     match std::env::var(name) {
-        Ok(v) => v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
         Err(_) => all.iter().map(|s| s.to_string()).collect(),
     }
 }
@@ -153,32 +228,69 @@ fn bench() -> Result<(), String> {
     let secs = env_u64("HAPAIR_BENCH_SECS", 6);
     let rounds = env_u64("HAPAIR_BENCH_ROUNDS", 3) as usize;
     let workers = std::env::var("HAPAIR_BENCH_WORKERS").ok();
-    let work_keys = list_env("HAPAIR_BENCH_WORKLOADS", &WORKS.iter().map(|w| w.key).collect::<Vec<_>>());
-    let works: Vec<Work> = WORKS.iter().copied().filter(|w| work_keys.iter().any(|k| k == w.key)).collect();
-    let all_who = [Who::Hapaird, Who::HapairdNvram, Who::Nbdkit, Who::NbdkitNoCache, Who::Raw];
+    let work_keys = list_env(
+        "HAPAIR_BENCH_WORKLOADS",
+        &WORKS.iter().map(|w| w.key).collect::<Vec<_>>(),
+    );
+    let works: Vec<Work> = WORKS
+        .iter()
+        .copied()
+        .filter(|w| work_keys.iter().any(|k| k == w.key))
+        .collect();
+    let all_who = [
+        Who::Hapaird,
+        Who::HapairdNvram,
+        Who::Nbdkit,
+        Who::NbdkitNoCache,
+        Who::Raw,
+    ];
     let nvram_dir = std::env::var("HAPAIR_BENCH_NVRAM_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let nvram_mib = env_u64("HAPAIR_BENCH_NVRAM_MIB", 64);
-    let who_keys = list_env("HAPAIR_BENCH_CONTENDERS", &all_who.iter().map(|w| w.key()).collect::<Vec<_>>());
-    let whos: Vec<Who> = all_who.iter().copied().filter(|w| who_keys.iter().any(|k| k == w.key())).collect();
+    let who_keys = list_env(
+        "HAPAIR_BENCH_CONTENDERS",
+        &all_who.iter().map(|w| w.key()).collect::<Vec<_>>(),
+    );
+    let whos: Vec<Who> = all_who
+        .iter()
+        .copied()
+        .filter(|w| who_keys.iter().any(|k| k == w.key()))
+        .collect();
     if works.is_empty() || whos.is_empty() {
-        return Err("nothing to run: check HAPAIR_BENCH_WORKLOADS / HAPAIR_BENCH_CONTENDERS".into());
+        return Err(
+            "nothing to run: check HAPAIR_BENCH_WORKLOADS / HAPAIR_BENCH_CONTENDERS".into(),
+        );
     }
     let base = std::env::var("HAPAIR_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
-    let dir = tempfile::Builder::new().prefix("hapair-bench-nbd.").tempdir_in(&base).map_err(|e| e.to_string())?;
+    let dir = tempfile::Builder::new()
+        .prefix("hapair-bench-nbd.")
+        .tempdir_in(&base)
+        .map_err(|e| e.to_string())?;
     let machine = machine_description(dir.path());
     let member_bytes = member_mib << 20;
     let export_bytes = 4 * (member_bytes - DATA_OFFSET_BYTES);
 
     let nv_on = whos.contains(&Who::HapairdNvram);
     let nloops = if nv_on { 10 } else { 5 };
-    progress!("creating {nloops} loop devices of {member_mib} MiB and one of {} MiB (filled) in {}", export_bytes >> 20, dir.path().display());
-    let loops: Vec<LoopDev> = (0..nloops).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_bytes, true)).collect();
-    let nvdir = tempfile::Builder::new().prefix("hapair-bench-nbd-nvram.").tempdir_in(&nvram_dir).map_err(|e| e.to_string())?;
+    progress!(
+        "creating {nloops} loop devices of {member_mib} MiB and one of {} MiB (filled) in {}",
+        export_bytes >> 20,
+        dir.path().display()
+    );
+    let loops: Vec<LoopDev> = (0..nloops)
+        .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_bytes, true))
+        .collect();
+    let nvdir = tempfile::Builder::new()
+        .prefix("hapair-bench-nbd-nvram.")
+        .tempdir_in(&nvram_dir)
+        .map_err(|e| e.to_string())?;
     check_interrupt()?;
     let solo = LoopDev::new(dir.path(), "solo.img", export_bytes, true);
     check_interrupt()?;
 
-    let workers_line = workers.as_ref().map(|w| format!("workers = {w}\n")).unwrap_or_default();
+    let workers_line = workers
+        .as_ref()
+        .map(|w| format!("workers = {w}\n"))
+        .unwrap_or_default();
     // [0]: write-through on loops 0..5; [1]: NVRAM log on loops 5..10.
     let mut hports = Vec::new();
     let mut configs = Vec::new();
@@ -189,7 +301,14 @@ fn bench() -> Result<(), String> {
         }
         let port = free_port();
         let m = &loops[i * 5..i * 5 + 5];
-        let nv_lines = if nv { format!("nvram = \"{}\"\nnvram_mib = {nvram_mib}\n", nvdir.path().join("bench0.nvlog").display()) } else { String::new() };
+        let nv_lines = if nv {
+            format!(
+                "nvram = \"{}\"\nnvram_mib = {nvram_mib}\n",
+                nvdir.path().join("bench0.nvlog").display()
+            )
+        } else {
+            String::new()
+        };
         let toml = format!(
             "node = \"a\"\n\n[io]\nengine = \"io_uring\"\n{workers_line}\n[[aggregate]]\nname = \"{EXPORT}\"\nhome = \"a\"\n\
              data = [{}]\nparity = \"{}\"\nchunk_kib = 64\n{nv_lines}\n[[export]]\nname = \"{EXPORT}\"\naggregate = \"{EXPORT}\"\nlisten = \"127.0.0.1:{port}\"\n",
@@ -198,8 +317,16 @@ fn bench() -> Result<(), String> {
         );
         let config = dir.path().join(format!("hapaird{i}.toml"));
         std::fs::write(&config, &toml).map_err(|e| e.to_string())?;
-        progress!("hapaird format {} (zeroes every member)", if nv { "NVRAM" } else { "write-through" });
-        let st = Command::new(hapaird).args(["format", "--force", "--config"]).arg(&config).stdout(Stdio::null()).status().map_err(|e| e.to_string())?;
+        progress!(
+            "hapaird format {} (zeroes every member)",
+            if nv { "NVRAM" } else { "write-through" }
+        );
+        let st = Command::new(hapaird)
+            .args(["format", "--force", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .status()
+            .map_err(|e| e.to_string())?;
         if !st.success() {
             return Err(format!("hapaird format failed: {st}"));
         }
@@ -215,17 +342,35 @@ fn bench() -> Result<(), String> {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&hlogs[i]).map_err(|e| e.to_string())?)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&hlogs[i])
+                    .map_err(|e| e.to_string())?,
+            )
             .spawn()
             .map_err(|e| format!("hapaird run: {e}"))?;
-        let mut g = ChildGuard::new(if i == 0 { "hapaird write-through" } else { "hapaird NVRAM" }, child);
+        let mut g = ChildGuard::new(
+            if i == 0 {
+                "hapaird write-through"
+            } else {
+                "hapaird NVRAM"
+            },
+            child,
+        );
         wait_port(hports[i], &mut g, Duration::from_secs(30))?;
         Ok(g)
     };
     let mut hguards = Vec::new();
     for i in 0..configs.len() {
         hguards.push(start_hapaird(i)?);
-        progress!("{} serving on 127.0.0.1:{} (pid {})", hguards[i].name, hports[i], hguards[i].pid());
+        progress!(
+            "{} serving on 127.0.0.1:{} (pid {})",
+            hguards[i].name,
+            hports[i],
+            hguards[i].pid()
+        );
     }
     let mut restarts: Vec<String> = Vec::new();
 
@@ -234,12 +379,25 @@ fn bench() -> Result<(), String> {
     let (kport, kport_nc) = (free_port(), free_port());
     let mut nbdkits = Vec::new();
     if whos.contains(&Who::Nbdkit) {
-        nbdkits.push(start_nbdkit(&solo, kport, false, &dir.path().join("nbdkit.log"))?);
+        nbdkits.push(start_nbdkit(
+            &solo,
+            kport,
+            false,
+            &dir.path().join("nbdkit.log"),
+        )?);
     }
     if whos.contains(&Who::NbdkitNoCache) {
-        nbdkits.push(start_nbdkit(&solo, kport_nc, true, &dir.path().join("nbdkit-nocache.log"))?);
+        nbdkits.push(start_nbdkit(
+            &solo,
+            kport_nc,
+            true,
+            &dir.path().join("nbdkit-nocache.log"),
+        )?);
     }
-    progress!("nbdkit file {} on ports {kport} (cache=default) and {kport_nc} (cache=none)", solo.dev.display());
+    progress!(
+        "nbdkit file {} on ports {kport} (cache=default) and {kport_nc} (cache=none)",
+        solo.dev.display()
+    );
 
     // results[work][who] = per-round results
     let mut results: Vec<Vec<Vec<FioResult>>> = vec![vec![Vec::new(); whos.len()]; works.len()];
@@ -257,7 +415,11 @@ fn bench() -> Result<(), String> {
                         // runs, i.e. something outside this bench signalled it. Restart it and
                         // say so.
                         let st = hguards[i].stop();
-                        let why = format!("before run {} {} was gone ({st:?}); restarted", done + 1, hguards[i].name);
+                        let why = format!(
+                            "before run {} {} was gone ({st:?}); restarted",
+                            done + 1,
+                            hguards[i].name
+                        );
                         progress!("{why}");
                         restarts.push(why);
                         hguards[i] = start_hapaird(i)?;
@@ -295,7 +457,12 @@ fn bench() -> Result<(), String> {
             other => format!("{} exit: {other:?} (see log)", g.name),
         });
         let text = std::fs::read_to_string(&hlogs[i]).unwrap_or_default();
-        warnings.extend(text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(5).map(|l| format!("{}: {l}", g.name)));
+        warnings.extend(
+            text.lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .take(5)
+                .map(|l| format!("{}: {l}", g.name)),
+        );
         if let Some(l) = text.lines().find(|l| l.contains("NVRAM:")) {
             nvram_line = l[l.find("NVRAM:").unwrap()..].chars().take(100).collect();
         }
@@ -305,7 +472,9 @@ fn bench() -> Result<(), String> {
 
     // Tables.
     let idx = |who: Who| whos.iter().position(|&w| w == who);
-    let med = |wi: usize, ci: usize, f: &dyn Fn(&FioResult) -> f64| median(&results[wi][ci].iter().map(f).collect::<Vec<_>>());
+    let med = |wi: usize, ci: usize, f: &dyn Fn(&FioResult) -> f64| {
+        median(&results[wi][ci].iter().map(f).collect::<Vec<_>>())
+    };
     let mut t = String::new();
     write!(t, "| workload |").unwrap();
     for w in &whos {
@@ -314,8 +483,16 @@ fn bench() -> Result<(), String> {
     // (name, numerator, denominator)
     let ratio_cols: Vec<(&str, Who, Who)> = [
         ("NVRAM / write-through", Who::HapairdNvram, Who::Hapaird),
-        ("write-through / nbdkit cache=none", Who::Hapaird, Who::NbdkitNoCache),
-        ("NVRAM / nbdkit cache=none", Who::HapairdNvram, Who::NbdkitNoCache),
+        (
+            "write-through / nbdkit cache=none",
+            Who::Hapaird,
+            Who::NbdkitNoCache,
+        ),
+        (
+            "NVRAM / nbdkit cache=none",
+            Who::HapairdNvram,
+            Who::NbdkitNoCache,
+        ),
         ("write-through / raw", Who::Hapaird, Who::Raw),
     ]
     .into_iter()
@@ -344,10 +521,21 @@ fn bench() -> Result<(), String> {
             } else {
                 write!(t, " {:.0} IOPS |", v).unwrap();
             }
-            write!(lat, " {:.0} / {:.0} |", med(wi, ci, &|r| r.lat_mean_us), med(wi, ci, &|r| r.lat_p99_us)).unwrap();
+            write!(
+                lat,
+                " {:.0} / {:.0} |",
+                med(wi, ci, &|r| r.lat_mean_us),
+                med(wi, ci, &|r| r.lat_p99_us)
+            )
+            .unwrap();
         }
         for (_, num, den) in &ratio_cols {
-            write!(t, " {:.2} |", med(wi, idx(*num).unwrap(), &metric) / med(wi, idx(*den).unwrap(), &metric)).unwrap();
+            write!(
+                t,
+                " {:.2} |",
+                med(wi, idx(*num).unwrap(), &metric) / med(wi, idx(*den).unwrap(), &metric)
+            )
+            .unwrap();
         }
         writeln!(t).unwrap();
         writeln!(lat).unwrap();
@@ -357,9 +545,22 @@ fn bench() -> Result<(), String> {
         for (ci, who) in whos.iter().enumerate() {
             let vals: Vec<String> = results[wi][ci]
                 .iter()
-                .map(|r| if w.bandwidth { format!("{:.0}", r.bytes_per_sec / 1e6) } else { format!("{:.0}", r.iops) })
+                .map(|r| {
+                    if w.bandwidth {
+                        format!("{:.0}", r.bytes_per_sec / 1e6)
+                    } else {
+                        format!("{:.0}", r.iops)
+                    }
+                })
                 .collect();
-            writeln!(spread, "- {} / {}: {}", w.label, who.label(), vals.join(", ")).unwrap();
+            writeln!(
+                spread,
+                "- {} / {}: {}",
+                w.label,
+                who.label(),
+                vals.join(", ")
+            )
+            .unwrap();
         }
     }
     println!("\n{t}\nLatency, mean / p99 (us):\n\n{lat}");
@@ -400,10 +601,16 @@ fn bench() -> Result<(), String> {
     );
     let path = match std::env::var("HAPAIR_BENCH_OUT") {
         Ok(p) => std::path::PathBuf::from(p),
-        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join("RESULTS.md"),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("bench")
+            .join("RESULTS.md"),
     };
-    let notes = std::fs::read_to_string(&path).ok().and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string())).unwrap_or_default();
-    std::fs::write(&path, format!("{body}{notes}")).map_err(|e| format!("{}: {e}", path.display()))?;
+    let notes = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string()))
+        .unwrap_or_default();
+    std::fs::write(&path, format!("{body}{notes}"))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     progress!("wrote {}; detaching loop devices", path.display());
     drop(solo);
     drop(loops);

@@ -78,12 +78,17 @@ fn run_engine(agg: &Aggregate, work: Work, callers: usize, secs: u64) -> Result<
             .map(|t| {
                 let cursor = &cursor;
                 s.spawn(move || {
-                    let bs = if work == Work::SeqWrite { SEQ_BYTES } else { 4096 };
+                    let bs = if work == Work::SeqWrite {
+                        SEQ_BYTES
+                    } else {
+                        4096
+                    };
                     let mut buf = agg.alloc(bs);
                     for (i, b) in buf.iter_mut().enumerate() {
                         *b = (i as u8) ^ (t as u8);
                     }
-                    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ ((t as u64 + 1) * 0xD1B5_4A32_D192_ED03);
+                    let mut rng =
+                        0x9E37_79B9_7F4A_7C15u64 ^ ((t as u64 + 1) * 0xD1B5_4A32_D192_ED03);
                     let (mut ops, mut bytes) = (0u64, 0u64);
                     let mut lats: Vec<u32> = Vec::with_capacity(1 << 16);
                     loop {
@@ -93,11 +98,16 @@ fn run_engine(agg: &Aggregate, work: Work, callers: usize, secs: u64) -> Result<
                         }
                         let r = match work {
                             Work::SeqWrite => {
-                                let off = cursor.fetch_add(bs as u64, Ordering::Relaxed) % (size / bs as u64 * bs as u64);
+                                let off = cursor.fetch_add(bs as u64, Ordering::Relaxed)
+                                    % (size / bs as u64 * bs as u64);
                                 agg.write(off, &buf, false)
                             }
-                            Work::RandRead => agg.read(xorshift(&mut rng) % (size / 4096) * 4096, &mut buf),
-                            Work::RandWrite => agg.write(xorshift(&mut rng) % (size / 4096) * 4096, &buf, false),
+                            Work::RandRead => {
+                                agg.read(xorshift(&mut rng) % (size / 4096) * 4096, &mut buf)
+                            }
+                            Work::RandWrite => {
+                                agg.write(xorshift(&mut rng) % (size / 4096) * 4096, &buf, false)
+                            }
                         };
                         r.map_err(|e| format!("{}: {e}", work.label()))?;
                         if now >= measure_from {
@@ -110,7 +120,10 @@ fn run_engine(agg: &Aggregate, work: Work, callers: usize, secs: u64) -> Result<
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("caller panicked".into()))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("caller panicked".into())))
+            .collect()
     });
     check_interrupt()?;
     let elapsed = secs as f64;
@@ -130,7 +143,12 @@ fn run_engine(agg: &Aggregate, work: Work, callers: usize, secs: u64) -> Result<
     Ok(m)
 }
 
-fn run_fio_raw(work: Work, callers: usize, secs: u64, loops: &[LoopDev]) -> Result<FioResult, String> {
+fn run_fio_raw(
+    work: Work,
+    callers: usize,
+    secs: u64,
+    loops: &[LoopDev],
+) -> Result<FioResult, String> {
     let member_bytes = loops[0].bytes;
     let (devs, rw, bs, depth) = match work {
         Work::SeqWrite => (&loops[..], "write", "64k", 20 * callers),
@@ -203,14 +221,25 @@ fn bench() -> Result<(), String> {
     let callers_list: Vec<usize> = std::env::var("HAPAIR_BENCH_CALLERS")
         .unwrap_or_else(|_| "1,32".into())
         .split(',')
-        .map(|s| s.trim().parse().expect("HAPAIR_BENCH_CALLERS: comma-separated numbers"))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("HAPAIR_BENCH_CALLERS: comma-separated numbers")
+        })
         .collect();
     let base = std::env::var("HAPAIR_BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
-    let dir = tempfile::Builder::new().prefix("hapair-bench-raid.").tempdir_in(&base).map_err(|e| e.to_string())?;
+    let dir = tempfile::Builder::new()
+        .prefix("hapair-bench-raid.")
+        .tempdir_in(&base)
+        .map_err(|e| e.to_string())?;
     let machine = machine_description(dir.path());
-    progress!("creating 5 loop devices of {member_mib} MiB in {}", dir.path().display());
-    let loops: Vec<LoopDev> =
-        (0..5).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_mib << 20, true)).collect();
+    progress!(
+        "creating 5 loop devices of {member_mib} MiB in {}",
+        dir.path().display()
+    );
+    let loops: Vec<LoopDev> = (0..5)
+        .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_mib << 20, true))
+        .collect();
     let cfg = AggregateConfig {
         name: "bench0".into(),
         home: "a".into(),
@@ -220,18 +249,29 @@ fn bench() -> Result<(), String> {
         nvram: None,
         nvram_mib: 64,
         cp_interval_ms: 1000,
+        nvram_flush: Default::default(),
     };
-    let io = IoConfig { engine: EngineKind::IoUring, arena_mib: 256, ..IoConfig::default() };
+    let io = IoConfig {
+        engine: EngineKind::IoUring,
+        arena_mib: 256,
+        ..IoConfig::default()
+    };
     progress!("formatting (writes every byte of the members, so that no read hits a hole)");
     setup::format(&cfg, &io, true, &mut |_, _| {}).map_err(|e| e.to_string())?;
     let agg = setup::open(&cfg, &io, &mut |_, _| {}).map_err(|e| e.to_string())?;
     progress!("settling (sync, 5 s)");
     settle(5);
     let g = agg.geometry();
-    progress!("aggregate: {} data + parity, stripe {} KiB, {} MiB", g.data_members, g.stripe_bytes() >> 10, g.size_bytes() >> 20);
+    progress!(
+        "aggregate: {} data + parity, stripe {} KiB, {} MiB",
+        g.data_members,
+        g.stripe_bytes() >> 10,
+        g.size_bytes() >> 20
+    );
     check_interrupt()?;
 
-    let only = std::env::var("HAPAIR_BENCH_WORKLOADS").unwrap_or_else(|_| "seqwrite,randread,randwrite".into());
+    let only = std::env::var("HAPAIR_BENCH_WORKLOADS")
+        .unwrap_or_else(|_| "seqwrite,randread,randwrite".into());
     let mut rows: Vec<Row> = Vec::new();
     for work in [Work::SeqWrite, Work::RandRead, Work::RandWrite] {
         let key = format!("{work:?}").to_lowercase();
@@ -239,7 +279,12 @@ fn bench() -> Result<(), String> {
             continue;
         }
         for &c in &callers_list {
-            rows.push(Row { work, callers: c, engine: vec![], fio: vec![] });
+            rows.push(Row {
+                work,
+                callers: c,
+                engine: vec![],
+                fio: vec![],
+            });
         }
     }
     let (mut xor_small, mut cpy_small, mut xor_big, mut cpy_big) = (vec![], vec![], vec![], vec![]);
@@ -275,7 +320,11 @@ fn bench() -> Result<(), String> {
         cpy_big.push(mem_rate(64 << 20, 700, &mut |d, s| d.copy_from_slice(s)));
         progress!(
             "round {} xor 256 KiB {:.1} GB/s, memcpy {:.1} GB/s; 64 MiB: xor {:.1}, memcpy {:.1}",
-            round + 1, xor_small[round] / 1e9, cpy_small[round] / 1e9, xor_big[round] / 1e9, cpy_big[round] / 1e9
+            round + 1,
+            xor_small[round] / 1e9,
+            cpy_small[round] / 1e9,
+            xor_big[round] / 1e9,
+            cpy_big[round] / 1e9
         );
     }
     let stats = format!(
@@ -294,7 +343,12 @@ fn bench() -> Result<(), String> {
     writeln!(t, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |").unwrap();
     for row in &rows {
         let e_iops = median(&row.engine.iter().map(|m| m.iops).collect::<Vec<_>>());
-        let e_bw = median(&row.engine.iter().map(|m| m.bytes_per_sec).collect::<Vec<_>>());
+        let e_bw = median(
+            &row.engine
+                .iter()
+                .map(|m| m.bytes_per_sec)
+                .collect::<Vec<_>>(),
+        );
         let f_iops = median(&row.fio.iter().map(|m| m.iops).collect::<Vec<_>>());
         let f_bw = median(&row.fio.iter().map(|m| m.bytes_per_sec).collect::<Vec<_>>());
         let e_lat = median(&row.engine.iter().map(|m| m.lat_mean_us).collect::<Vec<_>>());
@@ -304,11 +358,19 @@ fn bench() -> Result<(), String> {
         let (e, f, ratio) = match row.work {
             // Compare the bytes that reach the devices: the engine writes 5/4 of what it is given.
             Work::SeqWrite => (
-                format!("{:.0} MB/s logical ({:.0} MB/s to devices)", e_bw / 1e6, e_bw * 1.25 / 1e6),
+                format!(
+                    "{:.0} MB/s logical ({:.0} MB/s to devices)",
+                    e_bw / 1e6,
+                    e_bw * 1.25 / 1e6
+                ),
                 format!("{:.0} MB/s to devices", f_bw / 1e6),
                 e_bw * 1.25 / f_bw,
             ),
-            _ => (format!("{:.0} IOPS", e_iops), format!("{:.0} IOPS", f_iops), e_iops / f_iops),
+            _ => (
+                format!("{:.0} IOPS", e_iops),
+                format!("{:.0} IOPS", f_iops),
+                e_iops / f_iops,
+            ),
         };
         writeln!(t, "| {} | {} | {e} | {f} | {ratio:.2} | {e_lat:.0} / {e_p99:.0} | {f_lat:.0} / {f_p99:.0} |", row.work.label(), row.callers)
             .unwrap();
@@ -316,9 +378,19 @@ fn bench() -> Result<(), String> {
     let mut x = String::new();
     writeln!(x, "| buffer | xor_into | memcpy | xor / memcpy |").unwrap();
     writeln!(x, "| --- | ---: | ---: | ---: |").unwrap();
-    for (name, xs, cs) in [("256 KiB (cache-resident)", &xor_small, &cpy_small), ("64 MiB (memory-bound)", &xor_big, &cpy_big)] {
+    for (name, xs, cs) in [
+        ("256 KiB (cache-resident)", &xor_small, &cpy_small),
+        ("64 MiB (memory-bound)", &xor_big, &cpy_big),
+    ] {
         let (xm, cm) = (median(xs), median(cs));
-        writeln!(x, "| {name} | {:.1} GB/s | {:.1} GB/s | {:.2} |", xm / 1e9, cm / 1e9, xm / cm).unwrap();
+        writeln!(
+            x,
+            "| {name} | {:.1} GB/s | {:.1} GB/s | {:.2} |",
+            xm / 1e9,
+            cm / 1e9,
+            xm / cm
+        )
+        .unwrap();
     }
     println!("\n{t}\n{x}\nengine counters: {stats}");
 
@@ -348,8 +420,13 @@ fn bench() -> Result<(), String> {
 fn write_results(name: &str, body: &str) -> Result<(), String> {
     let path = match std::env::var("HAPAIR_BENCH_OUT") {
         Ok(p) => std::path::PathBuf::from(p),
-        Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join(name),
+        Err(_) => std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("bench")
+            .join(name),
     };
-    let notes = std::fs::read_to_string(&path).ok().and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string())).unwrap_or_default();
+    let notes = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string()))
+        .unwrap_or_default();
     std::fs::write(&path, format!("{body}{notes}")).map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -24,12 +24,12 @@
 //! Environment: `HAPAIR_BENCH_ROUNDS` (5), `HAPAIR_BENCH_OUT` (bench/RESULTS-takeover.md; a
 //! hand-written "## Notes" section there is kept). Needs root (loop devices, addresses on lo).
 
+#[path = "common/mod.rs"]
+mod bcommon;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "../tests/common/pair.rs"]
 mod pair;
-#[path = "common/mod.rs"]
-mod bcommon;
 
 use bcommon::{check_interrupt, env_u64, interrupted_flag, machine_description, median};
 use pair::{Pair, Writer};
@@ -101,7 +101,10 @@ struct Sample {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// The Writer, finished (stopped and joined) on drop, also when the bench fails.
@@ -137,7 +140,13 @@ fn main() {
 }
 
 /// Poll `node`'s state until `want`, checking for Ctrl-C. Returns when it got there.
-fn wait_state(p: &Pair, node: &str, want: &str, secs: u64, poll_ms: u64) -> Result<Instant, String> {
+fn wait_state(
+    p: &Pair,
+    node: &str,
+    want: &str,
+    secs: u64,
+    poll_ms: u64,
+) -> Result<Instant, String> {
     let end = Instant::now() + Duration::from_secs(secs);
     loop {
         check_interrupt()?;
@@ -162,11 +171,16 @@ fn wait_client(w: &Writer, since: u64, n: u64, t_done: Instant, min_ms: u64) -> 
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         check_interrupt()?;
-        if w.completed.load(Ordering::Relaxed) >= since + n && t_done.elapsed() >= Duration::from_millis(min_ms) {
+        if w.completed.load(Ordering::Relaxed) >= since + n
+            && t_done.elapsed() >= Duration::from_millis(min_ms)
+        {
             return Ok(());
         }
         if Instant::now() > end {
-            return Err(format!("the client completed no writes for 30 s after the move (completed {})", w.completed.load(Ordering::Relaxed)));
+            return Err(format!(
+                "the client completed no writes for 30 s after the move (completed {})",
+                w.completed.load(Ordering::Relaxed)
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -176,7 +190,16 @@ fn report_of(v: &Value) -> (Option<u64>, Vec<(String, u64)>) {
     let total = v["total_ms"].as_u64();
     let phases = v["phases"]
         .as_array()
-        .map(|ps| ps.iter().map(|p| (p["step"].as_str().unwrap_or("?").to_string(), p["elapsed_ms"].as_u64().unwrap_or(0))).collect())
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    (
+                        p["step"].as_str().unwrap_or("?").to_string(),
+                        p["elapsed_ms"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
         .unwrap_or_default();
     (total, phases)
 }
@@ -185,7 +208,8 @@ fn report_of(v: &Value) -> (Option<u64>, Vec<(String, u64)>) {
 fn transitions_since(p: &Pair, node: &str, t0_unix_ms: u64) -> Vec<(u64, String)> {
     let st = p.ctl(node, r#"{"v":1,"cmd":"status"}"#);
     let s = &st["status"];
-    let (Some(now_unix), Some(now_ha)) = (s["now_unix_ms"].as_u64(), s["ha"]["now_ms"].as_u64()) else {
+    let (Some(now_unix), Some(now_ha)) = (s["now_unix_ms"].as_u64(), s["ha"]["now_ms"].as_u64())
+    else {
         return Vec::new();
     };
     let origin = now_unix.saturating_sub(now_ha);
@@ -195,7 +219,16 @@ fn transitions_since(p: &Pair, node: &str, t0_unix_ms: u64) -> Vec<(u64, String)
             ts.iter()
                 .filter_map(|t| {
                     let at = origin + t["at_ms"].as_u64()?;
-                    (at + 2 >= t0_unix_ms).then(|| (at.saturating_sub(t0_unix_ms), format!("{node}: {}->{}", t["from"].as_str().unwrap_or("?"), t["to"].as_str().unwrap_or("?"))))
+                    (at + 2 >= t0_unix_ms).then(|| {
+                        (
+                            at.saturating_sub(t0_unix_ms),
+                            format!(
+                                "{node}: {}->{}",
+                                t["from"].as_str().unwrap_or("?"),
+                                t["to"].as_str().unwrap_or("?")
+                            ),
+                        )
+                    })
                 })
                 .collect()
         })
@@ -203,7 +236,10 @@ fn transitions_since(p: &Pair, node: &str, t0_unix_ms: u64) -> Vec<(u64, String)
 }
 
 fn timeline(p: &Pair, t0_unix_ms: u64, nodes: &[&str]) -> Vec<(u64, String)> {
-    let mut all: Vec<(u64, String)> = nodes.iter().flat_map(|n| transitions_since(p, n, t0_unix_ms)).collect();
+    let mut all: Vec<(u64, String)> = nodes
+        .iter()
+        .flat_map(|n| transitions_since(p, n, t0_unix_ms))
+        .collect();
     all.sort();
     all
 }
@@ -246,7 +282,9 @@ fn verify(w: &Writer, addr: std::net::SocketAddr, what: &str) -> Result<(usize, 
     let end = Instant::now() + Duration::from_secs(30);
     while !w.idle.load(Ordering::Acquire) {
         if Instant::now() > end {
-            return Err(format!("{what}: the client's requests did not complete within 30 s"));
+            return Err(format!(
+                "{what}: the client's requests did not complete within 30 s"
+            ));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -273,16 +311,22 @@ fn verify(w: &Writer, addr: std::net::SocketAddr, what: &str) -> Result<(usize, 
         req.extend_from_slice(&4096u32.to_be_bytes());
         let mut h = [0u8; 16];
         let mut got = vec![0u8; 4096];
-        s.write_all(&req).and_then(|_| s.read_exact(&mut h)).and_then(|_| s.read_exact(&mut got)).map_err(|e| format!("{what}: read of block {block}: {e}"))?;
+        s.write_all(&req)
+            .and_then(|_| s.read_exact(&mut h))
+            .and_then(|_| s.read_exact(&mut got))
+            .map_err(|e| format!("{what}: read of block {block}: {e}"))?;
         let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
         if err != 0 {
-            return Err(format!("{what}: read of block {block} failed with NBD error {err}"));
+            return Err(format!(
+                "{what}: read of block {block} failed with NBD error {err}"
+            ));
         }
         let read_gen = u64::from_le_bytes(got[8..16].try_into().unwrap());
         if got == pair::block_data(block, gen) {
             continue;
         }
-        let later_unknown = unknown.get(&block).is_some_and(|g| g.contains(&read_gen)) && read_gen > gen;
+        let later_unknown =
+            unknown.get(&block).is_some_and(|g| g.contains(&read_gen)) && read_gen > gen;
         if later_unknown && got == pair::block_data(block, read_gen) {
             acked.insert(block, read_gen);
             unknown.remove(&block);
@@ -290,7 +334,9 @@ fn verify(w: &Writer, addr: std::net::SocketAddr, what: &str) -> Result<(usize, 
             continue;
         }
         w.pause.store(false, Ordering::Release);
-        return Err(format!("{what}: ACKNOWLEDGED WRITE LOST: block {block} acked gen {gen}, read gen {read_gen}"));
+        return Err(format!(
+            "{what}: ACKNOWLEDGED WRITE LOST: block {block} acked gen {gen}, read gen {read_gen}"
+        ));
     }
     drop((acked, unknown));
     w.idle.store(false, Ordering::Release);
@@ -305,7 +351,11 @@ fn steps_done(log: &str, from: usize) -> Vec<(String, u64)> {
         .lines()
         .filter(|l| l.contains("step done"))
         .filter_map(|l| {
-            let field = |k: &str| l.split_whitespace().find_map(|t| t.strip_prefix(k)).map(str::to_string);
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|t| t.strip_prefix(k))
+                    .map(str::to_string)
+            };
             Some((field("step=")?, field("ms=")?.parse().ok()?))
         })
         .collect()
@@ -331,13 +381,25 @@ fn bench() -> Result<(), String> {
     let mut samples: Vec<Sample> = Vec::new();
     let mut landed_total = 0;
     for round in 1..=rounds {
-        for mv in [Move::TakeoverAtPartner, Move::Giveback, Move::TakeoverAtNode, Move::Giveback, Move::HardTakeover, Move::GivebackAfterHard] {
+        for mv in [
+            Move::TakeoverAtPartner,
+            Move::Giveback,
+            Move::TakeoverAtNode,
+            Move::Giveback,
+            Move::HardTakeover,
+            Move::GivebackAfterHard,
+        ] {
             check_interrupt()?;
             let w = wg.w();
             let b_log_from = p.log("b").len();
             let (reply, cmd_ms, t0_unix, c0, t_done, (total_ms, phases)) = match mv {
                 Move::TakeoverAtPartner => {
-                    let (r, ms, t0u, c0) = operator(&p, w, "a", r#"{"v":1,"cmd":"takeover","of":"b","countdown_ms":10000}"#)?;
+                    let (r, ms, t0u, c0) = operator(
+                        &p,
+                        w,
+                        "a",
+                        r#"{"v":1,"cmd":"takeover","of":"b","countdown_ms":10000}"#,
+                    )?;
                     let t = wait_state(&p, "b", "TakenOver", 20, 20)?;
                     let rep = report_of(&r["outcome"]["report"]);
                     (Some(r), ms, t0u, c0, t, rep)
@@ -373,12 +435,23 @@ fn bench() -> Result<(), String> {
             wait_client(w, c0, 200, t_done, 500)?;
             let gap_ms = w.max_gap_ms.load(Ordering::Relaxed);
             let writes = w.completed.load(Ordering::Relaxed) - c0;
-            let nodes: &[&str] = if mv == Move::HardTakeover { &["a"] } else { &["a", "b"] };
+            let nodes: &[&str] = if mv == Move::HardTakeover {
+                &["a"]
+            } else {
+                &["a", "b"]
+            };
             let tl = timeline(&p, t0_unix, nodes);
-            let home_steps = if mv == Move::HardTakeover { Vec::new() } else { steps_done(&p.log("b"), b_log_from) };
+            let home_steps = if mv == Move::HardTakeover {
+                Vec::new()
+            } else {
+                steps_done(&p.log("b"), b_log_from)
+            };
             let (verified, landed) = verify(w, svc, mv.label())?;
             landed_total += landed;
-            let kind = reply.as_ref().and_then(|r| r["outcome"]["report"]["kind"].as_str().map(str::to_string)).unwrap_or_default();
+            let kind = reply
+                .as_ref()
+                .and_then(|r| r["outcome"]["report"]["kind"].as_str().map(str::to_string))
+                .unwrap_or_default();
             progress!(
                 "round {round}/{rounds} {:<40} client gap {:>5} ms  command {:>5} ms  report {:>5} ms  [{}] {}",
                 mv.label(),
@@ -388,13 +461,27 @@ fn bench() -> Result<(), String> {
                 phases.iter().map(|(s, m)| format!("{s}={m}")).collect::<Vec<_>>().join(" "),
                 kind
             );
-            samples.push(Sample { round, mv, gap_ms, cmd_ms, total_ms, phases, home_steps, timeline: tl, writes, verified });
+            samples.push(Sample {
+                round,
+                mv,
+                gap_ms,
+                cmd_ms,
+                total_ms,
+                phases,
+                home_steps,
+                timeline: tl,
+                writes,
+                verified,
+            });
             if mv == Move::HardTakeover {
                 // b reboots: it finds please-die and waits for giveback (not measured).
                 let t = Instant::now();
                 p.start("b");
                 wait_state(&p, "b", "TakenOver", 60, 50)?;
-                progress!("b restarted and waits as TakenOver ({} ms)", t.elapsed().as_millis());
+                progress!(
+                    "b restarted and waits as TakenOver ({} ms)",
+                    t.elapsed().as_millis()
+                );
             }
         }
     }
@@ -408,7 +495,13 @@ fn bench() -> Result<(), String> {
     drop(p);
 
     // Tables.
-    let kinds = [Move::TakeoverAtPartner, Move::TakeoverAtNode, Move::HardTakeover, Move::Giveback, Move::GivebackAfterHard];
+    let kinds = [
+        Move::TakeoverAtPartner,
+        Move::TakeoverAtNode,
+        Move::HardTakeover,
+        Move::Giveback,
+        Move::GivebackAfterHard,
+    ];
     let stat = |v: Vec<f64>| -> String {
         if v.is_empty() {
             return "-".into();
@@ -429,7 +522,11 @@ fn bench() -> Result<(), String> {
             s.len(),
             stat(s.iter().map(|x| x.gap_ms as f64).collect()),
             stat(s.iter().map(|x| x.cmd_ms as f64).collect()),
-            stat(s.iter().filter_map(|x| x.total_ms.map(|v| v as f64)).collect())
+            stat(
+                s.iter()
+                    .filter_map(|x| x.total_ms.map(|v| v as f64))
+                    .collect()
+            )
         )
         .unwrap();
     }
@@ -441,7 +538,10 @@ fn bench() -> Result<(), String> {
         let mut vals: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for x in &s {
             let own = x.phases.iter().map(|(st, ms)| (format!("a: {st}"), *ms));
-            let home = x.home_steps.iter().map(|(st, ms)| (format!("b: {st}"), *ms));
+            let home = x
+                .home_steps
+                .iter()
+                .map(|(st, ms)| (format!("b: {st}"), *ms));
             for (step, ms) in own.chain(home) {
                 if !order.contains(&step) {
                     order.push(step.clone());
@@ -452,9 +552,21 @@ fn bench() -> Result<(), String> {
         if order.is_empty() {
             continue;
         }
-        writeln!(ph, "\n**{}** ({}):\n\n| phase | median / max (ms) | n |\n|---|---:|---:|", k.label(), k.command()).unwrap();
+        writeln!(
+            ph,
+            "\n**{}** ({}):\n\n| phase | median / max (ms) | n |\n|---|---:|---:|",
+            k.label(),
+            k.command()
+        )
+        .unwrap();
         for step in &order {
-            writeln!(ph, "| {step} | {} | {} |", stat(vals[step].clone()), vals[step].len()).unwrap();
+            writeln!(
+                ph,
+                "| {step} | {} | {} |",
+                stat(vals[step].clone()),
+                vals[step].len()
+            )
+            .unwrap();
         }
     }
     let mut tl = String::new();
@@ -475,7 +587,13 @@ fn bench() -> Result<(), String> {
         }
         writeln!(tl, "\n**{}** ({}):\n\n| transition | ms after the command, median / max | n |\n|---|---:|---:|", k.label(), k.command()).unwrap();
         for tr in &order {
-            writeln!(tl, "| {tr} | {} | {} |", stat(vals[tr].clone()), vals[tr].len()).unwrap();
+            writeln!(
+                tl,
+                "| {tr} | {} | {} |",
+                stat(vals[tr].clone()),
+                vals[tr].len()
+            )
+            .unwrap();
         }
     }
     let mut every = String::new();
@@ -499,7 +617,12 @@ fn bench() -> Result<(), String> {
     println!("\n{t}\nPhases:\n{ph}\nState transitions:\n{tl}");
     let warnings: Vec<String> = [("a", &a_log), ("b", &b_log)]
         .iter()
-        .flat_map(|(n, l)| l.lines().filter(|x| x.contains("WARN") || x.contains("ERROR")).take(8).map(move |x| format!("{n}: {x}")))
+        .flat_map(|(n, l)| {
+            l.lines()
+                .filter(|x| x.contains("WARN") || x.contains("ERROR"))
+                .take(8)
+                .map(move |x| format!("{n}: {x}"))
+        })
         .collect();
     let body = format!(
         "# Takeover benchmark: what a client sees\n\nGenerated by `cargo bench --bench takeover` (settings: \
@@ -529,10 +652,16 @@ fn bench() -> Result<(), String> {
     );
     let path = match std::env::var("HAPAIR_BENCH_OUT") {
         Ok(p) => std::path::PathBuf::from(p),
-        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR")).join("bench").join("RESULTS-takeover.md"),
+        Err(_) => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("bench")
+            .join("RESULTS-takeover.md"),
     };
-    let notes = std::fs::read_to_string(&path).ok().and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string())).unwrap_or_default();
-    std::fs::write(&path, format!("{body}{notes}")).map_err(|e| format!("{}: {e}", path.display()))?;
+    let notes = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_string()))
+        .unwrap_or_default();
+    std::fs::write(&path, format!("{body}{notes}"))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     progress!("wrote {}", path.display());
     Ok(())
 }

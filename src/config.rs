@@ -20,6 +20,8 @@
 //!                                 # its own log when home = node, else the partner's mirror
 //! nvram_mib = 64                  # log size (the same on both nodes)
 //! cp_interval_ms = 1000           # consistency point at least this often
+//! nvram_flush = "client"          # when a file log's device cache is flushed: on the client's
+//!                                 # NBD FLUSH/FUA ("client", like any disk) or "every-commit"
 //!
 //! [[export]]
 //! name = "aggr0"
@@ -55,11 +57,18 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {source}")]
-    Read { file: PathBuf, source: std::io::Error },
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: {message}")]
     Parse { file: PathBuf, message: String },
     #[error("{file}: {key}: {why}")]
-    Invalid { file: PathBuf, key: String, why: String },
+    Invalid {
+        file: PathBuf,
+        key: String,
+        why: String,
+    },
 }
 
 /// Which I/O engine drives the members.
@@ -133,6 +142,21 @@ pub struct AggregateConfig {
     pub nvram_mib: u64,
     #[serde(default = "default_cp_interval_ms")]
     pub cp_interval_ms: u64,
+    /// When the device cache under a file NVRAM log is flushed (a DAX log has none).
+    #[serde(default)]
+    pub nvram_flush: NvramFlush,
+}
+
+/// `nvram_flush`: every group commit writes the log back to its device before the writes are
+/// acknowledged; this says when the device's volatile cache is flushed too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NvramFlush {
+    /// When a client asks (NBD FLUSH, or a write with FUA): the contract of any disk.
+    #[default]
+    Client,
+    /// On every group commit: acknowledged writes survive a power loss without a FLUSH.
+    EveryCommit,
 }
 
 fn default_nvram_mib() -> u64 {
@@ -149,7 +173,11 @@ fn default_chunk_kib() -> u64 {
 impl AggregateConfig {
     /// Members in order: data members, then parity.
     pub fn members(&self) -> Vec<PathBuf> {
-        self.data.iter().cloned().chain([self.parity.clone()]).collect()
+        self.data
+            .iter()
+            .cloned()
+            .chain([self.parity.clone()])
+            .collect()
     }
 }
 
@@ -240,47 +268,77 @@ pub struct Config {
 impl Config {
     /// Read, parse and validate a configuration file.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(file)
-            .map_err(|source| ConfigError::Read { file: file.to_owned(), source })?;
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
         Config::parse(&text, file)
     }
 
     /// Parse and validate configuration text; `file` is used in messages.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { file: file.to_owned(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
         cfg.validate(file)?;
         Ok(cfg)
     }
 
     fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let bad = |key: String, why: String| ConfigError::Invalid { file: file.to_owned(), key, why };
+        let bad = |key: String, why: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key,
+            why,
+        };
         let name_ok = |s: &str, max: usize| {
             !s.is_empty()
                 && s.len() <= max
-                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         if !name_ok(&self.node, 31) {
-            return Err(bad("node".into(), format!("{:?}: 1-31 of [A-Za-z0-9-_.]", self.node)));
+            return Err(bad(
+                "node".into(),
+                format!("{:?}: 1-31 of [A-Za-z0-9-_.]", self.node),
+            ));
         }
-        if self.io.ring_entries == 0 || !self.io.ring_entries.is_power_of_two() || self.io.ring_entries > 4096 {
-            return Err(bad("io.ring_entries".into(), format!("{} is not a power of two in 1..=4096", self.io.ring_entries)));
+        if self.io.ring_entries == 0
+            || !self.io.ring_entries.is_power_of_two()
+            || self.io.ring_entries > 4096
+        {
+            return Err(bad(
+                "io.ring_entries".into(),
+                format!("{} is not a power of two in 1..=4096", self.io.ring_entries),
+            ));
         }
         let mrk = self.io.max_request_kib;
         if !(4..=32768).contains(&mrk) || !mrk.is_power_of_two() {
-            return Err(bad("io.max_request_kib".into(), format!("{mrk} is not a power of two in 4..=32768")));
+            return Err(bad(
+                "io.max_request_kib".into(),
+                format!("{mrk} is not a power of two in 4..=32768"),
+            ));
         }
         if self.io.workers == 0 || self.io.workers > 1024 {
-            return Err(bad("io.workers".into(), format!("{} is not in 1..=1024", self.io.workers)));
+            return Err(bad(
+                "io.workers".into(),
+                format!("{} is not in 1..=1024", self.io.workers),
+            ));
         }
         if self.io.arena_mib > 65536 {
-            return Err(bad("io.arena_mib".into(), format!("{} MiB is more than 64 GiB", self.io.arena_mib)));
+            return Err(bad(
+                "io.arena_mib".into(),
+                format!("{} MiB is more than 64 GiB", self.io.arena_mib),
+            ));
         }
         let mut seen_paths = std::collections::HashMap::new();
         for (i, a) in self.aggregate.iter().enumerate() {
             let key = |k: &str| format!("aggregate[{i}] ({}).{k}", a.name);
             if !name_ok(&a.name, 63) {
-                return Err(bad(key("name"), format!("{:?}: 1-63 of [A-Za-z0-9-_.]", a.name)));
+                return Err(bad(
+                    key("name"),
+                    format!("{:?}: 1-63 of [A-Za-z0-9-_.]", a.name),
+                ));
             }
             if self.aggregate[..i].iter().any(|b| b.name == a.name) {
                 return Err(bad(key("name"), "duplicate aggregate name".into()));
@@ -292,22 +350,37 @@ impl Config {
                 return Err(bad(key("data"), "needs at least one data member".into()));
             }
             if a.chunk_kib < 4 || !a.chunk_kib.is_power_of_two() || a.chunk_kib > 16384 {
-                return Err(bad(key("chunk_kib"), format!("{} is not a power of two in 4..=16384", a.chunk_kib)));
+                return Err(bad(
+                    key("chunk_kib"),
+                    format!("{} is not a power of two in 4..=16384", a.chunk_kib),
+                ));
             }
             if !(1..=65536).contains(&a.nvram_mib) {
-                return Err(bad(key("nvram_mib"), format!("{} is not in 1..=65536", a.nvram_mib)));
+                return Err(bad(
+                    key("nvram_mib"),
+                    format!("{} is not in 1..=65536", a.nvram_mib),
+                ));
             }
             if !(10..=600_000).contains(&a.cp_interval_ms) {
-                return Err(bad(key("cp_interval_ms"), format!("{} is not in 10..=600000", a.cp_interval_ms)));
+                return Err(bad(
+                    key("cp_interval_ms"),
+                    format!("{} is not in 10..=600000", a.cp_interval_ms),
+                ));
             }
             if let Some(n) = &a.nvram {
                 if a.members().contains(n) {
-                    return Err(bad(key("nvram"), format!("{} is also a member", n.display())));
+                    return Err(bad(
+                        key("nvram"),
+                        format!("{} is also a member", n.display()),
+                    ));
                 }
             }
             for p in a.members() {
                 if let Some(other) = seen_paths.insert(p.clone(), a.name.clone()) {
-                    return Err(bad(key("data/parity"), format!("{} is listed twice (also in {other})", p.display())));
+                    return Err(bad(
+                        key("data/parity"),
+                        format!("{} is listed twice (also in {other})", p.display()),
+                    ));
                 }
             }
         }
@@ -320,52 +393,104 @@ impl Config {
                 return Err(bad(key("name"), "duplicate export name".into()));
             }
             if !self.aggregate.iter().any(|a| a.name == e.aggregate) {
-                return Err(bad(key("aggregate"), format!("no aggregate named {:?}", e.aggregate)));
+                return Err(bad(
+                    key("aggregate"),
+                    format!("no aggregate named {:?}", e.aggregate),
+                ));
             }
             if e.listen.is_none() && e.unix.is_none() {
-                return Err(bad(key("listen"), "an export needs listen, unix, or both".into()));
+                return Err(bad(
+                    key("listen"),
+                    "an export needs listen, unix, or both".into(),
+                ));
             }
             for a in &e.service_addrs {
                 if a.parse::<crate::core::netlink::IpPrefix>().is_err() {
-                    return Err(bad(key("service_addrs"), format!("{a:?} is not ADDRESS/PREFIX")));
+                    return Err(bad(
+                        key("service_addrs"),
+                        format!("{a:?} is not ADDRESS/PREFIX"),
+                    ));
                 }
             }
             if !e.service_addrs.is_empty() && e.service_interface.is_none() {
-                return Err(bad(key("service_interface"), "service_addrs need a service_interface".into()));
+                return Err(bad(
+                    key("service_interface"),
+                    "service_addrs need a service_interface".into(),
+                ));
             }
         }
         if let Some(p) = &self.pair {
             if !name_ok(&p.partner, 31) || p.partner == self.node {
-                return Err(bad("pair.partner".into(), format!("{:?} is not a partner name (and must differ from node)", p.partner)));
+                return Err(bad(
+                    "pair.partner".into(),
+                    format!(
+                        "{:?} is not a partner name (and must differ from node)",
+                        p.partner
+                    ),
+                ));
             }
-            if crate::core::fence::node_key(&p.partner) == crate::core::fence::node_key(&self.node) {
-                return Err(bad("pair.partner".into(), format!("{:?} and {:?} derive the same reservation key: rename one", p.partner, self.node)));
+            if crate::core::fence::node_key(&p.partner) == crate::core::fence::node_key(&self.node)
+            {
+                return Err(bad(
+                    "pair.partner".into(),
+                    format!(
+                        "{:?} and {:?} derive the same reservation key: rename one",
+                        p.partner, self.node
+                    ),
+                ));
             }
             let me_first = self.node < p.partner;
             if me_first && p.partner_interconnect.is_empty() {
-                return Err(bad("pair.partner_interconnect".into(), "node that sorts first dials the partner: list its address(es)".into()));
+                return Err(bad(
+                    "pair.partner_interconnect".into(),
+                    "node that sorts first dials the partner: list its address(es)".into(),
+                ));
             }
             if !me_first && p.interconnect_listen.is_none() {
-                return Err(bad("pair.interconnect_listen".into(), "node that sorts second accepts the interconnect: give its address".into()));
+                return Err(bad(
+                    "pair.interconnect_listen".into(),
+                    "node that sorts second accepts the interconnect: give its address".into(),
+                ));
             }
-            if !(10..=10_000).contains(&p.heartbeat_ms) || p.interconnect_timeout_ms < 2 * p.heartbeat_ms {
-                return Err(bad("pair.heartbeat_ms".into(), "heartbeat_ms in 10..=10000 and interconnect_timeout_ms at least twice it".into()));
+            if !(10..=10_000).contains(&p.heartbeat_ms)
+                || p.interconnect_timeout_ms < 2 * p.heartbeat_ms
+            {
+                return Err(bad(
+                    "pair.heartbeat_ms".into(),
+                    "heartbeat_ms in 10..=10000 and interconnect_timeout_ms at least twice it"
+                        .into(),
+                ));
             }
             if p.mailbox_timeout_ms < 2 * p.heartbeat_ms {
-                return Err(bad("pair.mailbox_timeout_ms".into(), "at least twice heartbeat_ms".into()));
+                return Err(bad(
+                    "pair.mailbox_timeout_ms".into(),
+                    "at least twice heartbeat_ms".into(),
+                ));
             }
             for (i, a) in self.aggregate.iter().enumerate() {
                 if a.home != self.node && a.home != p.partner {
-                    return Err(bad(format!("aggregate[{i}] ({}).home", a.name), format!("{:?} is neither {} nor {}", a.home, self.node, p.partner)));
+                    return Err(bad(
+                        format!("aggregate[{i}] ({}).home", a.name),
+                        format!("{:?} is neither {} nor {}", a.home, self.node, p.partner),
+                    ));
                 }
                 if a.nvram.is_none() {
-                    return Err(bad(format!("aggregate[{i}] ({}).nvram", a.name), "in a pair every aggregate needs its log (own) or mirror (partner's)".into()));
+                    return Err(bad(
+                        format!("aggregate[{i}] ({}).nvram", a.name),
+                        "in a pair every aggregate needs its log (own) or mirror (partner's)"
+                            .into(),
+                    ));
                 }
             }
             for who in [&self.node, &p.partner] {
                 let n = self.aggregate.iter().filter(|a| &a.home == who).count();
                 if n != 1 {
-                    return Err(bad("aggregate".into(), format!("a pair needs exactly one aggregate with home = {who:?} (found {n})")));
+                    return Err(bad(
+                        "aggregate".into(),
+                        format!(
+                            "a pair needs exactly one aggregate with home = {who:?} (found {n})"
+                        ),
+                    ));
                 }
             }
         }
@@ -410,23 +535,54 @@ listen = "127.0.0.1:10809"
     #[test]
     fn bad_configs_name_the_key_and_file() {
         let cases = [
-            (GOOD.replace("engine = \"sync\"", "engine = \"aio\""), "engine"),
-            (GOOD.replace("node = \"a\"", "node = \"a\"\ncolour = 1"), "colour"),
-            (GOOD.replace("[io]", "[io]\nring_entries = 100"), "io.ring_entries"),
-            (GOOD.replace("home = \"a\"", "home = \"a\"\nchunk_kib = 6"), "chunk_kib"),
-            (GOOD.replace("parity = \"/dev/loop2\"", "parity = \"/dev/loop1\""), "listed twice"),
-            (GOOD.replace("aggregate = \"aggr0\"", "aggregate = \"nope\""), "no aggregate named"),
-            (GOOD.replace("listen = \"127.0.0.1:10809\"", "listen = \"localhost\""), "listen"),
-            (GOOD.replace("data = [\"/dev/loop0\", \"/dev/loop1\"]", "data = []"), "at least one data member"),
+            (
+                GOOD.replace("engine = \"sync\"", "engine = \"aio\""),
+                "engine",
+            ),
+            (
+                GOOD.replace("node = \"a\"", "node = \"a\"\ncolour = 1"),
+                "colour",
+            ),
+            (
+                GOOD.replace("[io]", "[io]\nring_entries = 100"),
+                "io.ring_entries",
+            ),
+            (
+                GOOD.replace("home = \"a\"", "home = \"a\"\nchunk_kib = 6"),
+                "chunk_kib",
+            ),
+            (
+                GOOD.replace("parity = \"/dev/loop2\"", "parity = \"/dev/loop1\""),
+                "listed twice",
+            ),
+            (
+                GOOD.replace("aggregate = \"aggr0\"", "aggregate = \"nope\""),
+                "no aggregate named",
+            ),
+            (
+                GOOD.replace("listen = \"127.0.0.1:10809\"", "listen = \"localhost\""),
+                "listen",
+            ),
+            (
+                GOOD.replace("data = [\"/dev/loop0\", \"/dev/loop1\"]", "data = []"),
+                "at least one data member",
+            ),
             (GOOD.replace("node = \"a\"", "node = \"a b\""), "node"),
-            (GOOD.replace("listen = \"127.0.0.1:10809\"", ""), "needs listen"),
+            (
+                GOOD.replace("listen = \"127.0.0.1:10809\"", ""),
+                "needs listen",
+            ),
         ];
         for (text, want) in cases {
-            let e = Config::parse(&text, Path::new("/etc/hapair/a.toml")).unwrap_err().to_string();
+            let e = Config::parse(&text, Path::new("/etc/hapair/a.toml"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("/etc/hapair/a.toml"), "{e}");
             assert!(e.contains(want), "want {want:?} in {e}");
         }
-        let e = Config::load(Path::new("/nonexistent/x.toml")).unwrap_err().to_string();
+        let e = Config::load(Path::new("/nonexistent/x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot read"), "{e}");
     }
 }

@@ -34,23 +34,43 @@ fn config(dir: &Path, loops: &[LoopDev], port: u16) -> std::path::PathBuf {
 /// iodepth 1, so at most one write is unacknowledged when the server dies.
 fn fio_args(uri: &str, round: u64) -> Vec<String> {
     [
-        "--name=crash", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=1", "--size=24m",
-        "--verify=crc32c", "--randrepeat=1",
+        "--name=crash",
+        "--ioengine=nbd",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=1",
+        "--size=24m",
+        "--verify=crc32c",
+        "--randrepeat=1",
     ]
     .iter()
     .map(|s| s.to_string())
-    .chain([format!("--uri={uri}"), format!("--randseed={}", round + 1), format!("--offset={}m", round * 24)])
+    .chain([
+        format!("--uri={uri}"),
+        format!("--randseed={}", round + 1),
+        format!("--offset={}m", round * 24),
+    ])
     .collect()
 }
 
 /// Append the first `keep` bytes of a well-formed next record at the log's tail: what a crash
 /// during an append leaves behind. Returns false when the log's tail leaves no room.
 fn tear_tail(nvlog: &Path, keep: usize, rng: &mut impl Rng) -> bool {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(nvlog).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(nvlog)
+        .unwrap();
     let region = std::fs::read(nvlog).unwrap();
     let header = RegionHeader::decode(region[..64].try_into().unwrap()).unwrap();
-    let replay = scan(&region, &Expect { aggregate: header.aggregate, generation: header.generation })
-        .expect("the log of a killed daemon scans cleanly");
+    let replay = scan(
+        &region,
+        &Expect {
+            aggregate: header.aggregate,
+            generation: header.generation,
+        },
+    )
+    .expect("the log of a killed daemon scans cleanly");
     let payload: Vec<u8> = (0..4096).map(|_| rng.gen()).collect();
     let rec = RecordHeader {
         kind: RecordKind::Write,
@@ -77,11 +97,16 @@ fn tear_tail(nvlog: &Path, keep: usize, rng: &mut impl Rng) -> bool {
 #[test]
 fn sigkill_under_fio_verify_then_replay_loses_nothing() {
     require_tool("fio");
-    let seed: u64 = std::env::var("HAPAIR_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("HAPAIR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("crash test seed {seed} (HAPAIR_CRASH_SEED={seed} replays the kill times)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..5).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 48 << 20)).collect();
+    let loops: Vec<LoopDev> = (0..5)
+        .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 48 << 20))
+        .collect();
     let port = free_port();
     let cfg = config(dir.path(), &loops, port);
     let cfg_s = cfg.to_str().unwrap();
@@ -103,12 +128,26 @@ fn sigkill_under_fio_verify_then_replay_loses_nothing() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(rng.gen_range(300..1500)));
         let killed = daemon.stop(libc::SIGKILL);
-        assert_eq!(killed.status.code(), None, "round {round}: the daemon was killed, not stopped");
+        assert_eq!(
+            killed.status.code(),
+            None,
+            "round {round}: the daemon was killed, not stopped"
+        );
         let fio_out = fio.wait_with_output().unwrap();
         let state = work.join("local-crash-0-verify.state");
-        assert!(state.exists(), "round {round}: fio saved no verify state: {}", String::from_utf8_lossy(&fio_out.stdout));
+        assert!(
+            state.exists(),
+            "round {round}: fio saved no verify state: {}",
+            String::from_utf8_lossy(&fio_out.stdout)
+        );
         let tear = round % 2 == 1;
-        if tear && tear_tail(&dir.path().join("aggr0.nvlog"), rng.gen_range(8..4096 + 64), &mut rng) {
+        if tear
+            && tear_tail(
+                &dir.path().join("aggr0.nvlog"),
+                rng.gen_range(8..4096 + 64),
+                &mut rng,
+            )
+        {
             torn_rounds += 1;
         }
         // Restart: the log is replayed before the export listens.
@@ -116,7 +155,12 @@ fn sigkill_under_fio_verify_then_replay_loses_nothing() {
         wait_for_port(port);
         let out = Command::new("fio")
             .args(fio_args(&uri, round))
-            .args(["--verify_only", "--verify_state_load=1", "--verify_fatal=0", "--output-format=json"])
+            .args([
+                "--verify_only",
+                "--verify_state_load=1",
+                "--verify_fatal=0",
+                "--output-format=json",
+            ])
             .current_dir(&work)
             .output()
             .unwrap();
@@ -127,22 +171,44 @@ fn sigkill_under_fio_verify_then_replay_loses_nothing() {
         let all = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
         let bad = all.matches("verify: bad").count();
         let unwritten = all.matches("verify: bad magic header 0,").count();
-        assert!(bad <= 1 && bad == unwritten, "round {round}: ACKNOWLEDGED WRITE LOST ({bad} bad blocks, iodepth 1):\n{all}");
-        let start = text.find("{\n").unwrap_or_else(|| panic!("no JSON from fio: {text}"));
+        assert!(
+            bad <= 1 && bad == unwritten,
+            "round {round}: ACKNOWLEDGED WRITE LOST ({bad} bad blocks, iodepth 1):\n{all}"
+        );
+        let start = text
+            .find("{\n")
+            .unwrap_or_else(|| panic!("no JSON from fio: {text}"));
         let j: serde_json::Value = serde_json::from_str(&text[start..]).unwrap();
         let job = &j["jobs"][0];
         let verified = job["read"]["io_bytes"].as_u64().unwrap();
-        assert!(verified > (bad as u64 + 1) * 4096, "round {round}: fio verified nothing (killed before any write?)");
+        assert!(
+            verified > (bad as u64 + 1) * 4096,
+            "round {round}: fio verified nothing (killed before any write?)"
+        );
         let stopped = daemon.stop(libc::SIGTERM);
         let err = String::from_utf8_lossy(&stopped.stderr);
         assert!(stopped.status.success(), "round {round}: {err}");
-        assert!(err.contains("NVRAM log replayed"), "round {round}: no replay at restart:\n{err}");
+        assert!(
+            err.contains("NVRAM log replayed"),
+            "round {round}: no replay at restart:\n{err}"
+        );
         if tear {
-            assert!(err.contains("discarded_torn\u{1b}[0m\u{1b}[2m=\u{1b}[0m1") || err.contains("discarded_torn=1"), "round {round}: the torn record was not discarded:\n{err}");
+            assert!(
+                err.contains("discarded_torn\u{1b}[0m\u{1b}[2m=\u{1b}[0m1")
+                    || err.contains("discarded_torn=1"),
+                "round {round}: the torn record was not discarded:\n{err}"
+            );
         }
-        eprintln!("round {round}: verified {} KiB after SIGKILL{}", verified >> 10, if tear { " and a torn tail" } else { "" });
+        eprintln!(
+            "round {round}: verified {} KiB after SIGKILL{}",
+            verified >> 10,
+            if tear { " and a torn tail" } else { "" }
+        );
     }
-    assert!(torn_rounds >= 2, "the tear was applied in {torn_rounds} rounds");
+    assert!(
+        torn_rounds >= 2,
+        "the tear was applied in {torn_rounds} rounds"
+    );
 }
 
 #[path = "nbd_common/mod.rs"]
@@ -176,8 +242,16 @@ struct Track {
 
 /// Write random blocks with up to `depth` requests in flight until the server dies; every reply
 /// moves its write from in flight to acknowledged.
-fn tracked_writes(port: u16, blocks: u64, depth: usize, next_gen: &mut u64, track: &Arc<(Mutex<Track>, Condvar)>, rng: &mut impl Rng) {
-    let (client, _size, _flags) = nbdc::RawClient::open(([127, 0, 0, 1], port).into(), "aggr0", false);
+fn tracked_writes(
+    port: u16,
+    blocks: u64,
+    depth: usize,
+    next_gen: &mut u64,
+    track: &Arc<(Mutex<Track>, Condvar)>,
+    rng: &mut impl Rng,
+) {
+    let (client, _size, _flags) =
+        nbdc::RawClient::open(([127, 0, 0, 1], port).into(), "aggr0", false);
     let mut tx = client.s.try_clone().unwrap();
     let mut rx = client.s;
     rx.set_read_timeout(None).unwrap();
@@ -194,7 +268,10 @@ fn tracked_writes(port: u16, blocks: u64, depth: usize, next_gen: &mut u64, trac
             assert_eq!(magic, hapair::core::nbd::SIMPLE_REPLY_MAGIC);
             let (m, cv) = &*t2;
             let mut t = m.lock().unwrap();
-            let (block, gen) = t.by_handle.remove(&handle).expect("reply to a request we sent");
+            let (block, gen) = t
+                .by_handle
+                .remove(&handle)
+                .expect("reply to a request we sent");
             t.inflight.remove(&block);
             if err == 0 {
                 t.acked.insert(block, gen);
@@ -245,11 +322,16 @@ fn tracked_writes(port: u16, blocks: u64, depth: usize, next_gen: &mut u64, trac
 /// kill may or may not have landed), also when a torn record was left at the log's tail.
 #[test]
 fn sigkill_with_exact_ack_tracking_and_torn_tails() {
-    let seed: u64 = std::env::var("HAPAIR_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 = std::env::var("HAPAIR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
     eprintln!("crash test seed {seed} (HAPAIR_CRASH_SEED={seed} replays the kill times)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..5).map(|i| LoopDev::new(dir.path(), &format!("t{i}.img"), 24 << 20)).collect();
+    let loops: Vec<LoopDev> = (0..5)
+        .map(|i| LoopDev::new(dir.path(), &format!("t{i}.img"), 24 << 20))
+        .collect();
     let port = free_port();
     let cfg = config(dir.path(), &loops, port);
     let cfg_s = cfg.to_str().unwrap();
@@ -276,7 +358,12 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
         killer.join().unwrap();
         let killed = daemon.stop(libc::SIGKILL);
         assert_eq!(killed.status.code(), None);
-        let tear = round % 2 == 1 && tear_tail(&dir.path().join("aggr0.nvlog"), rng.gen_range(8..BLOCK + 64), &mut rng);
+        let tear = round % 2 == 1
+            && tear_tail(
+                &dir.path().join("aggr0.nvlog"),
+                rng.gen_range(8..BLOCK + 64),
+                &mut rng,
+            );
         torn += tear as u32;
         let daemon = Daemon::spawn(&["run", "--config", cfg_s]);
         wait_for_port(port);
@@ -289,7 +376,14 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
         keys.sort();
         keys.dedup();
         for block in keys {
-            c.request(hapair::core::nbd::CMD_READ, 0, block, block * BLOCK as u64, BLOCK as u32, &[]);
+            c.request(
+                hapair::core::nbd::CMD_READ,
+                0,
+                block,
+                block * BLOCK as u64,
+                BLOCK as u32,
+                &[],
+            );
             let (err, h) = c.simple();
             assert_eq!((err, h), (0, block));
             let got = c.read_n(BLOCK);
@@ -314,7 +408,14 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
             let inflight: Vec<(u64, u64)> = t.inflight.drain().collect();
             t.by_handle.clear();
             for (block, gen) in inflight {
-                c.request(hapair::core::nbd::CMD_READ, 0, block, block * BLOCK as u64, BLOCK as u32, &[]);
+                c.request(
+                    hapair::core::nbd::CMD_READ,
+                    0,
+                    block,
+                    block * BLOCK as u64,
+                    BLOCK as u32,
+                    &[],
+                );
                 let _ = c.simple();
                 if c.read_n(BLOCK) == block_data(block, gen) {
                     t.acked.insert(block, gen);
@@ -326,7 +427,11 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
         if tear {
-            assert!(err.contains("discarded_torn\u{1b}[0m\u{1b}[2m=\u{1b}[0m1") || err.contains("discarded_torn=1"), "round {round}: torn record not discarded:\n{err}");
+            assert!(
+                err.contains("discarded_torn\u{1b}[0m\u{1b}[2m=\u{1b}[0m1")
+                    || err.contains("discarded_torn=1"),
+                "round {round}: torn record not discarded:\n{err}"
+            );
         }
         eprintln!("round {round}: {checked} blocks checked ({acked_total} acknowledged, {landed_inflight} unacknowledged landed){}", if tear { ", torn tail" } else { "" });
         assert!(acked_total > 0);

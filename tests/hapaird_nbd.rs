@@ -30,17 +30,25 @@ fn daemon_on_loop_devices_serves_real_clients() {
         require_tool(t);
     }
     let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..5).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 48 << 20)).collect();
+    let loops: Vec<LoopDev> = (0..5)
+        .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 48 << 20))
+        .collect();
     let port = free_port();
     let cfg = write_config(dir.path(), &loops, port);
     let cfg_s = cfg.to_str().unwrap();
     let out = run(Command::new(HAPAIRD).args(["format", "--config", cfg_s]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("formatted aggregate aggr0"));
     // A second format is refused, naming the members, and exits non-zero.
-    let out = Command::new(HAPAIRD).args(["format", "--config", cfg_s]).output().unwrap();
+    let out = Command::new(HAPAIRD)
+        .args(["format", "--config", cfg_s])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--force") && err.contains(&loops[0].dev.display().to_string()), "{err}");
+    assert!(
+        err.contains("--force") && err.contains(&loops[0].dev.display().to_string()),
+        "{err}"
+    );
 
     let daemon = Daemon::spawn(&["run", "--config", cfg_s]);
     wait_for_port(port);
@@ -59,20 +67,42 @@ fn daemon_on_loop_devices_serves_real_clients() {
     assert_eq!(e["can_fua"].as_bool(), Some(true));
 
     // fio with crc32c verify: block sizes x queue depths, 4 jobs = 4 connections at once.
-    for (bs, qd) in [("4k", "1"), ("4k", "32"), ("64k", "8"), ("1m", "4"), ("12k", "16")] {
+    for (bs, qd) in [
+        ("4k", "1"),
+        ("4k", "32"),
+        ("64k", "8"),
+        ("1m", "4"),
+        ("12k", "16"),
+    ] {
         let out = run(Command::new("fio").args([
-            "--name=verify", "--ioengine=nbd", &format!("--uri={uri}"), "--rw=randwrite",
-            &format!("--bs={bs}"), &format!("--iodepth={qd}"), "--numjobs=4", "--size=16m",
-            "--offset_increment=40m", "--verify=crc32c", "--verify_state_save=0", "--do_verify=1", "--verify_fatal=1",
+            "--name=verify",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            &format!("--bs={bs}"),
+            &format!("--iodepth={qd}"),
+            "--numjobs=4",
+            "--size=16m",
+            "--offset_increment=40m",
+            "--verify=crc32c",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--verify_fatal=1",
             "--output-format=json",
         ]));
         // fio may print notes before its JSON document.
         let text = String::from_utf8_lossy(&out.stdout);
-        let start = text.find("{\n").unwrap_or_else(|| panic!("no JSON from fio: {text}"));
-        let j: serde_json::Value = serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let start = text
+            .find("{\n")
+            .unwrap_or_else(|| panic!("no JSON from fio: {text}"));
+        let j: serde_json::Value =
+            serde_json::from_str(&text[start..]).unwrap_or_else(|e| panic!("{e}: {text}"));
         for job in j["jobs"].as_array().unwrap() {
             assert_eq!(job["error"].as_i64(), Some(0), "bs={bs} qd={qd}: {job}");
-            let (w, r) = (job["write"]["io_bytes"].as_u64().unwrap(), job["read"]["io_bytes"].as_u64().unwrap());
+            let (w, r) = (
+                job["write"]["io_bytes"].as_u64().unwrap(),
+                job["read"]["io_bytes"].as_u64().unwrap(),
+            );
             assert!(w > (15 << 20) && r == w, "bs={bs}: wrote {w}, verified {r}");
         }
     }
@@ -83,23 +113,53 @@ fn daemon_on_loop_devices_serves_real_clients() {
     run(Command::new("nbdcopy").args(["--connections=4", img.to_str().unwrap(), &uri]));
     let back = dir.path().join("back.img");
     run(Command::new("nbdcopy").args([&uri, back.to_str().unwrap()]));
-    assert!(std::fs::read(&back).unwrap() == std::fs::read(&img).unwrap(), "nbdcopy round trip differs");
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", img.to_str().unwrap(), &uri]));
+    assert!(
+        std::fs::read(&back).unwrap() == std::fs::read(&img).unwrap(),
+        "nbdcopy round trip differs"
+    );
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        &uri,
+    ]));
     // The Unix socket serves the same bytes.
-    let unix_uri = format!("nbd+unix:///aggr0?socket={}", dir.path().join("aggr0.sock").display());
-    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", img.to_str().unwrap(), &unix_uri]));
+    let unix_uri = format!(
+        "nbd+unix:///aggr0?socket={}",
+        dir.path().join("aggr0.sock").display()
+    );
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        img.to_str().unwrap(),
+        &unix_uri,
+    ]));
 
     // SIGTERM: drain, close cleanly, exit 0.
     let out = daemon.stop(libc::SIGTERM);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "hapaird exited with {:?}: {err}", out.status);
+    assert!(
+        out.status.success(),
+        "hapaird exited with {:?}: {err}",
+        out.status
+    );
     assert!(err.contains("closed cleanly"), "{err}");
     // The data is on the members: reassemble in-process and compare.
     let agg_cfg = hapair::config::Config::load(&cfg).unwrap();
-    let agg = hapair::daemon::setup::open(&agg_cfg.aggregate[0], &agg_cfg.io, &mut |_, _| {}).unwrap();
+    let agg =
+        hapair::daemon::setup::open(&agg_cfg.aggregate[0], &agg_cfg.io, &mut |_, _| {}).unwrap();
     let mut buf = hapair::io::buf::IoBuf::new(size as usize);
     agg.read(0, &mut buf).unwrap();
-    assert!(buf[..] == std::fs::read(&img).unwrap()[..], "members do not hold what was written");
+    assert!(
+        buf[..] == std::fs::read(&img).unwrap()[..],
+        "members do not hold what was written"
+    );
 }
 
 #[test]
@@ -107,7 +167,15 @@ fn demo_runs_a_pair_and_stops_cleanly() {
     require_tool("nbdinfo");
     let dir = scratch_dir();
     let d = dir.path().join("demo");
-    let daemon = Daemon::spawn(&["demo", "--dir", d.to_str().unwrap(), "--member-mib", "16", "--port", "0"]);
+    let daemon = Daemon::spawn(&[
+        "demo",
+        "--dir",
+        d.to_str().unwrap(),
+        "--member-mib",
+        "16",
+        "--port",
+        "0",
+    ]);
     let json = d.join("demo.json");
     let end = Instant::now() + Duration::from_secs(90);
     while !json.exists() {
@@ -124,7 +192,11 @@ fn demo_runs_a_pair_and_stops_cleanly() {
         assert!(std::path::Path::new(node["control_socket"].as_str().unwrap()).exists());
         let uri = node["exports"][0]["uri"].as_str().unwrap().to_string();
         let out = run(Command::new("nbdinfo").args(["--size", &uri]));
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (4u64 * 15 << 20).to_string(), "{uri}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            (4u64 * 15 << 20).to_string(),
+            "{uri}"
+        );
         uris.push(uri);
     }
     // A takeover through a's control socket: b's export answers at the same URI, served by a.
@@ -147,9 +219,18 @@ fn demo_runs_a_pair_and_stops_cleanly() {
     assert_eq!(reply["outcome"]["result"], "completed", "{reply}");
     run(Command::new("nbdinfo").args(["--size", &uris[1]]));
     let out = daemon.stop(libc::SIGINT);
-    assert!(out.status.success(), "demo exit {:?}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut stdout = String::new();
     out.stdout.as_slice().read_to_string(&mut stdout).unwrap();
-    assert_eq!(stdout.lines().collect::<Vec<_>>(), uris, "the demo prints its URIs");
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        uris,
+        "the demo prints its URIs"
+    );
     assert!(!json.exists(), "demo.json removed on a clean stop");
 }

@@ -25,7 +25,9 @@ fn slot(name: &str, partner: &str, counter: u64, please_die: bool) -> Slot {
 #[test]
 fn two_nodes_beat_and_see_each_other_and_damage_is_detected() {
     let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..3).map(|i| LoopDev::new(dir.path(), &format!("mb{i}.img"), 4 << 20)).collect();
+    let loops: Vec<LoopDev> = (0..3)
+        .map(|i| LoopDev::new(dir.path(), &format!("mb{i}.img"), 4 << 20))
+        .collect();
     let paths: Vec<_> = loops.iter().map(|l| l.dev.clone()).collect();
     // Each node opens the shared devices on its own, as two hosts would.
     let a = MailboxDisks::open(&paths).unwrap();
@@ -46,11 +48,17 @@ fn two_nodes_beat_and_see_each_other_and_damage_is_detected() {
     assert_eq!((seen_by_b.node_name.as_str(), seen_by_b.counter), ("a", 5));
     let seen_by_a = a.read_slot(ib).newest.unwrap();
     assert_eq!(seen_by_a.counter, 50);
-    assert!(seen_by_a.please_die_for_partner, "a reads b's please-die for it");
+    assert!(
+        seen_by_a.please_die_for_partner,
+        "a reads b's please-die for it"
+    );
     // Slots do not overlap: a's writes never disturbed b's slot.
     assert_ne!(slot_offset(ia), slot_offset(ib));
     // Damage one member's copy of b's slot: detected and named; the others still vote.
-    let f = std::fs::OpenOptions::new().write(true).open(&paths[1]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&paths[1])
+        .unwrap();
     f.write_all_at(&[0xEE; 16], slot_offset(ib) + 70).unwrap();
     f.sync_all().unwrap();
     drop(f);

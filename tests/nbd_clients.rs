@@ -209,7 +209,8 @@ fn fio_verify_random_io_many_connections() {
             "--numjobs=4",
             "--size=4m",
             "--offset_increment=16m",
-            "--verify=crc32c", "--verify_state_save=0",
+            "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--group_reporting=0",
@@ -244,7 +245,8 @@ fn fio_mixed_over_unix_socket() {
         "--numjobs=8",
         "--size=2m",
         "--offset_increment=8m",
-        "--verify=crc32c", "--verify_state_save=0",
+        "--verify=crc32c",
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     let j: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();

@@ -22,7 +22,23 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
     // qemu rides through the moves on its own region (above the tracked blocks).
     let qemu_opts = format!("driver=nbd,server.type=inet,server.host={},server.port={},export=aggr-b,reconnect-delay=20", p.svc[1].ip(), p.svc[1].port());
     let qemu = Command::new("qemu-img")
-        .args(["bench", "-w", "-c", "8000", "-d", "8", "-s", "4k", "-o", &(16u64 << 20).to_string(), "-S", "4096", "--pattern=90", "--image-opts", &qemu_opts])
+        .args([
+            "bench",
+            "-w",
+            "-c",
+            "8000",
+            "-d",
+            "8",
+            "-s",
+            "4k",
+            "-o",
+            &(16u64 << 20).to_string(),
+            "-S",
+            "4096",
+            "--pattern=90",
+            "--image-opts",
+            &qemu_opts,
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -32,27 +48,47 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
     // Loop devices have no persistent reservations: status says the fence is the mailbox's.
     for n in ["a", "b"] {
         let st = p.ctl(n, r#"{"v":1,"cmd":"status"}"#);
-        let f = st["status"]["extra"]["fencing"].as_str().unwrap_or_else(|| panic!("no fencing in status: {st}"));
-        assert!(f.starts_with("mailbox only (cooperative): /dev/loop") && f.contains("has no PR support: not a SCSI device"), "{f}");
+        let f = st["status"]["extra"]["fencing"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fencing in status: {st}"));
+        assert!(
+            f.starts_with("mailbox only (cooperative): /dev/loop")
+                && f.contains("has no PR support: not a SCSI device"),
+            "{f}"
+        );
         let detail = st["status"]["nvram"]["detail"].as_str().unwrap();
         assert!(detail.contains(&format!("fencing: {f}")), "{detail}");
     }
     // 1: the operator at the partner takes b over.
-    let r = p.ctl("a", r#"{"v":1,"cmd":"takeover","of":"b","countdown_ms":10000}"#);
+    let r = p.ctl(
+        "a",
+        r#"{"v":1,"cmd":"takeover","of":"b","countdown_ms":10000}"#,
+    );
     assert_eq!(outcome(&r), "completed", "{r}");
     assert_eq!(r["outcome"]["report"]["kind"], "takeover (graceful)", "{r}");
-    eprintln!("graceful takeover (asked at a): {} ms: {}", r["outcome"]["report"]["total_ms"], phases(&r));
+    eprintln!(
+        "graceful takeover (asked at a): {} ms: {}",
+        r["outcome"]["report"]["total_ms"],
+        phases(&r)
+    );
     p.wait_state("b", "TakenOver", 10);
     std::thread::sleep(Duration::from_millis(500));
     let n1 = w.verify(p.svc[1], "aggr-b", "after takeover asked at the partner");
     assert!(n1 > n0, "the client kept writing through the takeover");
     let st = p.ctl("a", r#"{"v":1,"cmd":"status"}"#);
     let aggs = st["status"]["aggregates"].as_array().unwrap();
-    assert!(aggs.iter().all(|a| a["served_by"] == "a"), "a serves both: {st}");
+    assert!(
+        aggs.iter().all(|a| a["served_by"] == "a"),
+        "a serves both: {st}"
+    );
     // Giveback.
     let r = p.ctl("a", r#"{"v":1,"cmd":"giveback"}"#);
     assert_eq!(outcome(&r), "completed", "{r}");
-    eprintln!("giveback: {} ms: {}", r["outcome"]["report"]["total_ms"], phases(&r));
+    eprintln!(
+        "giveback: {} ms: {}",
+        r["outcome"]["report"]["total_ms"],
+        phases(&r)
+    );
     p.wait_state("b", "Normal", 20);
     std::thread::sleep(Duration::from_millis(500));
     let n2 = w.verify(p.svc[1], "aggr-b", "after giveback");
@@ -61,7 +97,10 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
     let r = p.ctl("b", r#"{"v":1,"cmd":"takeover"}"#);
     assert_eq!(outcome(&r), "refused", "{r}");
     let text = r["outcome"]["text"].to_string();
-    assert!(text.contains("hold") || text.contains("giveback"), "refusal says why: {text}");
+    assert!(
+        text.contains("hold") || text.contains("giveback"),
+        "refusal says why: {text}"
+    );
     std::thread::sleep(Duration::from_millis(8200));
     // 3: the operator at the node to be taken over asks for it.
     let r = p.ctl("b", r#"{"v":1,"cmd":"takeover"}"#);
@@ -69,7 +108,11 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
     eprintln!("graceful takeover (asked at b): {}", r["outcome"]);
     p.wait_state("a", "InTakeover", 20);
     std::thread::sleep(Duration::from_millis(500));
-    let n3 = w.verify(p.svc[1], "aggr-b", "after takeover asked at the node itself");
+    let n3 = w.verify(
+        p.svc[1],
+        "aggr-b",
+        "after takeover asked at the node itself",
+    );
     assert!(n3 >= n2);
     let r = p.ctl("a", r#"{"v":1,"cmd":"giveback"}"#);
     assert_eq!(outcome(&r), "completed", "{r}");
@@ -79,14 +122,27 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
     w.verify(p.svc[1], "aggr-b", "at the end");
     w.finish();
     let out = qemu.wait_with_output().unwrap();
-    assert!(out.status.success(), "qemu-img bench failed across the moves: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img bench failed across the moves: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // qemu's writes all landed.
     let check = Command::new("qemu-io")
-        .args(["--image-opts", &qemu_opts.replace(",reconnect-delay=20", ""), "-c", &format!("read -P 90 {} {}", 16u64 << 20, 8000u64 * 4096)])
+        .args([
+            "--image-opts",
+            &qemu_opts.replace(",reconnect-delay=20", ""),
+            "-c",
+            &format!("read -P 90 {} {}", 16u64 << 20, 8000u64 * 4096),
+        ])
         .output()
         .unwrap();
     let txt = String::from_utf8_lossy(&check.stdout);
-    assert!(check.status.success() && !txt.contains("Pattern verification failed"), "qemu's data: {txt}{}", String::from_utf8_lossy(&check.stderr));
+    assert!(
+        check.status.success() && !txt.contains("Pattern verification failed"),
+        "qemu's data: {txt}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
     eprintln!("client: {done} writes acknowledged, longest gap between completions {gap} ms");
 }
 
@@ -129,14 +185,24 @@ fn sigkill_gives_hard_takeover_and_a_rebooted_node_waits_for_giveback() {
     let t0 = Instant::now();
     p.signal("a", libc::SIGKILL);
     p.wait_state("b", "InTakeover", 30);
-    eprintln!("hard takeover done {} ms after SIGKILL", t0.elapsed().as_millis());
+    eprintln!(
+        "hard takeover done {} ms after SIGKILL",
+        t0.elapsed().as_millis()
+    );
     let n = w.verify(p.svc[0], "aggr-a", "after hard takeover");
     assert!(n > 0);
     // a reboots: it finds itself taken over and waits, serving nothing.
     p.start("a");
     p.wait_state("a", "TakenOver", 30);
     let st = p.ctl("b", r#"{"v":1,"cmd":"status"}"#);
-    assert!(st["status"]["aggregates"].as_array().unwrap().iter().all(|a| a["served_by"] == "b"), "{st}");
+    assert!(
+        st["status"]["aggregates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["served_by"] == "b"),
+        "{st}"
+    );
     let r = p.ctl("b", r#"{"v":1,"cmd":"giveback"}"#);
     assert_eq!(outcome(&r), "completed", "{r}");
     p.wait_state("a", "Normal", 30);
@@ -163,9 +229,18 @@ fn a_node_that_lost_its_nvram_restores_its_log_from_the_partners_mirror() {
     std::fs::remove_file(&log).unwrap();
     p.start("b");
     p.wait_state("b", "Normal", 60);
-    assert!(p.log("b").contains("NVRAM log restored from the partner's mirror"), "{}", tail(&p.log("b")));
+    assert!(
+        p.log("b")
+            .contains("NVRAM log restored from the partner's mirror"),
+        "{}",
+        tail(&p.log("b"))
+    );
     // Every acknowledged write is back, served by b from its own aggregate.
-    let m = w.verify(p.svc[1], "aggr-b", "after restoring the log from the mirror");
+    let m = w.verify(
+        p.svc[1],
+        "aggr-b",
+        "after restoring the log from the mirror",
+    );
     assert_eq!(m, n);
     w.finish();
 }

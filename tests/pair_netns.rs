@@ -63,7 +63,12 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 /// Run `ip ARGS`, panicking with its stderr if it fails.
 fn ip(args: &[&str]) -> String {
     let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(out.status.success(), "ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -78,21 +83,44 @@ struct Topo {
 
 impl Topo {
     fn new() -> Topo {
-        let id = format!("hpn{}n{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
-        let mut t = Topo { br: format!("{id}-br"), a: format!("{id}-a"), b: format!("{id}-b"), c: format!("{id}-c"), made: Vec::new() };
+        let id = format!(
+            "hpn{}n{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut t = Topo {
+            br: format!("{id}-br"),
+            a: format!("{id}-a"),
+            b: format!("{id}-b"),
+            c: format!("{id}-c"),
+            made: Vec::new(),
+        };
         for ns in [t.br.clone(), t.a.clone(), t.b.clone(), t.c.clone()] {
             ip(&["netns", "add", &ns]);
             t.made.push(ns);
         }
         let br = t.br.clone();
-        ip(&["-n", &br, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0"]);
+        ip(&[
+            "-n",
+            &br,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ]);
         ip(&["-n", &br, "link", "set", "br0", "up"]);
         for (ns, port, mac, v4) in [
             (t.a.clone(), "p-a", MAC_A, NODE_A),
             (t.b.clone(), "p-b", MAC_B, NODE_B),
             (t.c.clone(), "p-c", MAC_C, CLIENT),
         ] {
-            ip(&["-n", &br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            ip(&[
+                "-n", &br, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]);
             ip(&["-n", &br, "link", "set", port, "master", "br0", "up"]);
             ip(&["-n", &ns, "link", "set", "eth0", "address", mac]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
@@ -108,7 +136,10 @@ impl Drop for Topo {
         for ns in self.made.iter().rev() {
             match Command::new("ip").args(["netns", "del", ns]).output() {
                 Ok(o) if o.status.success() => {}
-                Ok(o) => eprintln!("cleanup: ip netns del {ns}: {}", String::from_utf8_lossy(&o.stderr)),
+                Ok(o) => eprintln!(
+                    "cleanup: ip netns del {ns}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ),
                 Err(e) => eprintln!("cleanup: ip netns del {ns}: {e}"),
             }
         }
@@ -136,7 +167,11 @@ impl NodeProc {
             .stderr(f)
             .spawn()
             .expect("spawn ip netns exec hapaird");
-        NodeProc { name: name.into(), child: Some(child), log }
+        NodeProc {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
     }
 
     /// Send `sig` and wait for the process to end; returns its exit status.
@@ -144,7 +179,13 @@ impl NodeProc {
         let mut c = self.child.take().expect("running");
         // SAFETY: kill() on the pid of a child we spawned and have not yet reaped.
         let rc = unsafe { libc::kill(c.id() as i32, sig) };
-        assert_eq!(rc, 0, "kill {}: {}", self.name, std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "kill {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
         c.wait().unwrap()
     }
 
@@ -176,7 +217,11 @@ impl Drop for World {
             for n in &self.nodes {
                 let text = n.log_text();
                 let lines: Vec<&str> = text.lines().collect();
-                eprintln!("---- last lines of node {} log ({}) ----", n.name, n.log.display());
+                eprintln!(
+                    "---- last lines of node {} log ({}) ----",
+                    n.name,
+                    n.log.display()
+                );
                 for l in &lines[lines.len().saturating_sub(60)..] {
                     eprintln!("{l}");
                 }
@@ -209,7 +254,11 @@ fn write_configs(dir: &Path, loops: &[LoopDev]) -> [PathBuf; 2] {
     std::fs::write(&key, "00112233445566778899aabbccddeeff").unwrap();
     let q = |p: &Path| format!("\"{}\"", p.display());
     let members = |owner: &str| {
-        let l = if owner == "a" { &loops[0..3] } else { &loops[3..6] };
+        let l = if owner == "a" {
+            &loops[0..3]
+        } else {
+            &loops[3..6]
+        };
         (format!("{}, {}", q(&l[0].dev), q(&l[1].dev)), q(&l[2].dev))
     };
     let mut out = Vec::new();
@@ -224,7 +273,11 @@ fn write_configs(dir: &Path, loops: &[LoopDev]) -> [PathBuf; 2] {
         );
         for (owner, svc) in [("a", SVC_A), ("b", SVC_B)] {
             let (d, p) = members(owner);
-            let log = if owner == node { format!("aggr-{owner}.nvlog") } else { format!("aggr-{owner}.mirror") };
+            let log = if owner == node {
+                format!("aggr-{owner}.nvlog")
+            } else {
+                format!("aggr-{owner}.mirror")
+            };
             text += &format!(
                 "\n[[aggregate]]\nname = \"aggr-{owner}\"\nhome = \"{owner}\"\ndata = [{d}]\nparity = {p}\nchunk_kib = 64\n\
                  nvram = {}\nnvram_mib = 16\ncp_interval_ms = 500\n\n[[export]]\nname = \"aggr-{owner}\"\naggregate = \"aggr-{owner}\"\n\
@@ -241,25 +294,38 @@ fn write_configs(dir: &Path, loops: &[LoopDev]) -> [PathBuf; 2] {
 
 /// One operator command on a control socket; the reply as JSON.
 fn control(sock: &Path, req: &str) -> serde_json::Value {
-    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
+    let mut s =
+        UnixStream::connect(sock).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()));
     s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
     s.write_all(format!("{req}\n").as_bytes()).unwrap();
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap_or_else(|e| panic!("{req}: no reply: {e}"));
+    BufReader::new(s)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{req}: no reply: {e}"));
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{req}: bad reply {line:?}: {e}"))
 }
 
 /// The node's last `n` HA steps with their durations, oldest first ("Step=ms").
 fn step_times(sock: &Path, n: usize) -> String {
     let st = control(sock, r#"{"v":1,"cmd":"status"}"#);
-    let steps = st["status"]["extra"]["step_times_ms"].as_array().cloned().unwrap_or_default();
-    let mut v: Vec<String> = steps.iter().take(n).map(|s| format!("{}={}", s[0].as_str().unwrap_or("?"), s[1])).collect();
+    let steps = st["status"]["extra"]["step_times_ms"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut v: Vec<String> = steps
+        .iter()
+        .take(n)
+        .map(|s| format!("{}={}", s[0].as_str().unwrap_or("?"), s[1]))
+        .collect();
     v.reverse();
     v.join(" ")
 }
 
 fn headline(sock: &Path) -> String {
-    control(sock, r#"{"v":1,"cmd":"status"}"#)["status"]["headline"].as_str().unwrap_or("").to_string()
+    control(sock, r#"{"v":1,"cmd":"status"}"#)["status"]["headline"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Does namespace `ns` hold `addr` on eth0?
@@ -277,10 +343,19 @@ fn neigh_mac(ns: &str, addr: &str) -> Option<String> {
 
 /// Established TCP connections in `ns` whose local end is `addr`:NBD_PORT.
 fn nbd_conns_in(ns: &str, addr: &str) -> usize {
-    let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-Htn", "state", "established"]).output().unwrap();
-    assert!(out.status.success(), "ss in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-Htn", "state", "established"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ss in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().filter(|l| l.contains(&format!("{addr}:{NBD_PORT}")) && l.contains(CLIENT)).count()
+    text.lines()
+        .filter(|l| l.contains(&format!("{addr}:{NBD_PORT}")) && l.contains(CLIENT))
+        .count()
 }
 
 /// Watches the client's neighbour entry for `addr` from now on and records when it first
@@ -296,7 +371,13 @@ impl NeighWatch {
     fn start(ns: &str, addr: &str, mac: &str) -> NeighWatch {
         let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(None)));
         let start = Instant::now();
-        let (ns, addr, mac, st, se) = (ns.to_string(), addr.to_string(), mac.to_string(), stop.clone(), seen.clone());
+        let (ns, addr, mac, st, se) = (
+            ns.to_string(),
+            addr.to_string(),
+            mac.to_string(),
+            stop.clone(),
+            seen.clone(),
+        );
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::Acquire) {
                 if neigh_mac(&ns, &addr).as_deref() == Some(mac.as_str()) {
@@ -306,7 +387,12 @@ impl NeighWatch {
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        NeighWatch { stop, seen, thread: Some(thread), start }
+        NeighWatch {
+            stop,
+            seen,
+            thread: Some(thread),
+            start,
+        }
     }
 
     /// When the entry first named the MAC (since `start`), waiting at most `within` more.
@@ -385,7 +471,14 @@ impl Nbd {
         Ok(v)
     }
 
-    fn send(&mut self, kind: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) -> std::io::Result<()> {
+    fn send(
+        &mut self,
+        kind: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
         let mut m = Vec::with_capacity(28 + payload.len());
         m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         m.extend_from_slice(&0u16.to_be_bytes());
@@ -410,7 +503,9 @@ impl Nbd {
         self.send(CMD_READ, block, block * BLOCK as u64, BLOCK as u32, &[])?;
         let (err, h) = self.reply()?;
         if err != 0 || h != block {
-            return Err(io_err(format!("read of block {block}: errno {err}, handle {h}")));
+            return Err(io_err(format!(
+                "read of block {block}: errno {err}, handle {h}"
+            )));
         }
         self.read_n(BLOCK)
     }
@@ -447,7 +542,14 @@ struct RunStats {
 /// Write random blocks with DEPTH requests in flight through `addr` until `stop`, then wait
 /// for every write in flight to be acknowledged. A connection that drops is reopened to the
 /// same address and the writes in flight are sent again.
-fn workload(ns: &NetNs, addr: SocketAddr, export: &str, tr: &mut Tracker, stop: &AtomicBool, give_up: Duration) -> RunStats {
+fn workload(
+    ns: &NetNs,
+    addr: SocketAddr,
+    export: &str,
+    tr: &mut Tracker,
+    stop: &AtomicBool,
+    give_up: Duration,
+) -> RunStats {
     let t0 = Instant::now();
     let mut st = RunStats::default();
     let mut last = t0;
@@ -465,13 +567,24 @@ fn workload(ns: &NetNs, addr: SocketAddr, export: &str, tr: &mut Tracker, stop: 
             Some(c) => c,
             None => {
                 if let Some(at) = lost_at {
-                    assert!(at.elapsed() < give_up, "client could not reconnect to {addr} within {give_up:?}");
+                    assert!(
+                        at.elapsed() < give_up,
+                        "client could not reconnect to {addr} within {give_up:?}"
+                    );
                 }
                 match Nbd::open(ns, addr, export) {
                     Ok(mut c) => {
                         let mut ok = true;
                         for &(gen, block) in &pending {
-                            if c.send(CMD_WRITE, gen, block * BLOCK as u64, BLOCK as u32, &block_data(block, gen)).is_err() {
+                            if c.send(
+                                CMD_WRITE,
+                                gen,
+                                block * BLOCK as u64,
+                                BLOCK as u32,
+                                &block_data(block, gen),
+                            )
+                            .is_err()
+                            {
                                 ok = false;
                                 break;
                             }
@@ -497,7 +610,15 @@ fn workload(ns: &NetNs, addr: SocketAddr, export: &str, tr: &mut Tracker, stop: 
             let gen = tr.next_gen;
             pending.push_back((gen, block));
             busy.insert(block);
-            if c.send(CMD_WRITE, gen, block * BLOCK as u64, BLOCK as u32, &block_data(block, gen)).is_err() {
+            if c.send(
+                CMD_WRITE,
+                gen,
+                block * BLOCK as u64,
+                BLOCK as u32,
+                &block_data(block, gen),
+            )
+            .is_err()
+            {
                 broken = true;
                 break;
             }
@@ -505,11 +626,17 @@ fn workload(ns: &NetNs, addr: SocketAddr, export: &str, tr: &mut Tracker, stop: 
         if !broken {
             match c.reply() {
                 Ok((err, handle)) => {
-                    let i = pending.iter().position(|&(g, _)| g == handle).unwrap_or_else(|| panic!("reply to unknown handle {handle}"));
+                    let i = pending
+                        .iter()
+                        .position(|&(g, _)| g == handle)
+                        .unwrap_or_else(|| panic!("reply to unknown handle {handle}"));
                     let (gen, block) = pending.remove(i).unwrap();
                     if err != 0 {
                         // Counted as a failed request (qemu fails it); the block stays as it was.
-                        st.errors.push(format!("write gen {gen} block {block}: errno {err} at {:?}", t0.elapsed()));
+                        st.errors.push(format!(
+                            "write gen {gen} block {block}: errno {err} at {:?}",
+                            t0.elapsed()
+                        ));
                     } else {
                         tr.acked.insert(block, gen);
                     }
@@ -541,7 +668,9 @@ fn verify_all(ns: &NetNs, addr: SocketAddr, export: &str, tr: &Tracker, when: &s
     let mut blocks: Vec<(&u64, &u64)> = tr.acked.iter().collect();
     blocks.sort();
     for (&block, &gen) in &blocks {
-        let got = c.read_block(block).unwrap_or_else(|e| panic!("{when}: {e}"));
+        let got = c
+            .read_block(block)
+            .unwrap_or_else(|e| panic!("{when}: {e}"));
         assert!(
             got == block_data(block, gen),
             "{when}: ACKNOWLEDGED WRITE LOST: block {block} should hold write {gen}, reads as write {} of block {}",
@@ -560,7 +689,11 @@ struct Running {
 
 fn start_workload(client_ns: &str, addr: SocketAddr, export: &str, tr: Tracker) -> Running {
     let stop = Arc::new(AtomicBool::new(false));
-    let (s, ns, export) = (stop.clone(), NetNs::by_name(client_ns).unwrap(), export.to_string());
+    let (s, ns, export) = (
+        stop.clone(),
+        NetNs::by_name(client_ns).unwrap(),
+        export.to_string(),
+    );
     let thread = std::thread::spawn(move || {
         let mut tr = tr;
         let st = workload(&ns, addr, &export, &mut tr, &s, Duration::from_secs(30));
@@ -572,7 +705,9 @@ fn start_workload(client_ns: &str, addr: SocketAddr, export: &str, tr: Tracker) 
 impl Running {
     fn finish(self) -> (Tracker, RunStats) {
         self.stop.store(true, Ordering::Release);
-        self.thread.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        self.thread
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 }
 
@@ -587,7 +722,10 @@ fn wait_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Dura
 
 /// `outcome.result` of an operator command's reply.
 fn outcome_of(reply: &serde_json::Value) -> String {
-    reply["outcome"]["result"].as_str().unwrap_or("?").to_string()
+    reply["outcome"]["result"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
 }
 
 fn ms(d: Duration) -> u128 {
@@ -602,38 +740,80 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
     }
     let test_start = Instant::now();
     let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..6).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 40 << 20)).collect();
+    let loops: Vec<LoopDev> = (0..6)
+        .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 40 << 20))
+        .collect();
     let [cfg_a, cfg_b] = write_configs(dir.path(), &loops);
     let topo = Topo::new();
-    let mut w = World { nodes: Vec::new(), topo, _loops: loops, dir };
-    let out = Command::new(HAPAIRD).args(["format", "--config"]).arg(&cfg_a).output().unwrap();
-    assert!(out.status.success(), "format: {}", String::from_utf8_lossy(&out.stderr));
+    let mut w = World {
+        nodes: Vec::new(),
+        topo,
+        _loops: loops,
+        dir,
+    };
+    let out = Command::new(HAPAIRD)
+        .args(["format", "--config"])
+        .arg(&cfg_a)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "format: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (ns_a, ns_b, ns_c) = (w.topo.a.clone(), w.topo.b.clone(), w.topo.c.clone());
     let log_a = w.dir.path().join("a.log");
     let log_b = w.dir.path().join("b.log");
-    w.nodes.push(NodeProc::spawn("a", &ns_a, &cfg_a, log_a.clone()));
-    w.nodes.push(NodeProc::spawn("b", &ns_b, &cfg_b, log_b.clone()));
+    w.nodes
+        .push(NodeProc::spawn("a", &ns_a, &cfg_a, log_a.clone()));
+    w.nodes
+        .push(NodeProc::spawn("b", &ns_b, &cfg_b, log_b.clone()));
     let (sock_a, sock_b) = (w.sock("a"), w.sock("b"));
     let client = NetNs::by_name(&ns_c).unwrap();
     let svc_a: SocketAddr = format!("{SVC_A}:{NBD_PORT}").parse().unwrap();
     let svc_b: SocketAddr = format!("{SVC_B}:{NBD_PORT}").parse().unwrap();
-    let up = wait_until(Duration::from_secs(60), "both exports reachable from the client", || {
-        Nbd::open(&client, svc_a, "aggr-a").is_ok() && Nbd::open(&client, svc_b, "aggr-b").is_ok()
-    });
-    eprintln!("pair up, both exports reachable from the client namespace after {} ms", ms(up));
-    assert!(holds(&ns_a, SVC_A) && !holds(&ns_b, SVC_A), "a holds its service address");
-    assert!(holds(&ns_b, SVC_B) && !holds(&ns_a, SVC_B), "b holds its service address");
+    let up = wait_until(
+        Duration::from_secs(60),
+        "both exports reachable from the client",
+        || {
+            Nbd::open(&client, svc_a, "aggr-a").is_ok()
+                && Nbd::open(&client, svc_b, "aggr-b").is_ok()
+        },
+    );
+    eprintln!(
+        "pair up, both exports reachable from the client namespace after {} ms",
+        ms(up)
+    );
+    assert!(
+        holds(&ns_a, SVC_A) && !holds(&ns_b, SVC_A),
+        "a holds its service address"
+    );
+    assert!(
+        holds(&ns_b, SVC_B) && !holds(&ns_a, SVC_B),
+        "b holds its service address"
+    );
 
     // ---- 1. The client writes and verifies through a's service IP. ----
-    let mut tr = Tracker { acked: HashMap::new(), next_gen: 0, rng: rand::rngs::StdRng::seed_from_u64(7) };
+    let mut tr = Tracker {
+        acked: HashMap::new(),
+        next_gen: 0,
+        rng: rand::rngs::StdRng::seed_from_u64(7),
+    };
     let run = start_workload(&ns_c, svc_a, "aggr-a", tr);
     std::thread::sleep(Duration::from_millis(1000));
     let (t, st) = run.finish();
     tr = t;
-    assert!(st.errors.is_empty() && st.reconnects == 0, "steady state: {st:?}");
+    assert!(
+        st.errors.is_empty() && st.reconnects == 0,
+        "steady state: {st:?}"
+    );
     assert!(st.completed > 50, "the client wrote too little: {st:?}");
     let n = verify_all(&client, svc_a, "aggr-a", &tr, "before takeover");
-    assert_eq!(neigh_mac(&ns_c, SVC_A).as_deref(), Some(MAC_A), "client reaches a's service IP at a's MAC");
+    assert_eq!(
+        neigh_mac(&ns_c, SVC_A).as_deref(),
+        Some(MAC_A),
+        "client reaches a's service IP at a's MAC"
+    );
     eprintln!("steady state: {} writes acknowledged by a, {n} blocks verified; client's entry {SVC_A} -> {MAC_A}", st.completed);
 
     // ---- 2. Graceful takeover of a by b, under the workload. ----
@@ -641,19 +821,42 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
     std::thread::sleep(Duration::from_millis(500));
     let watch = NeighWatch::start(&ns_c, SVC_A, MAC_B);
     let t0 = Instant::now();
-    let r = control(&sock_b, r#"{"v":1,"cmd":"takeover","of":"a","countdown_ms":10000,"timeout_ms":30000}"#);
+    let r = control(
+        &sock_b,
+        r#"{"v":1,"cmd":"takeover","of":"a","countdown_ms":10000,"timeout_ms":30000}"#,
+    );
     let cmd_ms = t0.elapsed();
     assert_eq!(outcome_of(&r), "completed", "takeover of a: {r}");
-    let neigh = watch.finish(Duration::from_secs(5)).expect("client's neighbour entry for a's service IP never named b's MAC");
+    let neigh = watch
+        .finish(Duration::from_secs(5))
+        .expect("client's neighbour entry for a's service IP never named b's MAC");
     // The client is served by b through a's address: a connection in b's namespace ends there.
-    wait_until(Duration::from_secs(10), "client connection to a's service IP established in b's namespace", || nbd_conns_in(&ns_b, SVC_A) >= 1);
+    wait_until(
+        Duration::from_secs(10),
+        "client connection to a's service IP established in b's namespace",
+        || nbd_conns_in(&ns_b, SVC_A) >= 1,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let (t, st_to) = run.finish();
     tr = t;
-    assert!(st_to.errors.is_empty(), "graceful takeover failed requests: {:?}", st_to.errors);
-    assert!(st_to.reconnects >= 1, "the client's connection must have moved: {st_to:?}");
-    assert!(holds(&ns_b, SVC_A) && !holds(&ns_a, SVC_A), "a's service address moved to b");
-    assert_eq!(nbd_conns_in(&ns_a, SVC_A), 0, "nothing served by a any more");
+    assert!(
+        st_to.errors.is_empty(),
+        "graceful takeover failed requests: {:?}",
+        st_to.errors
+    );
+    assert!(
+        st_to.reconnects >= 1,
+        "the client's connection must have moved: {st_to:?}"
+    );
+    assert!(
+        holds(&ns_b, SVC_A) && !holds(&ns_a, SVC_A),
+        "a's service address moved to b"
+    );
+    assert_eq!(
+        nbd_conns_in(&ns_a, SVC_A),
+        0,
+        "nothing served by a any more"
+    );
     let n = verify_all(&client, svc_a, "aggr-a", &tr, "after graceful takeover");
     assert_eq!(neigh_mac(&ns_c, SVC_A).as_deref(), Some(MAC_B));
     eprintln!(
@@ -673,16 +876,33 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
     let r = control(&sock_b, r#"{"v":1,"cmd":"giveback","timeout_ms":30000}"#);
     let cmd_ms = t0.elapsed();
     assert_eq!(outcome_of(&r), "completed", "giveback: {r}");
-    let neigh = watch.finish(Duration::from_secs(10)).expect("client's neighbour entry for a's service IP never named a's MAC again");
-    wait_until(Duration::from_secs(10), "client connection to a's service IP established in a's namespace", || nbd_conns_in(&ns_a, SVC_A) >= 1);
+    let neigh = watch
+        .finish(Duration::from_secs(10))
+        .expect("client's neighbour entry for a's service IP never named a's MAC again");
+    wait_until(
+        Duration::from_secs(10),
+        "client connection to a's service IP established in a's namespace",
+        || nbd_conns_in(&ns_a, SVC_A) >= 1,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let (t, st_gb) = run.finish();
     tr = t;
-    assert!(st_gb.errors.is_empty(), "giveback failed requests: {:?}", st_gb.errors);
+    assert!(
+        st_gb.errors.is_empty(),
+        "giveback failed requests: {:?}",
+        st_gb.errors
+    );
     assert!(st_gb.reconnects >= 1, "{st_gb:?}");
-    assert!(holds(&ns_a, SVC_A) && !holds(&ns_b, SVC_A), "a's service address is back on a");
+    assert!(
+        holds(&ns_a, SVC_A) && !holds(&ns_b, SVC_A),
+        "a's service address is back on a"
+    );
     let n = verify_all(&client, svc_a, "aggr-a", &tr, "after giveback");
-    eprintln!("  b's steps (ms): {}; a's steps (ms): {}", step_times(&sock_b, 4), step_times(&sock_a, 5));
+    eprintln!(
+        "  b's steps (ms): {}; a's steps (ms): {}",
+        step_times(&sock_b, 4),
+        step_times(&sock_a, 5)
+    );
     assert_eq!(neigh_mac(&ns_c, SVC_A).as_deref(), Some(MAC_A));
     eprintln!(
         "GIVEBACK: command {} ms; client pause {} ms ({} reconnect(s), {} resent); client's entry {SVC_A} -> {MAC_A} {} ms after the command \
@@ -698,13 +918,23 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
     let status = w.node("a").signal_and_wait(libc::SIGKILL);
     assert_eq!(status.code(), None, "a was killed");
     hard_takeover_node_silence(&ns_a);
-    let neigh = watch.finish(Duration::from_secs(20)).expect("client's neighbour entry for a's service IP never named b's MAC");
-    wait_until(Duration::from_secs(20), "client connection to a's service IP in b's namespace", || nbd_conns_in(&ns_b, SVC_A) >= 1);
+    let neigh = watch
+        .finish(Duration::from_secs(20))
+        .expect("client's neighbour entry for a's service IP never named b's MAC");
+    wait_until(
+        Duration::from_secs(20),
+        "client connection to a's service IP in b's namespace",
+        || nbd_conns_in(&ns_b, SVC_A) >= 1,
+    );
     let served = t0.elapsed();
     std::thread::sleep(Duration::from_millis(500));
     let (t, st_hd) = run.finish();
     tr = t;
-    assert!(st_hd.errors.is_empty(), "hard takeover failed requests: {:?}", st_hd.errors);
+    assert!(
+        st_hd.errors.is_empty(),
+        "hard takeover failed requests: {:?}",
+        st_hd.errors
+    );
     assert!(holds(&ns_b, SVC_A), "b holds a's service address");
     let n = verify_all(&client, svc_a, "aggr-a", &tr, "after hard takeover");
     let hb = headline(&sock_b);
@@ -715,7 +945,10 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
     );
     eprintln!("  b's steps (ms): {}", step_times(&sock_b, 5));
     let log = w.node("b").log_text();
-    assert!(log.contains("Fence"), "b fenced a before taking over:\n{log}");
+    assert!(
+        log.contains("Fence"),
+        "b fenced a before taking over:\n{log}"
+    );
 
     // b stops cleanly.
     let status = w.node("b").signal_and_wait(libc::SIGTERM);

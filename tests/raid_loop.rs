@@ -16,21 +16,31 @@ fn agg_config(loops: &[LoopDev]) -> AggregateConfig {
     AggregateConfig {
         name: "aggr0".into(),
         home: "a".into(),
-        data: loops[..loops.len() - 1].iter().map(|l| l.dev.clone()).collect(),
+        data: loops[..loops.len() - 1]
+            .iter()
+            .map(|l| l.dev.clone())
+            .collect(),
         parity: loops[loops.len() - 1].dev.clone(),
         chunk_kib: 64,
         nvram: None,
         nvram_mib: 64,
         cp_interval_ms: 1000,
+        nvram_flush: Default::default(),
     }
 }
 
 fn io(engine: EngineKind) -> IoConfig {
-    IoConfig { engine, arena_mib: 32, ..IoConfig::default() }
+    IoConfig {
+        engine,
+        arena_mib: 32,
+        ..IoConfig::default()
+    }
 }
 
 fn five_loops(dir: &std::path::Path) -> Vec<LoopDev> {
-    (0..5).map(|i| LoopDev::new(dir, &format!("m{i}.img"), MEMBER_BYTES)).collect()
+    (0..5)
+        .map(|i| LoopDev::new(dir, &format!("m{i}.img"), MEMBER_BYTES))
+        .collect()
 }
 
 fn read_label(dev: &std::path::Path) -> Result<Label, String> {
@@ -71,11 +81,15 @@ fn random_io_matches_model_and_survives_reopen() {
                             let mut buf = IoBuf::new(data.len());
                             buf.copy_from_slice(&data);
                             agg.write(base + off, &buf, i % 7 == 0).unwrap();
-                            part[off as usize..(off + blocks * 4096) as usize].copy_from_slice(&data);
+                            part[off as usize..(off + blocks * 4096) as usize]
+                                .copy_from_slice(&data);
                         } else {
                             let mut buf = IoBuf::new((blocks * 4096) as usize);
                             agg.read(base + off, &mut buf).unwrap();
-                            assert!(buf[..] == part[off as usize..(off + blocks * 4096) as usize], "thread {t} op {i}: read differs");
+                            assert!(
+                                buf[..] == part[off as usize..(off + blocks * 4096) as usize],
+                                "thread {t} op {i}: read differs"
+                            );
                         }
                     }
                 });
@@ -98,7 +112,10 @@ fn random_io_matches_model_and_survives_reopen() {
     }
     agg.close().unwrap();
     drop(agg);
-    let raw: Vec<Vec<u8>> = loops.iter().map(|l| std::fs::read(&l.dev).unwrap()).collect();
+    let raw: Vec<Vec<u8>> = loops
+        .iter()
+        .map(|l| std::fs::read(&l.dev).unwrap())
+        .collect();
     let start = DATA_OFFSET_BYTES as usize;
     for pos in (start..raw[0].len()).step_by(4096) {
         let mut x = [0u8; 4096];
@@ -107,7 +124,10 @@ fn random_io_matches_model_and_survives_reopen() {
                 *a ^= b;
             }
         }
-        assert!(x[..] == raw[4][pos..pos + 4096], "parity wrong at member offset {pos}");
+        assert!(
+            x[..] == raw[4][pos..pos + 4096],
+            "parity wrong at member offset {pos}"
+        );
     }
     for (i, l) in loops.iter().enumerate() {
         let label = read_label(&l.dev).unwrap();
@@ -141,12 +161,17 @@ fn member_failing_mid_run_is_survived() {
             let data = pattern(len, 1000 + i);
             let mut b = IoBuf::new(len);
             b.copy_from_slice(&data);
-            agg.write(off, &b, false).unwrap_or_else(|e| panic!("write {i} failed: {e}"));
+            agg.write(off, &b, false)
+                .unwrap_or_else(|e| panic!("write {i} failed: {e}"));
             model[off as usize..off as usize + len].copy_from_slice(&data);
         } else {
             let mut b = IoBuf::new(len);
-            agg.read(off, &mut b).unwrap_or_else(|e| panic!("read {i} failed: {e}"));
-            assert!(b[..] == model[off as usize..off as usize + len], "read {i} differs");
+            agg.read(off, &mut b)
+                .unwrap_or_else(|e| panic!("read {i} failed: {e}"));
+            assert!(
+                b[..] == model[off as usize..off as usize + len],
+                "read {i} differs"
+            );
         }
     }
     assert_eq!(agg.failed_member(), Some(2));
@@ -171,7 +196,10 @@ fn member_failing_mid_run_is_survived() {
     loops[0].shrink(DATA_OFFSET_BYTES);
     let mut b = IoBuf::new(4096);
     let e = agg.read(0, &mut b).unwrap_err().to_string();
-    assert!(e.contains("offline") && e.contains("member 0") && e.contains("member 2"), "{e}");
+    assert!(
+        e.contains("offline") && e.contains("member 0") && e.contains("member 2"),
+        "{e}"
+    );
     let e = agg.write(4096 * 4, &b, false).unwrap_err().to_string();
     assert!(e.contains("offline"), "{e}");
 }
@@ -187,36 +215,68 @@ fn format_refusals() {
     let e = setup::format(&cfg, &io(EngineKind::IoUring), false, &mut |_, _| {}).unwrap_err();
     assert!(matches!(e, SetupError::Labelled { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains(&loops[0].dev.display().to_string()) && msg.contains("aggregate aggr0") && msg.contains("--force"), "{msg}");
+    assert!(
+        msg.contains(&loops[0].dev.display().to_string())
+            && msg.contains("aggregate aggr0")
+            && msg.contains("--force"),
+        "{msg}"
+    );
     setup::format(&cfg, &io(EngineKind::IoUring), true, &mut |_, _| {}).unwrap();
 
     // A member of another aggregate is named at assembly.
-    let other_loops: Vec<LoopDev> = (0..3).map(|i| LoopDev::new(dir.path(), &format!("o{i}.img"), 8 << 20)).collect();
+    let other_loops: Vec<LoopDev> = (0..3)
+        .map(|i| LoopDev::new(dir.path(), &format!("o{i}.img"), 8 << 20))
+        .collect();
     let mut other = agg_config(&other_loops);
     other.name = "other".into();
     setup::format(&other, &io(EngineKind::IoUring), false, &mut |_, _| {}).unwrap();
     let mut mixed = cfg.clone();
     mixed.data[1] = other_loops[0].dev.clone();
-    let e = setup::open(&mixed, &io(EngineKind::IoUring), &mut |_, _| {}).err().expect("mixed members must not assemble").to_string();
-    assert!(e.contains(&format!("member 1 ({})", other_loops[0].dev.display())) && e.contains("different aggregate"), "{e}");
+    let e = setup::open(&mixed, &io(EngineKind::IoUring), &mut |_, _| {})
+        .err()
+        .expect("mixed members must not assemble")
+        .to_string();
+    assert!(
+        e.contains(&format!("member 1 ({})", other_loops[0].dev.display()))
+            && e.contains("different aggregate"),
+        "{e}"
+    );
 
     // Too small.
     let tiny = LoopDev::new(dir.path(), "tiny.img", 1 << 20);
     let mut small = cfg.clone();
     small.parity = tiny.dev.clone();
-    let e = setup::format(&small, &io(EngineKind::IoUring), true, &mut |_, _| {}).unwrap_err().to_string();
-    assert!(e.contains(&tiny.dev.display().to_string()) && e.contains("too small"), "{e}");
+    let e = setup::format(&small, &io(EngineKind::IoUring), true, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&tiny.dev.display().to_string()) && e.contains("too small"),
+        "{e}"
+    );
 
     // Mounted.
     let fsdev = LoopDev::new(dir.path(), "fs.img", 16 << 20);
-    assert!(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&fsdev.dev).status().unwrap().success());
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&fsdev.dev)
+        .status()
+        .unwrap()
+        .success());
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    assert!(Command::new("mount").arg(&fsdev.dev).arg(&mnt).status().unwrap().success());
+    assert!(Command::new("mount")
+        .arg(&fsdev.dev)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success());
     let mut mounted = cfg.clone();
     mounted.data[0] = fsdev.dev.clone();
     let r = setup::format(&mounted, &io(EngineKind::IoUring), true, &mut |_, _| {});
     let _ = Command::new("umount").arg(&mnt).status();
     let e = r.unwrap_err().to_string();
-    assert!(e.contains(&fsdev.dev.display().to_string()) && e.contains("mounted at"), "{e}");
+    assert!(
+        e.contains(&fsdev.dev.display().to_string()) && e.contains("mounted at"),
+        "{e}"
+    );
 }

@@ -108,7 +108,8 @@ fn restart_policy_and_privileges_match_the_daemon() {
         ]
     );
     assert!(get("ExecStart")[0].ends_with("hapaird run --config /etc/hapair/hapaird.toml"));
-    assert!(get("ExecStopPost")[0].ends_with("hapaird release-addresses --config /etc/hapair/hapaird.toml"));
+    assert!(get("ExecStopPost")[0]
+        .ends_with("hapaird release-addresses --config /etc/hapair/hapaird.toml"));
     // The control socket's default lives in the unit's RuntimeDirectory.
     let cfg = hapair::config::Config::parse(
         "node = \"a\"\n[pair]\npartner = \"b\"\npartner_interconnect = [\"192.0.2.2:7700\"]\nkey_file = \"/k\"\n\
@@ -117,6 +118,9 @@ fn restart_policy_and_privileges_match_the_daemon() {
         std::path::Path::new("unit-test.toml"),
     )
     .unwrap();
-    assert_eq!(cfg.pair.unwrap().control_socket, std::path::PathBuf::from("/run/hapair/hapaird.sock"));
+    assert_eq!(
+        cfg.pair.unwrap().control_socket,
+        std::path::PathBuf::from("/run/hapair/hapaird.sock")
+    );
     assert_eq!(get("RuntimeDirectory"), ["hapair"]);
 }

@@ -37,7 +37,9 @@ pub fn check_interrupt() -> Result<(), String> {
 
 pub fn env_u64(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
-        Ok(v) => v.parse().unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
         Err(_) => default,
     }
 }
@@ -50,8 +52,16 @@ pub fn require_root() {
 }
 
 pub fn require_tool(name: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "{name} is not installed: run tools/install-test-deps.sh first");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{name} is not installed: run tools/install-test-deps.sh first"
+    );
 }
 
 /// A loop device with direct I/O over a fully written (not sparse) backing file; detached and
@@ -76,34 +86,57 @@ impl LoopDev {
                 .expect("run dd");
             assert!(st.success(), "dd failed");
         }
-        let f = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&backing).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&backing)
+            .unwrap();
         f.set_len(bytes).unwrap();
         drop(f);
         let mut out = None;
         for attempt in 0..10 {
-            let o = Command::new("losetup").args(["-f", "--show", "--direct-io=on"]).arg(&backing).output().expect("run losetup");
+            let o = Command::new("losetup")
+                .args(["-f", "--show", "--direct-io=on"])
+                .arg(&backing)
+                .output()
+                .expect("run losetup");
             if o.status.success() {
                 out = Some(o);
                 break;
             }
-            eprintln!("losetup attempt {attempt}: {}", String::from_utf8_lossy(&o.stderr));
+            eprintln!(
+                "losetup attempt {attempt}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             std::thread::sleep(Duration::from_millis(50 * (attempt + 1)));
         }
         let out = out.expect("losetup kept failing");
         let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-        LoopDev { dev, backing, bytes }
+        LoopDev {
+            dev,
+            backing,
+            bytes,
+        }
     }
 
     /// Drop this device's clean page-cache pages (BLKFLSBUF), for users that open it buffered.
     pub fn flush_buffers(&self) {
-        let _ = Command::new("blockdev").arg("--flushbufs").arg(&self.dev).status();
+        let _ = Command::new("blockdev")
+            .arg("--flushbufs")
+            .arg(&self.dev)
+            .status();
     }
 }
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
         for _ in 0..50 {
-            let st = Command::new("losetup").arg("-d").arg(&self.dev).stderr(Stdio::null()).status();
+            let st = Command::new("losetup")
+                .arg("-d")
+                .arg(&self.dev)
+                .stderr(Stdio::null())
+                .status();
             if matches!(st, Ok(s) if s.success()) {
                 let _ = std::fs::remove_file(&self.backing);
                 return;
@@ -123,7 +156,11 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     pub fn new(name: &str, child: Child) -> ChildGuard {
-        ChildGuard { name: name.into(), child: Some(child), grace: Duration::from_secs(10) }
+        ChildGuard {
+            name: name.into(),
+            child: Some(child),
+            grace: Duration::from_secs(10),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -150,7 +187,10 @@ impl ChildGuard {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("WARNING: {} did not stop within {:?}; killing it", self.name, self.grace);
+        eprintln!(
+            "WARNING: {} did not stop within {:?}; killing it",
+            self.name, self.grace
+        );
         let _ = c.kill();
         c.wait().ok()
     }
@@ -170,11 +210,17 @@ pub fn wait_port(port: u16, guard: &mut ChildGuard, timeout: Duration) -> Result
             return Ok(());
         }
         if !guard.alive() {
-            return Err(format!("{} exited before listening on port {port}", guard.name));
+            return Err(format!(
+                "{} exited before listening on port {port}",
+                guard.name
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(format!("{} did not listen on port {port} within {timeout:?}", guard.name))
+    Err(format!(
+        "{} did not listen on port {port} within {timeout:?}",
+        guard.name
+    ))
 }
 
 /// A free TCP port on 127.0.0.1 (bind to 0, read, close).
@@ -210,15 +256,27 @@ pub fn run_fio(args: &[String]) -> Result<FioResult, String> {
     let out = child.wait_with_output().map_err(|e| format!("fio: {e}"))?;
     check_interrupt()?;
     if !out.status.success() {
-        return Err(format!("fio {} failed: {}\n{}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "fio {} failed: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     // fio may print notes before the JSON object.
-    let start = text.find('{').ok_or_else(|| format!("no JSON from fio: {text}"))?;
-    let v: serde_json::Value = serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
+    let start = text
+        .find('{')
+        .ok_or_else(|| format!("no JSON from fio: {text}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text[start..]).map_err(|e| format!("fio JSON: {e}"))?;
     let job = &v["jobs"][0];
     if job["error"].as_i64().unwrap_or(0) != 0 {
-        return Err(format!("fio job error {}: {}", job["error"], String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "fio job error {}: {}",
+            job["error"],
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let mut r = FioResult::default();
     let mut lat_w = 0.0;
@@ -232,7 +290,10 @@ pub fn run_fio(args: &[String]) -> Result<FioResult, String> {
         r.bytes_per_sec += d["bw_bytes"].as_f64().unwrap_or(0.0);
         r.lat_mean_us += d["clat_ns"]["mean"].as_f64().unwrap_or(0.0) / 1000.0 * iops;
         lat_w += iops;
-        let p99 = d["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0;
+        let p99 = d["clat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1000.0;
         r.lat_p99_us = r.lat_p99_us.max(p99);
         let pct = |k: &str| d["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
         r.lat_p50_us = r.lat_p50_us.max(pct("50.000000"));
@@ -259,7 +320,12 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 fn sh(cmd: &str) -> String {
-    Command::new("sh").arg("-c").arg(cmd).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 /// The machine, as lines of Markdown.
@@ -270,7 +336,10 @@ pub fn machine_description(backing_dir: &Path) -> String {
     let mem = sh("free -g | awk '/Mem:/ {print $2 \" GiB\"}'");
     let fio = sh("fio --version");
     let nbdkit = sh("nbdkit --version");
-    let fs = sh(&format!("df -T {} | awk 'NR==2 {{print $2 \" on \" $1}}'", backing_dir.display()));
+    let fs = sh(&format!(
+        "df -T {} | awk 'NR==2 {{print $2 \" on \" $1}}'",
+        backing_dir.display()
+    ));
     let date = sh("date -u '+%Y-%m-%d %H:%M UTC'");
     let commit = sh("git rev-parse --short HEAD 2>/dev/null");
     let load = sh("cut -d' ' -f1-3 /proc/loadavg");

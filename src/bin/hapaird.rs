@@ -70,7 +70,10 @@ enum Cmd {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn wait_for_signal() -> Result<i32> {
@@ -81,9 +84,17 @@ fn wait_for_signal() -> Result<i32> {
 
 fn format(config: &Path, only: Option<&str>, force: bool) -> Result<()> {
     let cfg = Config::load(config)?;
-    let targets: Vec<_> = cfg.aggregate.iter().filter(|a| only.is_none_or(|n| n == a.name)).collect();
+    let targets: Vec<_> = cfg
+        .aggregate
+        .iter()
+        .filter(|a| only.is_none_or(|n| n == a.name))
+        .collect();
     if targets.is_empty() {
-        bail!("{}: no aggregate named {:?}", config.display(), only.unwrap_or(""));
+        bail!(
+            "{}: no aggregate named {:?}",
+            config.display(),
+            only.unwrap_or("")
+        );
     }
     for a in targets {
         let mut p = progress_printer(format!("format {}", a.name));
@@ -103,7 +114,11 @@ fn format(config: &Path, only: Option<&str>, force: bool) -> Result<()> {
 fn serve(cfg: Config, on_ready: impl FnOnce(&Node) -> Result<()>) -> Result<()> {
     let node = Node::start(cfg)?;
     if node.served.is_empty() {
-        bail!("node {} has no export to serve (no aggregate with home = {:?} has an export)", node.config.node, node.config.node);
+        bail!(
+            "node {} has no export to serve (no aggregate with home = {:?} has an export)",
+            node.config.node,
+            node.config.node
+        );
     }
     on_ready(&node)?;
     let sig = wait_for_signal()?;
@@ -114,7 +129,8 @@ fn serve(cfg: Config, on_ready: impl FnOnce(&Node) -> Result<()>) -> Result<()> 
 
 fn run_pair(cfg: Config) -> Result<()> {
     let node = cfg.node.clone();
-    let rt = hapair::daemon::pair::PairRuntime::start(cfg).map_err(|e| anyhow::anyhow!("node {node}: {e}"))?;
+    let rt = hapair::daemon::pair::PairRuntime::start(cfg)
+        .map_err(|e| anyhow::anyhow!("node {node}: {e}"))?;
     let sig = wait_for_signal()?;
     tracing::info!(signal = sig, "stopping");
     rt.stop();
@@ -122,7 +138,11 @@ fn run_pair(cfg: Config) -> Result<()> {
 }
 
 fn free_port(ip: [u8; 4]) -> Result<u16> {
-    Ok(std::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))?.local_addr()?.port())
+    Ok(
+        std::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0))?
+            .local_addr()?
+            .port(),
+    )
 }
 
 /// The demo pair: two nodes, each home to a 4+1 aggregate on file-backed members in DIR, an
@@ -130,19 +150,30 @@ fn free_port(ip: [u8; 4]) -> Result<u16> {
 fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
-    let port = if port == 0 { free_port([127, 0, 0, 10])? } else { port };
+    let port = if port == 0 {
+        free_port([127, 0, 0, 10])?
+    } else {
+        port
+    };
     let ic_port = free_port([127, 0, 0, 1])?;
     let key = dir.join("interconnect.key");
     if !key.exists() {
         let k: [u8; 32] = rand::random();
-        std::fs::write(&key, k.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+        std::fs::write(
+            &key,
+            k.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        )?;
     }
     let mut files = Vec::new();
     for node in ["a", "b"] {
         std::fs::create_dir_all(dir.join(node))?;
         for m in ["d0", "d1", "d2", "d3", "p"] {
             let p = dir.join(format!("disk-{node}-{m}.img"));
-            let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p)?;
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)?;
             if f.metadata()?.len() < member_mib << 20 {
                 f.set_len(member_mib << 20)?;
             }
@@ -151,10 +182,20 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     }
     let q = |p: &Path| format!("\"{}\"", p.display());
     let members = |node: &str| -> (String, String) {
-        let d = ["d0", "d1", "d2", "d3"].iter().map(|m| q(&dir.join(format!("disk-{node}-{m}.img")))).collect::<Vec<_>>().join(", ");
+        let d = ["d0", "d1", "d2", "d3"]
+            .iter()
+            .map(|m| q(&dir.join(format!("disk-{node}-{m}.img"))))
+            .collect::<Vec<_>>()
+            .join(", ");
         (d, q(&dir.join(format!("disk-{node}-p.img"))))
     };
-    let svc = |node: &str| if node == "a" { "127.0.0.10" } else { "127.0.0.11" };
+    let svc = |node: &str| {
+        if node == "a" {
+            "127.0.0.10"
+        } else {
+            "127.0.0.11"
+        }
+    };
     let mut cfgs = Vec::new();
     for (node, partner) in [("a", "b"), ("b", "a")] {
         let mut text = format!(
@@ -166,7 +207,11 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
         );
         for owner in ["a", "b"] {
             let (d, p) = members(owner);
-            let log = if owner == node { format!("aggr-{owner}.nvlog") } else { format!("aggr-{owner}.mirror") };
+            let log = if owner == node {
+                format!("aggr-{owner}.nvlog")
+            } else {
+                format!("aggr-{owner}.mirror")
+            };
             text += &format!(
                 "\n[[aggregate]]\nname = \"aggr-{owner}\"\nhome = \"{owner}\"\ndata = [{d}]\nparity = {p}\nchunk_kib = 64\nnvram = {}\nnvram_mib = 32\ncp_interval_ms = 500\n",
                 q(&dir.join(node).join(log))
@@ -184,9 +229,16 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     for cfg_path in &cfgs[..1] {
         let cfg = Config::load(cfg_path)?;
         for a in &cfg.aggregate {
-            match setup::format(a, &cfg.io, false, &mut progress_printer(format!("format {}", a.name))) {
+            match setup::format(
+                a,
+                &cfg.io,
+                false,
+                &mut progress_printer(format!("format {}", a.name)),
+            ) {
                 Ok(_) => eprintln!("formatted new aggregate {} in {}", a.name, dir.display()),
-                Err(setup::SetupError::Labelled { .. }) => eprintln!("reusing aggregate {} in {}", a.name, dir.display()),
+                Err(setup::SetupError::Labelled { .. }) => {
+                    eprintln!("reusing aggregate {} in {}", a.name, dir.display())
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -230,7 +282,10 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
         while std::net::TcpStream::connect((svc(node), port)).is_err() {
             if std::time::Instant::now() > deadline {
                 stop_children(&mut children);
-                bail!("node {node} did not serve its export within 60 s: see {}", dir.join(format!("{node}.log")).display());
+                bail!(
+                    "node {node} did not serve its export within 60 s: see {}",
+                    dir.join(format!("{node}.log")).display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -264,10 +319,26 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
         println!("nbd://{}:{port}/aggr-{node}", svc(node));
     }
     eprintln!("hapair demo: a pair of nodes, each serving its aggregate:");
-    eprintln!("  node a: nbd://{}:{port}/aggr-a   control: takeoverctl --socket {} status", svc("a"), dir.join("a.sock").display());
-    eprintln!("  node b: nbd://{}:{port}/aggr-b   control: takeoverctl --socket {} status", svc("b"), dir.join("b.sock").display());
-    eprintln!("  try: takeoverctl --socket {} takeover --of b   (then: giveback)", dir.join("a.sock").display());
-    eprintln!("  logs: {}/a.log, {}/b.log; details in {}; Ctrl-C stops both", dir.display(), dir.display(), json_path.display());
+    eprintln!(
+        "  node a: nbd://{}:{port}/aggr-a   control: takeoverctl --socket {} status",
+        svc("a"),
+        dir.join("a.sock").display()
+    );
+    eprintln!(
+        "  node b: nbd://{}:{port}/aggr-b   control: takeoverctl --socket {} status",
+        svc("b"),
+        dir.join("b.sock").display()
+    );
+    eprintln!(
+        "  try: takeoverctl --socket {} takeover --of b   (then: giveback)",
+        dir.join("a.sock").display()
+    );
+    eprintln!(
+        "  logs: {}/a.log, {}/b.log; details in {}; Ctrl-C stops both",
+        dir.display(),
+        dir.display(),
+        json_path.display()
+    );
     let _ = wait_for_signal()?;
     stop_children(&mut children);
     let _ = std::fs::remove_file(&json_path);
@@ -278,7 +349,11 @@ fn main() {
     let cli = Cli::parse();
     init_logging();
     let r = match cli.cmd {
-        Cmd::Format { config, aggregate, force } => format(&config, aggregate.as_deref(), force),
+        Cmd::Format {
+            config,
+            aggregate,
+            force,
+        } => format(&config, aggregate.as_deref(), force),
         Cmd::Run { config } => Config::load(&config).map_err(Into::into).and_then(|c| {
             if c.pair.is_some() {
                 run_pair(c)
@@ -286,20 +361,38 @@ fn main() {
                 serve(c, |_| Ok(()))
             }
         }),
-        Cmd::ReleaseAddresses { config } => Config::load(&config).map_err(Into::into).and_then(|c| {
-            if c.pair.is_none() {
-                return Ok(());
-            }
-            let node = hapair::daemon::pair::PairNode::new(c).map_err(|e| anyhow::anyhow!(e))?;
-            for w in [hapair::daemon::pair::Whose::Own, hapair::daemon::pair::Whose::Partner] {
-                node.release_ips(w).map_err(|e| anyhow::anyhow!(e))?;
-            }
-            Ok(())
-        }),
-        Cmd::CheckConfig { config } => Config::load(&config).map(|c| {
-            println!("{}: ok: node {}, {} aggregate(s), {} export(s)", config.display(), c.node, c.aggregate.len(), c.export.len());
-        }).map_err(Into::into),
-        Cmd::Demo { dir, member_mib, port } => demo(&dir, member_mib, port),
+        Cmd::ReleaseAddresses { config } => {
+            Config::load(&config).map_err(Into::into).and_then(|c| {
+                if c.pair.is_none() {
+                    return Ok(());
+                }
+                let node =
+                    hapair::daemon::pair::PairNode::new(c).map_err(|e| anyhow::anyhow!(e))?;
+                for w in [
+                    hapair::daemon::pair::Whose::Own,
+                    hapair::daemon::pair::Whose::Partner,
+                ] {
+                    node.release_ips(w).map_err(|e| anyhow::anyhow!(e))?;
+                }
+                Ok(())
+            })
+        }
+        Cmd::CheckConfig { config } => Config::load(&config)
+            .map(|c| {
+                println!(
+                    "{}: ok: node {}, {} aggregate(s), {} export(s)",
+                    config.display(),
+                    c.node,
+                    c.aggregate.len(),
+                    c.export.len()
+                );
+            })
+            .map_err(Into::into),
+        Cmd::Demo {
+            dir,
+            member_mib,
+            port,
+        } => demo(&dir, member_mib, port),
     };
     if let Err(e) = r {
         eprintln!("hapaird: error: {e:#}");

@@ -392,12 +392,18 @@ mod tests {
             "mailbox only (cooperative): /dev/loop3 has no PR support: not a SCSI device \
              (and 1 more members alike)"
         );
-        let mixed = [probe("/dev/sda", None), probe("/dev/loop3", Some("not SCSI"))];
+        let mixed = [
+            probe("/dev/sda", None),
+            probe("/dev/loop3", Some("not SCSI")),
+        ];
         let e = decide(&mixed, PreemptAction::Preempt).unwrap_err();
         assert_eq!(e.with, vec!["/dev/sda".to_string()]);
         assert_eq!(e.without, vec!["/dev/loop3: not SCSI".to_string()]);
         let s = e.to_string();
-        assert!(s.contains("/dev/sda") && s.contains("/dev/loop3: not SCSI") && s.contains("refusing"), "{s}");
+        assert!(
+            s.contains("/dev/sda") && s.contains("/dev/loop3: not SCSI") && s.contains("refusing"),
+            "{s}"
+        );
     }
 
     #[test]
@@ -415,7 +421,15 @@ mod tests {
         assert_eq!(l.write(0, 7), SimStatus::UnitAttention);
         assert_eq!(l.write(0, 7), SimStatus::Conflict);
         assert_eq!(l.write(1, 7), SimStatus::Good);
-        assert_eq!(l.preempt(0, a, b, we), SimStatus::Conflict, "preempted a is unregistered");
-        assert_eq!(l.preempt(1, b, a, we), SimStatus::Conflict, "a's key is gone");
+        assert_eq!(
+            l.preempt(0, a, b, we),
+            SimStatus::Conflict,
+            "preempted a is unregistered"
+        );
+        assert_eq!(
+            l.preempt(1, b, a, we),
+            SimStatus::Conflict,
+            "a's key is gone"
+        );
     }
 }

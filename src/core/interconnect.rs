@@ -137,17 +137,27 @@ pub struct LogRecords {
 pub enum Message {
     Hello(Hello),
     /// Body: seq u64 + [`StateSummary`].
-    Heartbeat { seq: u64, state: StateSummary },
+    Heartbeat {
+        seq: u64,
+        state: StateSummary,
+    },
     LogRecords(LogRecords),
     /// The mirror holds everything up to `up_to_seq` of log epoch `epoch` durably.
     /// Body: epoch u64, up_to_seq u64.
-    LogAck { epoch: u64, up_to_seq: u64 },
+    LogAck {
+        epoch: u64,
+        up_to_seq: u64,
+    },
     /// A CP put everything up to `up_to_seq` on the members: trim the mirror. Body: u64.
-    Trim { up_to_seq: u64 },
+    Trim {
+        up_to_seq: u64,
+    },
     /// Empty body: "take me over".
     PleaseTakeover,
     /// Shut down gracefully within `countdown_ms`. Body: u32.
-    PleaseShutdown { countdown_ms: u32 },
+    PleaseShutdown {
+        countdown_ms: u32,
+    },
     ShutdownComplete,
     /// You are taken over: do not serve until giveback.
     PleaseDie,
@@ -161,7 +171,9 @@ pub enum Message {
     /// from (same body as [`Message::LogRecords`]).
     MirrorCopy(LogRecords),
     /// The copy is complete: `region_bytes` bytes were sent. Body: u64.
-    MirrorCopyDone { region_bytes: u64 },
+    MirrorCopyDone {
+        region_bytes: u64,
+    },
     /// A takeover state-machine message (`core::takeover::Message`), serialised by the HA
     /// layer. Opaque here; at most [`MAX_HA_BYTES`]. The MAC authenticates it like any other.
     Ha(Vec<u8>),
@@ -243,9 +255,13 @@ impl Message {
                 out.extend_from_slice(&up_to_seq.to_le_bytes())
             }
             Message::Trim { up_to_seq } => out.extend_from_slice(&up_to_seq.to_le_bytes()),
-            Message::PleaseShutdown { countdown_ms } => out.extend_from_slice(&countdown_ms.to_le_bytes()),
+            Message::PleaseShutdown { countdown_ms } => {
+                out.extend_from_slice(&countdown_ms.to_le_bytes())
+            }
             Message::Ha(b) => out.extend_from_slice(b),
-            Message::MirrorCopyDone { region_bytes } => out.extend_from_slice(&region_bytes.to_le_bytes()),
+            Message::MirrorCopyDone { region_bytes } => {
+                out.extend_from_slice(&region_bytes.to_le_bytes())
+            }
             Message::MirrorFetch => {}
             Message::PleaseTakeover
             | Message::ShutdownComplete
@@ -264,7 +280,12 @@ impl Message {
                 let software_version = r.u32()?;
                 let capabilities = r.u64()?;
                 let nonce = r.array::<NONCE_BYTES>()?;
-                Message::Hello(Hello { node_id, software_version, capabilities, nonce })
+                Message::Hello(Hello {
+                    node_id,
+                    software_version,
+                    capabilities,
+                    nonce,
+                })
             }
             kind::HEARTBEAT => {
                 let seq = r.u64()?;
@@ -275,7 +296,10 @@ impl Message {
                     log_last_seq: r.u64()?,
                 };
                 if state.flags & !StateSummary::KNOWN_FLAGS != 0 {
-                    return Err(FrameError::Malformed { kind, reason: "unknown state flags" });
+                    return Err(FrameError::Malformed {
+                        kind,
+                        reason: "unknown state flags",
+                    });
                 }
                 Message::Heartbeat { seq, state }
             }
@@ -285,19 +309,33 @@ impl Message {
                 let last_seq = r.u64()?;
                 let count = r.u32()? as usize;
                 if count > MAX_SEGMENTS {
-                    return Err(FrameError::Malformed { kind, reason: "too many segments" });
+                    return Err(FrameError::Malformed {
+                        kind,
+                        reason: "too many segments",
+                    });
                 }
                 if first_seq > last_seq.saturating_add(1) {
-                    return Err(FrameError::Malformed { kind, reason: "first_seq after last_seq" });
+                    return Err(FrameError::Malformed {
+                        kind,
+                        reason: "first_seq after last_seq",
+                    });
                 }
                 let mut segments = Vec::with_capacity(count);
                 for _ in 0..count {
                     let region_offset = r.u64()?;
                     let len = r.u32()? as usize;
                     let bytes = r.take(len)?.to_vec();
-                    segments.push(LogSegment { region_offset, bytes });
+                    segments.push(LogSegment {
+                        region_offset,
+                        bytes,
+                    });
                 }
-                let r = LogRecords { epoch, first_seq, last_seq, segments };
+                let r = LogRecords {
+                    epoch,
+                    first_seq,
+                    last_seq,
+                    segments,
+                };
                 if kind == kind::MIRROR_COPY {
                     Message::MirrorCopy(r)
                 } else {
@@ -305,11 +343,20 @@ impl Message {
                 }
             }
             kind::MIRROR_FETCH => Message::MirrorFetch,
-            kind::MIRROR_COPY_DONE => Message::MirrorCopyDone { region_bytes: r.u64()? },
-            kind::LOG_ACK => Message::LogAck { epoch: r.u64()?, up_to_seq: r.u64()? },
-            kind::TRIM => Message::Trim { up_to_seq: r.u64()? },
+            kind::MIRROR_COPY_DONE => Message::MirrorCopyDone {
+                region_bytes: r.u64()?,
+            },
+            kind::LOG_ACK => Message::LogAck {
+                epoch: r.u64()?,
+                up_to_seq: r.u64()?,
+            },
+            kind::TRIM => Message::Trim {
+                up_to_seq: r.u64()?,
+            },
             kind::PLEASE_TAKEOVER => Message::PleaseTakeover,
-            kind::PLEASE_SHUTDOWN => Message::PleaseShutdown { countdown_ms: r.u32()? },
+            kind::PLEASE_SHUTDOWN => Message::PleaseShutdown {
+                countdown_ms: r.u32()?,
+            },
             kind::SHUTDOWN_COMPLETE => Message::ShutdownComplete,
             kind::PLEASE_DIE => Message::PleaseDie,
             kind::TAKEOVER => Message::Takeover,
@@ -317,7 +364,10 @@ impl Message {
             kind::GIVEBACK_COMPLETE => Message::GivebackComplete,
             kind::HA => {
                 if body.len() > MAX_HA_BYTES {
-                    return Err(FrameError::Malformed { kind, reason: "HA message too large" });
+                    return Err(FrameError::Malformed {
+                        kind,
+                        reason: "HA message too large",
+                    });
                 }
                 let n = r.b.len();
                 Message::Ha(r.take(n)?.to_vec())
@@ -325,7 +375,10 @@ impl Message {
             other => return Err(FrameError::UnknownKind(other)),
         };
         if !r.b.is_empty() {
-            return Err(FrameError::Malformed { kind, reason: "trailing bytes in body" });
+            return Err(FrameError::Malformed {
+                kind,
+                reason: "trailing bytes in body",
+            });
         }
         Ok(msg)
     }
@@ -339,7 +392,10 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
         if self.b.len() < n {
-            return Err(FrameError::Malformed { kind: self.kind, reason: "body too short" });
+            return Err(FrameError::Malformed {
+                kind: self.kind,
+                reason: "body too short",
+            });
         }
         let (h, t) = self.b.split_at(n);
         self.b = t;
@@ -416,7 +472,11 @@ pub enum Decoded {
     /// Not a whole frame yet: read until the buffer holds `need` bytes.
     NeedMore { need: usize },
     /// A frame accepted; `consumed` bytes of the buffer were it.
-    Frame { seq: u64, message: Message, consumed: usize },
+    Frame {
+        seq: u64,
+        message: Message,
+        consumed: usize,
+    },
 }
 
 /// One connection's codec state, both directions.
@@ -448,7 +508,13 @@ impl Session {
             return Err(KeyError(key.len()));
         }
         let mac = HmacSha256::new_from_slice(key).map_err(|_| KeyError(key.len()))?;
-        Ok(Session { mac, local_nonce, tx_seq: 0, peer: None, rx_last_seq: 0 })
+        Ok(Session {
+            mac,
+            local_nonce,
+            tx_seq: 0,
+            peer: None,
+            rx_last_seq: 0,
+        })
     }
 
     pub fn local_nonce(&self) -> [u8; NONCE_BYTES] {
@@ -473,7 +539,9 @@ impl Session {
     /// Frame `msg` for the peer.
     pub fn encode(&mut self, msg: &Message) -> Result<Vec<u8>, EncodeError> {
         let nonce = match msg {
-            Message::Hello(h) if h.nonce != self.local_nonce => return Err(EncodeError::WrongNonce),
+            Message::Hello(h) if h.nonce != self.local_nonce => {
+                return Err(EncodeError::WrongNonce)
+            }
             Message::Hello(_) => [0u8; NONCE_BYTES],
             _ => self.peer.ok_or(EncodeError::NoPeerNonce)?.nonce,
         };
@@ -486,10 +554,19 @@ impl Session {
         msg.encode_body(&mut out);
         let body_len = out.len() - HEADER_BYTES;
         if body_len > MAX_BODY_BYTES {
-            return Err(EncodeError::TooLarge { body_len, max: MAX_BODY_BYTES });
+            return Err(EncodeError::TooLarge {
+                body_len,
+                max: MAX_BODY_BYTES,
+            });
         }
         let seq = self.tx_seq + 1;
-        let header = FrameHeader { version: WIRE_VERSION, kind: msg.kind(), body_len: body_len as u32, flags: 0, seq };
+        let header = FrameHeader {
+            version: WIRE_VERSION,
+            kind: msg.kind(),
+            body_len: body_len as u32,
+            flags: 0,
+            seq,
+        };
         out[..HEADER_BYTES].copy_from_slice(&header.encode());
         let tag = self.tag(&nonce, &out).finalize().into_bytes();
         out.extend_from_slice(&tag);
@@ -519,7 +596,10 @@ impl Session {
         let kind = u16::from_le_bytes([h[6], h[7]]);
         let body_len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
         if body_len > MAX_BODY_BYTES {
-            return Err(FrameError::Oversized { body_len, max: MAX_BODY_BYTES });
+            return Err(FrameError::Oversized {
+                body_len,
+                max: MAX_BODY_BYTES,
+            });
         }
         let flags = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
         if flags != 0 {
@@ -531,12 +611,19 @@ impl Session {
             return Ok(Decoded::NeedMore { need: total });
         }
         let signed = &buf[..HEADER_BYTES + body_len];
-        let nonce = if kind == kind::HELLO { [0u8; NONCE_BYTES] } else { self.local_nonce };
+        let nonce = if kind == kind::HELLO {
+            [0u8; NONCE_BYTES]
+        } else {
+            self.local_nonce
+        };
         self.tag(&nonce, signed)
             .verify_slice(&buf[HEADER_BYTES + body_len..total])
             .map_err(|_| FrameError::BadMac)?;
         if seq <= self.rx_last_seq {
-            return Err(FrameError::Replayed { seq, last: self.rx_last_seq });
+            return Err(FrameError::Replayed {
+                seq,
+                last: self.rx_last_seq,
+            });
         }
         let message = Message::decode_body(kind, &buf[HEADER_BYTES..HEADER_BYTES + body_len])?;
         match (&message, &self.peer) {
@@ -549,14 +636,21 @@ impl Session {
             (_, Some(_)) => {}
         }
         self.rx_last_seq = seq;
-        Ok(Decoded::Frame { seq, message, consumed: total })
+        Ok(Decoded::Frame {
+            seq,
+            message,
+            consumed: total,
+        })
     }
 
     /// Decode exactly one whole frame (e.g. a datagram or a test vector).
     pub fn decode_frame(&mut self, frame: &[u8]) -> Result<Message, FrameError> {
         let mut probe = self.clone();
         match probe.decode(frame)? {
-            Decoded::NeedMore { need } => Err(FrameError::Truncated { have: frame.len(), need }),
+            Decoded::NeedMore { need } => Err(FrameError::Truncated {
+                have: frame.len(),
+                need,
+            }),
             Decoded::Frame { consumed, .. } if consumed != frame.len() => {
                 Err(FrameError::TrailingBytes(frame.len() - consumed))
             }
@@ -576,7 +670,12 @@ mod tests {
     const KEY: &[u8] = b"a pre-shared key of the pair, 32b";
 
     fn hello(node_id: u8, nonce: u8) -> Hello {
-        Hello { node_id, software_version: 0x0001_0002, capabilities: 0b101, nonce: [nonce; 16] }
+        Hello {
+            node_id,
+            software_version: 0x0001_0002,
+            capabilities: 0b101,
+            nonce: [nonce; 16],
+        }
     }
 
     /// Two sessions `a` and `b` that exchanged Hellos.
@@ -594,21 +693,37 @@ mod tests {
         vec![
             Message::Heartbeat {
                 seq: 42,
-                state: StateSummary { ha_state: 3, flags: StateSummary::HEALTHY, aggregates_served: 2, log_last_seq: 99 },
+                state: StateSummary {
+                    ha_state: 3,
+                    flags: StateSummary::HEALTHY,
+                    aggregates_served: 2,
+                    log_last_seq: 99,
+                },
             },
             Message::LogRecords(LogRecords {
                 epoch: 3,
                 first_seq: 5,
                 last_seq: 7,
                 segments: vec![
-                    LogSegment { region_offset: 4096, bytes: vec![1; 300] },
-                    LogSegment { region_offset: 8192, bytes: vec![] },
+                    LogSegment {
+                        region_offset: 4096,
+                        bytes: vec![1; 300],
+                    },
+                    LogSegment {
+                        region_offset: 8192,
+                        bytes: vec![],
+                    },
                 ],
             }),
-            Message::LogAck { epoch: 5, up_to_seq: 7 },
+            Message::LogAck {
+                epoch: 5,
+                up_to_seq: 7,
+            },
             Message::Trim { up_to_seq: 6 },
             Message::PleaseTakeover,
-            Message::PleaseShutdown { countdown_ms: 30_000 },
+            Message::PleaseShutdown {
+                countdown_ms: 30_000,
+            },
             Message::ShutdownComplete,
             Message::PleaseDie,
             Message::Takeover,
@@ -616,15 +731,31 @@ mod tests {
             Message::GivebackComplete,
             Message::Ha(br#"{"PleaseDie":{"epoch":3}}"#.to_vec()),
             Message::MirrorFetch,
-            Message::MirrorCopy(LogRecords { epoch: 0, first_seq: 0, last_seq: 9, segments: vec![LogSegment { region_offset: 0, bytes: vec![7; 64] }] }),
-            Message::MirrorCopyDone { region_bytes: 1 << 20 },
+            Message::MirrorCopy(LogRecords {
+                epoch: 0,
+                first_seq: 0,
+                last_seq: 9,
+                segments: vec![LogSegment {
+                    region_offset: 0,
+                    bytes: vec![7; 64],
+                }],
+            }),
+            Message::MirrorCopyDone {
+                region_bytes: 1 << 20,
+            },
         ]
     }
 
     /// A correctly MACed frame with arbitrary header fields and body, as a buggy or newer
     /// peer holding the key could send.
     fn seal(s: &Session, nonce: [u8; 16], kind: u16, seq: u64, body: &[u8]) -> Vec<u8> {
-        let h = FrameHeader { version: WIRE_VERSION, kind, body_len: body.len() as u32, flags: 0, seq };
+        let h = FrameHeader {
+            version: WIRE_VERSION,
+            kind,
+            body_len: body.len() as u32,
+            flags: 0,
+            seq,
+        };
         let mut out = h.encode().to_vec();
         out.extend_from_slice(body);
         let tag = s.tag(&nonce, &out).finalize().into_bytes();
@@ -635,8 +766,19 @@ mod tests {
     /// After a rejection the session is unchanged and the next legitimate frame still goes.
     fn still_works(a: &mut Session, b: &mut Session, before: u64) {
         assert_eq!(b.rx_last_seq(), before, "rejected frame changed state");
-        let f = a.encode(&Message::LogAck { epoch: 1, up_to_seq: 1 }).unwrap();
-        assert_eq!(b.decode_frame(&f).unwrap(), Message::LogAck { epoch: 1, up_to_seq: 1 });
+        let f = a
+            .encode(&Message::LogAck {
+                epoch: 1,
+                up_to_seq: 1,
+            })
+            .unwrap();
+        assert_eq!(
+            b.decode_frame(&f).unwrap(),
+            Message::LogAck {
+                epoch: 1,
+                up_to_seq: 1
+            }
+        );
     }
 
     #[test]
@@ -663,7 +805,10 @@ mod tests {
         // Feed 7 bytes at a time, as a socket might.
         for chunk in stream.chunks(7) {
             buf.extend_from_slice(chunk);
-            while let Decoded::Frame { message, consumed, .. } = b.decode(&buf).unwrap() {
+            while let Decoded::Frame {
+                message, consumed, ..
+            } = b.decode(&buf).unwrap()
+            {
                 got.push(message);
                 buf.drain(..consumed);
             }
@@ -676,7 +821,9 @@ mod tests {
     fn forged_frame_is_rejected() {
         let (mut a, mut b) = pair();
         let last = b.rx_last_seq();
-        let mut f = a.encode(&Message::PleaseShutdown { countdown_ms: 10 }).unwrap();
+        let mut f = a
+            .encode(&Message::PleaseShutdown { countdown_ms: 10 })
+            .unwrap();
         f[HEADER_BYTES] ^= 1; // countdown changed in flight
         assert_eq!(b.decode_frame(&f), Err(FrameError::BadMac));
         let mut f = a.encode(&Message::Takeover).unwrap();
@@ -698,12 +845,18 @@ mod tests {
         let f = a.encode(&Message::Giveback).unwrap();
         assert_eq!(b.decode_frame(&f).unwrap(), Message::Giveback);
         let last = b.rx_last_seq();
-        assert_eq!(b.decode_frame(&f), Err(FrameError::Replayed { seq: last, last }));
+        assert_eq!(
+            b.decode_frame(&f),
+            Err(FrameError::Replayed { seq: last, last })
+        );
         // An older frame, delivered late.
         let old = a.encode(&Message::PleaseDie).unwrap();
         let newer = a.encode(&Message::PleaseDie).unwrap();
         b.decode_frame(&newer).unwrap();
-        assert!(matches!(b.decode_frame(&old), Err(FrameError::Replayed { .. })));
+        assert!(matches!(
+            b.decode_frame(&old),
+            Err(FrameError::Replayed { .. })
+        ));
         let last = b.rx_last_seq();
         still_works(&mut a, &mut b, last);
     }
@@ -715,8 +868,10 @@ mod tests {
         // b restarts: new nonce, new session; a reconnects.
         let mut a2 = Session::new(KEY, [0xC; 16]).unwrap();
         let mut b2 = Session::new(KEY, [0xD; 16]).unwrap();
-        b2.decode_frame(&a2.encode(&Message::Hello(hello(0, 0xC))).unwrap()).unwrap();
-        a2.decode_frame(&b2.encode(&Message::Hello(hello(1, 0xD))).unwrap()).unwrap();
+        b2.decode_frame(&a2.encode(&Message::Hello(hello(0, 0xC))).unwrap())
+            .unwrap();
+        a2.decode_frame(&b2.encode(&Message::Hello(hello(1, 0xD))).unwrap())
+            .unwrap();
         let last = b2.rx_last_seq();
         assert_eq!(b2.decode_frame(&recorded), Err(FrameError::BadMac));
         still_works(&mut a2, &mut b2, last);
@@ -743,16 +898,37 @@ mod tests {
     fn truncated_frame_is_rejected() {
         let (mut a, mut b) = pair();
         let last = b.rx_last_seq();
-        let f = a.encode(&Message::LogAck { epoch: 1, up_to_seq: 3 }).unwrap();
+        let f = a
+            .encode(&Message::LogAck {
+                epoch: 1,
+                up_to_seq: 3,
+            })
+            .unwrap();
         for cut in [0, 1, HEADER_BYTES - 1, HEADER_BYTES, f.len() - 1] {
-            assert_eq!(b.decode_frame(&f[..cut]), Err(FrameError::Truncated { have: cut, need: if cut < HEADER_BYTES { HEADER_BYTES } else { f.len() } }));
+            assert_eq!(
+                b.decode_frame(&f[..cut]),
+                Err(FrameError::Truncated {
+                    have: cut,
+                    need: if cut < HEADER_BYTES {
+                        HEADER_BYTES
+                    } else {
+                        f.len()
+                    }
+                })
+            );
             assert!(matches!(b.decode(&f[..cut]), Ok(Decoded::NeedMore { .. })));
         }
         let mut longer = f.clone();
         longer.push(0);
         assert_eq!(b.decode_frame(&longer), Err(FrameError::TrailingBytes(1)));
         assert_eq!(b.rx_last_seq(), last);
-        assert_eq!(b.decode_frame(&f).unwrap(), Message::LogAck { epoch: 1, up_to_seq: 3 });
+        assert_eq!(
+            b.decode_frame(&f).unwrap(),
+            Message::LogAck {
+                epoch: 1,
+                up_to_seq: 3
+            }
+        );
     }
 
     #[test]
@@ -764,13 +940,19 @@ mod tests {
         // Refused from the header alone: no need to buffer the claimed body.
         assert_eq!(
             b.decode(&f[..HEADER_BYTES]),
-            Err(FrameError::Oversized { body_len: MAX_BODY_BYTES + 1, max: MAX_BODY_BYTES })
+            Err(FrameError::Oversized {
+                body_len: MAX_BODY_BYTES + 1,
+                max: MAX_BODY_BYTES
+            })
         );
         let huge = Message::LogRecords(LogRecords {
             epoch: 3,
             first_seq: 1,
             last_seq: 1,
-            segments: vec![LogSegment { region_offset: 0, bytes: vec![0; MAX_BODY_BYTES] }],
+            segments: vec![LogSegment {
+                region_offset: 0,
+                bytes: vec![0; MAX_BODY_BYTES],
+            }],
         });
         assert!(matches!(a.encode(&huge), Err(EncodeError::TooLarge { .. })));
         still_works(&mut a, &mut b, last);
@@ -799,24 +981,39 @@ mod tests {
         let (mut a, mut b) = pair();
         let last = b.rx_last_seq();
         let nb = b.local_nonce();
-        assert_eq!(b.decode_frame(&seal(&a, nb, 99, 1000, &[])), Err(FrameError::UnknownKind(99)));
+        assert_eq!(
+            b.decode_frame(&seal(&a, nb, 99, 1000, &[])),
+            Err(FrameError::UnknownKind(99))
+        );
         assert_eq!(
             b.decode_frame(&seal(&a, nb, kind::LOG_ACK, 1000, &[1, 2, 3])),
-            Err(FrameError::Malformed { kind: kind::LOG_ACK, reason: "body too short" })
+            Err(FrameError::Malformed {
+                kind: kind::LOG_ACK,
+                reason: "body too short"
+            })
         );
         assert_eq!(
             b.decode_frame(&seal(&a, nb, kind::PLEASE_DIE, 1000, &[0])),
-            Err(FrameError::Malformed { kind: kind::PLEASE_DIE, reason: "trailing bytes in body" })
+            Err(FrameError::Malformed {
+                kind: kind::PLEASE_DIE,
+                reason: "trailing bytes in body"
+            })
         );
         let mut many = vec![0u8; 24]; // epoch, first_seq, last_seq
         many.extend_from_slice(&(MAX_SEGMENTS as u32 + 1).to_le_bytes());
         assert_eq!(
             b.decode_frame(&seal(&a, nb, kind::LOG_RECORDS, 1000, &many)),
-            Err(FrameError::Malformed { kind: kind::LOG_RECORDS, reason: "too many segments" })
+            Err(FrameError::Malformed {
+                kind: kind::LOG_RECORDS,
+                reason: "too many segments"
+            })
         );
         let mut hb = vec![0u8; 8];
         hb.extend_from_slice(&[0, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        assert!(matches!(b.decode_frame(&seal(&a, nb, kind::HEARTBEAT, 1000, &hb)), Err(FrameError::Malformed { .. })));
+        assert!(matches!(
+            b.decode_frame(&seal(&a, nb, kind::HEARTBEAT, 1000, &hb)),
+            Err(FrameError::Malformed { .. })
+        ));
         still_works(&mut a, &mut b, last);
     }
 
@@ -825,12 +1022,16 @@ mod tests {
         let mut a = Session::new(KEY, [0xA; 16]).unwrap();
         let mut b = Session::new(KEY, [0xB; 16]).unwrap();
         assert_eq!(a.encode(&Message::PleaseDie), Err(EncodeError::NoPeerNonce));
-        assert_eq!(a.encode(&Message::Hello(hello(0, 0x1))), Err(EncodeError::WrongNonce));
+        assert_eq!(
+            a.encode(&Message::Hello(hello(0, 0x1))),
+            Err(EncodeError::WrongNonce)
+        );
         // A non-Hello first frame, MACed with b's nonce by someone holding the key.
         let f = seal(&a, b.local_nonce(), kind::PLEASE_DIE, 1, &[]);
         assert_eq!(b.decode_frame(&f), Err(FrameError::HelloFirst));
         assert_eq!((b.rx_last_seq(), b.peer()), (0, None));
-        b.decode_frame(&a.encode(&Message::Hello(hello(0, 0xA))).unwrap()).unwrap();
+        b.decode_frame(&a.encode(&Message::Hello(hello(0, 0xA))).unwrap())
+            .unwrap();
         let mut body = Vec::new();
         Message::Hello(hello(0, 0x7)).encode_body(&mut body);
         let again = seal(&a, [0; 16], kind::HELLO, 50, &body);

@@ -104,7 +104,10 @@ pub enum LabelError {
 }
 
 fn field(field: &'static str, why: impl Into<String>) -> LabelError {
-    LabelError::Field { field, why: why.into() }
+    LabelError::Field {
+        field,
+        why: why.into(),
+    }
 }
 
 fn put_str(buf: &mut [u8], s: &str) {
@@ -141,25 +144,49 @@ impl Label {
             return Err(field("member_count", format!("{} < 2", self.member_count)));
         }
         if self.member_index >= self.member_count {
-            return Err(field("member_index", format!("{} >= {}", self.member_index, self.member_count)));
+            return Err(field(
+                "member_index",
+                format!("{} >= {}", self.member_index, self.member_count),
+            ));
         }
-        let expect_role =
-            if self.member_index + 1 == self.member_count { Role::Parity } else { Role::Data };
+        let expect_role = if self.member_index + 1 == self.member_count {
+            Role::Parity
+        } else {
+            Role::Data
+        };
         if self.role != expect_role {
-            return Err(field("role", format!("{:?} at index {}", self.role, self.member_index)));
+            return Err(field(
+                "role",
+                format!("{:?} at index {}", self.role, self.member_index),
+            ));
         }
         if self.chunk_bytes < 4096 || !self.chunk_bytes.is_power_of_two() {
-            return Err(field("chunk_bytes", format!("{} is not a power of two >= 4096", self.chunk_bytes)));
+            return Err(field(
+                "chunk_bytes",
+                format!("{} is not a power of two >= 4096", self.chunk_bytes),
+            ));
         }
         if self.data_bytes == 0 || self.data_bytes % self.chunk_bytes as u64 != 0 {
-            return Err(field("data_bytes", format!("{} is not a positive multiple of the chunk", self.data_bytes)));
+            return Err(field(
+                "data_bytes",
+                format!(
+                    "{} is not a positive multiple of the chunk",
+                    self.data_bytes
+                ),
+            ));
         }
         if self.data_offset_bytes < LABEL_BYTES as u64 || self.data_offset_bytes % 4096 != 0 {
-            return Err(field("data_offset_bytes", format!("{}", self.data_offset_bytes)));
+            return Err(field(
+                "data_offset_bytes",
+                format!("{}", self.data_offset_bytes),
+            ));
         }
         if let Some(f) = self.failed_member {
             if f >= self.member_count {
-                return Err(field("failed_member", format!("{f} >= {}", self.member_count)));
+                return Err(field(
+                    "failed_member",
+                    format!("{f} >= {}", self.member_count),
+                ));
             }
         }
         if self.mailbox_offset_bytes < LABEL_BYTES as u64
@@ -252,7 +279,11 @@ impl Label {
             home_node: get_str(&b[128..160], "home_node")?,
             generation: u64_at(b, 160),
             state,
-            failed_member: if failed == NO_FAILED_MEMBER { None } else { Some(failed) },
+            failed_member: if failed == NO_FAILED_MEMBER {
+                None
+            } else {
+                Some(failed)
+            },
             mailbox_offset_bytes: u64_at(b, 176),
             mailbox_bytes: u64_at(b, 184),
         };
@@ -264,11 +295,20 @@ impl Label {
     /// fields, the generation, the state and the failed member).
     pub fn same_aggregate(&self, other: &Label) -> Result<(), String> {
         let checks: [(&str, bool); 7] = [
-            ("aggregate uuid", self.aggregate_uuid == other.aggregate_uuid),
-            ("aggregate name", self.aggregate_name == other.aggregate_name),
+            (
+                "aggregate uuid",
+                self.aggregate_uuid == other.aggregate_uuid,
+            ),
+            (
+                "aggregate name",
+                self.aggregate_name == other.aggregate_name,
+            ),
             ("member count", self.member_count == other.member_count),
             ("chunk size", self.chunk_bytes == other.chunk_bytes),
-            ("data offset", self.data_offset_bytes == other.data_offset_bytes),
+            (
+                "data offset",
+                self.data_offset_bytes == other.data_offset_bytes,
+            ),
             ("data size", self.data_bytes == other.data_bytes),
             ("home node", self.home_node == other.home_node),
         ];
@@ -299,9 +339,17 @@ pub struct Assembly {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AssemblyError {
     #[error("member {index} ({path}): {why}")]
-    Member { index: usize, path: String, why: String },
+    Member {
+        index: usize,
+        path: String,
+        why: String,
+    },
     #[error("aggregate {name} has {failed} unusable members ({list}); RAID-4 survives one: refusing to serve")]
-    TooManyFailed { name: String, failed: usize, list: String },
+    TooManyFailed {
+        name: String,
+        failed: usize,
+        list: String,
+    },
     #[error("no member has a readable label: {0}")]
     Nothing(String),
 }
@@ -321,14 +369,19 @@ pub enum AssemblyError {
 /// - two or more members unusable: refuse.
 pub fn assemble(members: &[(String, Result<Label, String>)]) -> Result<Assembly, AssemblyError> {
     // The aggregate most members agree on (first member's on a tie), then its newest label.
-    let valid: Vec<&Label> = members.iter().filter_map(|(_, l)| l.as_ref().ok()).collect();
+    let valid: Vec<&Label> = members
+        .iter()
+        .filter_map(|(_, l)| l.as_ref().ok())
+        .collect();
     let votes = |u: &[u8; 16]| valid.iter().filter(|l| &l.aggregate_uuid == u).count();
-    let majority = valid.iter().map(|l| l.aggregate_uuid).fold(None, |best: Option<[u8; 16]>, u| {
-        match best {
-            Some(b) if votes(&b) >= votes(&u) => Some(b),
-            _ => Some(u),
-        }
-    });
+    let majority =
+        valid
+            .iter()
+            .map(|l| l.aggregate_uuid)
+            .fold(None, |best: Option<[u8; 16]>, u| match best {
+                Some(b) if votes(&b) >= votes(&u) => Some(b),
+                _ => Some(u),
+            });
     let newest = valid
         .iter()
         .filter(|l| Some(l.aggregate_uuid) == majority)
@@ -336,7 +389,11 @@ pub fn assemble(members: &[(String, Result<Label, String>)]) -> Result<Assembly,
         .map(|l| (*l).clone())
         .ok_or_else(|| {
             AssemblyError::Nothing(
-                members.iter().map(|(p, l)| format!("{p}: {}", l.as_ref().err().unwrap())).collect::<Vec<_>>().join("; "),
+                members
+                    .iter()
+                    .map(|(p, l)| format!("{p}: {}", l.as_ref().err().unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("; "),
             )
         })?;
     if newest.member_count as usize != members.len() {
@@ -353,7 +410,11 @@ pub fn assemble(members: &[(String, Result<Label, String>)]) -> Result<Assembly,
     let recorded_failed = newest.failed_member;
     let mut unusable: Vec<(usize, String)> = Vec::new();
     for (i, (path, l)) in members.iter().enumerate() {
-        let member_err = |why: String| AssemblyError::Member { index: i, path: path.clone(), why };
+        let member_err = |why: String| AssemblyError::Member {
+            index: i,
+            path: path.clone(),
+            why,
+        };
         match l {
             Err(why) => unusable.push((i, why.clone())),
             Ok(l) => {
@@ -374,7 +435,10 @@ pub fn assemble(members: &[(String, Result<Label, String>)]) -> Result<Assembly,
                 }
                 if l.generation != newest.generation {
                     if recorded_failed == Some(i as u32) {
-                        unusable.push((i, format!("recorded failed at generation {}", newest.generation)));
+                        unusable.push((
+                            i,
+                            format!("recorded failed at generation {}", newest.generation),
+                        ));
                     } else {
                         return Err(member_err(format!(
                             "stale label: generation {} while the others are at {}",
@@ -388,7 +452,11 @@ pub fn assemble(members: &[(String, Result<Label, String>)]) -> Result<Assembly,
         }
     }
     match unusable.len() {
-        0 => Ok(Assembly { reference: newest, failed_member: None, failure_is_new: false }),
+        0 => Ok(Assembly {
+            reference: newest,
+            failed_member: None,
+            failure_is_new: false,
+        }),
         1 => {
             let idx = unusable[0].0 as u32;
             Ok(Assembly {
@@ -453,7 +521,10 @@ mod tests {
             for bit in 0..8 {
                 let mut c = b;
                 c[byte] ^= 1 << bit;
-                assert!(Label::decode(&c).is_err(), "flip at byte {byte} bit {bit} accepted");
+                assert!(
+                    Label::decode(&c).is_err(),
+                    "flip at byte {byte} bit {bit} accepted"
+                );
             }
         }
     }
@@ -483,16 +554,27 @@ mod tests {
             b[off..off + bytes.len()].copy_from_slice(&bytes);
             let err = Label::decode(&reseal(b)).unwrap_err();
             assert!(
-                format!("{err}").contains(what) || (what == "version" && matches!(err, LabelError::Version(2))),
+                format!("{err}").contains(what)
+                    || (what == "version" && matches!(err, LabelError::Version(2))),
                 "{what}: got {err}"
             );
         }
-        assert!(matches!(Label::decode(&[0u8; 100]), Err(LabelError::Size(100))));
-        assert!(matches!(Label::decode(&[0u8; LABEL_BYTES]), Err(LabelError::NoMagic(_))));
+        assert!(matches!(
+            Label::decode(&[0u8; 100]),
+            Err(LabelError::Size(100))
+        ));
+        assert!(matches!(
+            Label::decode(&[0u8; LABEL_BYTES]),
+            Err(LabelError::NoMagic(_))
+        ));
     }
 
     fn set(labels: Vec<Result<Label, String>>) -> Vec<(String, Result<Label, String>)> {
-        labels.into_iter().enumerate().map(|(i, l)| (format!("/dev/loop{i}"), l)).collect()
+        labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (format!("/dev/loop{i}"), l))
+            .collect()
     }
 
     #[test]
@@ -520,7 +602,10 @@ mod tests {
         // Plus another unreadable member: refused.
         s[0] = Err("EIO".into());
         let e = assemble(&set(s)).unwrap_err();
-        assert!(matches!(e, AssemblyError::TooManyFailed { failed: 2, .. }), "{e}");
+        assert!(
+            matches!(e, AssemblyError::TooManyFailed { failed: 2, .. }),
+            "{e}"
+        );
         // Stale label not recorded as failed: refused naming it.
         let mut s: Vec<_> = (0..5).map(|i| Ok(sample(i))).collect();
         let mut old = sample(1);

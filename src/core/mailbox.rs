@@ -96,9 +96,15 @@ impl Slot {
         b[48..64].copy_from_slice(&self.aggregate_uuid);
         b[64..72].copy_from_slice(&self.counter.to_le_bytes());
         b[72..76].copy_from_slice(&self.state.to_le_bytes());
-        let flags = if self.clean_shutdown { FLAG_CLEAN_SHUTDOWN } else { 0 }
-            | if self.please_die_for_partner { FLAG_PLEASE_DIE } else { 0 }
-            | if self.unmirrored { FLAG_UNMIRRORED } else { 0 };
+        let flags = if self.clean_shutdown {
+            FLAG_CLEAN_SHUTDOWN
+        } else {
+            0
+        } | if self.please_die_for_partner {
+            FLAG_PLEASE_DIE
+        } else {
+            0
+        } | if self.unmirrored { FLAG_UNMIRRORED } else { 0 };
         b[76..80].copy_from_slice(&flags.to_le_bytes());
         b[80..88].copy_from_slice(&self.please_die_epoch.to_le_bytes());
         b[88..96].copy_from_slice(&self.writer_ms.to_le_bytes());
@@ -135,7 +141,9 @@ impl Slot {
         if end == 0 || name[end..].iter().any(|&c| c != 0) {
             return Err(SlotError::Field("node_name"));
         }
-        let node_name = std::str::from_utf8(&name[..end]).map_err(|_| SlotError::Field("node_name"))?.to_string();
+        let node_name = std::str::from_utf8(&name[..end])
+            .map_err(|_| SlotError::Field("node_name"))?
+            .to_string();
         let flags = u32_at(76);
         if flags & !(FLAG_CLEAN_SHUTDOWN | FLAG_PLEASE_DIE | FLAG_UNMIRRORED) != 0 {
             return Err(SlotError::Field("flags"));
@@ -237,8 +245,14 @@ pub fn ha_view(own: &SlotVote, partner: &SlotVote, members: usize) -> Option<Mai
     });
     Some(MailboxView {
         partner_slot,
-        please_die_for_me: partner.newest.as_ref().is_some_and(|s| s.please_die_for_partner),
-        please_die_for_partner: own.newest.as_ref().is_some_and(|s| s.please_die_for_partner),
+        please_die_for_me: partner
+            .newest
+            .as_ref()
+            .is_some_and(|s| s.please_die_for_partner),
+        please_die_for_partner: own
+            .newest
+            .as_ref()
+            .is_some_and(|s| s.please_die_for_partner),
     })
 }
 
@@ -284,15 +298,27 @@ mod tests {
 
     #[test]
     fn vote_takes_newest_valid_and_counts_the_rest() {
-        let v = vote(&[Ok(slot(5)), Ok(slot(9)), Err(None), Err(Some(SlotError::Empty)), Err(Some(SlotError::Field("x")))]);
+        let v = vote(&[
+            Ok(slot(5)),
+            Ok(slot(9)),
+            Err(None),
+            Err(Some(SlotError::Empty)),
+            Err(Some(SlotError::Field("x"))),
+        ]);
         assert_eq!(v.newest.unwrap().counter, 9);
-        assert_eq!((v.valid, v.unreadable, v.empty, v.damaged.len()), (2, 1, 1, 1));
+        assert_eq!(
+            (v.valid, v.unreadable, v.empty, v.damaged.len()),
+            (2, 1, 1, 1)
+        );
         assert_eq!(v.damaged[0].0, 4);
     }
 
     #[test]
     fn self_fence_after_bound_without_majority() {
-        let mut f = SelfFence { bound_ms: 1000, last_majority_write_ms: 0 };
+        let mut f = SelfFence {
+            bound_ms: 1000,
+            last_majority_write_ms: 0,
+        };
         f.record(500, 3, 5);
         assert!(!f.must_fence(1400));
         f.record(1400, 2, 5); // minority: does not count
@@ -309,7 +335,10 @@ mod tests {
         let partner = vote(&[Ok(p.clone()), Err(None), Err(Some(SlotError::Empty))]);
         let v = ha_view(&own, &partner, 3).unwrap();
         let ps = v.partner_slot.unwrap();
-        assert_eq!((ps.counter, ps.state, ps.clean_shutdown), (7, State::TakenOver, true));
+        assert_eq!(
+            (ps.counter, ps.state, ps.clean_shutdown),
+            (7, State::TakenOver, true)
+        );
         assert!(v.please_die_for_me && v.please_die_for_partner);
         // One of three answered: access lost.
         let partner = vote(&[Ok(p.clone()), Err(None), Err(None)]);

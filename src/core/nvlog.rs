@@ -385,8 +385,13 @@ fn check_region_size(len: usize) -> Result<(), FormatError> {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AppendError {
     /// The ring has no room until a consistency point trims it: the writer waits, it does not fail.
-    #[error("log full: {needed_bytes} bytes needed, {free_bytes} free; wait for a consistency point")]
-    Full { needed_bytes: usize, free_bytes: usize },
+    #[error(
+        "log full: {needed_bytes} bytes needed, {free_bytes} free; wait for a consistency point"
+    )]
+    Full {
+        needed_bytes: usize,
+        free_bytes: usize,
+    },
     /// The record could never fit in this ring.
     #[error("record of {len} bytes can never fit a ring of {ring_bytes} bytes")]
     TooLarge { len: usize, ring_bytes: usize },
@@ -547,7 +552,14 @@ impl LogAppender {
         (DATA_START + footprint <= limit).then_some((Some(self.tail), DATA_START))
     }
 
-    fn write_record(&mut self, region: &mut [u8], at: usize, kind: RecordKind, offset: u64, data: &[u8]) -> u64 {
+    fn write_record(
+        &mut self,
+        region: &mut [u8],
+        at: usize,
+        kind: RecordKind,
+        offset: u64,
+        data: &[u8],
+    ) -> u64 {
         let seq = self.next_seq;
         let delta = seq - self.acked_seq;
         let acked_delta = if self.acked_seq == 0 || delta > u64::from(u16::MAX) {
@@ -575,7 +587,12 @@ impl LogAppender {
         let written_end = at + record_footprint(data.len());
         region[body + data.len()..written_end].fill(0);
         self.dirty.push(at..written_end);
-        self.live.push_back(Live { seq, at, footprint, kind });
+        self.live.push_back(Live {
+            seq,
+            at,
+            footprint,
+            kind,
+        });
         self.used += footprint;
         self.next_seq += 1;
         self.tail = at + footprint;
@@ -604,15 +621,26 @@ impl LogAppender {
 
     /// Append a write of `data` at aggregate byte `offset`; returns its sequence number.
     /// The record is durable only after the ranges of the next [`commit`](Self::commit) are.
-    pub fn append(&mut self, region: &mut [u8], offset: u64, data: &[u8]) -> Result<u64, AppendError> {
+    pub fn append(
+        &mut self,
+        region: &mut [u8],
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, AppendError> {
         self.check_region(region)
             .map_err(|(expected, actual)| AppendError::RegionChanged { expected, actual })?;
         if data.len() > self.max_payload() {
-            return Err(AppendError::TooLarge { len: data.len(), ring_bytes: self.ring_bytes() });
+            return Err(AppendError::TooLarge {
+                len: data.len(),
+                ring_bytes: self.ring_bytes(),
+            });
         }
         let footprint = record_footprint(data.len());
         let Some((pad_at, at)) = self.place(footprint) else {
-            return Err(AppendError::Full { needed_bytes: footprint, free_bytes: self.free_bytes() });
+            return Err(AppendError::Full {
+                needed_bytes: footprint,
+                free_bytes: self.free_bytes(),
+            });
         };
         if let Some(p) = pad_at {
             self.write_record(region, p, RecordKind::Pad, 0, &[]);
@@ -635,13 +663,20 @@ impl LogAppender {
                 _ => merged.push(r),
             }
         }
-        Commit { first_seq, last_seq, ranges: merged }
+        Commit {
+            first_seq,
+            last_seq,
+            ranges: merged,
+        }
     }
 
     /// Every record up to `seq` is durable in both NVRAMs and acknowledged.
     pub fn mark_acked(&mut self, seq: u64) -> Result<(), TrimError> {
         if seq > self.committed_seq {
-            return Err(TrimError::AckBeyondCommitted { seq, committed: self.committed_seq });
+            return Err(TrimError::AckBeyondCommitted {
+                seq,
+                committed: self.committed_seq,
+            });
         }
         self.acked_seq = self.acked_seq.max(seq);
         Ok(())
@@ -655,7 +690,10 @@ impl LogAppender {
         self.check_region(region)
             .map_err(|(expected, actual)| TrimError::RegionChanged { expected, actual })?;
         if seq > self.acked_seq {
-            return Err(TrimError::TrimBeyondAcked { seq, acked: self.acked_seq });
+            return Err(TrimError::TrimBeyondAcked {
+                seq,
+                acked: self.acked_seq,
+            });
         }
         let mut trimmed = None;
         let mut freed = 0;
@@ -669,7 +707,9 @@ impl LogAppender {
             freed += front.footprint;
             trimmed = Some(front.seq);
         }
-        let Some(trimmed_seq) = trimmed else { return Ok(None) };
+        let Some(trimmed_seq) = trimmed else {
+            return Ok(None);
+        };
         self.trimmed_seq = trimmed_seq;
         let new_head = self.live.front().map_or(self.tail, |l| l.at);
         let already = self.pending_trim.map_or(0, |(_, f)| f);
@@ -735,13 +775,33 @@ pub enum ReplayError {
     #[error("trim slot head offset {0} is outside the record ring or misaligned")]
     BadHeadOffset(u64),
     #[error("acknowledged record {seq} at region offset {region_offset} is lost ({damage:?}); record {proven_by_seq} says it was acknowledged")]
-    LostAcknowledged { seq: u64, region_offset: usize, damage: Damage, proven_by_seq: u64 },
-    #[error("sequence gap at region offset {region_offset}: expected record {expected}, found {found}")]
-    SequenceGap { expected: u64, found: u64, region_offset: usize },
+    LostAcknowledged {
+        seq: u64,
+        region_offset: usize,
+        damage: Damage,
+        proven_by_seq: u64,
+    },
+    #[error(
+        "sequence gap at region offset {region_offset}: expected record {expected}, found {found}"
+    )]
+    SequenceGap {
+        expected: u64,
+        found: u64,
+        region_offset: usize,
+    },
     #[error("record {seq} at region offset {region_offset} belongs to aggregate {found}")]
-    ForeignAggregate { seq: u64, found: Uuid, region_offset: usize },
+    ForeignAggregate {
+        seq: u64,
+        found: Uuid,
+        region_offset: usize,
+    },
     #[error("record {seq} at region offset {region_offset} is of generation {found}, the log's is {expected}")]
-    ForeignGeneration { seq: u64, found: u64, expected: u64, region_offset: usize },
+    ForeignGeneration {
+        seq: u64,
+        found: u64,
+        expected: u64,
+        region_offset: usize,
+    },
 }
 
 /// One write to replay.
@@ -804,7 +864,10 @@ fn read_slot(region: &[u8], i: usize, epoch: u64) -> Option<TrimSlot> {
 /// new epoch guarantees that they never continue the new log.
 pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
     if region.len() < DATA_START {
-        return Err(ReplayError::RegionSizeMismatch { header: 0, actual: region.len() });
+        return Err(ReplayError::RegionSizeMismatch {
+            header: 0,
+            actual: region.len(),
+        });
     }
     let hb: &[u8; 64] = region[..64].try_into().expect("64 bytes");
     if hb.iter().all(|&b| b == 0) {
@@ -812,15 +875,27 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
     }
     let header = RegionHeader::decode(hb).map_err(ReplayError::HeaderCorrupt)?;
     if header.region_bytes != region.len() as u64 || check_region_size(region.len()).is_err() {
-        return Err(ReplayError::RegionSizeMismatch { header: header.region_bytes, actual: region.len() });
+        return Err(ReplayError::RegionSizeMismatch {
+            header: header.region_bytes,
+            actual: region.len(),
+        });
     }
     if header.aggregate != expect.aggregate {
-        return Err(ReplayError::WrongAggregate { expected: expect.aggregate, found: header.aggregate });
+        return Err(ReplayError::WrongAggregate {
+            expected: expect.aggregate,
+            found: header.aggregate,
+        });
     }
     if header.generation != expect.generation {
-        return Err(ReplayError::WrongGeneration { expected: expect.generation, found: header.generation });
+        return Err(ReplayError::WrongGeneration {
+            expected: expect.generation,
+            found: header.generation,
+        });
     }
-    let slot = match (read_slot(region, 0, header.epoch), read_slot(region, 1, header.epoch)) {
+    let slot = match (
+        read_slot(region, 0, header.epoch),
+        read_slot(region, 1, header.epoch),
+    ) {
         (Some(a), Some(b)) => {
             if a.counter >= b.counter {
                 a
@@ -839,7 +914,10 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
         return Err(ReplayError::BadHeadOffset(head));
     }
 
-    let mut report = ReplayReport { trimmed_seq: slot.trimmed_seq, ..ReplayReport::default() };
+    let mut report = ReplayReport {
+        trimmed_seq: slot.trimmed_seq,
+        ..ReplayReport::default()
+    };
     let mut records = Vec::new();
     let mut pos = head as usize;
     let mut walked = 0usize;
@@ -868,7 +946,11 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
                     break;
                 }
                 if h.aggregate != header.aggregate {
-                    return Err(ReplayError::ForeignAggregate { seq: h.seq, found: h.aggregate, region_offset: pos });
+                    return Err(ReplayError::ForeignAggregate {
+                        seq: h.seq,
+                        found: h.aggregate,
+                        region_offset: pos,
+                    });
                 }
                 if h.generation != header.generation {
                     return Err(ReplayError::ForeignGeneration {
@@ -879,7 +961,11 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
                     });
                 }
                 if h.seq > expected {
-                    return Err(ReplayError::SequenceGap { expected, found: h.seq, region_offset: pos });
+                    return Err(ReplayError::SequenceGap {
+                        expected,
+                        found: h.seq,
+                        region_offset: pos,
+                    });
                 }
                 let footprint = match h.kind {
                     RecordKind::Pad => {
@@ -952,7 +1038,12 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
         report.discarded_unacked = unacked;
         report.stale_ignored = stale;
     }
-    Ok(Replay { header, records, report, tail_offset })
+    Ok(Replay {
+        header,
+        records,
+        report,
+        tail_offset,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1032,11 +1123,25 @@ impl WriteCache {
             }
             // Older: keep only what lies outside [start, end).
             if k < start {
-                self.extents.insert(k, Extent { end: start, ..e.clone() });
+                self.extents.insert(
+                    k,
+                    Extent {
+                        end: start,
+                        ..e.clone()
+                    },
+                );
             }
             if e.end > end {
                 let skip = (end - k) as usize;
-                self.extents.insert(end, Extent { end: e.end, seq: e.seq, data: e.data, data_off: e.data_off + skip });
+                self.extents.insert(
+                    end,
+                    Extent {
+                        end: e.end,
+                        seq: e.seq,
+                        data: e.data,
+                        data_off: e.data_off + skip,
+                    },
+                );
             }
         }
         if cursor < end {
@@ -1047,7 +1152,12 @@ impl WriteCache {
     fn put_piece(&mut self, from: u64, to: u64, seq: u64, data: &Arc<[u8]>, data_start: u64) {
         self.extents.insert(
             from,
-            Extent { end: to, seq, data: Arc::clone(data), data_off: (from - data_start) as usize },
+            Extent {
+                end: to,
+                seq,
+                data: Arc::clone(data),
+                data_off: (from - data_start) as usize,
+            },
         );
     }
 
@@ -1070,7 +1180,11 @@ impl WriteCache {
             }
             let a = e.data_off + (from - k) as usize;
             let b = a + (to - from) as usize;
-            hits.push(CacheHit { offset: from, seq: e.seq, data: &e.data[a..b] });
+            hits.push(CacheHit {
+                offset: from,
+                seq: e.seq,
+                data: &e.data[a..b],
+            });
         }
         hits
     }
@@ -1101,7 +1215,10 @@ mod tests {
     const AGG: Uuid = Uuid::from_bytes([7; 16]);
     const OTHER: Uuid = Uuid::from_bytes([9; 16]);
     const GEN: u64 = 7;
-    const EXPECT: Expect = Expect { aggregate: AGG, generation: GEN };
+    const EXPECT: Expect = Expect {
+        aggregate: AGG,
+        generation: GEN,
+    };
     const REGION: usize = DATA_START + 16 * 1024;
 
     fn fresh(epoch: u64) -> (Vec<u8>, LogAppender) {
@@ -1111,7 +1228,9 @@ mod tests {
     }
 
     fn payload(seq: u64, len: usize) -> Vec<u8> {
-        (0..len).map(|i| (seq.wrapping_mul(31).wrapping_add(i as u64)) as u8).collect()
+        (0..len)
+            .map(|i| (seq.wrapping_mul(31).wrapping_add(i as u64)) as u8)
+            .collect()
     }
 
     /// Append records `n` of `len` bytes at offsets `seq * 4096`, commit and acknowledge them.
@@ -1147,7 +1266,9 @@ mod tests {
     /// Rewrite record `seq`'s header with `f` applied, with a correct crc.
     fn rewrite(region: &mut [u8], seq: u64, f: impl FnOnce(&mut RecordHeader)) {
         let at = record_at(region, seq);
-        let Parsed::Valid(mut h) = parse_record(region, at, region.len()) else { unreachable!() };
+        let Parsed::Valid(mut h) = parse_record(region, at, region.len()) else {
+            unreachable!()
+        };
         f(&mut h);
         let body = at + RecordHeader::BYTES;
         let p = region[body..body + h.length as usize].to_vec();
@@ -1179,7 +1300,10 @@ mod tests {
         }
         assert_eq!(r.report.replayed, 5);
         assert_eq!(r.report.last_seq, 5);
-        assert_eq!((r.report.discarded_torn, r.report.discarded_unacked), (0, 0));
+        assert_eq!(
+            (r.report.discarded_torn, r.report.discarded_unacked),
+            (0, 0)
+        );
         assert_eq!(r.tail_offset, DATA_START + 5 * record_footprint(100));
     }
 
@@ -1234,7 +1358,12 @@ mod tests {
         let err = scan(&region, &EXPECT).unwrap_err();
         assert_eq!(
             err,
-            ReplayError::LostAcknowledged { seq: 2, region_offset: at, damage: Damage::ChecksumMismatch, proven_by_seq: 4 }
+            ReplayError::LostAcknowledged {
+                seq: 2,
+                region_offset: at,
+                damage: Damage::ChecksumMismatch,
+                proven_by_seq: 4
+            }
         );
     }
 
@@ -1246,7 +1375,15 @@ mod tests {
         let at = record_at(&region, 3);
         region[at..at + 64].fill(0);
         let err = scan(&region, &EXPECT).unwrap_err();
-        assert!(matches!(err, ReplayError::LostAcknowledged { seq: 3, damage: Damage::Missing, proven_by_seq: 4, .. }));
+        assert!(matches!(
+            err,
+            ReplayError::LostAcknowledged {
+                seq: 3,
+                damage: Damage::Missing,
+                proven_by_seq: 4,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -1257,7 +1394,11 @@ mod tests {
         rewrite(&mut region, 3, |h| h.seq = 9);
         assert_eq!(
             scan(&region, &EXPECT).unwrap_err(),
-            ReplayError::SequenceGap { expected: 3, found: 9, region_offset: at }
+            ReplayError::SequenceGap {
+                expected: 3,
+                found: 9,
+                region_offset: at
+            }
         );
     }
 
@@ -1267,7 +1408,17 @@ mod tests {
         append_acked(&mut region, &mut log, 4, 100);
         rewrite(&mut region, 2, |h| h.aggregate = OTHER);
         let err = scan(&region, &EXPECT).unwrap_err();
-        assert!(matches!(err, ReplayError::ForeignAggregate { seq: 2, found: OTHER, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ReplayError::ForeignAggregate {
+                    seq: 2,
+                    found: OTHER,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -1276,7 +1427,18 @@ mod tests {
         append_acked(&mut region, &mut log, 4, 100);
         rewrite(&mut region, 4, |h| h.generation = GEN + 1);
         let err = scan(&region, &EXPECT).unwrap_err();
-        assert!(matches!(err, ReplayError::ForeignGeneration { seq: 4, found: 8, expected: GEN, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                ReplayError::ForeignGeneration {
+                    seq: 4,
+                    found: 8,
+                    expected: GEN,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -1287,7 +1449,10 @@ mod tests {
         append_acked(&mut region, &mut log, 2, 100);
         let r = scan(&region, &EXPECT).unwrap();
         assert_eq!(seqs(&r), vec![1, 2]);
-        assert_eq!(r.report.stale_ignored, 3, "old records 3..5 lie past the tail");
+        assert_eq!(
+            r.report.stale_ignored, 3,
+            "old records 3..5 lie past the tail"
+        );
         assert_eq!(r.report.discarded_torn + r.report.discarded_unacked, 0);
     }
 
@@ -1301,25 +1466,52 @@ mod tests {
             ReplayError::HeaderCorrupt(FormatError::BadChecksum { .. })
         ));
         region[..8].copy_from_slice(b"NOTALOG!");
-        assert_eq!(scan(&region, &EXPECT).unwrap_err(), ReplayError::HeaderCorrupt(FormatError::BadMagic));
+        assert_eq!(
+            scan(&region, &EXPECT).unwrap_err(),
+            ReplayError::HeaderCorrupt(FormatError::BadMagic)
+        );
     }
 
     #[test]
     fn row_not_formatted_refuses() {
         let region = vec![0u8; REGION];
-        assert_eq!(scan(&region, &EXPECT).unwrap_err(), ReplayError::NotFormatted);
+        assert_eq!(
+            scan(&region, &EXPECT).unwrap_err(),
+            ReplayError::NotFormatted
+        );
     }
 
     #[test]
     fn row_header_of_another_aggregate_generation_or_size_refuses() {
         let (region, _log) = fresh(1);
-        let other = Expect { aggregate: OTHER, generation: GEN };
-        assert_eq!(scan(&region, &other).unwrap_err(), ReplayError::WrongAggregate { expected: OTHER, found: AGG });
-        let newer = Expect { aggregate: AGG, generation: GEN + 1 };
-        assert_eq!(scan(&region, &newer).unwrap_err(), ReplayError::WrongGeneration { expected: GEN + 1, found: GEN });
+        let other = Expect {
+            aggregate: OTHER,
+            generation: GEN,
+        };
+        assert_eq!(
+            scan(&region, &other).unwrap_err(),
+            ReplayError::WrongAggregate {
+                expected: OTHER,
+                found: AGG
+            }
+        );
+        let newer = Expect {
+            aggregate: AGG,
+            generation: GEN + 1,
+        };
+        assert_eq!(
+            scan(&region, &newer).unwrap_err(),
+            ReplayError::WrongGeneration {
+                expected: GEN + 1,
+                found: GEN
+            }
+        );
         let mut longer = region.clone();
         longer.extend_from_slice(&[0; 64]);
-        assert!(matches!(scan(&longer, &EXPECT).unwrap_err(), ReplayError::RegionSizeMismatch { .. }));
+        assert!(matches!(
+            scan(&longer, &EXPECT).unwrap_err(),
+            ReplayError::RegionSizeMismatch { .. }
+        ));
     }
 
     #[test]
@@ -1336,18 +1528,34 @@ mod tests {
         for at in TRIM_SLOT_OFFSETS {
             region[at] ^= 1;
         }
-        assert_eq!(scan(&region, &EXPECT).unwrap_err(), ReplayError::TrimSlotsCorrupt);
+        assert_eq!(
+            scan(&region, &EXPECT).unwrap_err(),
+            ReplayError::TrimSlotsCorrupt
+        );
     }
 
     #[test]
     fn header_and_slot_round_trip() {
-        let h = RegionHeader { aggregate: AGG, generation: 3, region_bytes: 1 << 20, epoch: 0xdead };
+        let h = RegionHeader {
+            aggregate: AGG,
+            generation: 3,
+            region_bytes: 1 << 20,
+            epoch: 0xdead,
+        };
         assert_eq!(RegionHeader::decode(&h.encode()).unwrap(), h);
-        let s = TrimSlot { epoch: 5, counter: 9, trimmed_seq: 77, head_offset: 8192 };
+        let s = TrimSlot {
+            epoch: 5,
+            counter: 9,
+            trimmed_seq: 77,
+            head_offset: 8192,
+        };
         assert_eq!(TrimSlot::decode(&s.encode()).unwrap(), s);
         let mut b = h.encode();
         b[8] = 2;
-        assert!(matches!(RegionHeader::decode(&b), Err(FormatError::BadChecksum { .. })));
+        assert!(matches!(
+            RegionHeader::decode(&b),
+            Err(FormatError::BadChecksum { .. })
+        ));
     }
 
     #[test]
@@ -1369,8 +1577,17 @@ mod tests {
         assert_eq!((c.first_seq, c.last_seq), (1, 3));
         assert_eq!(c.ranges, vec![DATA_START..DATA_START + 3 * 128]);
         assert_eq!(log.commit().ranges, Vec::<Range<usize>>::new());
-        assert_eq!(log.mark_acked(4), Err(TrimError::AckBeyondCommitted { seq: 4, committed: 3 }));
-        assert_eq!(log.trim(&mut region, 1), Err(TrimError::TrimBeyondAcked { seq: 1, acked: 0 }));
+        assert_eq!(
+            log.mark_acked(4),
+            Err(TrimError::AckBeyondCommitted {
+                seq: 4,
+                committed: 3
+            })
+        );
+        assert_eq!(
+            log.trim(&mut region, 1),
+            Err(TrimError::TrimBeyondAcked { seq: 1, acked: 0 })
+        );
         log.mark_acked(3).unwrap();
         assert!(log.trim(&mut region, 3).unwrap().is_some());
     }
@@ -1385,13 +1602,23 @@ mod tests {
         assert!(err.is_full(), "{err:?}");
         log.trim(&mut region, 3).unwrap();
         // Not yet durable: the space is not reused.
-        assert!(log.append(&mut region, 0, &[1; 1000]).unwrap_err().is_full());
+        assert!(log
+            .append(&mut region, 0, &[1; 1000])
+            .unwrap_err()
+            .is_full());
         log.trim_persisted();
-        let s1 = log.append(&mut region, 1 << 20, &payload(100, len)).unwrap();
+        let s1 = log
+            .append(&mut region, 1 << 20, &payload(100, len))
+            .unwrap();
         // seq n+1 is the pad at the end of the ring.
         assert_eq!(s1, n as u64 + 2);
         let c = log.commit();
-        assert_eq!(c.ranges.len(), 2, "pad at the end and the record at the start: {:?}", c.ranges);
+        assert_eq!(
+            c.ranges.len(),
+            2,
+            "pad at the end and the record at the start: {:?}",
+            c.ranges
+        );
         log.mark_acked(c.last_seq).unwrap();
         let r = scan(&region, &EXPECT).unwrap();
         let mut want: Vec<u64> = (4..=n as u64).collect();
@@ -1407,9 +1634,12 @@ mod tests {
     #[test]
     fn too_large_is_not_full() {
         let (mut region, mut log) = fresh(1);
-        let err = log.append(&mut region, 0, &vec![0; log.max_payload() + 1]).unwrap_err();
+        let err = log
+            .append(&mut region, 0, &vec![0; log.max_payload() + 1])
+            .unwrap_err();
         assert!(matches!(err, AppendError::TooLarge { .. }) && !err.is_full());
-        log.append(&mut region, 0, &vec![0; log.max_payload()]).unwrap();
+        log.append(&mut region, 0, &vec![0; log.max_payload()])
+            .unwrap();
     }
 
     #[test]
@@ -1437,11 +1667,21 @@ mod tests {
         assert_eq!(&buf[110..], &[0u8; 10]);
         // An older write inserted late does not hide a newer one.
         c.insert(0, 140, Arc::from(&[9u8; 40][..]));
-        assert_eq!(c.lookup(150, 20), vec![CacheHit { offset: 150, seq: 2, data: &[2u8; 20][..] }]);
+        assert_eq!(
+            c.lookup(150, 20),
+            vec![CacheHit {
+                offset: 150,
+                seq: 2,
+                data: &[2u8; 20][..]
+            }]
+        );
         c.trim(2);
         let hits = c.lookup(0, 1000);
         assert_eq!(hits.len(), 1);
-        assert_eq!((hits[0].offset, hits[0].seq, hits[0].data.len()), (90, 3, 20));
+        assert_eq!(
+            (hits[0].offset, hits[0].seq, hits[0].data.len()),
+            (90, 3, 20)
+        );
     }
 
     #[test]

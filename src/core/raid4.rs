@@ -94,7 +94,11 @@ impl Geometry {
         if data_members == 0 {
             return Err(GeometryError::NoDataMembers);
         }
-        Ok(Geometry { data_members, chunk_bytes, stripes: member_data_bytes / chunk_bytes })
+        Ok(Geometry {
+            data_members,
+            chunk_bytes,
+            stripes: member_data_bytes / chunk_bytes,
+        })
     }
 
     /// Index of the parity member.
@@ -142,10 +146,18 @@ impl Geometry {
             let member = (in_stripe / self.chunk_bytes) as usize;
             let col = in_stripe % self.chunk_bytes;
             let n = (self.chunk_bytes - col).min(end - pos);
-            let seg = Seg { member, col, len: n, buf_off: pos - offset };
+            let seg = Seg {
+                member,
+                col,
+                len: n,
+                buf_off: pos - offset,
+            };
             match out.last_mut() {
                 Some(span) if span.stripe == stripe => span.segs.push(seg),
-                _ => out.push(StripeSpan { stripe, segs: vec![seg] }),
+                _ => out.push(StripeSpan {
+                    stripe,
+                    segs: vec![seg],
+                }),
             }
             pos += n;
         }
@@ -226,9 +238,18 @@ mod tests {
 
     #[test]
     fn bad_geometry_refused() {
-        assert_eq!(Geometry::new(4, 3000, 1 << 20), Err(GeometryError::BadChunk(3000)));
-        assert_eq!(Geometry::new(4, 2048, 1 << 20), Err(GeometryError::BadChunk(2048)));
-        assert_eq!(Geometry::new(0, 4096, 1 << 20), Err(GeometryError::NoDataMembers));
+        assert_eq!(
+            Geometry::new(4, 3000, 1 << 20),
+            Err(GeometryError::BadChunk(3000))
+        );
+        assert_eq!(
+            Geometry::new(4, 2048, 1 << 20),
+            Err(GeometryError::BadChunk(2048))
+        );
+        assert_eq!(
+            Geometry::new(0, 4096, 1 << 20),
+            Err(GeometryError::NoDataMembers)
+        );
     }
 
     #[test]
@@ -246,13 +267,31 @@ mod tests {
         let spans = geo.spans(4096 * 3 + 100, 4096 * 2);
         assert_eq!(spans.len(), 2);
         assert_eq!(spans[0].stripe, 0);
-        assert_eq!(spans[0].segs, vec![Seg { member: 3, col: 100, len: 3996, buf_off: 0 }]);
+        assert_eq!(
+            spans[0].segs,
+            vec![Seg {
+                member: 3,
+                col: 100,
+                len: 3996,
+                buf_off: 0
+            }]
+        );
         assert_eq!(spans[1].stripe, 1);
         assert_eq!(
             spans[1].segs,
             vec![
-                Seg { member: 0, col: 0, len: 4096, buf_off: 3996 },
-                Seg { member: 1, col: 0, len: 100, buf_off: 3996 + 4096 }
+                Seg {
+                    member: 0,
+                    col: 0,
+                    len: 4096,
+                    buf_off: 3996
+                },
+                Seg {
+                    member: 1,
+                    col: 0,
+                    len: 100,
+                    buf_off: 3996 + 4096
+                }
             ]
         );
     }

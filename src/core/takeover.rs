@@ -2599,11 +2599,22 @@ mod tests {
             h.at(t, Event::Tick);
         }
         let a = h.at(30_000, Event::Tick);
-        assert_eq!(h.n.state(), State::Normal, "no takeover from a stale mirror");
+        assert_eq!(
+            h.n.state(),
+            State::Normal,
+            "no takeover from a stale mirror"
+        );
         let r = h.last_refusal();
         assert_eq!(r.request, RequestKind::HardTakeover);
-        assert_eq!(r.reasons, vec![RefusalReason::MirrorNotCurrent { since_ms: Some(2_000) }]);
-        assert!(a.iter().any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+        assert_eq!(
+            r.reasons,
+            vec![RefusalReason::MirrorNotCurrent {
+                since_ms: Some(2_000)
+            }]
+        );
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
     }
 
     // ---- refusals, one per reason ------------------------------------------------------
@@ -2938,7 +2949,8 @@ mod tests {
             partner_slot: Some(MailboxSlot {
                 counter: 3,
                 state: State::TakenOver,
-                clean_shutdown: false, unmirrored: false,
+                clean_shutdown: false,
+                unmirrored: false,
             }),
             please_die_for_me: false,
             please_die_for_partner: true,

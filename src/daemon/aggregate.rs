@@ -25,9 +25,16 @@ pub enum AggregateError {
     #[error("cannot create an I/O engine: {0}")]
     Engine(io::Error),
     #[error("aggregate {name}: {source}")]
-    Assembly { name: String, source: label::AssemblyError },
+    Assembly {
+        name: String,
+        source: label::AssemblyError,
+    },
     #[error("member {index} ({path}): {source}")]
-    Member { index: usize, path: String, source: io::Error },
+    Member {
+        index: usize,
+        path: String,
+        source: io::Error,
+    },
 }
 
 impl From<AggregateError> for BackendError {
@@ -80,7 +87,11 @@ impl StripeLocks {
             held = self.cv.wait(held).unwrap();
         }
         held.extend(first..=last);
-        StripeGuard { locks: self, first, last }
+        StripeGuard {
+            locks: self,
+            first,
+            last,
+        }
     }
 }
 
@@ -192,18 +203,29 @@ pub struct FormatSpec {
 impl Aggregate {
     /// Initialise members as a new, clean aggregate: zero the label, mailbox and data areas (so
     /// that parity, the XOR of zeroes, is right from the start), then write the labels.
-    pub fn format(factory: &EngineFactory, arena: &Arc<BufArena>, spec: &FormatSpec, progress: Progress) -> Result<Label, AggregateError> {
+    pub fn format(
+        factory: &EngineFactory,
+        arena: &Arc<BufArena>,
+        spec: &FormatSpec,
+        progress: Progress,
+    ) -> Result<Label, AggregateError> {
         let members = spec.member_bytes.len();
         if members < 2 {
-            return Err(AggregateError::Invalid("an aggregate needs at least one data member and one parity member".into()));
+            return Err(AggregateError::Invalid(
+                "an aggregate needs at least one data member and one parity member".into(),
+            ));
         }
         let smallest = *spec.member_bytes.iter().min().unwrap();
         let need = label::DATA_OFFSET_BYTES + spec.chunk_bytes;
         if smallest < need {
-            return Err(AggregateError::Invalid(format!("smallest member has {smallest} bytes; a member needs at least {need}")));
+            return Err(AggregateError::Invalid(format!(
+                "smallest member has {smallest} bytes; a member needs at least {need}"
+            )));
         }
-        let data_bytes = (smallest - label::DATA_OFFSET_BYTES) / spec.chunk_bytes * spec.chunk_bytes;
-        Geometry::new(members - 1, spec.chunk_bytes, data_bytes).map_err(|e| AggregateError::Invalid(e.to_string()))?;
+        let data_bytes =
+            (smallest - label::DATA_OFFSET_BYTES) / spec.chunk_bytes * spec.chunk_bytes;
+        Geometry::new(members - 1, spec.chunk_bytes, data_bytes)
+            .map_err(|e| AggregateError::Invalid(e.to_string()))?;
         let label = Label {
             format_version: label::FORMAT_VERSION,
             aggregate_uuid: spec.uuid,
@@ -221,7 +243,9 @@ impl Aggregate {
             mailbox_offset_bytes: label::MAILBOX_OFFSET_BYTES,
             mailbox_bytes: label::MAILBOX_BYTES,
         };
-        label.validate().map_err(|e| AggregateError::Invalid(e.to_string()))?;
+        label
+            .validate()
+            .map_err(|e| AggregateError::Invalid(e.to_string()))?;
         let mut engine = factory().map_err(AggregateError::Engine)?;
         let step: u64 = 4 << 20;
         let mut zeros = arena.alloc(step as usize);
@@ -231,20 +255,46 @@ impl Aggregate {
         while pos < end {
             let n = step.min(end - pos) as usize;
             let mut ops: Vec<IoOp> = (0..members)
-                .map(|m| IoOp { member: m, offset: pos, buf: OpBuf::Write(&zeros[..n]), dsync: false })
+                .map(|m| IoOp {
+                    member: m,
+                    offset: pos,
+                    buf: OpBuf::Write(&zeros[..n]),
+                    dsync: false,
+                })
                 .collect();
             for (m, r) in engine.run(&mut ops).into_iter().enumerate() {
-                r.map_err(|source| AggregateError::Member { index: m, path: format!("member {m}"), source })?;
+                r.map_err(|source| AggregateError::Member {
+                    index: m,
+                    path: format!("member {m}"),
+                    source,
+                })?;
             }
             pos += n as u64;
             progress(pos, end);
         }
-        for (m, r) in engine.flush(&(0..members).collect::<Vec<_>>()).into_iter().enumerate() {
-            r.map_err(|source| AggregateError::Member { index: m, path: format!("member {m}"), source })?;
+        for (m, r) in engine
+            .flush(&(0..members).collect::<Vec<_>>())
+            .into_iter()
+            .enumerate()
+        {
+            r.map_err(|source| AggregateError::Member {
+                index: m,
+                path: format!("member {m}"),
+                source,
+            })?;
         }
-        let errs = Self::write_labels(engine.as_mut(), arena, &label, &(0..members).collect::<Vec<_>>());
+        let errs = Self::write_labels(
+            engine.as_mut(),
+            arena,
+            &label,
+            &(0..members).collect::<Vec<_>>(),
+        );
         if let Some((m, source)) = errs.into_iter().next() {
-            return Err(AggregateError::Member { index: m, path: format!("member {m}"), source });
+            return Err(AggregateError::Member {
+                index: m,
+                path: format!("member {m}"),
+                source,
+            });
         }
         Ok(label)
     }
@@ -261,7 +311,12 @@ impl Aggregate {
         let mut ops: Vec<IoOp> = bufs
             .iter_mut()
             .enumerate()
-            .map(|(m, b)| IoOp { member: m, offset: 0, buf: OpBuf::Read(&mut b[..]), dsync: false })
+            .map(|(m, b)| IoOp {
+                member: m,
+                offset: 0,
+                buf: OpBuf::Read(&mut b[..]),
+                dsync: false,
+            })
             .collect();
         let res = engine.run(&mut ops);
         drop(ops);
@@ -281,12 +336,21 @@ impl Aggregate {
 
     /// Write `label` (with each member's index and role filled in) to `members`; returns the
     /// members whose write failed.
-    fn write_labels(engine: &mut dyn Engine, arena: &Arc<BufArena>, label: &Label, members: &[usize]) -> Vec<(usize, io::Error)> {
+    fn write_labels(
+        engine: &mut dyn Engine,
+        arena: &Arc<BufArena>,
+        label: &Label,
+        members: &[usize],
+    ) -> Vec<(usize, io::Error)> {
         let mut bufs: Vec<IoBuf> = Vec::new();
         for &m in members {
             let mut l = label.clone();
             l.member_index = m as u32;
-            l.role = if m as u32 + 1 == l.member_count { Role::Parity } else { Role::Data };
+            l.role = if m as u32 + 1 == l.member_count {
+                Role::Parity
+            } else {
+                Role::Data
+            };
             let mut b = arena.alloc(LABEL_BYTES);
             b.copy_from_slice(&l.encode().expect("labels we build are valid"));
             bufs.push(b);
@@ -294,10 +358,19 @@ impl Aggregate {
         let mut ops: Vec<IoOp> = members
             .iter()
             .zip(bufs.iter())
-            .map(|(&m, b)| IoOp { member: m, offset: 0, buf: OpBuf::Write(&b[..]), dsync: true })
+            .map(|(&m, b)| IoOp {
+                member: m,
+                offset: 0,
+                buf: OpBuf::Write(&b[..]),
+                dsync: true,
+            })
             .collect();
         let res = engine.run(&mut ops);
-        members.iter().zip(res).filter_map(|(&m, r)| r.err().map(|e| (m, e))).collect()
+        members
+            .iter()
+            .zip(res)
+            .filter_map(|(&m, r)| r.err().map(|e| (m, e)))
+            .collect()
     }
 
     /// Assemble the aggregate from its members' labels, and mark it open (dirty) for writing.
@@ -310,9 +383,18 @@ impl Aggregate {
         max_request_bytes: u32,
     ) -> Result<(Aggregate, bool), AggregateError> {
         let labels = Self::read_labels(&factory, &paths, &arena)?;
-        let name_guess = labels.iter().find_map(|(_, l)| l.as_ref().ok().map(|l| l.aggregate_name.clone())).unwrap_or_else(|| "?".into());
-        let Assembly { reference, failed_member, failure_is_new } = label::assemble(&labels)
-            .map_err(|source| AggregateError::Assembly { name: name_guess, source })?;
+        let name_guess = labels
+            .iter()
+            .find_map(|(_, l)| l.as_ref().ok().map(|l| l.aggregate_name.clone()))
+            .unwrap_or_else(|| "?".into());
+        let Assembly {
+            reference,
+            failed_member,
+            failure_is_new,
+        } = label::assemble(&labels).map_err(|source| AggregateError::Assembly {
+            name: name_guess,
+            source,
+        })?;
         let was_dirty = labels
             .iter()
             .enumerate()
@@ -336,8 +418,15 @@ impl Aggregate {
             engines: Mutex::new(Vec::new()),
             factory,
             arena,
-            state: RwLock::new(State { label, failed: failed_member.map(|f| f as usize), offline: None }),
-            locks: StripeLocks { held: Mutex::new(HashSet::new()), cv: Condvar::new() },
+            state: RwLock::new(State {
+                label,
+                failed: failed_member.map(|f| f as usize),
+                offline: None,
+            }),
+            locks: StripeLocks {
+                held: Mutex::new(HashSet::new()),
+                cv: Condvar::new(),
+            },
             label_lock: Mutex::new(()),
             stats: AggStats::default(),
             on_fenced: Mutex::new(None),
@@ -364,7 +453,9 @@ impl Aggregate {
         let mut engine = self.take_engine()?;
         loop {
             let failed = label.failed_member.map(|f| f as usize);
-            let members: Vec<usize> = (0..self.geo.members()).filter(|&m| Some(m) != failed).collect();
+            let members: Vec<usize> = (0..self.geo.members())
+                .filter(|&m| Some(m) != failed)
+                .collect();
             let errs = Self::write_labels(engine.as_mut(), &self.arena, &label, &members);
             if errs.is_empty() {
                 let mut st = self.state.write().unwrap();
@@ -377,15 +468,24 @@ impl Aggregate {
             if let Some((m, e)) = errs.iter().find(|(_, e)| is_reservation_conflict(e)) {
                 let why = self.fenced(*m, e);
                 self.put_engine(engine);
-                return Err(AggregateError::Offline { name: self.name.clone(), why });
+                return Err(AggregateError::Offline {
+                    name: self.name.clone(),
+                    why,
+                });
             }
             let (m, e) = &errs[0];
             self.stats.member_errors.fetch_add(1, Ordering::Relaxed);
             if failed.is_some() || errs.len() > 1 {
-                let why = format!("label write failed on member {m} ({}): {e} with another member already failed", self.paths[*m]);
+                let why = format!(
+                    "label write failed on member {m} ({}): {e} with another member already failed",
+                    self.paths[*m]
+                );
                 self.state.write().unwrap().offline = Some(why.clone());
                 self.put_engine(engine);
-                return Err(AggregateError::Offline { name: self.name.clone(), why });
+                return Err(AggregateError::Offline {
+                    name: self.name.clone(),
+                    why,
+                });
             }
             tracing::error!(aggregate = %self.name, member = m, path = %self.paths[*m], error = %e, "label write failed: failing member");
             label.failed_member = Some(*m as u32);
@@ -403,7 +503,10 @@ impl Aggregate {
     /// included: the disks refuse us anyway), no member is failed, the aggregate goes
     /// offline and the hook is told. Returns the reason.
     fn fenced(&self, m: usize, err: &io::Error) -> String {
-        let why = format!("fenced: member {m} ({}) refused our I/O with a reservation conflict ({err})", self.paths[m]);
+        let why = format!(
+            "fenced: member {m} ({}) refused our I/O with a reservation conflict ({err})",
+            self.paths[m]
+        );
         let first = {
             let mut st = self.state.write().unwrap();
             let first = st.offline.is_none();
@@ -491,13 +594,22 @@ impl Aggregate {
             generation: st.label.generation,
             failed_member: st.failed,
             offline: st.offline.clone(),
-            engine: self.engines.lock().unwrap().first().map(|e| e.kind()).unwrap_or("-").to_string(),
+            engine: self
+                .engines
+                .lock()
+                .unwrap()
+                .first()
+                .map(|e| e.kind())
+                .unwrap_or("-")
+                .to_string(),
         }
     }
 
     /// Check a request's range and alignment.
     pub fn check(&self, offset: u64, len: u64) -> Result<(), AggregateError> {
-        self.geo.check_range(offset, len).map_err(|e| AggregateError::Invalid(e.to_string()))?;
+        self.geo
+            .check_range(offset, len)
+            .map_err(|e| AggregateError::Invalid(e.to_string()))?;
         if offset % self.align != 0 || len % self.align != 0 {
             return Err(AggregateError::Invalid(format!(
                 "offset {offset} and length {len} must be multiples of {} bytes",
@@ -510,7 +622,10 @@ impl Aggregate {
     fn healthy_state(&self) -> Result<Option<usize>, AggregateError> {
         let st = self.state.read().unwrap();
         match &st.offline {
-            Some(why) => Err(AggregateError::Offline { name: self.name.clone(), why: why.clone() }),
+            Some(why) => Err(AggregateError::Offline {
+                name: self.name.clone(),
+                why: why.clone(),
+            }),
             None => Ok(st.failed),
         }
     }
@@ -555,18 +670,32 @@ impl Aggregate {
         r
     }
 
-    fn read_spans(&self, engine: &mut dyn Engine, spans: &[StripeSpan], buf: &mut [u8]) -> Result<(), AggregateError> {
+    fn read_spans(
+        &self,
+        engine: &mut dyn Engine,
+        spans: &[StripeSpan],
+        buf: &mut [u8],
+    ) -> Result<(), AggregateError> {
         for _attempt in 0..4 {
             let failed = self.healthy_state()?;
-            let lens: Vec<usize> = spans.iter().flat_map(|s| s.segs.iter().map(|g| g.len as usize)).collect();
-            let touches_failed = failed.is_some_and(|f| spans.iter().any(|s| s.seg_of(f).is_some()));
+            let lens: Vec<usize> = spans
+                .iter()
+                .flat_map(|s| s.segs.iter().map(|g| g.len as usize))
+                .collect();
+            let touches_failed =
+                failed.is_some_and(|f| spans.iter().any(|s| s.seg_of(f).is_some()));
             if !touches_failed {
                 let pieces = split_mut(buf, &lens);
                 let mut ops: Vec<IoOp> = spans
                     .iter()
                     .flat_map(|s| s.segs.iter().map(move |g| (s.stripe, *g)))
                     .zip(pieces)
-                    .map(|((stripe, g), p)| IoOp { member: g.member, offset: self.moff(stripe, g.col), buf: OpBuf::Read(p), dsync: false })
+                    .map(|((stripe, g), p)| IoOp {
+                        member: g.member,
+                        offset: self.moff(stripe, g.col),
+                        buf: OpBuf::Read(p),
+                        dsync: false,
+                    })
                     .collect();
                 if self.run_batch(engine, &mut ops) {
                     return Ok(());
@@ -575,7 +704,9 @@ impl Aggregate {
             }
             let f = failed.unwrap();
             self.stats.degraded_reads.fetch_add(1, Ordering::Relaxed);
-            let _guard = self.locks.lock(spans[0].stripe, spans[spans.len() - 1].stripe);
+            let _guard = self
+                .locks
+                .lock(spans[0].stripe, spans[spans.len() - 1].stripe);
             if self.healthy_state()? != failed {
                 continue;
             }
@@ -587,19 +718,36 @@ impl Aggregate {
                 .collect();
             let scratch_len: u64 = rebuild.iter().map(|r| r.2).sum::<u64>() * others.len() as u64;
             let mut scratch = self.arena.alloc(scratch_len as usize);
-            let scratch_lens: Vec<usize> = rebuild.iter().flat_map(|r| others.iter().map(move |_| r.2 as usize)).collect();
+            let scratch_lens: Vec<usize> = rebuild
+                .iter()
+                .flat_map(|r| others.iter().map(move |_| r.2 as usize))
+                .collect();
             {
                 let pieces = split_mut(buf, &lens);
                 let mut ops: Vec<IoOp> = Vec::new();
                 let mut bufs = split_mut(&mut scratch, &scratch_lens).into_iter();
-                for ((stripe, g), p) in spans.iter().flat_map(|s| s.segs.iter().map(move |g| (s.stripe, *g))).zip(pieces) {
+                for ((stripe, g), p) in spans
+                    .iter()
+                    .flat_map(|s| s.segs.iter().map(move |g| (s.stripe, *g)))
+                    .zip(pieces)
+                {
                     if g.member != f {
-                        ops.push(IoOp { member: g.member, offset: self.moff(stripe, g.col), buf: OpBuf::Read(p), dsync: false });
+                        ops.push(IoOp {
+                            member: g.member,
+                            offset: self.moff(stripe, g.col),
+                            buf: OpBuf::Read(p),
+                            dsync: false,
+                        });
                     }
                 }
                 for &(stripe, col, _, _) in &rebuild {
                     for &m in &others {
-                        ops.push(IoOp { member: m, offset: self.moff(stripe, col), buf: OpBuf::Read(bufs.next().unwrap()), dsync: false });
+                        ops.push(IoOp {
+                            member: m,
+                            offset: self.moff(stripe, col),
+                            buf: OpBuf::Read(bufs.next().unwrap()),
+                            dsync: false,
+                        });
                     }
                 }
                 if !self.run_batch(engine, &mut ops) {
@@ -617,7 +765,10 @@ impl Aggregate {
             }
             return Ok(());
         }
-        Err(AggregateError::Offline { name: self.name.clone(), why: "member failures kept interrupting a read".into() })
+        Err(AggregateError::Offline {
+            name: self.name.clone(),
+            why: "member failures kept interrupting a read".into(),
+        })
     }
 
     /// Write `data` at logical `offset`; with `fua`, durable on the members before returning.
@@ -632,7 +783,13 @@ impl Aggregate {
         self.write_inner(offset, data, false, true)
     }
 
-    fn write_inner(&self, offset: u64, data: &[u8], fua: bool, repair: bool) -> Result<(), AggregateError> {
+    fn write_inner(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        repair: bool,
+    ) -> Result<(), AggregateError> {
         self.check(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
@@ -644,7 +801,9 @@ impl Aggregate {
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         let spans = self.geo.spans(offset, data.len() as u64);
-        let _guard = self.locks.lock(spans[0].stripe, spans[spans.len() - 1].stripe);
+        let _guard = self
+            .locks
+            .lock(spans[0].stripe, spans[spans.len() - 1].stripe);
         let mut engine = self.take_engine()?;
         let r = self.write_spans(engine.as_mut(), &spans, data, fua, repair);
         self.put_engine(engine);
@@ -676,21 +835,40 @@ impl Aggregate {
         let par = self.geo.parity();
         match p.method {
             Method::Full => vec![(par, 0, self.geo.chunk_bytes)],
-            Method::Rmw => span.segs.iter().map(|g| (g.member, g.col, g.len)).chain([(par, p.lo, w)]).collect(),
+            Method::Rmw => span
+                .segs
+                .iter()
+                .map(|g| (g.member, g.col, g.len))
+                .chain([(par, p.lo, w)])
+                .collect(),
             Method::Rcw => (0..self.geo.data_members)
                 .filter_map(|m| self.geo.uncovered(span, m).map(|(a, b)| (m, a, b - a)))
                 .chain([(par, p.lo, w)])
                 .collect(),
             Method::DataOnly => vec![],
-            Method::Degraded(_) => (0..self.geo.data_members).map(|m| (m, p.lo, w)).chain([(par, p.lo, w)]).collect(),
+            Method::Degraded(_) => (0..self.geo.data_members)
+                .map(|m| (m, p.lo, w))
+                .chain([(par, p.lo, w)])
+                .collect(),
         }
     }
 
-    fn write_spans(&self, engine: &mut dyn Engine, spans: &[StripeSpan], data: &[u8], fua: bool, repair: bool) -> Result<(), AggregateError> {
+    fn write_spans(
+        &self,
+        engine: &mut dyn Engine,
+        spans: &[StripeSpan],
+        data: &[u8],
+        fua: bool,
+        repair: bool,
+    ) -> Result<(), AggregateError> {
         for _attempt in 0..4 {
             let failed = self.healthy_state()?;
             let plans: Vec<SpanPlan> = spans.iter().map(|s| self.plan(s, failed, repair)).collect();
-            let layouts: Vec<Vec<(usize, u64, u64)>> = spans.iter().zip(&plans).map(|(s, p)| self.scratch_layout(s, p)).collect();
+            let layouts: Vec<Vec<(usize, u64, u64)>> = spans
+                .iter()
+                .zip(&plans)
+                .map(|(s, p)| self.scratch_layout(s, p))
+                .collect();
             let lens: Vec<usize> = layouts.iter().flatten().map(|w| w.2 as usize).collect();
             let mut scratch = self.arena.alloc(lens.iter().sum::<usize>());
             let mut windows = split_mut(&mut scratch, &lens);
@@ -707,7 +885,12 @@ impl Aggregate {
                             _ => true,
                         };
                         if read {
-                            ops.push(IoOp { member: m, offset: self.moff(span.stripe, col), buf: OpBuf::Read(&mut win[..]), dsync: false });
+                            ops.push(IoOp {
+                                member: m,
+                                offset: self.moff(span.stripe, col),
+                                buf: OpBuf::Read(&mut win[..]),
+                                dsync: false,
+                            });
                         }
                     }
                 }
@@ -720,8 +903,16 @@ impl Aggregate {
             let mut parity_windows: Vec<(u64, u64, usize)> = Vec::new(); // (stripe, col, index into windows)
             let mut idx = 0usize;
             for ((span, plan), layout) in spans.iter().zip(&plans).zip(&layouts) {
-                let mut mine: Vec<&mut &mut [u8]> = (0..layout.len()).map(|_| it.next().unwrap()).collect();
-                let new_of = |m: usize| span.seg_of(m).map(|g| (g.col, &data[g.buf_off as usize..(g.buf_off + g.len) as usize]));
+                let mut mine: Vec<&mut &mut [u8]> =
+                    (0..layout.len()).map(|_| it.next().unwrap()).collect();
+                let new_of = |m: usize| {
+                    span.seg_of(m).map(|g| {
+                        (
+                            g.col,
+                            &data[g.buf_off as usize..(g.buf_off + g.len) as usize],
+                        )
+                    })
+                };
                 match plan.method {
                     Method::DataOnly => {}
                     Method::Full => {
@@ -776,7 +967,11 @@ impl Aggregate {
                     }
                 }
                 if plan.method != Method::DataOnly {
-                    let pcol = if plan.method == Method::Full { 0 } else { plan.lo };
+                    let pcol = if plan.method == Method::Full {
+                        0
+                    } else {
+                        plan.lo
+                    };
                     parity_windows.push((span.stripe, pcol, idx + layout.len() - 1));
                 }
                 idx += layout.len();
@@ -793,13 +988,20 @@ impl Aggregate {
                         ops.push(IoOp {
                             member: g.member,
                             offset: self.moff(span.stripe, g.col),
-                            buf: OpBuf::Write(&data[g.buf_off as usize..(g.buf_off + g.len) as usize]),
+                            buf: OpBuf::Write(
+                                &data[g.buf_off as usize..(g.buf_off + g.len) as usize],
+                            ),
                             dsync: fua,
                         });
                     }
                 }
                 for &(stripe, col, wi) in &parity_windows {
-                    ops.push(IoOp { member: par, offset: self.moff(stripe, col), buf: OpBuf::Write(&windows[wi][..]), dsync: fua });
+                    ops.push(IoOp {
+                        member: par,
+                        offset: self.moff(stripe, col),
+                        buf: OpBuf::Write(&windows[wi][..]),
+                        dsync: fua,
+                    });
                 }
                 if !self.run_batch(engine, &mut ops) {
                     continue;
@@ -816,7 +1018,10 @@ impl Aggregate {
             }
             return Ok(());
         }
-        Err(AggregateError::Offline { name: self.name.clone(), why: "member failures kept interrupting a write".into() })
+        Err(AggregateError::Offline {
+            name: self.name.clone(),
+            why: "member failures kept interrupting a write".into(),
+        })
     }
 
     /// Write zeroes over a range, in pieces no larger than the largest request.
@@ -836,7 +1041,9 @@ impl Aggregate {
     /// Make every completed write durable on every surviving member.
     pub fn flush(&self) -> Result<(), AggregateError> {
         let failed = self.healthy_state()?;
-        let members: Vec<usize> = (0..self.geo.members()).filter(|&m| Some(m) != failed).collect();
+        let members: Vec<usize> = (0..self.geo.members())
+            .filter(|&m| Some(m) != failed)
+            .collect();
         let mut engine = self.take_engine()?;
         let res = engine.flush(&members);
         self.put_engine(engine);
@@ -851,7 +1058,9 @@ impl Aggregate {
     /// Recompute parity of every stripe from the data (after an unclean shutdown). Shows progress.
     pub fn resync_parity(&self, progress: Progress) -> Result<(), AggregateError> {
         if self.healthy_state()?.is_some() {
-            return Err(AggregateError::Invalid("cannot resync parity with a failed member".into()));
+            return Err(AggregateError::Invalid(
+                "cannot resync parity with a failed member".into(),
+            ));
         }
         let batch_stripes = (self.max_request_bytes as u64 / self.geo.stripe_bytes()).max(1);
         let total = self.geo.stripes;
@@ -863,8 +1072,20 @@ impl Aggregate {
             let mut buf = self.arena.alloc(bytes);
             let _g = self.locks.lock(s, s + n - 1);
             let off = s * self.geo.stripe_bytes();
-            let r = self.read_spans(engine.as_mut(), &self.geo.spans(off, bytes as u64), &mut buf);
-            let r = r.and_then(|_| self.write_spans(engine.as_mut(), &self.geo.spans(off, bytes as u64), &buf, false, true));
+            let r = self.read_spans(
+                engine.as_mut(),
+                &self.geo.spans(off, bytes as u64),
+                &mut buf,
+            );
+            let r = r.and_then(|_| {
+                self.write_spans(
+                    engine.as_mut(),
+                    &self.geo.spans(off, bytes as u64),
+                    &buf,
+                    false,
+                    true,
+                )
+            });
             if let Err(e) = r {
                 self.put_engine(engine);
                 return Err(e);
@@ -961,7 +1182,13 @@ pub(crate) mod tests {
             let failed = self.0.failed.lock().unwrap().clone();
             members
                 .iter()
-                .map(|m| if failed.contains(m) { Err(io::Error::from_raw_os_error(libc::EIO)) } else { Ok(()) })
+                .map(|m| {
+                    if failed.contains(m) {
+                        Err(io::Error::from_raw_os_error(libc::EIO))
+                    } else {
+                        Ok(())
+                    }
+                })
                 .collect()
         }
         fn kind(&self) -> &'static str {
@@ -977,7 +1204,8 @@ pub(crate) mod tests {
             conflict: Mutex::new(HashSet::new()),
         });
         let d2 = disks.clone();
-        let factory: EngineFactory = Arc::new(move || Ok(Box::new(MemEngine(d2.clone())) as Box<dyn Engine>));
+        let factory: EngineFactory =
+            Arc::new(move || Ok(Box::new(MemEngine(d2.clone())) as Box<dyn Engine>));
         let arena = BufArena::new(8 << 20);
         let spec = FormatSpec {
             name: "t".into(),
@@ -1001,7 +1229,10 @@ pub(crate) mod tests {
         for m in 0..n {
             xor_into(&mut x, &d[m][off..off + data_bytes]);
         }
-        assert!(x == d[n][off..off + data_bytes], "parity does not match data");
+        assert!(
+            x == d[n][off..off + data_bytes],
+            "parity does not match data"
+        );
     }
 
     /// A reservation conflict is a fence, not a disk failure: no member is failed, no label is
@@ -1011,16 +1242,27 @@ pub(crate) mod tests {
         let (agg, disks) = mem_aggregate(2, 4096, 64);
         let calls = Arc::new(Mutex::new(Vec::<String>::new()));
         let c2 = calls.clone();
-        agg.set_on_fenced(Box::new(move |why| c2.lock().unwrap().push(why.to_string())));
+        agg.set_on_fenced(Box::new(move |why| {
+            c2.lock().unwrap().push(why.to_string())
+        }));
         agg.write(0, &vec![7u8; 8192], false).unwrap();
         let gen = agg.status().generation;
         disks.conflict.lock().unwrap().insert(1);
         let e = agg.write(0, &vec![9u8; 8192], false).unwrap_err();
-        assert!(e.to_string().contains("fenced: member 1 (mem1) refused our I/O with a reservation conflict"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("fenced: member 1 (mem1) refused our I/O with a reservation conflict"),
+            "{e}"
+        );
         let st = agg.status();
         assert_eq!(st.failed_member, None, "no member failed");
         assert_eq!(st.generation, gen, "no label rewritten");
-        assert!(st.offline.as_deref().is_some_and(|o| o.starts_with("fenced")), "{st:?}");
+        assert!(
+            st.offline
+                .as_deref()
+                .is_some_and(|o| o.starts_with("fenced")),
+            "{st:?}"
+        );
         assert!(agg.write(4096, &vec![1u8; 4096], false).is_err());
         assert!(agg.set_clean_state(CleanState::Clean).is_err());
         let calls = calls.lock().unwrap();
@@ -1044,7 +1286,13 @@ pub(crate) mod tests {
     }
 
     fn pattern(len: usize, seed: u8, block: u64) -> Vec<u8> {
-        (0..len).map(|i| (i as u64).wrapping_mul(31).wrapping_add(block * 7 + seed as u64) as u8).collect()
+        (0..len)
+            .map(|i| {
+                (i as u64)
+                    .wrapping_mul(31)
+                    .wrapping_add(block * 7 + seed as u64) as u8
+            })
+            .collect()
     }
 
     proptest! {
@@ -1125,11 +1373,19 @@ pub(crate) mod tests {
                 agg.read(0, &mut got).unwrap();
                 assert!(got[..] == before[..], "n={n} f={f}: degraded read differs");
                 if f < n {
-                    assert_eq!(agg.failed_member(), Some(f), "a degraded read found the failure");
+                    assert_eq!(
+                        agg.failed_member(),
+                        Some(f),
+                        "a degraded read found the failure"
+                    );
                 }
                 // Writes in degraded mode, partial and whole, read back.
                 let mut model = before.clone();
-                for (off, len, seed) in [(4096usize, 4096usize, 9u8), (0, size, 11), (8192, 3 * 4096, 12)] {
+                for (off, len, seed) in [
+                    (4096usize, 4096usize, 9u8),
+                    (0, size, 11),
+                    (8192, 3 * 4096, 12),
+                ] {
                     let d = pattern(len, seed, off as u64);
                     agg.write(off as u64, &d, false).unwrap();
                     model[off..off + len].copy_from_slice(&d);
@@ -1145,10 +1401,17 @@ pub(crate) mod tests {
                 assert_eq!(l.failed_member, Some(f as u32));
                 drop(d);
                 // A second failure takes it offline with a clear error.
-                disks.failed.lock().unwrap().insert(if f == 0 { 1 } else { 0 });
+                disks
+                    .failed
+                    .lock()
+                    .unwrap()
+                    .insert(if f == 0 { 1 } else { 0 });
                 let mut got = IoBuf::new(size);
                 let e = agg.read(0, &mut got).unwrap_err();
-                assert!(e.to_string().contains("offline") || e.to_string().contains("failed"), "{e}");
+                assert!(
+                    e.to_string().contains("offline") || e.to_string().contains("failed"),
+                    "{e}"
+                );
                 let e = agg.write(0, &before[..4096], false).unwrap_err();
                 assert!(e.to_string().contains("offline"), "{e}");
             }
@@ -1172,9 +1435,18 @@ pub(crate) mod tests {
     fn misaligned_and_out_of_range_requests_refused() {
         let (agg, _) = mem_aggregate(2, 4096, 4);
         let mut b = IoBuf::new(4096);
-        assert!(matches!(agg.read(100, &mut b), Err(AggregateError::Invalid(_))));
-        assert!(matches!(agg.read(agg.geometry().size_bytes(), &mut b), Err(AggregateError::Invalid(_))));
-        assert!(matches!(agg.write(u64::MAX - 10, &b, false), Err(AggregateError::Invalid(_))));
+        assert!(matches!(
+            agg.read(100, &mut b),
+            Err(AggregateError::Invalid(_))
+        ));
+        assert!(matches!(
+            agg.read(agg.geometry().size_bytes(), &mut b),
+            Err(AggregateError::Invalid(_))
+        ));
+        assert!(matches!(
+            agg.write(u64::MAX - 10, &b, false),
+            Err(AggregateError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -1187,19 +1459,37 @@ pub(crate) mod tests {
             let off = label::DATA_OFFSET_BYTES as usize + 4096;
             d[3][off] ^= 0xff;
         }
-        let factory: EngineFactory = { let d = disks.clone(); Arc::new(move || Ok(Box::new(MemEngine(d.clone())) as Box<dyn Engine>)) };
+        let factory: EngineFactory = {
+            let d = disks.clone();
+            Arc::new(move || Ok(Box::new(MemEngine(d.clone())) as Box<dyn Engine>))
+        };
         drop(agg);
         let paths = (0..4).map(|i| format!("mem{i}")).collect();
-        let (agg, dirty) = Aggregate::assemble(paths, factory.clone(), BufArena::new(1 << 20), 4096, 1 << 20).unwrap();
-        assert!(dirty, "an aggregate that was not closed must be reported dirty");
+        let (agg, dirty) = Aggregate::assemble(
+            paths,
+            factory.clone(),
+            BufArena::new(1 << 20),
+            4096,
+            1 << 20,
+        )
+        .unwrap();
+        assert!(
+            dirty,
+            "an aggregate that was not closed must be reported dirty"
+        );
         let mut calls = 0;
-        agg.resync_parity(&mut |d, t| { calls += 1; assert!(d <= t); }).unwrap();
+        agg.resync_parity(&mut |d, t| {
+            calls += 1;
+            assert!(d <= t);
+        })
+        .unwrap();
         assert!(calls > 0);
         assert_parity(&disks, 3, 4096 * 8);
         agg.close().unwrap();
         drop(agg);
         let paths = (0..4).map(|i| format!("mem{i}")).collect();
-        let (_agg, dirty) = Aggregate::assemble(paths, factory, BufArena::new(1 << 20), 4096, 1 << 20).unwrap();
+        let (_agg, dirty) =
+            Aggregate::assemble(paths, factory, BufArena::new(1 << 20), 4096, 1 << 20).unwrap();
         assert!(!dirty, "closed cleanly");
     }
 }

@@ -66,7 +66,10 @@ pub struct MemBackend {
 impl MemBackend {
     /// A zeroed memory device of `size_bytes`.
     pub fn new(size_bytes: u64, sizes: BlockSizes) -> MemBackend {
-        MemBackend { data: std::sync::Mutex::new(vec![0; size_bytes as usize]), sizes }
+        MemBackend {
+            data: std::sync::Mutex::new(vec![0; size_bytes as usize]),
+            sizes,
+        }
     }
 }
 

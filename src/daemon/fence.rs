@@ -211,7 +211,10 @@ impl<L: PrLun> PrFencer<L> {
                 }
             }
         }
-        tracing::info!(members = self.partner.len(), "partner's members released for giveback");
+        tracing::info!(
+            members = self.partner.len(),
+            "partner's members released for giveback"
+        );
         Ok(())
     }
 }
@@ -360,7 +363,9 @@ mod tests {
     }
 
     fn rig() -> Rig {
-        let luns: Vec<_> = (0..4).map(|_| Arc::new(Mutex::new(SimLun::default()))).collect();
+        let luns: Vec<_> = (0..4)
+            .map(|_| Arc::new(Mutex::new(SimLun::default())))
+            .collect();
         let nx = |i: usize, n: usize| SimNexus {
             lun: luns[i].clone(),
             nexus: n,
@@ -411,23 +416,40 @@ mod tests {
         r.b.register_own().unwrap();
         r.a.register_own().unwrap(); // idempotent
         for i in 0..4 {
-            let mut keys = r.luns[i].lock().unwrap().registrations.values().copied().collect::<Vec<_>>();
+            let mut keys = r.luns[i]
+                .lock()
+                .unwrap()
+                .registrations
+                .values()
+                .copied()
+                .collect::<Vec<_>>();
             keys.sort();
             assert_eq!(keys, vec![ka, kb], "lun {i}: both registered everywhere");
         }
-        assert_eq!(r.writers(), vec![vec![0], vec![0], vec![1], vec![1]], "home nodes write");
+        assert_eq!(
+            r.writers(),
+            vec![vec![0], vec![0], vec![1], vec![1]],
+            "home nodes write"
+        );
         // Takeover of b by a.
         r.a.fence().unwrap();
         r.a.fence().unwrap(); // a retried fence converges
         assert_eq!((r.holder(2), r.holder(3)), (Some(ka), Some(ka)));
-        assert_eq!(r.writers(), vec![vec![0]; 4], "a writes everything, b nothing");
+        assert_eq!(
+            r.writers(),
+            vec![vec![0]; 4],
+            "a writes everything, b nothing"
+        );
         // b, fenced, cannot fence a back: its key is gone from its own members.
         let e = r.b.fence().unwrap_err();
         assert!(e.is_fenced(), "{e}");
         assert!(matches!(e, FenceError::Fenced { .. }), "{e}");
         // b reboots during the takeover: RegisterOwn registers but must not take its disks.
         let e = r.b.register_own().unwrap_err();
-        assert!(matches!(e, FenceError::HeldByOther { holder, .. } if holder == ka), "{e}");
+        assert!(
+            matches!(e, FenceError::HeldByOther { holder, .. } if holder == ka),
+            "{e}"
+        );
         assert!(!e.is_fenced());
         assert_eq!(r.writers(), vec![vec![0]; 4], "still only a");
         // Giveback: a releases (nobody writes b's members in between), b reserves.
@@ -435,7 +457,11 @@ mod tests {
         r.a.release_fence().unwrap();
         assert_eq!((r.holder(2), r.holder(3)), (None, None));
         r.b.register_own().unwrap();
-        assert_eq!(r.writers(), vec![vec![0], vec![0], vec![1], vec![1]], "back to the start");
+        assert_eq!(
+            r.writers(),
+            vec![vec![0], vec![0], vec![1], vec![1]],
+            "back to the start"
+        );
         // And a second takeover in the other direction works from there.
         r.b.fence().unwrap();
         assert_eq!(r.writers(), vec![vec![1]; 4]);
@@ -451,7 +477,10 @@ mod tests {
             m.register_ignore(r.b.own_key).unwrap();
         }
         r.a.fence().unwrap();
-        assert_eq!((r.holder(2), r.holder(3)), (Some(node_key("a")), Some(node_key("a"))));
+        assert_eq!(
+            (r.holder(2), r.holder(3)),
+            (Some(node_key("a")), Some(node_key("a")))
+        );
         // Hard takeover of a partner that never registered at all.
         let r = rig();
         r.a.register_own().unwrap();
@@ -474,8 +503,13 @@ mod tests {
         let f = d.path().join("m0.img");
         std::fs::write(&f, vec![0u8; 4096]).unwrap();
         let m = probe_members(&[f.clone()], PreemptAction::PreemptAndAbort).unwrap();
-        let FenceMode::MailboxOnly { why } = &m else { panic!("{m:?}") };
-        assert!(why.starts_with(&format!("{} has no PR support: not a device", f.display())), "{why}");
+        let FenceMode::MailboxOnly { why } = &m else {
+            panic!("{m:?}")
+        };
+        assert!(
+            why.starts_with(&format!("{} has no PR support: not a device", f.display())),
+            "{why}"
+        );
         let e = probe_members(&[d.path().join("missing")], PreemptAction::Preempt).unwrap_err();
         assert!(matches!(e, ProbeError::Probe { .. }), "{e}");
     }

@@ -14,7 +14,7 @@ use crate::core::nvlog::{scan, Expect, LogAppender, ReplayError, ReplayReport, W
 use crate::daemon::aggregate::{Aggregate, AggregateError};
 use crate::daemon::backend::{Backend, BackendError, BlockSizes};
 use crate::io::buf::IoBuf;
-use crate::io::nvram::{NvramError, NvramRegion, Persister};
+use crate::io::nvram::{NvramError, NvramRegion, Persistence, Persister};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -48,8 +48,13 @@ pub type UnmirroredHook = Box<dyn Fn(bool) -> Result<(), String> + Send + Sync>;
 pub enum JournalError {
     #[error(transparent)]
     Nvram(#[from] NvramError),
-    #[error("NVRAM log of aggregate {aggregate} cannot be replayed: {source}; refusing to serve it")]
-    Replay { aggregate: String, source: ReplayError },
+    #[error(
+        "NVRAM log of aggregate {aggregate} cannot be replayed: {source}; refusing to serve it"
+    )]
+    Replay {
+        aggregate: String,
+        source: ReplayError,
+    },
     #[error(transparent)]
     Aggregate(#[from] AggregateError),
     #[error("NVRAM log: {0}")]
@@ -63,11 +68,18 @@ pub struct JournalConfig {
     pub cp_fill_percent: u32,
     /// Start a CP at least this often while there is anything to write.
     pub cp_interval: Duration,
+    /// Flush the NVRAM device's write cache on every group commit, not only when a client asks
+    /// (NBD FLUSH, FUA). Matters only for a page-cache file: DAX has no such cache.
+    pub flush_every_commit: bool,
 }
 
 impl Default for JournalConfig {
     fn default() -> JournalConfig {
-        JournalConfig { cp_fill_percent: 50, cp_interval: Duration::from_secs(1) }
+        JournalConfig {
+            cp_fill_percent: 50,
+            cp_interval: Duration::from_secs(1),
+            flush_every_commit: false,
+        }
     }
 }
 
@@ -93,6 +105,8 @@ pub struct JournalStats {
     pub cp_bytes: AtomicU64,
     pub full_waits: AtomicU64,
     pub read_retries: AtomicU64,
+    /// Device cache flushes of the log (client FLUSH/FUA).
+    pub device_flushes: AtomicU64,
 }
 
 /// What replay did at open.
@@ -139,6 +153,9 @@ pub struct Journal {
     inner: Mutex<Inner>,
     persister: Persister,
     progress: Condvar,
+    /// Everything up to here has survived a device cache flush (power-loss safe).
+    flushed: AtomicU64,
+    flush_lock: Mutex<()>,
     cache: RwLock<WriteCache>,
     trims: AtomicU64,
     mirror: RwLock<Option<Arc<dyn MirrorLink>>>,
@@ -163,10 +180,19 @@ fn aggregate_uuid(agg: &Aggregate) -> uuid::Uuid {
 /// column recomputed from the data (the write hole). Returns what was done; the region is left
 /// as it was (the caller formats it afresh).
 pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, JournalError> {
-    let expect = Expect { aggregate: aggregate_uuid(agg), generation: LOG_GENERATION };
+    let expect = Expect {
+        aggregate: aggregate_uuid(agg),
+        generation: LOG_GENERATION,
+    };
     match scan(region, &expect) {
-        Err(ReplayError::NotFormatted) => Ok(ReplaySummary { fresh: true, ..Default::default() }),
-        Err(source) => Err(JournalError::Replay { aggregate: agg.name().to_string(), source }),
+        Err(ReplayError::NotFormatted) => Ok(ReplaySummary {
+            fresh: true,
+            ..Default::default()
+        }),
+        Err(source) => Err(JournalError::Replay {
+            aggregate: agg.name().to_string(),
+            source,
+        }),
         Ok(replay) => {
             let cache = WriteCache::from_replay(region, &replay);
             let runs = runs_of(&cache, u64::MAX);
@@ -184,9 +210,15 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
 /// The cache's extents with seq <= `up_to`, merged into contiguous runs (copied out).
 fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
     let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
-    for h in cache.lookup(0, u64::MAX).into_iter().filter(|h| h.seq <= up_to) {
+    for h in cache
+        .lookup(0, u64::MAX)
+        .into_iter()
+        .filter(|h| h.seq <= up_to)
+    {
         match runs.last_mut() {
-            Some((off, data)) if *off + data.len() as u64 == h.offset => data.extend_from_slice(h.data),
+            Some((off, data)) if *off + data.len() as u64 == h.offset => {
+                data.extend_from_slice(h.data)
+            }
             _ => runs.push((h.offset, h.data.to_vec())),
         }
     }
@@ -197,7 +229,11 @@ fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
 const CP_WRITERS: usize = 16;
 
 /// Write runs to the aggregate from several threads (runs never overlap, so order is free).
-fn write_runs_parallel(agg: &Aggregate, runs: &[(u64, Vec<u8>)], repair: bool) -> Result<(), AggregateError> {
+fn write_runs_parallel(
+    agg: &Aggregate,
+    runs: &[(u64, Vec<u8>)],
+    repair: bool,
+) -> Result<(), AggregateError> {
     let next = AtomicU64::new(0);
     let first_err: Mutex<Option<AggregateError>> = Mutex::new(None);
     std::thread::scope(|s| {
@@ -222,7 +258,12 @@ fn write_runs_parallel(agg: &Aggregate, runs: &[(u64, Vec<u8>)], repair: bool) -
 }
 
 /// Write a run in pieces the aggregate takes, cut at stripe boundaries so full stripes stay full.
-fn write_pieces(agg: &Aggregate, off: u64, data: &[u8], repair: bool) -> Result<(), AggregateError> {
+fn write_pieces(
+    agg: &Aggregate,
+    off: u64,
+    data: &[u8],
+    repair: bool,
+) -> Result<(), AggregateError> {
     let max = agg.block_sizes().max_bytes as u64;
     let stripe = agg.geometry().stripe_bytes();
     let piece_max = (max / stripe).max(1) * stripe;
@@ -247,20 +288,37 @@ fn write_pieces(agg: &Aggregate, off: u64, data: &[u8], repair: bool) -> Result<
 impl Journal {
     /// Open this node's log for `agg`: replay what it holds onto the aggregate, then start a
     /// fresh log (new epoch). `region` is the mapped NVRAM region.
-    pub fn open(agg: Arc<Aggregate>, mut region: NvramRegion, cfg: JournalConfig) -> Result<(Arc<Journal>, ReplaySummary), JournalError> {
+    pub fn open(
+        agg: Arc<Aggregate>,
+        mut region: NvramRegion,
+        cfg: JournalConfig,
+    ) -> Result<(Arc<Journal>, ReplaySummary), JournalError> {
         let summary = replay_region(&agg, region.bytes())?;
         let epoch: u64 = rand::random();
-        let mut app = LogAppender::format(region.bytes_mut(), aggregate_uuid(&agg), LOG_GENERATION, epoch)
-            .map_err(|e| JournalError::Log(e.to_string()))?;
+        let mut app = LogAppender::format(
+            region.bytes_mut(),
+            aggregate_uuid(&agg),
+            LOG_GENERATION,
+            epoch,
+        )
+        .map_err(|e| JournalError::Log(e.to_string()))?;
         let c = app.commit();
         region.persist(&c.ranges)?;
         let persister = region.persister();
         let region_bytes = region.len();
         let j = Arc::new(Journal {
             agg,
-            inner: Mutex::new(Inner { region, app, committing: false, durable: 0, mirror_needs_resync: true }),
+            inner: Mutex::new(Inner {
+                region,
+                app,
+                committing: false,
+                durable: 0,
+                mirror_needs_resync: true,
+            }),
             persister,
             progress: Condvar::new(),
+            flushed: AtomicU64::new(0),
+            flush_lock: Mutex::new(()),
             cache: RwLock::new(WriteCache::new()),
             trims: AtomicU64::new(0),
             mirror: RwLock::new(None),
@@ -293,7 +351,10 @@ impl Journal {
         *self.mirror.write().unwrap() = link;
         self.inner.lock().unwrap().mirror_needs_resync = true;
         *self.mirror_state.lock().unwrap() = if has {
-            MirrorState::NotMirrored { since: SystemTime::now(), why: "partner mirror not yet synchronised".into() }
+            MirrorState::NotMirrored {
+                since: SystemTime::now(),
+                why: "partner mirror not yet synchronised".into(),
+            }
         } else {
             MirrorState::NoPartner
         };
@@ -310,13 +371,16 @@ impl Journal {
     /// True when every acknowledged write is in the partner's mirror *and* the mailbox no
     /// longer says otherwise (what the partner may rely on for a takeover).
     pub fn fully_mirrored(&self) -> bool {
-        matches!(self.mirror_state(), MirrorState::Mirrored) && !self.unmirrored_flag.load(Ordering::Acquire)
+        matches!(self.mirror_state(), MirrorState::Mirrored)
+            && !self.unmirrored_flag.load(Ordering::Acquire)
     }
 
     /// Clear the mailbox's "unmirrored" flag once mirrored again (set synchronously by the
     /// commit that first acknowledges unmirrored; cleared here, from the CP thread).
     fn sync_unmirrored_flag(&self) {
-        if !self.unmirrored_flag.load(Ordering::Acquire) || !matches!(self.mirror_state(), MirrorState::Mirrored) {
+        if !self.unmirrored_flag.load(Ordering::Acquire)
+            || !matches!(self.mirror_state(), MirrorState::Mirrored)
+        {
             return;
         }
         let hook = self.unmirrored_hook.read().unwrap();
@@ -341,9 +405,37 @@ impl Journal {
         self.mirror_state.lock().unwrap().clone()
     }
 
-    /// Persistence of the local region, for status ("NVRAM: file on ext4, msync").
+    /// Persistence of the local region and when its device cache is flushed, for status
+    /// ("NVRAM: file on ext4, device cache flushed on client FLUSH/FUA").
     pub fn persistence(&self) -> String {
-        self.inner.lock().unwrap().region.persistence().to_string()
+        let p = self.inner.lock().unwrap().region.persistence();
+        match p {
+            Persistence::DiskFile { .. } if self.cfg.flush_every_commit => {
+                format!("{p}, device cache flushed every commit")
+            }
+            Persistence::DiskFile { .. } => {
+                format!("{p}, device cache flushed on client FLUSH/FUA")
+            }
+            _ => p.to_string(),
+        }
+    }
+
+    /// Make every record up to `seq` (already durable) survive a power loss: one device cache
+    /// flush covers every writer waiting for one.
+    fn flush_log(&self, seq: u64) -> Result<(), JournalError> {
+        if self.flushed.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        let _one = self.flush_lock.lock().unwrap();
+        if self.flushed.load(Ordering::Acquire) >= seq {
+            return Ok(());
+        }
+        // Everything durable now has been written back: the flush covers it.
+        let target = self.inner.lock().unwrap().durable;
+        self.persister.flush_device()?;
+        self.flushed.fetch_max(target, Ordering::AcqRel);
+        self.stats.device_flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Sequence number of the newest durable (acknowledgeable) record.
@@ -355,7 +447,10 @@ impl Journal {
         let mut st = self.mirror_state.lock().unwrap();
         if !matches!(*st, MirrorState::NotMirrored { .. }) {
             tracing::error!(why, "NVRAM NOT MIRRORED: writes are acknowledged on local durability only; takeover by the partner is unsafe until resynchronised");
-            *st = MirrorState::NotMirrored { since: SystemTime::now(), why: why.to_string() };
+            *st = MirrorState::NotMirrored {
+                since: SystemTime::now(),
+                why: why.to_string(),
+            };
         }
     }
 
@@ -373,15 +468,28 @@ impl Journal {
             let mut off = r.start;
             while off < r.end {
                 let n = seg.min(r.end - off);
-                segments.push(LogSegment { region_offset: off as u64, bytes: bytes[off..off + n].to_vec() });
+                segments.push(LogSegment {
+                    region_offset: off as u64,
+                    bytes: bytes[off..off + n].to_vec(),
+                });
                 off += n;
                 if segments.len() == 4 {
-                    batches.push(LogRecords { epoch, first_seq: 0, last_seq: c.last_seq, segments: std::mem::take(&mut segments) });
+                    batches.push(LogRecords {
+                        epoch,
+                        first_seq: 0,
+                        last_seq: c.last_seq,
+                        segments: std::mem::take(&mut segments),
+                    });
                 }
             }
         }
         if !segments.is_empty() {
-            batches.push(LogRecords { epoch, first_seq: 0, last_seq: c.last_seq, segments });
+            batches.push(LogRecords {
+                epoch,
+                first_seq: 0,
+                last_seq: c.last_seq,
+                segments,
+            });
         }
         (c.last_seq, live, batches)
     }
@@ -394,7 +502,12 @@ impl Journal {
     /// With the partner reachable and its mirror out of date, copy the log to it now rather
     /// than at the next write: the pair reports "mirrored" as soon as it is true.
     pub fn ensure_mirrored(&self) -> Result<(), JournalError> {
-        let up = self.mirror.read().unwrap().as_ref().is_some_and(|l| l.is_up());
+        let up = self
+            .mirror
+            .read()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|l| l.is_up());
         if up && self.inner.lock().unwrap().mirror_needs_resync {
             self.commit_until(0, true)?;
         }
@@ -424,20 +537,36 @@ impl Journal {
                 let segs: Vec<LogSegment> = c
                     .ranges
                     .iter()
-                    .map(|r| LogSegment { region_offset: r.start as u64, bytes: g.region.bytes()[r.clone()].to_vec() })
+                    .map(|r| LogSegment {
+                        region_offset: r.start as u64,
+                        bytes: g.region.bytes()[r.clone()].to_vec(),
+                    })
                     .collect();
                 let batches = segs
                     .chunks(MAX_SEGMENTS)
-                    .map(|s| LogRecords { epoch: g.app.header().epoch, first_seq: c.first_seq, last_seq: c.last_seq, segments: s.to_vec() })
+                    .map(|s| LogRecords {
+                        epoch: g.app.header().epoch,
+                        first_seq: c.first_seq,
+                        last_seq: c.last_seq,
+                        segments: s.to_vec(),
+                    })
                     .collect();
                 (c.last_seq, c.ranges, batches)
             };
             drop(g);
             // Send to the partner first, make the local copy durable while it does the same,
             // then wait for its acknowledgement: the cost is the larger of the two, not the sum.
-            let sent = link.as_ref().is_some_and(|l| batches.into_iter().all(|b| l.send_records(b)));
+            let sent = link
+                .as_ref()
+                .is_some_and(|l| batches.into_iter().all(|b| l.send_records(b)));
             // SAFETY: the region lives in `inner`, which lives as long as `self`.
-            let persisted = unsafe { self.persister.persist(&ranges) };
+            let persisted = unsafe {
+                if self.cfg.flush_every_commit {
+                    self.persister.persist(&ranges)
+                } else {
+                    self.persister.write_back(&ranges)
+                }
+            };
             let mirrored = match (&link, &persisted) {
                 (Some(l), Ok(())) => sent && l.wait_ack(epoch, c_last, MIRROR_ACK_TIMEOUT),
                 _ => false,
@@ -459,18 +588,25 @@ impl Journal {
                 } else {
                     g.mirror_needs_resync = true;
                     self.set_not_mirrored("partner did not acknowledge the mirror in time");
-                    self.stats.local_only_commits.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .local_only_commits
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             } else {
                 if self.mirror.read().unwrap().is_some() {
                     g.mirror_needs_resync = true;
                     self.set_not_mirrored("interconnect down");
                 }
-                self.stats.local_only_commits.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .local_only_commits
+                    .fetch_add(1, Ordering::Relaxed);
             }
             let local_only = self.mirror.read().unwrap().is_some() && !mirrored;
             let hook_set = self.unmirrored_hook.read().unwrap().is_some();
-            if hook_set && local_only != self.unmirrored_flag.load(Ordering::Acquire) && (local_only || c_last > 0) {
+            if hook_set
+                && local_only != self.unmirrored_flag.load(Ordering::Acquire)
+                && (local_only || c_last > 0)
+            {
                 // Record the change before acknowledging (setting) or after catching up
                 // (clearing). Outside the lock: it is a disk write.
                 drop(g);
@@ -479,7 +615,10 @@ impl Journal {
                 match r {
                     Ok(()) => {
                         self.unmirrored_flag.store(local_only, Ordering::Release);
-                        tracing::warn!(unmirrored = local_only, "recorded in the mailbox whether writes are acknowledged unmirrored");
+                        tracing::warn!(
+                            unmirrored = local_only,
+                            "recorded in the mailbox whether writes are acknowledged unmirrored"
+                        );
                     }
                     Err(e) if local_only => {
                         // Durable here, but not acknowledged: the client sees an error rather
@@ -490,18 +629,26 @@ impl Journal {
                             "partner unreachable and the mailbox cannot record that writes are unmirrored: {e}"
                         )));
                     }
-                    Err(e) => tracing::warn!(error = %e, "could not clear the unmirrored flag; will retry"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not clear the unmirrored flag; will retry")
+                    }
                 }
             }
-            g.app.mark_acked(c_last).map_err(|e| JournalError::Log(e.to_string()))?;
+            g.app
+                .mark_acked(c_last)
+                .map_err(|e| JournalError::Log(e.to_string()))?;
             g.durable = g.durable.max(c_last);
+            if self.cfg.flush_every_commit {
+                self.flushed.fetch_max(c_last, Ordering::AcqRel);
+            }
             self.stats.group_commits.fetch_add(1, Ordering::Relaxed);
             self.progress.notify_all();
         }
     }
 
-    /// Append a write to the log and wait until it may be acknowledged.
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), JournalError> {
+    /// Append a write to the log and wait until it may be acknowledged: written to the
+    /// NVRAM (and mirrored, with a partner), and with `fua` through the device's cache too.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), JournalError> {
         self.agg.check(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
@@ -520,19 +667,35 @@ impl Journal {
                             waited = true;
                         }
                         self.kick_cp();
-                        g = self.progress.wait_timeout(g, Duration::from_millis(100)).unwrap().0;
+                        g = self
+                            .progress
+                            .wait_timeout(g, Duration::from_millis(100))
+                            .unwrap()
+                            .0;
                     }
                     Err(e) => return Err(JournalError::Log(e.to_string())),
                 }
             };
             self.cache.write().unwrap().insert(seq, offset, shared);
-            if g.app.free_bytes() * 100 < (100 - self.cfg.cp_fill_percent as usize) * self.region_bytes {
+            if g.app.free_bytes() * 100
+                < (100 - self.cfg.cp_fill_percent as usize) * self.region_bytes
+            {
                 self.kick_cp();
             }
             seq
         };
         self.stats.appended.fetch_add(1, Ordering::Relaxed);
-        self.wait_durable(seq)
+        self.wait_durable(seq)?;
+        if fua {
+            self.flush_log(seq)?;
+        }
+        Ok(())
+    }
+
+    /// NBD FLUSH: every write acknowledged so far survives a power loss once this returns.
+    pub fn flush(&self) -> Result<(), JournalError> {
+        let durable = self.inner.lock().unwrap().durable;
+        self.flush_log(durable)
     }
 
     /// Read, seeing acknowledged writes still only in the log.
@@ -575,13 +738,19 @@ impl Journal {
         let (slot, segment) = {
             let mut g = self.inner.lock().unwrap();
             let inner = &mut *g;
-            let slot = inner.app.trim(inner.region.bytes_mut(), upto).map_err(|e| JournalError::Log(e.to_string()))?;
-            let segment = slot.clone().map(|r| LogSegment { region_offset: r.start as u64, bytes: inner.region.bytes()[r].to_vec() });
+            let slot = inner
+                .app
+                .trim(inner.region.bytes_mut(), upto)
+                .map_err(|e| JournalError::Log(e.to_string()))?;
+            let segment = slot.clone().map(|r| LogSegment {
+                region_offset: r.start as u64,
+                bytes: inner.region.bytes()[r].to_vec(),
+            });
             (slot, segment)
         };
         if let Some(r) = &slot {
             // SAFETY: the region lives as long as `self`.
-            unsafe { self.persister.persist(std::slice::from_ref(r))? };
+            unsafe { self.persister.write_back(std::slice::from_ref(r))? };
         }
         // The mirror must hold the new trim slot before the space is reused, or a takeover
         // would scan the mirror from a head that newer records have overwritten.
@@ -590,8 +759,12 @@ impl Journal {
             if link.is_up() && !g.mirror_needs_resync {
                 let last = g.durable;
                 let epoch = g.app.header().epoch;
-                let ok = link.send_records(LogRecords { epoch, first_seq: last, last_seq: last, segments: vec![seg] })
-                    && link.wait_ack(epoch, last, MIRROR_ACK_TIMEOUT);
+                let ok = link.send_records(LogRecords {
+                    epoch,
+                    first_seq: last,
+                    last_seq: last,
+                    segments: vec![seg],
+                }) && link.wait_ack(epoch, last, MIRROR_ACK_TIMEOUT);
                 if !ok {
                     g.mirror_needs_resync = true;
                     self.set_not_mirrored("partner did not acknowledge a trim");
@@ -613,7 +786,13 @@ impl Journal {
         }
         self.stats.cps.fetch_add(1, Ordering::Relaxed);
         self.stats.cp_bytes.fetch_add(bytes, Ordering::Relaxed);
-        tracing::debug!(up_to_seq = upto, bytes, runs = runs.len(), ms = t0.elapsed().as_millis() as u64, "consistency point");
+        tracing::debug!(
+            up_to_seq = upto,
+            bytes,
+            runs = runs.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "consistency point"
+        );
         Ok(upto)
     }
 
@@ -690,9 +869,8 @@ impl Backend for Journal {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         Journal::read(self, offset, buf).map_err(Into::into)
     }
-    fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), BackendError> {
-        // Acknowledged means durable in NVRAM: FUA holds by construction.
-        Journal::write(self, offset, data).map_err(Into::into)
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        Journal::write(self, offset, data, fua).map_err(Into::into)
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.agg.check(offset, len).map_err(BackendError::from)?;
@@ -710,12 +888,13 @@ impl Backend for Journal {
         self.agg.check(offset, len).map_err(BackendError::from)
     }
     fn flush(&self) -> Result<(), BackendError> {
-        // Every acknowledged write is durable in NVRAM already.
-        Ok(())
+        Journal::flush(self).map_err(Into::into)
     }
 }
 
-/// The partner's log as this node keeps it: a byte copy, made durable before it is acknowledged.
+/// The partner's log as this node keeps it: a byte copy, written back to the device before it is
+/// acknowledged (no device cache flush: a client's FLUSH flushes the partner's own copy, and the
+/// mirror matters while this node lives).
 pub struct MirrorRegion {
     region: Mutex<NvramRegion>,
 }
@@ -723,7 +902,9 @@ pub struct MirrorRegion {
 impl MirrorRegion {
     /// Wrap the mirror region.
     pub fn new(region: NvramRegion) -> MirrorRegion {
-        MirrorRegion { region: Mutex::new(region) }
+        MirrorRegion {
+            region: Mutex::new(region),
+        }
     }
 
     /// Apply a batch from the partner; returns the seq to acknowledge. A segment outside the
@@ -731,7 +912,11 @@ impl MirrorRegion {
     pub fn apply(&self, recs: &LogRecords) -> Result<u64, JournalError> {
         let mut r = self.region.lock().unwrap();
         let len = r.len() as u64;
-        if let Some(bad) = recs.segments.iter().find(|s| s.region_offset.checked_add(s.bytes.len() as u64).is_none_or(|e| e > len)) {
+        if let Some(bad) = recs.segments.iter().find(|s| {
+            s.region_offset
+                .checked_add(s.bytes.len() as u64)
+                .is_none_or(|e| e > len)
+        }) {
             return Err(JournalError::Log(format!(
                 "mirror segment at {} of {} bytes is outside the {len}-byte region",
                 bad.region_offset,
@@ -744,7 +929,7 @@ impl MirrorRegion {
             r.bytes_mut()[a..a + s.bytes.len()].copy_from_slice(&s.bytes);
             ranges.push(a..a + s.bytes.len());
         }
-        r.persist(&ranges)?;
+        r.write_back(&ranges)?;
         Ok(recs.last_seq)
     }
 
@@ -806,14 +991,21 @@ mod tests {
             }
             let seq = self.mirror.apply(&records).unwrap();
             let mut a = self.acked.lock().unwrap();
-            *a = if a.0 == records.epoch { (a.0, a.1.max(seq)) } else { (records.epoch, seq) };
+            *a = if a.0 == records.epoch {
+                (a.0, a.1.max(seq))
+            } else {
+                (records.epoch, seq)
+            };
             self.cv.notify_all();
             true
         }
         fn wait_ack(&self, epoch: u64, seq: u64, timeout: Duration) -> bool {
             let a = self.acked.lock().unwrap();
             let ok = |a: &(u64, u64)| a.0 == epoch && a.1 >= seq;
-            let (a, _) = self.cv.wait_timeout_while(a, timeout, |a| !ok(a) && self.is_up()).unwrap();
+            let (a, _) = self
+                .cv
+                .wait_timeout_while(a, timeout, |a| !ok(a) && self.is_up())
+                .unwrap();
             ok(&a)
         }
     }
@@ -825,11 +1017,17 @@ mod tests {
     }
 
     fn pattern(len: usize, seed: u64) -> Vec<u8> {
-        (0..len).map(|i| (i as u64 * 131 + seed * 7919) as u8).collect()
+        (0..len)
+            .map(|i| (i as u64 * 131 + seed * 7919) as u8)
+            .collect()
     }
 
     fn slow_cp() -> JournalConfig {
-        JournalConfig { cp_fill_percent: 90, cp_interval: Duration::from_secs(3600) }
+        JournalConfig {
+            cp_fill_percent: 90,
+            cp_interval: Duration::from_secs(3600),
+            flush_every_commit: false,
+        }
     }
 
     #[test]
@@ -840,7 +1038,7 @@ mod tests {
         let (j, s) = Journal::open(agg.clone(), region(dir.path(), "l"), slow_cp()).unwrap();
         assert!(s.fresh);
         let d = pattern(3 * 4096, 1);
-        j.write(8192, &d).unwrap();
+        j.write(8192, &d, false).unwrap();
         let mut b = IoBuf::new(3 * 4096);
         j.read(8192, &mut b).unwrap();
         assert!(b[..] == d[..], "read through the journal sees the log");
@@ -856,6 +1054,87 @@ mod tests {
         assert_eq!(j.mirror_state(), MirrorState::NoPartner);
     }
 
+    /// The log's file as the device holds it (O_DIRECT: past the page cache).
+    fn log_on_device(dir: &Path, name: &str) -> Vec<u8> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.join(name))
+            .unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        let mut b = IoBuf::new(len);
+        f.read_exact(&mut b[..]).unwrap();
+        b.to_vec()
+    }
+
+    #[test]
+    fn writes_reach_the_log_device_before_the_ack_and_flush_or_fua_flush_its_cache() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(4, 4096, 16);
+        let (j, _) = Journal::open(Arc::new(agg), region(dir.path(), "l"), slow_cp()).unwrap();
+        assert!(
+            j.persistence()
+                .ends_with("direct I/O, device cache flushed on client FLUSH/FUA"),
+            "{}",
+            j.persistence()
+        );
+        let d = pattern(4096, 42);
+        let find = |hay: &[u8]| hay.windows(d.len()).any(|w| w == &d[..]);
+        assert!(!find(&log_on_device(dir.path(), "l")));
+        j.write(0, &d, false).unwrap();
+        assert!(
+            find(&log_on_device(dir.path(), "l")),
+            "acknowledged means on the log's device"
+        );
+        assert_eq!(
+            j.stats.device_flushes.load(Ordering::Relaxed),
+            0,
+            "no cache flush without FLUSH or FUA"
+        );
+        Backend::flush(&*j).unwrap();
+        assert_eq!(j.stats.device_flushes.load(Ordering::Relaxed), 1);
+        Backend::flush(&*j).unwrap();
+        assert_eq!(
+            j.stats.device_flushes.load(Ordering::Relaxed),
+            1,
+            "nothing new to flush"
+        );
+        j.write(4096, &pattern(4096, 43), true).unwrap();
+        assert_eq!(
+            j.stats.device_flushes.load(Ordering::Relaxed),
+            2,
+            "FUA flushes"
+        );
+        j.write(8192, &pattern(4096, 44), false).unwrap();
+        Backend::flush(&*j).unwrap();
+        assert_eq!(j.stats.device_flushes.load(Ordering::Relaxed), 3);
+        drop(j);
+
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(4, 4096, 16);
+        let cfg = JournalConfig {
+            flush_every_commit: true,
+            ..slow_cp()
+        };
+        let (j, _) = Journal::open(Arc::new(agg), region(dir.path(), "l"), cfg).unwrap();
+        assert!(
+            j.persistence()
+                .ends_with("device cache flushed every commit"),
+            "{}",
+            j.persistence()
+        );
+        j.write(0, &d, true).unwrap();
+        Backend::flush(&*j).unwrap();
+        assert_eq!(
+            j.stats.device_flushes.load(Ordering::Relaxed),
+            0,
+            "every commit was flushed already"
+        );
+        assert!(find(&log_on_device(dir.path(), "l")));
+    }
+
     #[test]
     fn concurrent_writers_share_group_commits_and_a_full_log_waits_for_cps() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -863,7 +1142,16 @@ mod tests {
         let agg = Arc::new(agg);
         // A small log: 64 KiB writes fill it many times over.
         let r = NvramRegion::open(&dir.path().join("small"), 1 << 20).unwrap();
-        let (j, _) = Journal::open(agg.clone(), r, JournalConfig { cp_fill_percent: 50, cp_interval: Duration::from_millis(50) }).unwrap();
+        let (j, _) = Journal::open(
+            agg.clone(),
+            r,
+            JournalConfig {
+                cp_fill_percent: 50,
+                cp_interval: Duration::from_millis(50),
+                flush_every_commit: false,
+            },
+        )
+        .unwrap();
         let size = agg.geometry().size_bytes();
         std::thread::scope(|s| {
             for t in 0..8u64 {
@@ -872,7 +1160,7 @@ mod tests {
                     let region = size / 8;
                     for i in 0..40u64 {
                         let off = t * region + (i * 65536) % (region - 65536);
-                        j.write(off, &pattern(65536, t * 1000 + i)).unwrap();
+                        j.write(off, &pattern(65536, t * 1000 + i), false).unwrap();
                     }
                 });
             }
@@ -880,8 +1168,14 @@ mod tests {
         let appended = j.stats.appended.load(Ordering::Relaxed);
         let commits = j.stats.group_commits.load(Ordering::Relaxed);
         assert_eq!(appended, 320);
-        assert!(commits < appended, "group commit: {commits} commits for {appended} writes");
-        assert!(j.stats.cps.load(Ordering::Relaxed) > 1, "the log filled and CPs freed it");
+        assert!(
+            commits < appended,
+            "group commit: {commits} commits for {appended} writes"
+        );
+        assert!(
+            j.stats.cps.load(Ordering::Relaxed) > 1,
+            "the log filled and CPs freed it"
+        );
         // Every thread's last write to each offset reads back.
         for t in 0..8u64 {
             let region = size / 8;
@@ -903,9 +1197,23 @@ mod tests {
         use crate::daemon::aggregate::tests::MemEngine;
         use crate::daemon::aggregate::EngineFactory;
         let d = disks.clone();
-        let factory: EngineFactory = Arc::new(move || Ok(Box::new(MemEngine(d.clone())) as Box<dyn crate::io::engine::Engine>));
-        let paths = (0..disks.data.lock().unwrap().len()).map(|i| format!("mem{i}")).collect();
-        Arc::new(Aggregate::assemble(paths, factory, crate::io::buf::BufArena::new(4 << 20), 4096, 1 << 20).unwrap().0)
+        let factory: EngineFactory = Arc::new(move || {
+            Ok(Box::new(MemEngine(d.clone())) as Box<dyn crate::io::engine::Engine>)
+        });
+        let paths = (0..disks.data.lock().unwrap().len())
+            .map(|i| format!("mem{i}"))
+            .collect();
+        Arc::new(
+            Aggregate::assemble(
+                paths,
+                factory,
+                crate::io::buf::BufArena::new(4 << 20),
+                4096,
+                1 << 20,
+            )
+            .unwrap()
+            .0,
+        )
     }
 
     #[test]
@@ -919,7 +1227,7 @@ mod tests {
             for i in 0..30u64 {
                 let off = (i * 7 % 40) * 4096;
                 let d = pattern(4096 * (1 + i as usize % 3), i);
-                j.write(off, &d).unwrap();
+                j.write(off, &d, false).unwrap();
                 model[off as usize..off as usize + d.len()].copy_from_slice(&d);
             }
             // Crash: no CP, no close. The journal and aggregate are simply dropped.
@@ -938,7 +1246,10 @@ mod tests {
         assert_eq!(s.discarded_torn + s.discarded_unacked, 0);
         let mut all = IoBuf::new(model.len());
         agg.read(0, &mut all).unwrap();
-        assert!(all[..] == model[..], "replay put every acknowledged write on the members");
+        assert!(
+            all[..] == model[..],
+            "replay put every acknowledged write on the members"
+        );
         assert_parity(&disks, 3, 4096 * 16);
         // The new log starts empty: a second reopen replays nothing.
         drop(j);
@@ -959,7 +1270,7 @@ mod tests {
         let mut write = |i: u64| {
             let off = (i * 13 % 100) * 4096;
             let d = pattern(8192, i);
-            j.write(off, &d).unwrap();
+            j.write(off, &d, false).unwrap();
             model[off as usize..off as usize + 8192].copy_from_slice(&d);
         };
         for i in 0..20 {
@@ -971,7 +1282,11 @@ mod tests {
         for i in 20..30 {
             write(i);
         }
-        assert!(matches!(j.mirror_state(), MirrorState::NotMirrored { .. }), "{:?}", j.mirror_state());
+        assert!(
+            matches!(j.mirror_state(), MirrorState::NotMirrored { .. }),
+            "{:?}",
+            j.mirror_state()
+        );
         // It comes back: the next commit resynchronises the whole log first.
         link.up.store(true, Ordering::Release);
         for i in 30..40 {
@@ -986,10 +1301,16 @@ mod tests {
         // it stands on the members (the CP put 0..40 there), and must see everything.
         let snap = link.mirror.snapshot();
         let s = replay_region(&agg, &snap).unwrap();
-        assert_eq!(s.replayed_records, 10, "only what the mirror holds past the last trim");
+        assert_eq!(
+            s.replayed_records, 10,
+            "only what the mirror holds past the last trim"
+        );
         let mut all = IoBuf::new(model.len());
         agg.read(0, &mut all).unwrap();
-        assert!(all[..] == model[..], "the mirror held every acknowledged write");
+        assert!(
+            all[..] == model[..],
+            "the mirror held every acknowledged write"
+        );
     }
     #[test]
     fn no_unmirrored_ack_before_the_mailbox_says_so() {
@@ -1005,23 +1326,37 @@ mod tests {
             let (calls, fail) = (calls.clone(), fail.clone());
             j.set_unmirrored_hook(Some(Box::new(move |on| {
                 calls.lock().unwrap().push(on);
-                if fail.load(Ordering::Acquire) { Err("mailbox unwritable".into()) } else { Ok(()) }
+                if fail.load(Ordering::Acquire) {
+                    Err("mailbox unwritable".into())
+                } else {
+                    Ok(())
+                }
             })));
         }
-        j.write(0, &pattern(4096, 1)).unwrap();
-        assert!(calls.lock().unwrap().is_empty(), "mirrored: nothing to record");
+        j.write(0, &pattern(4096, 1), false).unwrap();
+        assert!(
+            calls.lock().unwrap().is_empty(),
+            "mirrored: nothing to record"
+        );
         // The partner goes away and the mailbox cannot record it: the write is refused.
         link.up.store(false, Ordering::Release);
         fail.store(true, Ordering::Release);
-        assert!(j.write(4096, &pattern(4096, 2)).is_err(), "no unmirrored acknowledgement without the mailbox flag");
+        assert!(
+            j.write(4096, &pattern(4096, 2), false).is_err(),
+            "no unmirrored acknowledgement without the mailbox flag"
+        );
         // With the mailbox writable, the flag is recorded first, then writes go on.
         fail.store(false, Ordering::Release);
-        j.write(8192, &pattern(4096, 3)).unwrap();
-        j.write(12288, &pattern(4096, 4)).unwrap();
-        assert_eq!(*calls.lock().unwrap(), vec![true, true], "one failed and one successful recording, not one per write");
+        j.write(8192, &pattern(4096, 3), false).unwrap();
+        j.write(12288, &pattern(4096, 4), false).unwrap();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            vec![true, true],
+            "one failed and one successful recording, not one per write"
+        );
         // Back, resynchronised: the flag is cleared.
         link.up.store(true, Ordering::Release);
-        j.write(16384, &pattern(4096, 5)).unwrap();
+        j.write(16384, &pattern(4096, 5), false).unwrap();
         assert_eq!(j.mirror_state(), MirrorState::Mirrored);
         assert_eq!(calls.lock().unwrap().last(), Some(&false));
     }
@@ -1035,10 +1370,11 @@ mod tests {
         let agg = Arc::new(agg);
         let link = LocalLink::new(dir.path());
         {
-            let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+            let (j, _) =
+                Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
             j.set_mirror(Some(link.clone()));
             for i in 0..20 {
-                j.write(i as u64 * 4096, &pattern(4096, i)).unwrap();
+                j.write(i as u64 * 4096, &pattern(4096, i), false).unwrap();
             }
             assert_eq!(j.mirror_state(), MirrorState::Mirrored);
             j.close().unwrap();
@@ -1047,11 +1383,10 @@ mod tests {
         link.blackhole.store(true, Ordering::Release);
         let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
         j.set_mirror(Some(link.clone()));
-        j.write(0, &pattern(4096, 99)).unwrap();
+        j.write(0, &pattern(4096, 99), false).unwrap();
         assert!(
             matches!(j.mirror_state(), MirrorState::NotMirrored { .. }),
             "seq 1 of the new log was taken as mirrored on the strength of the old log's acks"
         );
     }
-
 }

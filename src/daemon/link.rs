@@ -4,7 +4,9 @@
 //! Node 0 of the pair dials, node 1 accepts (so there is never a race of two sessions). A
 //! session that hears nothing for `timeout` is dropped, and node 0 dials again.
 
-use crate::core::interconnect::{Decoded, Hello, LogRecords, Message, Session, StateSummary, NONCE_BYTES};
+use crate::core::interconnect::{
+    Decoded, Hello, LogRecords, Message, Session, StateSummary, NONCE_BYTES,
+};
 use crate::core::ratelimit::RateLimiter;
 use crate::daemon::journal::MirrorLink;
 use std::io::{self, Read, Write};
@@ -93,14 +95,23 @@ fn nonce() -> [u8; NONCE_BYTES] {
 impl Link {
     /// Start the link's threads. Node 1 binds its listener before this returns.
     pub fn start(cfg: LinkConfig, handler: Arc<dyn LinkHandler>) -> io::Result<Link> {
-        Session::new(&cfg.key, nonce()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        Session::new(&cfg.key, nonce())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let listener = match (cfg.node_id, cfg.listen) {
             (1, Some(a)) => Some(TcpListener::bind(a)?),
-            (1, None) => return Err(io::Error::new(io::ErrorKind::InvalidInput, "node 1 needs an interconnect listen address")),
+            (1, None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "node 1 needs an interconnect listen address",
+                ))
+            }
             _ => None,
         };
         if cfg.node_id == 0 && cfg.peers.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "node 0 needs the partner's interconnect addresses"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "node 0 needs the partner's interconnect addresses",
+            ));
         }
         let shared = Arc::new(Shared {
             cfg,
@@ -119,12 +130,16 @@ impl Link {
             frames_rejected: AtomicU64::new(0),
         });
         let s = shared.clone();
-        std::thread::Builder::new().name("hapair-link".into()).spawn(move || match listener {
-            Some(l) => accept_loop(s, l),
-            None => dial_loop(s),
-        })?;
+        std::thread::Builder::new()
+            .name("hapair-link".into())
+            .spawn(move || match listener {
+                Some(l) => accept_loop(s, l),
+                None => dial_loop(s),
+            })?;
         let s = shared.clone();
-        std::thread::Builder::new().name("hapair-heartbeat".into()).spawn(move || heartbeat_loop(s))?;
+        std::thread::Builder::new()
+            .name("hapair-heartbeat".into())
+            .spawn(move || heartbeat_loop(s))?;
         Ok(Link { shared })
     }
 
@@ -231,20 +246,37 @@ impl Shared {
         // Writes may wait behind a large mirror batch the partner is still making durable: give
         // them longer than the silence timeout, which the reader enforces.
         stream.set_write_timeout(Some((self.cfg.timeout * 5).max(Duration::from_secs(5))))?;
-        let mut session = Session::new(&self.cfg.key, nonce()).map_err(|e| io::Error::other(e.to_string()))?;
-        let hello = Hello { node_id: self.cfg.node_id, software_version: self.cfg.software_version, capabilities: 0, nonce: session.local_nonce() };
-        let frame = session.encode(&Message::Hello(hello)).map_err(|e| io::Error::other(e.to_string()))?;
+        let mut session =
+            Session::new(&self.cfg.key, nonce()).map_err(|e| io::Error::other(e.to_string()))?;
+        let hello = Hello {
+            node_id: self.cfg.node_id,
+            software_version: self.cfg.software_version,
+            capabilities: 0,
+            nonce: session.local_nonce(),
+        };
+        let frame = session
+            .encode(&Message::Hello(hello))
+            .map_err(|e| io::Error::other(e.to_string()))?;
         stream.write_all(&frame)?;
         let mut buf = Vec::new();
         let (peer, rest) = loop {
             match session.decode(&buf) {
-                Ok(Decoded::Frame { message: Message::Hello(h), consumed, .. }) => break (h, buf[consumed..].to_vec()),
-                Ok(Decoded::Frame { .. }) => return Err(io::Error::other("first frame is not a Hello")),
+                Ok(Decoded::Frame {
+                    message: Message::Hello(h),
+                    consumed,
+                    ..
+                }) => break (h, buf[consumed..].to_vec()),
+                Ok(Decoded::Frame { .. }) => {
+                    return Err(io::Error::other("first frame is not a Hello"))
+                }
                 Ok(Decoded::NeedMore { .. }) => {
                     let mut chunk = [0u8; 4096];
                     let n = stream.read(&mut chunk)?;
                     if n == 0 {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during Hello"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "closed during Hello",
+                        ));
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
@@ -255,7 +287,10 @@ impl Shared {
             }
         };
         if peer.node_id == self.cfg.node_id {
-            return Err(io::Error::other(format!("peer claims our own node id {}", peer.node_id)));
+            return Err(io::Error::other(format!(
+                "peer claims our own node id {}",
+                peer.node_id
+            )));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let reader = stream.try_clone()?;
@@ -264,14 +299,24 @@ impl Shared {
             if let Some(old) = g.take() {
                 let _ = old.stream.shutdown(Shutdown::Both);
             }
-            *g = Some(Conn { id, session, stream });
+            *g = Some(Conn {
+                id,
+                session,
+                stream,
+            });
         }
         self.up.store(true, Ordering::Release);
         *self.down_since.lock().unwrap() = None;
-        tracing::info!(peer_node = peer.node_id, peer_version = peer.software_version, "interconnect up");
+        tracing::info!(
+            peer_node = peer.node_id,
+            peer_version = peer.software_version,
+            "interconnect up"
+        );
         self.handler.on_up(&peer);
         let s = self.clone();
-        std::thread::Builder::new().name("hapair-link-rx".into()).spawn(move || s.read_loop(id, reader, rest))?;
+        std::thread::Builder::new()
+            .name("hapair-link-rx".into())
+            .spawn(move || s.read_loop(id, reader, rest))?;
         Ok(())
     }
 
@@ -291,7 +336,9 @@ impl Shared {
                     c.session.decode(&buf)
                 };
                 match decoded {
-                    Ok(Decoded::Frame { message, consumed, .. }) => {
+                    Ok(Decoded::Frame {
+                        message, consumed, ..
+                    }) => {
                         buf.drain(..consumed);
                         self.frames_in.fetch_add(1, Ordering::Relaxed);
                         self.dispatch(message);
@@ -310,7 +357,12 @@ impl Shared {
             match stream.read(&mut chunk) {
                 Ok(0) => break "partner closed the connection".to_string(),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     break format!("partner silent for {:?}", self.cfg.timeout);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -324,14 +376,21 @@ impl Shared {
         match msg {
             Message::LogRecords(r) => match self.handler.on_log_records(&r) {
                 Ok(seq) => {
-                    self.send(&Message::LogAck { epoch: r.epoch, up_to_seq: seq });
+                    self.send(&Message::LogAck {
+                        epoch: r.epoch,
+                        up_to_seq: seq,
+                    });
                 }
                 Err(e) => tracing::error!(error = %e, "mirror update refused; not acknowledged"),
             },
             Message::LogAck { epoch, up_to_seq } => {
                 let mut a = self.acked.lock().unwrap();
                 // A new epoch (the partner's log was formatted again) starts counting afresh.
-                *a = if a.0 == epoch { (epoch, a.1.max(up_to_seq)) } else { (epoch, up_to_seq) };
+                *a = if a.0 == epoch {
+                    (epoch, a.1.max(up_to_seq))
+                } else {
+                    (epoch, up_to_seq)
+                };
                 self.acked_cv.notify_all();
             }
             Message::Hello(_) => {
@@ -357,7 +416,9 @@ fn dial_loop(s: Arc<Shared>) {
                         connected = true;
                         break;
                     }
-                    Err(e) => tracing::warn!(peer = %a, error = %e, "interconnect handshake failed"),
+                    Err(e) => {
+                        tracing::warn!(peer = %a, error = %e, "interconnect handshake failed")
+                    }
                 },
                 Err(e) => tracing::debug!(peer = %a, error = %e, "interconnect dial failed"),
             }
@@ -395,7 +456,10 @@ fn heartbeat_loop(s: Arc<Shared>) {
         if s.up.load(Ordering::Acquire) {
             seq += 1;
             let summary = s.handler.summary();
-            s.send(&Message::Heartbeat { seq, state: summary });
+            s.send(&Message::Heartbeat {
+                seq,
+                state: summary,
+            });
         }
     }
 }
@@ -405,7 +469,9 @@ mod tests {
     use super::*;
     use crate::core::nvlog::{scan, Expect};
     use crate::daemon::aggregate::tests::mem_aggregate;
-    use crate::daemon::journal::{replay_region, Journal, JournalConfig, MirrorRegion, MirrorState, LOG_GENERATION};
+    use crate::daemon::journal::{
+        replay_region, Journal, JournalConfig, MirrorRegion, MirrorState, LOG_GENERATION,
+    };
     use crate::io::buf::IoBuf;
     use crate::io::nvram::NvramRegion;
 
@@ -433,7 +499,12 @@ mod tests {
             self.msgs.lock().unwrap().push(m);
         }
         fn summary(&self) -> StateSummary {
-            StateSummary { ha_state: 1, flags: StateSummary::HEALTHY, aggregates_served: 1, log_last_seq: 0 }
+            StateSummary {
+                ha_state: 1,
+                flags: StateSummary::HEALTHY,
+                aggregates_served: 1,
+                log_last_seq: 0,
+            }
         }
     }
 
@@ -459,7 +530,11 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[test]
@@ -469,18 +544,35 @@ mod tests {
         let region = |n: &str| NvramRegion::open(&dir.path().join(n), 2 << 20).unwrap();
         let (agg, _d) = mem_aggregate(4, 4096, 32);
         let agg = Arc::new(agg);
-        let mk_partner = || Arc::new(Partner { mirror: MirrorRegion::new(region("mirror")), msgs: Mutex::new(vec![]), ups: AtomicU64::new(0), downs: AtomicU64::new(0) });
+        let mk_partner = || {
+            Arc::new(Partner {
+                mirror: MirrorRegion::new(region("mirror")),
+                msgs: Mutex::new(vec![]),
+                ups: AtomicU64::new(0),
+                downs: AtomicU64::new(0),
+            })
+        };
         let partner = mk_partner();
         let l1 = Link::start(cfg(1, port, KEY), partner.clone()).unwrap();
         let l0 = Arc::new(Link::start(cfg(0, port, KEY), partner_stub()).unwrap());
-        wait("link up", || l0.is_up() && partner.ups.load(Ordering::Relaxed) == 1);
-        let (j, _) = Journal::open(agg.clone(), region("local"), JournalConfig { cp_interval: Duration::from_secs(3600), ..Default::default() }).unwrap();
+        wait("link up", || {
+            l0.is_up() && partner.ups.load(Ordering::Relaxed) == 1
+        });
+        let (j, _) = Journal::open(
+            agg.clone(),
+            region("local"),
+            JournalConfig {
+                cp_interval: Duration::from_secs(3600),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         j.set_mirror(Some(l0.clone()));
         let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
         let mut write = |i: u64| {
             let off = (i * 17 % 120) * 4096;
             let d: Vec<u8> = (0..8192).map(|k| (k as u64 * 7 + i) as u8).collect();
-            j.write(off, &d).unwrap();
+            j.write(off, &d, false).unwrap();
             model[off as usize..off as usize + d.len()].copy_from_slice(&d);
         };
         for i in 0..30 {
@@ -489,8 +581,23 @@ mod tests {
         assert_eq!(j.mirror_state(), MirrorState::Mirrored);
         // HA messages go through too.
         assert!(l0.send(&Message::Ha(b"hello".to_vec())));
-        wait("HA message", || partner.msgs.lock().unwrap().iter().any(|m| *m == Message::Ha(b"hello".to_vec())));
-        assert!(partner.msgs.lock().unwrap().iter().any(|m| matches!(m, Message::Heartbeat { .. })), "heartbeats arrive");
+        wait("HA message", || {
+            partner
+                .msgs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| *m == Message::Ha(b"hello".to_vec()))
+        });
+        assert!(
+            partner
+                .msgs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| matches!(m, Message::Heartbeat { .. })),
+            "heartbeats arrive"
+        );
         // The partner goes away: writes go on, acknowledged locally, and status says so.
         drop(l1);
         wait("link down", || !l0.is_up());
@@ -499,7 +606,12 @@ mod tests {
         }
         assert!(matches!(j.mirror_state(), MirrorState::NotMirrored { .. }));
         // It comes back (its mirror file kept): the first commit resynchronises.
-        let partner2 = Arc::new(Partner { mirror: MirrorRegion::new(region("mirror")), msgs: Mutex::new(vec![]), ups: AtomicU64::new(0), downs: AtomicU64::new(0) });
+        let partner2 = Arc::new(Partner {
+            mirror: MirrorRegion::new(region("mirror")),
+            msgs: Mutex::new(vec![]),
+            ups: AtomicU64::new(0),
+            downs: AtomicU64::new(0),
+        });
         drop(partner);
         let _l1 = Link::start(cfg(1, port, KEY), partner2.clone()).unwrap();
         wait("link back", || l0.is_up());
@@ -510,7 +622,14 @@ mod tests {
         // The mirror alone gives back every acknowledged write.
         let snap = partner2.mirror.snapshot();
         let uuid = uuid::Uuid::parse_str(&agg.status().uuid).unwrap();
-        scan(&snap, &Expect { aggregate: uuid, generation: LOG_GENERATION }).unwrap();
+        scan(
+            &snap,
+            &Expect {
+                aggregate: uuid,
+                generation: LOG_GENERATION,
+            },
+        )
+        .unwrap();
         replay_region(&agg, &snap).unwrap();
         let mut all = IoBuf::new(model.len());
         agg.read(0, &mut all).unwrap();
@@ -527,7 +646,12 @@ mod tests {
             }
             fn on_message(&self, _: Message) {}
             fn summary(&self) -> StateSummary {
-                StateSummary { ha_state: 1, flags: 0, aggregates_served: 0, log_last_seq: 0 }
+                StateSummary {
+                    ha_state: 1,
+                    flags: 0,
+                    aggregates_served: 0,
+                    log_last_seq: 0,
+                }
             }
         }
         Arc::new(Stub)
@@ -550,11 +674,19 @@ mod tests {
         // 1: garbage. 2: a Hello under the wrong key. 3: a well-formed mirror frame from a
         // session under the wrong key, after a wrong-key Hello.
         let mut forger = Session::new(b"not-the-key-0123456789", nonce()).unwrap();
-        let hello = forger.encode(&Message::Hello(Hello { node_id: 0, software_version: 1, capabilities: 0, nonce: forger.local_nonce() })).unwrap();
+        let hello = forger
+            .encode(&Message::Hello(Hello {
+                node_id: 0,
+                software_version: 1,
+                capabilities: 0,
+                nonce: forger.local_nonce(),
+            }))
+            .unwrap();
         for attempt in [b"GET / HTTP/1.0\r\n\r\n".to_vec(), hello.clone()] {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
             let _ = s.write_all(&attempt);
-            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
             let mut b = [0u8; 256];
             // The server answers with its own Hello at most; then it closes on us.
             let mut total = 0;
@@ -569,9 +701,24 @@ mod tests {
         wait("rejections counted", || l1.status().frames_rejected >= 2);
         // The real session survived every attempt, and no state changed.
         assert!(l0.is_up() && l1.status().up);
-        assert_eq!(partner.ups.load(Ordering::Relaxed), 1, "no forged session was installed");
-        assert_eq!(std::fs::read(dir.path().join("m")).unwrap(), before, "the mirror is untouched");
+        assert_eq!(
+            partner.ups.load(Ordering::Relaxed),
+            1,
+            "no forged session was installed"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("m")).unwrap(),
+            before,
+            "the mirror is untouched"
+        );
         assert!(l0.send(&Message::Ha(b"still here".to_vec())));
-        wait("real message after forgeries", || partner.msgs.lock().unwrap().iter().any(|m| *m == Message::Ha(b"still here".to_vec())));
+        wait("real message after forgeries", || {
+            partner
+                .msgs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| *m == Message::Ha(b"still here".to_vec()))
+        });
     }
 }

@@ -56,7 +56,8 @@ impl MailboxStore for DiskStore {
         self.disks.len()
     }
     fn write_members(&self) -> usize {
-        self.write_first.map_or(self.disks.len(), |n| n.min(self.disks.len()))
+        self.write_first
+            .map_or(self.disks.len(), |n| n.min(self.disks.len()))
     }
     fn write_slot(&self, slot: &Slot) -> (usize, Vec<String>) {
         let n = self.write_members();
@@ -347,7 +348,11 @@ impl Inner {
     /// Writes the slot for `d`; returns (written, members, failures).
     fn write(&self, d: &Desired) -> (usize, usize, Vec<String>) {
         let Some(slot) = self.slot(d) else {
-            return (0, self.store.write_members(), vec!["no heartbeat yet".into()]);
+            return (
+                0,
+                self.store.write_members(),
+                vec!["no heartbeat yet".into()],
+            );
         };
         let (written, failed) = {
             let _g = self.write_lock.lock().unwrap();

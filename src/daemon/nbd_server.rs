@@ -141,6 +141,9 @@ pub struct Stats {
     pub errors: u64,
     /// Connections dropped for a protocol violation (bad magic, unknown client flags, ...).
     pub protocol_errors: u64,
+    /// Requests run by the connection's own reader (nothing else of its client in flight)
+    /// instead of by a worker.
+    pub inline: u64,
 }
 
 /// What a drain did.
@@ -169,6 +172,7 @@ struct Counters {
     requests: AtomicU64,
     errors: AtomicU64,
     protocol_errors: AtomicU64,
+    inline: AtomicU64,
 }
 
 /// Payload bytes held by requests in flight over all connections.
@@ -453,6 +457,7 @@ impl NbdServer {
             requests: c.requests.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
+            inline: c.inline.load(Ordering::Relaxed),
         }
     }
 
@@ -1142,6 +1147,16 @@ impl Shared {
                 charge,
                 split_bytes: s.limits.max_bytes as u64,
             };
+            // Nothing else from this client is in flight or waiting in the buffer (a queue
+            // depth of one): run it here and spare two thread handoffs. Otherwise the workers
+            // take it, and this thread goes on reading.
+            // Reads and writes only: a FLUSH or a long zeroing should not hold up the reading.
+            let quick = matches!(job.cmd, Command::Read { .. } | Command::Write { .. });
+            if quick && rd.buffer().is_empty() && conn.inflight.lock().unwrap().requests == 1 {
+                conn.counters.inline.fetch_add(1, Ordering::Relaxed);
+                run_job(job);
+                continue;
+            }
             if sender.send(job).is_err() {
                 conn.release(charge);
                 return Ok(());

@@ -4,9 +4,9 @@ use crate::config::Config;
 use crate::daemon::aggregate::Aggregate;
 use crate::daemon::backend::Backend;
 use crate::daemon::journal::{Journal, JournalConfig, JournalError, ReplaySummary};
-use crate::io::nvram::NvramRegion;
 use crate::daemon::nbd_server::{DrainReport, Export, NbdServer, ServerConfig};
 use crate::daemon::setup::{self, SetupError};
+use crate::io::nvram::NvramRegion;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,11 +58,21 @@ pub struct Node {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("aggregate {aggregate}: {source}")]
-    Setup { aggregate: String, source: SetupError },
+    Setup {
+        aggregate: String,
+        source: SetupError,
+    },
     #[error("aggregate {aggregate}: {source}")]
-    Journal { aggregate: String, source: JournalError },
+    Journal {
+        aggregate: String,
+        source: JournalError,
+    },
     #[error("export {export}: cannot listen on {addr}: {source}")]
-    Listen { export: String, addr: String, source: std::io::Error },
+    Listen {
+        export: String,
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 impl Node {
@@ -71,8 +81,10 @@ impl Node {
         let mut aggregates = Vec::new();
         for a in config.aggregate.iter().filter(|a| a.home == config.node) {
             let mut p = progress_printer(format!("parity resync of {}", a.name));
-            let agg = setup::open(a, &config.io, &mut p)
-                .map_err(|source| NodeError::Setup { aggregate: a.name.clone(), source })?;
+            let agg = setup::open(a, &config.io, &mut p).map_err(|source| NodeError::Setup {
+                aggregate: a.name.clone(),
+                source,
+            })?;
             let st = agg.status();
             tracing::info!(
                 aggregate = %st.name, uuid = %st.uuid, size_bytes = st.size_bytes,
@@ -86,9 +98,16 @@ impl Node {
         for agg in &aggregates {
             let a = config.aggregate(agg.name()).expect("configured");
             let Some(path) = &a.nvram else { continue };
-            let je = |source: JournalError| NodeError::Journal { aggregate: a.name.clone(), source };
+            let je = |source: JournalError| NodeError::Journal {
+                aggregate: a.name.clone(),
+                source,
+            };
             let region = NvramRegion::open(path, a.nvram_mib << 20).map_err(|e| je(e.into()))?;
-            let cfg = JournalConfig { cp_interval: Duration::from_millis(a.cp_interval_ms), ..JournalConfig::default() };
+            let cfg = JournalConfig {
+                cp_interval: Duration::from_millis(a.cp_interval_ms),
+                flush_every_commit: a.nvram_flush == crate::config::NvramFlush::EveryCommit,
+                ..JournalConfig::default()
+            };
             let (j, summary) = Journal::open(agg.clone(), region, cfg).map_err(je)?;
             tracing::info!(aggregate = %a.name, nvram = %path.display(), "{}; replay: {summary:?}", j.persistence());
             journals.push((j, summary));
@@ -98,7 +117,10 @@ impl Node {
             let Some(agg) = aggregates.iter().find(|a| a.name() == e.aggregate) else {
                 continue;
             };
-            let backend: Arc<dyn Backend> = match journals.iter().find(|(j, _)| j.aggregate().name() == e.aggregate) {
+            let backend: Arc<dyn Backend> = match journals
+                .iter()
+                .find(|(j, _)| j.aggregate().name() == e.aggregate)
+            {
                 Some((j, _)) => j.clone(),
                 None => agg.clone(),
             };
@@ -120,8 +142,12 @@ impl Node {
                 read_only: false,
             };
             let addr = format!("{:?} {:?}", e.listen, e.unix);
-            let server = NbdServer::start(cfg, vec![export])
-                .map_err(|source| NodeError::Listen { export: e.name.clone(), addr, source })?;
+            let server =
+                NbdServer::start(cfg, vec![export]).map_err(|source| NodeError::Listen {
+                    export: e.name.clone(),
+                    addr,
+                    source,
+                })?;
             let s = Served {
                 export: e.name.clone(),
                 aggregate: e.aggregate.clone(),
@@ -132,7 +158,12 @@ impl Node {
             tracing::info!(export = %s.export, uri = %s.uri(), "serving");
             served.push(s);
         }
-        Ok(Node { config, aggregates, journals, served })
+        Ok(Node {
+            config,
+            aggregates,
+            journals,
+            served,
+        })
     }
 
     /// Graceful stop: drain every export (answer what was read, read nothing new), then flush
@@ -151,14 +182,20 @@ impl Node {
         drop(self.served);
         for (j, _) in &self.journals {
             match j.close() {
-                Ok(seq) => tracing::info!(aggregate = %j.aggregate().name(), up_to_seq = seq, "final consistency point"),
-                Err(e) => tracing::error!(aggregate = %j.aggregate().name(), error = %e, "final consistency point failed: the log will be replayed at next start"),
+                Ok(seq) => {
+                    tracing::info!(aggregate = %j.aggregate().name(), up_to_seq = seq, "final consistency point")
+                }
+                Err(e) => {
+                    tracing::error!(aggregate = %j.aggregate().name(), error = %e, "final consistency point failed: the log will be replayed at next start")
+                }
             }
         }
         for a in &self.aggregates {
             match a.close() {
                 Ok(()) => tracing::info!(aggregate = %a.name(), "closed cleanly"),
-                Err(e) => tracing::error!(aggregate = %a.name(), error = %e, "close failed: it will be resynced at next start"),
+                Err(e) => {
+                    tracing::error!(aggregate = %a.name(), error = %e, "close failed: it will be resynced at next start")
+                }
             }
         }
         reports

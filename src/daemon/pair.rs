@@ -85,37 +85,81 @@ impl PairNode {
     /// The data plane of `config` (which must have a `[pair]` section). Nothing is opened or
     /// served yet: the HA boot steps do that.
     pub fn new(config: Config) -> Result<Arc<PairNode>, String> {
-        let pair = config.pair.clone().ok_or("configuration has no [pair] section")?;
-        let own_cfg = config.aggregate.iter().find(|a| a.home == config.node).cloned().ok_or("no own aggregate")?;
-        let partner_cfg = config.aggregate.iter().find(|a| a.home == pair.partner).cloned().ok_or("no partner aggregate")?;
+        let pair = config
+            .pair
+            .clone()
+            .ok_or("configuration has no [pair] section")?;
+        let own_cfg = config
+            .aggregate
+            .iter()
+            .find(|a| a.home == config.node)
+            .cloned()
+            .ok_or("no own aggregate")?;
+        let partner_cfg = config
+            .aggregate
+            .iter()
+            .find(|a| a.home == pair.partner)
+            .cloned()
+            .ok_or("no partner aggregate")?;
         // Fencing: SCSI-3 PR if every member has it, the mailbox alone if none has, and no
         // start at all for a mix (a fence that covers some disks only is no fence).
-        let members: Vec<std::path::PathBuf> = own_cfg.members().into_iter().chain(partner_cfg.members()).collect();
-        let fence_mode = probe_members(&members, pair.fence_preempt).map_err(|e| format!("fencing: {e}"))?;
+        let members: Vec<std::path::PathBuf> = own_cfg
+            .members()
+            .into_iter()
+            .chain(partner_cfg.members())
+            .collect();
+        let fence_mode =
+            probe_members(&members, pair.fence_preempt).map_err(|e| format!("fencing: {e}"))?;
         tracing::info!(node = %config.node, "fencing: {}", fence_mode.describe());
         let pr = if fence_mode.is_pr() {
             let (own_key, partner_key) = (node_key(&config.node), node_key(&pair.partner));
-            tracing::info!(own_key = format_args!("{own_key:#018x}"), partner_key = format_args!("{partner_key:#018x}"), "reservation keys");
-            let f = PrFencer::open(&own_cfg.members(), &partner_cfg.members(), own_key, partner_key, pair.fence_preempt)
-                .map_err(|e| format!("fencing: {e}"))?;
+            tracing::info!(
+                own_key = format_args!("{own_key:#018x}"),
+                partner_key = format_args!("{partner_key:#018x}"),
+                "reservation keys"
+            );
+            let f = PrFencer::open(
+                &own_cfg.members(),
+                &partner_cfg.members(),
+                own_key,
+                partner_key,
+                pair.fence_preempt,
+            )
+            .map_err(|e| format!("fencing: {e}"))?;
             Some(Arc::new(f))
         } else {
             None
         };
         let mirror_path = partner_cfg.nvram.clone().expect("validated");
-        let mirror = NvramRegion::open(&mirror_path, partner_cfg.nvram_mib << 20).map_err(|e| e.to_string())?;
+        let mirror = NvramRegion::open(&mirror_path, partner_cfg.nvram_mib << 20)
+            .map_err(|e| e.to_string())?;
         tracing::info!(mirror = %mirror_path.display(), "partner log mirror: {}", mirror.persistence());
         let needs_identity = config.export.iter().any(|e| !e.service_addrs.is_empty());
         let identity = if needs_identity {
-            let lo_only = config.export.iter().all(|e| e.service_interface.as_deref().is_none_or(|i| i == "lo"));
+            let lo_only = config
+                .export
+                .iter()
+                .all(|e| e.service_interface.as_deref().is_none_or(|i| i == "lo"));
             let cfg = if lo_only {
                 // Loopback has no neighbours to probe or tell.
-                IdentityConfig { probe_count: 0, announce_count: 0, ipv6_dad: false, ..IdentityConfig::default() }
+                IdentityConfig {
+                    probe_count: 0,
+                    announce_count: 0,
+                    ipv6_dad: false,
+                    ..IdentityConfig::default()
+                }
             } else {
                 // A takeover probes an address it has just fenced the holder of: a short probe
                 // (two ARP probes, 100 ms of listening) catches a misconfiguration without
                 // holding the clients for the ~7 s RFC 5227 allows a host joining a network.
-                IdentityConfig { probe_count: 2, probe_interval_ms: 50, probe_wait_ms: 100, announce_count: 2, announce_interval_ms: 100, ..IdentityConfig::default() }
+                IdentityConfig {
+                    probe_count: 2,
+                    probe_interval_ms: 50,
+                    probe_wait_ms: 100,
+                    announce_count: 2,
+                    announce_interval_ms: 100,
+                    ..IdentityConfig::default()
+                }
             };
             Some(IdentityManager::new(cfg).map_err(|e| format!("netlink: {e}"))?)
         } else {
@@ -152,7 +196,8 @@ impl PairNode {
     /// Start the interconnect.
     pub fn start_link(self: &Arc<Self>, ha: Arc<dyn HaInbound>) -> Result<Arc<Link>, String> {
         *self.ha.lock().unwrap() = Some(ha);
-        let key = std::fs::read(&self.pair.key_file).map_err(|e| format!("{}: {e}", self.pair.key_file.display()))?;
+        let key = std::fs::read(&self.pair.key_file)
+            .map_err(|e| format!("{}: {e}", self.pair.key_file.display()))?;
         let key: Vec<u8> = key.strip_suffix(b"\n").unwrap_or(&key).to_vec();
         let cfg = LinkConfig {
             node_id: self.node_id(),
@@ -163,13 +208,19 @@ impl PairNode {
             timeout: Duration::from_millis(self.pair.interconnect_timeout_ms),
             software_version: 1 << 16,
         };
-        let link = Arc::new(Link::start(cfg, self.clone()).map_err(|e| format!("interconnect: {e}"))?);
+        let link =
+            Arc::new(Link::start(cfg, self.clone()).map_err(|e| format!("interconnect: {e}"))?);
         *self.link.lock().unwrap() = Some(link.clone());
         Ok(link)
     }
 
     fn exports_of(&self, aggregate: &str) -> Vec<ExportConfig> {
-        self.config.export.iter().filter(|e| e.aggregate == aggregate).cloned().collect()
+        self.config
+            .export
+            .iter()
+            .filter(|e| e.aggregate == aggregate)
+            .cloned()
+            .collect()
     }
 
     fn service_addrs(&self, whose: Whose) -> Vec<ServiceAddr> {
@@ -181,7 +232,9 @@ impl PairNode {
             .iter()
             .flat_map(|e| {
                 let ifname = e.service_interface.clone().unwrap_or_default();
-                e.service_addrs.iter().map(move |a| ServiceAddr::new(&ifname, a.parse::<IpPrefix>().expect("validated")))
+                e.service_addrs.iter().map(move |a| {
+                    ServiceAddr::new(&ifname, a.parse::<IpPrefix>().expect("validated"))
+                })
             })
             .collect()
     }
@@ -209,7 +262,11 @@ impl PairNode {
             Ok(()) => tracing::info!(step = ?step, ms, "step done"),
             Err(e) => tracing::error!(step = ?step, ms, error = %e, "step failed"),
         }
-        self.times.lock().unwrap().steps.push((format!("{step:?}"), ms));
+        self.times
+            .lock()
+            .unwrap()
+            .steps
+            .push((format!("{step:?}"), ms));
         r
     }
 
@@ -257,7 +314,8 @@ impl PairNode {
         }
         let cfg = self.agg_cfg(whose);
         let mut p = crate::daemon::node::progress_printer(format!("parity resync of {}", cfg.name));
-        let (agg, dirty) = setup::open_with_state(cfg, &self.config.io, &mut p).map_err(|e| e.to_string())?;
+        let (agg, dirty) =
+            setup::open_with_state(cfg, &self.config.io, &mut p).map_err(|e| e.to_string())?;
         // A write of ours refused with a reservation conflict: the partner fenced us.
         if let Some(h) = self.ha.lock().unwrap().clone() {
             agg.set_on_fenced(Box::new(move |why| {
@@ -293,14 +351,22 @@ impl PairNode {
             // node's NVRAM. Acknowledged writes may be only in the partner's mirror of it.
             self.restore_from_partner(&mut region)?;
         }
-        let cfg = JournalConfig { cp_interval: Duration::from_millis(self.own_cfg.cp_interval_ms), ..JournalConfig::default() };
+        let cfg = JournalConfig {
+            cp_interval: Duration::from_millis(self.own_cfg.cp_interval_ms),
+            flush_every_commit: self.own_cfg.nvram_flush == crate::config::NvramFlush::EveryCommit,
+            ..JournalConfig::default()
+        };
         let (j, summary) = Journal::open(agg, region, cfg).map_err(|e| e.to_string())?;
         tracing::info!(discard, "own log: {summary:?}");
         if let Some(link) = self.link.lock().unwrap().clone() {
             j.set_mirror(Some(link as Arc<dyn MirrorLink>));
         }
         if let Some(mb) = self.mailbox.lock().unwrap().clone() {
-            j.set_unmirrored_hook(Some(Box::new(move |on| mb.set_unmirrored_now(on).map(|_| ()).map_err(|e| e.to_string()))));
+            j.set_unmirrored_hook(Some(Box::new(move |on| {
+                mb.set_unmirrored_now(on)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })));
         }
         side.journal = Some(j);
         Ok(())
@@ -308,14 +374,17 @@ impl PairNode {
 
     /// Fetch the partner's mirror of our log into `region` over the interconnect.
     fn restore_from_partner(&self, region: &mut NvramRegion) -> Result<(), String> {
-        let lost = "local NVRAM log lost (the aggregate was not closed cleanly) and the partner's mirror";
+        let lost =
+            "local NVRAM log lost (the aggregate was not closed cleanly) and the partner's mirror";
         let t0 = Instant::now();
         let link = loop {
             if let Some(l) = self.link.lock().unwrap().clone().filter(|l| l.is_up()) {
                 break l;
             }
             if t0.elapsed() > Duration::from_secs(10) {
-                return Err(format!("{lost} is unreachable: not serving until the partner answers"));
+                return Err(format!(
+                    "{lost} is unreachable: not serving until the partner answers"
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -326,15 +395,23 @@ impl PairNode {
         let g = self.restore.lock().unwrap();
         let (mut g, _) = self
             .restore_cv
-            .wait_timeout_while(g, Duration::from_secs(60), |r| r.as_ref().is_some_and(|(_, done)| !done))
+            .wait_timeout_while(g, Duration::from_secs(60), |r| {
+                r.as_ref().is_some_and(|(_, done)| !done)
+            })
             .unwrap();
         let (bytes, done) = g.take().ok_or("restore state vanished")?;
         if !done {
             return Err(format!("{lost} did not arrive within 60 s"));
         }
         region.bytes_mut().copy_from_slice(&bytes);
-        region.persist(&[0..region.len()]).map_err(|e| e.to_string())?;
-        tracing::warn!(bytes = bytes.len(), ms = t0.elapsed().as_millis() as u64, "NVRAM log restored from the partner's mirror");
+        region
+            .persist(&[0..region.len()])
+            .map_err(|e| e.to_string())?;
+        tracing::warn!(
+            bytes = bytes.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "NVRAM log restored from the partner's mirror"
+        );
         Ok(())
     }
 
@@ -343,27 +420,44 @@ impl PairNode {
         let snap = match self.mirror.lock().unwrap().as_ref() {
             Some(m) => m.snapshot(),
             None => {
-                tracing::error!("partner asked for its log, but we serve its aggregate: nothing sent");
+                tracing::error!(
+                    "partner asked for its log, but we serve its aggregate: nothing sent"
+                );
                 return;
             }
         };
-        let Some(link) = self.link.lock().unwrap().clone() else { return };
+        let Some(link) = self.link.lock().unwrap().clone() else {
+            return;
+        };
         let seg = 1 << 20;
         let segments: Vec<crate::core::interconnect::LogSegment> = snap
             .chunks(seg)
             .enumerate()
-            .map(|(i, c)| crate::core::interconnect::LogSegment { region_offset: (i * seg) as u64, bytes: c.to_vec() })
+            .map(|(i, c)| crate::core::interconnect::LogSegment {
+                region_offset: (i * seg) as u64,
+                bytes: c.to_vec(),
+            })
             .collect();
         // Off the interconnect's reader thread: it must keep reading while we send.
         let total = snap.len() as u64;
         std::thread::spawn(move || {
             for batch in segments.chunks(4) {
-                if !link.send(&Message::MirrorCopy(LogRecords { epoch: 0, first_seq: 0, last_seq: 0, segments: batch.to_vec() })) {
+                if !link.send(&Message::MirrorCopy(LogRecords {
+                    epoch: 0,
+                    first_seq: 0,
+                    last_seq: 0,
+                    segments: batch.to_vec(),
+                })) {
                     return;
                 }
             }
-            link.send(&Message::MirrorCopyDone { region_bytes: total });
-            tracing::warn!(bytes = total, "sent our mirror of the partner's log to the partner (its own was lost)");
+            link.send(&Message::MirrorCopyDone {
+                region_bytes: total,
+            });
+            tracing::warn!(
+                bytes = total,
+                "sent our mirror of the partner's log to the partner (its own was lost)"
+            );
         });
     }
 
@@ -375,9 +469,19 @@ impl PairNode {
             return Ok(());
         }
         let agg = side.aggregate.clone().ok_or("partner aggregate not open")?;
-        let mirror = self.mirror.lock().unwrap().take().ok_or("no mirror region")?;
+        let mirror = self
+            .mirror
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or("no mirror region")?;
         let region = mirror.into_region();
-        let cfg = JournalConfig { cp_interval: Duration::from_millis(self.partner_cfg.cp_interval_ms), ..JournalConfig::default() };
+        let cfg = JournalConfig {
+            cp_interval: Duration::from_millis(self.partner_cfg.cp_interval_ms),
+            flush_every_commit: self.partner_cfg.nvram_flush
+                == crate::config::NvramFlush::EveryCommit,
+            ..JournalConfig::default()
+        };
         match Journal::open(agg, region, cfg) {
             Ok((j, summary)) => {
                 tracing::info!("partner log replayed from the mirror: {summary:?}");
@@ -419,12 +523,22 @@ impl PairNode {
             }
             let export = Export {
                 name: e.name.clone(),
-                description: format!("hapair aggregate {} (home {}, served by {})", cfg.name, cfg.home, self.config.node),
+                description: format!(
+                    "hapair aggregate {} (home {}, served by {})",
+                    cfg.name, cfg.home, self.config.node
+                ),
                 backend: backend.clone(),
                 read_only: false,
             };
-            let server = NbdServer::start(sc, vec![export]).map_err(|err| format!("export {}: {err}", e.name))?;
-            let s = Served { export: e.name.clone(), aggregate: cfg.name.clone(), tcp: server.local_addr(), unix: e.unix.clone(), server };
+            let server = NbdServer::start(sc, vec![export])
+                .map_err(|err| format!("export {}: {err}", e.name))?;
+            let s = Served {
+                export: e.name.clone(),
+                aggregate: cfg.name.clone(),
+                tcp: server.local_addr(),
+                unix: e.unix.clone(),
+                server,
+            };
             tracing::info!(export = %s.export, uri = %s.uri(), "serving");
             side.servers.push(s);
         }
@@ -466,7 +580,8 @@ impl PairNode {
         let mut m = self.mirror.lock().unwrap();
         if m.is_none() {
             let path = self.partner_cfg.nvram.clone().expect("validated");
-            let r = NvramRegion::open(&path, self.partner_cfg.nvram_mib << 20).map_err(|e| e.to_string())?;
+            let r = NvramRegion::open(&path, self.partner_cfg.nvram_mib << 20)
+                .map_err(|e| e.to_string())?;
             *m = Some(MirrorRegion::new(r));
         }
         Ok(())
@@ -555,7 +670,9 @@ impl LinkHandler for PairNode {
     }
     fn on_log_records(&self, records: &LogRecords) -> Result<u64, String> {
         let m = self.mirror.lock().unwrap();
-        let m = m.as_ref().ok_or("not mirroring: the partner's aggregate is served here")?;
+        let m = m
+            .as_ref()
+            .ok_or("not mirroring: the partner's aggregate is served here")?;
         let seq = m.apply(records).map_err(|e| e.to_string())?;
         self.mirror_applied.fetch_add(1, Ordering::Relaxed);
         Ok(seq)
@@ -575,7 +692,10 @@ impl LinkHandler for PairNode {
                         let a = s.region_offset as usize;
                         match a.checked_add(s.bytes.len()).filter(|&e| e <= buf.len()) {
                             Some(e) => buf[a..e].copy_from_slice(&s.bytes),
-                            None => tracing::error!(offset = a, "mirror copy segment outside our log region: ignored"),
+                            None => tracing::error!(
+                                offset = a,
+                                "mirror copy segment outside our log region: ignored"
+                            ),
                         }
                     }
                 }
@@ -586,7 +706,11 @@ impl LinkHandler for PairNode {
                     if region_bytes as usize == buf.len() {
                         *done = true;
                     } else {
-                        tracing::error!(region_bytes, ours = buf.len(), "partner's mirror has another size than our log: not restored");
+                        tracing::error!(
+                            region_bytes,
+                            ours = buf.len(),
+                            "partner's mirror has another size than our log: not restored"
+                        );
                     }
                 }
                 self.restore_cv.notify_all();
@@ -597,7 +721,12 @@ impl LinkHandler for PairNode {
     fn summary(&self) -> StateSummary {
         match self.ha.lock().unwrap().clone() {
             Some(h) => h.summary(),
-            None => StateSummary { ha_state: 0, flags: 0, aggregates_served: 0, log_last_seq: 0 },
+            None => StateSummary {
+                ha_state: 0,
+                flags: 0,
+                aggregates_served: 0,
+                log_last_seq: 0,
+            },
         }
     }
 }
@@ -607,14 +736,16 @@ impl LinkHandler for PairNode {
 // ---------------------------------------------------------------------------------------------
 
 use crate::core::control::{AggregateHome, ExportView, NvramView, PairStatus};
+use crate::core::fence::{node_key, FenceMode};
 use crate::core::takeover::{self, AckMode, Alarm, NodeId, StepError};
 use crate::daemon::control::{ControlOptions, ControlServer, StatusProvider};
-use crate::daemon::ha::{self as ha, HaConfig, HaExecutor, HaHandle, HaLoop, StepDone, StepOutcome};
-use crate::daemon::mailbox::{DiskStore, MailboxConfig, MailboxDriver, MailboxHandle};
-use crate::core::fence::{node_key, FenceMode};
 use crate::daemon::fence::{probe_members, FenceError, PrFencer};
-use crate::io::sg::PrDevice;
+use crate::daemon::ha::{
+    self as ha, HaConfig, HaExecutor, HaHandle, HaLoop, StepDone, StepOutcome,
+};
+use crate::daemon::mailbox::{DiskStore, MailboxConfig, MailboxDriver, MailboxHandle};
 use crate::io::mailbox::MailboxDisks;
+use crate::io::sg::PrDevice;
 use std::sync::mpsc::{sync_channel, SyncSender};
 
 /// Executes the HA loop's actions on the pair node.
@@ -628,8 +759,15 @@ pub struct PairExecutor {
 }
 
 impl PairExecutor {
-    fn fence(node: &PairNode, mailbox: &MailboxHandle, epoch: u64, msgwait: Duration) -> Result<(), StepError> {
-        mailbox.write_please_die_now(true, epoch).map_err(|e| StepError::Failed(format!("please-die not written: {e}")))?;
+    fn fence(
+        node: &PairNode,
+        mailbox: &MailboxHandle,
+        epoch: u64,
+        msgwait: Duration,
+    ) -> Result<(), StepError> {
+        mailbox
+            .write_please_die_now(true, epoch)
+            .map_err(|e| StepError::Failed(format!("please-die not written: {e}")))?;
         if let Some(pr) = &node.pr {
             // The reservation is the fence: once the partner's key is preempted its disks
             // refuse its writes, whatever it does. No waiting for its mailbox.
@@ -638,7 +776,12 @@ impl PairExecutor {
         // A partner whose mailbox has been silent for 1.5 self-fence bounds (msgwait is two)
         // has stopped writing: it fences itself one bound after its last heartbeat write,
         // which came before we saw its counter move. No need to wait again.
-        if node.partner_beat.lock().unwrap().is_some_and(|(_, t)| t.elapsed() >= msgwait * 3 / 4) {
+        if node
+            .partner_beat
+            .lock()
+            .unwrap()
+            .is_some_and(|(_, t)| t.elapsed() >= msgwait * 3 / 4)
+        {
             tracing::info!("partner's mailbox silent for longer than the self-fence wait: fenced");
             return Ok(());
         }
@@ -656,7 +799,10 @@ impl PairExecutor {
                 None => {}
             }
             if t0.elapsed() >= msgwait {
-                tracing::warn!(ms = msgwait.as_millis() as u64, "partner did not confirm in its mailbox: fenced by the self-fence bound");
+                tracing::warn!(
+                    ms = msgwait.as_millis() as u64,
+                    "partner did not confirm in its mailbox: fenced by the self-fence bound"
+                );
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -668,7 +814,9 @@ impl PairExecutor {
 impl HaExecutor for PairExecutor {
     fn send(&mut self, msg: takeover::Message) {
         if self.outbox.try_send(msg).is_err() {
-            tracing::debug!("interconnect outbox full: HA message dropped (the state machine resends)");
+            tracing::debug!(
+                "interconnect outbox full: HA message dropped (the state machine resends)"
+            );
         }
     }
 
@@ -689,18 +837,28 @@ impl HaExecutor for PairExecutor {
                 },
                 // Reservations first (the partner reserves at its RegisterOwn), then the
                 // mailbox: the partner does not resume before please-die is gone.
-                Step::ReleaseFence => match node.pr.as_ref().map_or(Ok(()), |pr| pr.release_fence().map_err(fence_step_error)) {
+                Step::ReleaseFence => match node
+                    .pr
+                    .as_ref()
+                    .map_or(Ok(()), |pr| pr.release_fence().map_err(fence_step_error))
+                {
                     Err(e) => StepOutcome::Failed(e),
                     Ok(()) => match mailbox.write_please_die_now(false, 0) {
                         Ok(_) => StepOutcome::Done,
                         Err(e) => StepOutcome::Failed(StepError::Failed(e.to_string())),
                     },
                 },
-                Step::RegisterOwn => match node.pr.as_ref().map_or(Ok(()), |pr| pr.register_own().map_err(fence_step_error)) {
+                Step::RegisterOwn => match node
+                    .pr
+                    .as_ref()
+                    .map_or(Ok(()), |pr| pr.register_own().map_err(fence_step_error))
+                {
                     Ok(()) => StepOutcome::Done,
                     Err(e) => StepOutcome::Failed(e),
                 },
-                Step::RecheckMailbox | Step::MarkCleanShutdown => mailbox.run_step(step).unwrap_or(StepOutcome::Done),
+                Step::RecheckMailbox | Step::MarkCleanShutdown => {
+                    mailbox.run_step(step).unwrap_or(StepOutcome::Done)
+                }
                 other => {
                     if !done.is_current() {
                         return;
@@ -711,8 +869,19 @@ impl HaExecutor for PairExecutor {
                     }
                 }
             };
-            if matches!(step, Step::Fence | Step::ReleaseFence | Step::RegisterOwn | Step::RecheckMailbox | Step::MarkCleanShutdown) {
-                node.times.lock().unwrap().steps.push((format!("{step:?}"), t0.elapsed().as_millis() as u64));
+            if matches!(
+                step,
+                Step::Fence
+                    | Step::ReleaseFence
+                    | Step::RegisterOwn
+                    | Step::RecheckMailbox
+                    | Step::MarkCleanShutdown
+            ) {
+                node.times
+                    .lock()
+                    .unwrap()
+                    .steps
+                    .push((format!("{step:?}"), t0.elapsed().as_millis() as u64));
             }
             done.finish(outcome);
         });
@@ -753,7 +922,9 @@ impl HaInbound for Inbound {
             Ok(m) => {
                 let _ = self.ha.message(m);
             }
-            Err(e) => tracing::error!(error = %e, "undecodable HA message from an authenticated partner: ignored"),
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable HA message from an authenticated partner: ignored")
+            }
         }
     }
     fn on_link(&self, _up: bool) {}
@@ -761,25 +932,43 @@ impl HaInbound for Inbound {
         let _ = self.ha.fenced_out();
     }
     fn summary(&self) -> StateSummary {
-        StateSummary { ha_state: 0, flags: StateSummary::HEALTHY, aggregates_served: 0, log_last_seq: 0 }
+        StateSummary {
+            ha_state: 0,
+            flags: StateSummary::HEALTHY,
+            aggregates_served: 0,
+            log_last_seq: 0,
+        }
     }
 }
 
 impl StatusProvider for PairNode {
     fn fill(&self, st: &mut PairStatus) {
         let mut exports = Vec::new();
-        for (whose, name) in [(Whose::Own, &self.own_cfg.name), (Whose::Partner, &self.partner_cfg.name)] {
+        for (whose, name) in [
+            (Whose::Own, &self.own_cfg.name),
+            (Whose::Partner, &self.partner_cfg.name),
+        ] {
             let side = self.side(whose).lock().unwrap();
             // Who serves the aggregate, as the HA state machine sees it (the partner's own
             // export is served there, not here).
-            let ha_served_by = st.aggregates.iter().find(|v| &v.name == name).and_then(|v| v.served_by.clone());
+            let ha_served_by = st
+                .aggregates
+                .iter()
+                .find(|v| &v.name == name)
+                .and_then(|v| v.served_by.clone());
             for e in self.exports_of(name) {
                 let served = side.servers.iter().find(|s| s.export == e.name);
                 exports.push(ExportView {
                     name: e.name.clone(),
                     aggregate: name.clone(),
-                    address: e.listen.map(|a| a.to_string()).or_else(|| e.unix.as_ref().map(|u| u.display().to_string())).unwrap_or_default(),
-                    served_by: served.map(|_| self.config.node.clone()).or(ha_served_by.clone()),
+                    address: e
+                        .listen
+                        .map(|a| a.to_string())
+                        .or_else(|| e.unix.as_ref().map(|u| u.display().to_string()))
+                        .unwrap_or_default(),
+                    served_by: served
+                        .map(|_| self.config.node.clone())
+                        .or(ha_served_by.clone()),
                     connections: served.map(|s| s.server.stats().connections_active),
                 });
             }
@@ -788,7 +977,9 @@ impl StatusProvider for PairNode {
                 if let Some(v) = st.aggregates.iter_mut().find(|v| v.name == s.name) {
                     v.state = match (&s.offline, s.failed_member) {
                         (Some(why), _) => format!("offline: {why}"),
-                        (None, Some(m)) => format!("degraded: member {m} ({}) failed", s.members[m]),
+                        (None, Some(m)) => {
+                            format!("degraded: member {m} ({}) failed", s.members[m])
+                        }
                         (None, None) => "online".into(),
                     };
                 }
@@ -802,15 +993,36 @@ impl StatusProvider for PairNode {
             .as_ref()
             .map(|j| j.persistence().trim_start_matches("NVRAM: ").to_string())
             .unwrap_or_else(|| "own log not open".into());
-        let mirror = own.journal.as_ref().map(|j| format!("{:?}", j.mirror_state())).unwrap_or_default();
+        let mirror = own
+            .journal
+            .as_ref()
+            .map(|j| format!("{:?}", j.mirror_state()))
+            .unwrap_or_default();
         st.nvram = Some(NvramView {
             persistence,
             used_bytes: 0,
             capacity_bytes: self.own_cfg.nvram_mib << 20,
-            detail: format!("own log mirror: {mirror}; fencing: {}", self.fence_mode.describe()),
+            detail: format!(
+                "own log mirror: {mirror}; fencing: {}",
+                self.fence_mode.describe()
+            ),
         });
-        st.extra.insert("fencing".into(), serde_json::json!(self.fence_mode.describe()));
-        st.extra.insert("step_times_ms".into(), serde_json::json!(self.times.lock().unwrap().steps.iter().rev().take(40).collect::<Vec<_>>()));
+        st.extra.insert(
+            "fencing".into(),
+            serde_json::json!(self.fence_mode.describe()),
+        );
+        st.extra.insert(
+            "step_times_ms".into(),
+            serde_json::json!(self
+                .times
+                .lock()
+                .unwrap()
+                .steps
+                .iter()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()),
+        );
     }
 }
 
@@ -849,23 +1061,53 @@ impl PairRuntime {
         t.step_retry_ms = 500;
         hc.tick = Duration::from_millis((pair.heartbeat_ms / 4).max(5));
         hc.self_fence_bound_ms = pair.mailbox_timeout_ms / 2;
-        let home_id = |h: &str| if ha::node_id(&node.config.node, &pair.partner) == NodeId::A { if h == node.config.node { NodeId::A } else { NodeId::B } } else if h == node.config.node { NodeId::B } else { NodeId::A };
-        hc.aggregates = node.config.aggregate.iter().map(|a| AggregateHome { name: a.name.clone(), home: home_id(&a.home) }).collect();
+        let home_id = |h: &str| {
+            if ha::node_id(&node.config.node, &pair.partner) == NodeId::A {
+                if h == node.config.node {
+                    NodeId::A
+                } else {
+                    NodeId::B
+                }
+            } else if h == node.config.node {
+                NodeId::B
+            } else {
+                NodeId::A
+            }
+        };
+        hc.aggregates = node
+            .config
+            .aggregate
+            .iter()
+            .map(|a| AggregateHome {
+                name: a.name.clone(),
+                home: home_id(&a.home),
+            })
+            .collect();
         let (handle, inbox) = ha::channel(ha::INPUT_CAPACITY);
         // The mailbox on every shared member.
-        let members: Vec<std::path::PathBuf> = node.own_cfg.members().into_iter().chain(node.partner_cfg.members()).collect();
+        let members: Vec<std::path::PathBuf> = node
+            .own_cfg
+            .members()
+            .into_iter()
+            .chain(node.partner_cfg.members())
+            .collect();
         let disks = MailboxDisks::open(&members).map_err(|e| format!("mailbox: {e}"))?;
         // Under Write Exclusive reservations we may write only the members we hold: our slot
         // goes to our own aggregate's members (listed first), the partner reads it there.
         let write_first = node.pr.as_ref().map(|_| node.own_cfg.members().len());
-        let store = Arc::new(DiskStore { disks, uuids: vec![[0; 16]; members.len()], write_first });
+        let store = Arc::new(DiskStore {
+            disks,
+            uuids: vec![[0; 16]; members.len()],
+            write_first,
+        });
         let mcfg = MailboxConfig {
             node_name: node.config.node.clone(),
             partner_name: pair.partner.clone(),
             interval: Duration::from_millis(pair.heartbeat_ms),
             self_fence_bound_ms: hc.self_fence_bound_ms,
         };
-        let driver = MailboxDriver::spawn(store, mcfg, handle.clone()).map_err(|e| e.to_string())?;
+        let driver =
+            MailboxDriver::spawn(store, mcfg, handle.clone()).map_err(|e| e.to_string())?;
         let mailbox = driver.handle.clone();
         *node.mailbox.lock().unwrap() = Some(mailbox.clone());
         let link = node.start_link(Arc::new(Inbound { ha: handle.clone() }))?;
@@ -873,16 +1115,19 @@ impl PairRuntime {
         let (out_tx, out_rx) = sync_channel::<takeover::Message>(256);
         {
             let link = link.clone();
-            std::thread::Builder::new().name("hapair-ha-out".into()).spawn(move || {
-                for m in out_rx {
-                    match serde_json::to_vec(&m) {
-                        Ok(b) => {
-                            link.send(&Message::Ha(b));
+            std::thread::Builder::new()
+                .name("hapair-ha-out".into())
+                .spawn(move || {
+                    for m in out_rx {
+                        match serde_json::to_vec(&m) {
+                            Ok(b) => {
+                                link.send(&Message::Ha(b));
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot encode HA message"),
                         }
-                        Err(e) => tracing::error!(error = %e, "cannot encode HA message"),
                     }
-                }
-            }).map_err(|e| e.to_string())?;
+                })
+                .map_err(|e| e.to_string())?;
         }
         let mailbox_for_monitor = mailbox.clone();
         let exec = PairExecutor {
@@ -897,13 +1142,19 @@ impl PairRuntime {
             (Some(n), Some(d)) => Some((n, d)),
             _ => None,
         };
-        let loop_thread = HaLoop::spawn(hc, inbox, Box::new(exec), Box::new(mailbox), watchdog).map_err(|e| e.to_string())?;
+        let loop_thread = HaLoop::spawn(hc, inbox, Box::new(exec), Box::new(mailbox), watchdog)
+            .map_err(|e| e.to_string())?;
         // A missing parent directory shows as the bind error below, with the path.
         if let Some(dir) = pair.control_socket.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let control = ControlServer::start(&pair.control_socket, handle.clone(), node.clone(), ControlOptions::default())
-            .map_err(|e| e.to_string())?;
+        let control = ControlServer::start(
+            &pair.control_socket,
+            handle.clone(),
+            node.clone(),
+            ControlOptions::default(),
+        )
+        .map_err(|e| e.to_string())?;
         // Feed health, mirror and disk visibility to the loop.
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         {
@@ -912,27 +1163,50 @@ impl PairRuntime {
             let stop = stop.clone();
             let mb = mailbox_for_monitor;
             let every = Duration::from_millis(pair.heartbeat_ms);
-            std::thread::Builder::new().name("hapair-monitor".into()).spawn(move || {
-                while !stop.load(Ordering::Acquire) && !h.is_closed() {
-                    if let Some(c) = mb.read_view().and_then(|v| v.partner_slot).map(|s| s.counter) {
-                        let mut pb = node.partner_beat.lock().unwrap();
-                        if pb.is_none_or(|(old, _)| old != c) {
-                            *pb = Some((c, Instant::now()));
+            std::thread::Builder::new()
+                .name("hapair-monitor".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) && !h.is_closed() {
+                        if let Some(c) = mb
+                            .read_view()
+                            .and_then(|v| v.partner_slot)
+                            .map(|s| s.counter)
+                        {
+                            let mut pb = node.partner_beat.lock().unwrap();
+                            if pb.is_none_or(|(old, _)| old != c) {
+                                *pb = Some((c, Instant::now()));
+                            }
                         }
+                        let _ = h.own_mirror(node.own_mirrored());
+                        let expected = node.partner_cfg.members().len() as u32;
+                        let visible = node
+                            .partner_cfg
+                            .members()
+                            .iter()
+                            .filter(|p| std::fs::metadata(p).is_ok())
+                            .count() as u32;
+                        let _ = h.partner_disks(visible, expected);
+                        let _ = h.health(true, "");
+                        std::thread::sleep(every);
                     }
-                    let _ = h.own_mirror(node.own_mirrored());
-                    let expected = node.partner_cfg.members().len() as u32;
-                    let visible = node.partner_cfg.members().iter().filter(|p| std::fs::metadata(p).is_ok()).count() as u32;
-                    let _ = h.partner_disks(visible, expected);
-                    let _ = h.health(true, "");
-                    std::thread::sleep(every);
-                }
-            }).map_err(|e| e.to_string())?;
+                })
+                .map_err(|e| e.to_string())?;
         }
         if let Ok(Some(n)) = crate::io::sdnotify::Notifier::from_env() {
-            let _ = n.ready(&format!("node {} in pair with {}", node.config.node, pair.partner));
+            let _ = n.ready(&format!(
+                "node {} in pair with {}",
+                node.config.node, pair.partner
+            ));
         }
-        Ok(PairRuntime { node, ha: handle, control: Some(control), mailbox: Some(driver), link, loop_thread: Some(loop_thread), stop })
+        Ok(PairRuntime {
+            node,
+            ha: handle,
+            control: Some(control),
+            mailbox: Some(driver),
+            link,
+            loop_thread: Some(loop_thread),
+            stop,
+        })
     }
 
     /// Stop the node gracefully where it can: drain what it serves, final CPs, close. (A stop

@@ -55,7 +55,12 @@ pub fn open_members(cfg: &AggregateConfig) -> Result<Vec<MemberFile>, DiskError>
 
 /// Format the aggregate described by `cfg`. Refuses members that are mounted, held, too small,
 /// or already labelled (unless `force`).
-pub fn format(cfg: &AggregateConfig, io: &IoConfig, force: bool, progress: Progress) -> Result<Label, SetupError> {
+pub fn format(
+    cfg: &AggregateConfig,
+    io: &IoConfig,
+    force: bool,
+    progress: Progress,
+) -> Result<Label, SetupError> {
     for p in cfg.members() {
         disk::check_not_in_use(&p)?;
     }
@@ -63,9 +68,17 @@ pub fn format(cfg: &AggregateConfig, io: &IoConfig, force: bool, progress: Progr
     let chunk = cfg.chunk_kib * 1024;
     let need = label::DATA_OFFSET_BYTES + chunk;
     if let Some(m) = members.iter().find(|m| m.size_bytes < need) {
-        return Err(DiskError::TooSmall { path: m.path.clone(), size: m.size_bytes, need }.into());
+        return Err(DiskError::TooSmall {
+            path: m.path.clone(),
+            size: m.size_bytes,
+            need,
+        }
+        .into());
     }
-    let paths: Vec<String> = members.iter().map(|m| m.path.display().to_string()).collect();
+    let paths: Vec<String> = members
+        .iter()
+        .map(|m| m.path.display().to_string())
+        .collect();
     let sizes: Vec<u64> = members.iter().map(|m| m.size_bytes).collect();
     let arena = BufArena::new(16 << 20);
     let files = Arc::new(members.into_iter().map(|m| m.file).collect::<Vec<_>>());
@@ -87,7 +100,10 @@ pub fn format(cfg: &AggregateConfig, io: &IoConfig, force: bool, progress: Progr
             })
             .collect();
         if !found.is_empty() {
-            return Err(SetupError::Labelled { aggregate: cfg.name.clone(), details: found.join("; ") });
+            return Err(SetupError::Labelled {
+                aggregate: cfg.name.clone(),
+                details: found.join("; "),
+            });
         }
     }
     let spec = FormatSpec {
@@ -101,25 +117,44 @@ pub fn format(cfg: &AggregateConfig, io: &IoConfig, force: bool, progress: Progr
 }
 
 /// Assemble the aggregate described by `cfg`; resync parity first if it was not closed cleanly.
-pub fn open(cfg: &AggregateConfig, io: &IoConfig, progress: Progress) -> Result<Aggregate, SetupError> {
+pub fn open(
+    cfg: &AggregateConfig,
+    io: &IoConfig,
+    progress: Progress,
+) -> Result<Aggregate, SetupError> {
     open_with_state(cfg, io, progress).map(|(a, _)| a)
 }
 
 /// [`open`], also saying whether the aggregate had not been closed cleanly.
-pub fn open_with_state(cfg: &AggregateConfig, io: &IoConfig, progress: Progress) -> Result<(Aggregate, bool), SetupError> {
+pub fn open_with_state(
+    cfg: &AggregateConfig,
+    io: &IoConfig,
+    progress: Progress,
+) -> Result<(Aggregate, bool), SetupError> {
     let members = open_members(cfg)?;
     for m in members.iter().filter(|m| !m.direct) {
         tracing::warn!(member = %m.path.display(), "filesystem refuses O_DIRECT: member opened buffered");
     }
-    let align = members.iter().map(|m| m.logical_block_bytes).max().unwrap_or(512);
-    let paths: Vec<String> = members.iter().map(|m| m.path.display().to_string()).collect();
+    let align = members
+        .iter()
+        .map(|m| m.logical_block_bytes)
+        .max()
+        .unwrap_or(512);
+    let paths: Vec<String> = members
+        .iter()
+        .map(|m| m.path.display().to_string())
+        .collect();
     let arena = BufArena::new(io.arena_mib << 20);
     let files = Arc::new(members.into_iter().map(|m| m.file).collect::<Vec<_>>());
     let factory = engine_factory(files, io, arena.clone());
-    let (agg, dirty) = Aggregate::assemble(paths, factory, arena, align, io.max_request_kib * 1024)?;
+    let (agg, dirty) =
+        Aggregate::assemble(paths, factory, arena, align, io.max_request_kib * 1024)?;
     // With an NVRAM log, every stripe written since the last clean point is named by a log
     // record, and replay rewrites it with its parity recomputed: no full resync is needed.
-    let log_covers = cfg.nvram.as_ref().is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
+    let log_covers = cfg
+        .nvram
+        .as_ref()
+        .is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0));
     if dirty && log_covers {
         tracing::info!(aggregate = %cfg.name, "not closed cleanly: the NVRAM log replay repairs the stripes it names");
     } else if dirty {

@@ -30,7 +30,12 @@ impl IoBuf {
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        IoBuf { ptr, len, cap, arena: None }
+        IoBuf {
+            ptr,
+            len,
+            cap,
+            arena: None,
+        }
     }
 
     /// Bytes the buffer can hold without reallocating.
@@ -40,7 +45,11 @@ impl IoBuf {
 
     /// Change the visible length within the capacity (new bytes keep whatever they held).
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.cap, "IoBuf::set_len {len} past capacity {}", self.cap);
+        assert!(
+            len <= self.cap,
+            "IoBuf::set_len {len} past capacity {}",
+            self.cap
+        );
         self.len = len;
     }
 }
@@ -48,7 +57,10 @@ impl IoBuf {
 impl Drop for IoBuf {
     fn drop(&mut self) {
         if let Some((arena, class)) = self.arena.take() {
-            arena.release(class, self.ptr.as_ptr() as usize - arena.base.as_ptr() as usize);
+            arena.release(
+                class,
+                self.ptr.as_ptr() as usize - arena.base.as_ptr() as usize,
+            );
             return;
         }
         let layout = Layout::from_size_align(self.cap, IO_ALIGN).expect("buffer layout");
@@ -116,7 +128,10 @@ impl BufArena {
         Arc::new(BufArena {
             base,
             size,
-            state: Mutex::new(ArenaState { bump: 0, free: Default::default() }),
+            state: Mutex::new(ArenaState {
+                bump: 0,
+                free: Default::default(),
+            }),
         })
     }
 
@@ -145,7 +160,12 @@ impl BufArena {
             if let Some(off) = off {
                 // SAFETY: off + slot <= size, inside the arena's allocation.
                 let ptr = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(off)) };
-                return IoBuf { ptr, len, cap: slot, arena: Some((self.clone(), class)) };
+                return IoBuf {
+                    ptr,
+                    len,
+                    cap: slot,
+                    arena: Some((self.clone(), class)),
+                };
             }
         }
         IoBuf::new(len)

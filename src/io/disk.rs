@@ -43,11 +43,15 @@ pub struct MemberFile {
 /// Open a member read-write with O_DIRECT; a regular file on a filesystem that refuses O_DIRECT
 /// (tmpfs) is opened buffered, and `direct` says so.
 pub fn open_member(path: &Path) -> Result<MemberFile, DiskError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| DiskError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
     let ft = meta.file_type();
     if !ft.is_block_device() && !ft.is_file() {
-        return Err(DiskError::NotADisk { path: path.to_owned() });
+        return Err(DiskError::NotADisk {
+            path: path.to_owned(),
+        });
     }
     let open = |direct: bool| {
         let mut o = OpenOptions::new();
@@ -59,14 +63,26 @@ pub fn open_member(path: &Path) -> Result<MemberFile, DiskError> {
     };
     let (mut file, direct) = match open(true) {
         Ok(f) => (f, true),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && ft.is_file() => {
-            (open(false).map_err(|source| DiskError::Open { path: path.to_owned(), source })?, false)
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && ft.is_file() => (
+            open(false).map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })?,
+            false,
+        ),
+        Err(source) => {
+            return Err(DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })
         }
-        Err(source) => return Err(DiskError::Open { path: path.to_owned(), source }),
     };
     let size_bytes = file
         .seek(SeekFrom::End(0))
-        .map_err(|source| DiskError::Io { path: path.to_owned(), source })?;
+        .map_err(|source| DiskError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     let logical_block_bytes = if ft.is_block_device() {
         let rdev = meta.rdev();
         let sys = format!(
@@ -74,7 +90,10 @@ pub fn open_member(path: &Path) -> Result<MemberFile, DiskError> {
             libc::major(rdev),
             libc::minor(rdev)
         );
-        std::fs::read_to_string(&sys).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(512)
+        std::fs::read_to_string(&sys)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(512)
     } else {
         512
     };
@@ -90,23 +109,36 @@ pub fn open_member(path: &Path) -> Result<MemberFile, DiskError> {
 
 /// Refuse a block device that is mounted or held by a stacking driver. Regular files pass.
 pub fn check_not_in_use(path: &Path) -> Result<(), DiskError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|source| DiskError::Open { path: path.to_owned(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| DiskError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
     if !meta.file_type().is_block_device() {
         return Ok(());
     }
     let (maj, min) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| DiskError::Io { path: "/proc/self/mountinfo".into(), source })?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| DiskError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
     if let Some(mp) = mounted_at(&mountinfo, maj, min) {
-        return Err(DiskError::Mounted { path: path.to_owned(), mountpoint: mp });
+        return Err(DiskError::Mounted {
+            path: path.to_owned(),
+            mountpoint: mp,
+        });
     }
     let holders_dir = format!("/sys/dev/block/{maj}:{min}/holders");
     if let Ok(rd) = std::fs::read_dir(&holders_dir) {
-        let holders: Vec<String> =
-            rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        let holders: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
         if !holders.is_empty() {
-            return Err(DiskError::Held { path: path.to_owned(), holders: holders.join(", ") });
+            return Err(DiskError::Held {
+                path: path.to_owned(),
+                holders: holders.join(", "),
+            });
         }
     }
     // Partitions of a whole disk that are mounted count too.
@@ -120,7 +152,10 @@ pub fn check_not_in_use(path: &Path) -> Result<(), DiskError> {
                         if let Some(mp) = mounted_at(&mountinfo, a, b) {
                             return Err(DiskError::Mounted {
                                 path: path.to_owned(),
-                                mountpoint: format!("{mp} (partition {})", e.file_name().to_string_lossy()),
+                                mountpoint: format!(
+                                    "{mp} (partition {})",
+                                    e.file_name().to_string_lossy()
+                                ),
                             });
                         }
                     }

@@ -33,7 +33,11 @@ impl MailboxDisks {
                     .or_else(|e| {
                         // A member file on a filesystem without O_DIRECT: O_DSYNC alone.
                         if e.raw_os_error() == Some(libc::EINVAL) {
-                            OpenOptions::new().read(true).write(true).custom_flags(libc::O_DSYNC).open(p)
+                            OpenOptions::new()
+                                .read(true)
+                                .write(true)
+                                .custom_flags(libc::O_DSYNC)
+                                .open(p)
                         } else {
                             Err(e)
                         }
@@ -68,16 +72,27 @@ impl MailboxDisks {
 
     /// As [`MailboxDisks::write_slot`], on the first `n` members only (the members this node
     /// may write under Write Exclusive reservations: its own aggregate, listed first).
-    pub fn write_slot_first(&self, n: usize, slot: &Slot, uuid_of: impl Fn(usize) -> [u8; 16]) -> WriteRound {
+    pub fn write_slot_first(
+        &self,
+        n: usize,
+        slot: &Slot,
+        uuid_of: impl Fn(usize) -> [u8; 16],
+    ) -> WriteRound {
         let mut buf = IoBuf::new(SLOT_BYTES);
-        let mut round = WriteRound { written: 0, failed: Vec::new() };
+        let mut round = WriteRound {
+            written: 0,
+            failed: Vec::new(),
+        };
         for (i, (p, f)) in self.members.iter().enumerate().take(n) {
             let mut s = slot.clone();
             s.aggregate_uuid = uuid_of(i);
             match s.encode() {
                 Ok(b) => buf.copy_from_slice(&b),
                 Err(e) => {
-                    round.failed.push((p.clone(), io::Error::new(io::ErrorKind::InvalidInput, e.to_string())));
+                    round.failed.push((
+                        p.clone(),
+                        io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                    ));
                     continue;
                 }
             }
@@ -95,10 +110,12 @@ impl MailboxDisks {
         let reads: Vec<Result<Slot, Option<SlotError>>> = self
             .members
             .iter()
-            .map(|(_, f)| match f.read_exact_at(&mut buf, slot_offset(index)) {
-                Ok(()) => Slot::decode(&buf).map_err(Some),
-                Err(_) => Err(None),
-            })
+            .map(
+                |(_, f)| match f.read_exact_at(&mut buf, slot_offset(index)) {
+                    Ok(()) => Slot::decode(&buf).map_err(Some),
+                    Err(_) => Err(None),
+                },
+            )
             .collect();
         vote(&reads)
     }

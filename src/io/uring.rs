@@ -27,8 +27,15 @@ pub struct UringEngine {
 /// What one entry of a batch does, with the raw pointer of its buffer.
 #[derive(Clone, Copy)]
 enum Kind {
-    Read { ptr: *mut u8, len: usize },
-    Write { ptr: *const u8, len: usize, dsync: bool },
+    Read {
+        ptr: *mut u8,
+        len: usize,
+    },
+    Write {
+        ptr: *const u8,
+        len: usize,
+        dsync: bool,
+    },
     Fsync,
 }
 
@@ -60,13 +67,22 @@ impl UringEngine {
         if !regions.is_empty() {
             let iov: Vec<libc::iovec> = regions
                 .iter()
-                .map(|&(p, l)| libc::iovec { iov_base: p as *mut libc::c_void, iov_len: l })
+                .map(|&(p, l)| libc::iovec {
+                    iov_base: p as *mut libc::c_void,
+                    iov_len: l,
+                })
                 .collect();
             // SAFETY: the caller guarantees the regions outlive the ring and do not move.
             unsafe { ring.submitter().register_buffers(&iov)? };
         }
         let cq_entries = ring.params().cq_entries() as usize;
-        Ok(UringEngine { ring, _files: files, _keep: keep, regions: regions.to_vec(), cq_entries })
+        Ok(UringEngine {
+            ring,
+            _files: files,
+            _keep: keep,
+            regions: regions.to_vec(),
+            cq_entries,
+        })
     }
 
     /// The registered region containing `[ptr, ptr+len)`, if any.
@@ -96,13 +112,19 @@ impl UringEngine {
                 let n = (len - done) as u32;
                 let flags = if dsync { libc::RWF_DSYNC } else { 0 };
                 match self.fixed_index(ptr as usize, len) {
-                    Some(bi) => {
-                        opcode::WriteFixed::new(fd, p, n, bi).offset(off).rw_flags(flags).build()
-                    }
-                    None => opcode::Write::new(fd, p, n).offset(off).rw_flags(flags).build(),
+                    Some(bi) => opcode::WriteFixed::new(fd, p, n, bi)
+                        .offset(off)
+                        .rw_flags(flags)
+                        .build(),
+                    None => opcode::Write::new(fd, p, n)
+                        .offset(off)
+                        .rw_flags(flags)
+                        .build(),
                 }
             }
-            Kind::Fsync => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Kind::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
         }
     }
 
@@ -122,7 +144,9 @@ impl UringEngine {
                     break;
                 }
                 let (member, offset, kind) = items[i];
-                let sqe = self.entry(member, offset, kind, done[i]).user_data(i as u64);
+                let sqe = self
+                    .entry(member, offset, kind, done[i])
+                    .user_data(i as u64);
                 // SAFETY: the buffer behind the entry is borrowed by our caller until this
                 // function returns, and it returns only after the entry's completion is reaped.
                 if unsafe { self.ring.submission().push(&sqe) }.is_err() {
@@ -137,19 +161,27 @@ impl UringEngine {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => submit_failures = 0,
                 Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
                 Err(e) => {
                     submit_failures += 1;
                     if submit_failures > 1000 {
                         // Buffers are in the kernel's hands and we cannot wait for them: the only
                         // safe way out is to stop the process before they are freed.
-                        eprintln!("io_uring submit keeps failing with in-flight I/O: {e}; aborting");
+                        eprintln!(
+                            "io_uring submit keeps failing with in-flight I/O: {e}; aborting"
+                        );
                         std::process::abort();
                     }
                 }
             }
-            let cqes: Vec<(u64, i32)> =
-                self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            let cqes: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
             for (ud, res) in cqes {
                 let i = ud as usize;
                 inflight -= 1;
@@ -167,7 +199,10 @@ impl UringEngine {
                     results[i] = Some(Err(match items[i].2 {
                         Kind::Read { .. } => io::Error::new(
                             io::ErrorKind::UnexpectedEof,
-                            format!("short read at member offset {}", items[i].1 + done[i] as u64),
+                            format!(
+                                "short read at member offset {}",
+                                items[i].1 + done[i] as u64
+                            ),
                         ),
                         _ => io::Error::new(io::ErrorKind::WriteZero, "write made no progress"),
                     }));
@@ -181,7 +216,10 @@ impl UringEngine {
                 }
             }
         }
-        results.into_iter().map(|r| r.expect("every op completes")).collect()
+        results
+            .into_iter()
+            .map(|r| r.expect("every op completes"))
+            .collect()
     }
 }
 
@@ -191,8 +229,15 @@ impl Engine for UringEngine {
             .iter_mut()
             .map(|op| {
                 let kind = match &mut op.buf {
-                    OpBuf::Read(b) => Kind::Read { ptr: b.as_mut_ptr(), len: b.len() },
-                    OpBuf::Write(b) => Kind::Write { ptr: b.as_ptr(), len: b.len(), dsync: op.dsync },
+                    OpBuf::Read(b) => Kind::Read {
+                        ptr: b.as_mut_ptr(),
+                        len: b.len(),
+                    },
+                    OpBuf::Write(b) => Kind::Write {
+                        ptr: b.as_ptr(),
+                        len: b.len(),
+                        dsync: op.dsync,
+                    },
                 };
                 (op.member, op.offset, kind)
             })
@@ -254,7 +299,13 @@ mod tests {
         let sa = members(dir.path(), "s", 3, size);
         // SAFETY: the arena is kept alive by the engine (keep) and never moves.
         let mut u = unsafe {
-            UringEngine::new(ua, 8, &[arena.region()], Some(arena.clone() as Arc<dyn Send + Sync>)).unwrap()
+            UringEngine::new(
+                ua,
+                8,
+                &[arena.region()],
+                Some(arena.clone() as Arc<dyn Send + Sync>),
+            )
+            .unwrap()
         };
         let mut s = SyncEngine::new(sa);
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
@@ -274,13 +325,21 @@ mod tests {
             // Writes of one batch must not overlap each other or a read (their order is free).
             let mut taken: Vec<(usize, u64, u64)> = Vec::new();
             specs.retain(|&(m, o, l, _, _, _)| {
-                let clash = taken.iter().any(|&(tm, to, tl)| tm == m && o < to + tl && to < o + l as u64);
+                let clash = taken
+                    .iter()
+                    .any(|&(tm, to, tl)| tm == m && o < to + tl && to < o + l as u64);
                 if !clash {
                     taken.push((m, o, l as u64));
                 }
                 !clash
             });
-            let mk = |fixed: bool, len: usize| if fixed { arena.alloc(len) } else { IoBuf::new(len) };
+            let mk = |fixed: bool, len: usize| {
+                if fixed {
+                    arena.alloc(len)
+                } else {
+                    IoBuf::new(len)
+                }
+            };
             let mut ubufs: Vec<IoBuf> = specs.iter().map(|s| mk(s.4, s.2)).collect();
             let mut sbufs: Vec<IoBuf> = specs.iter().map(|s| IoBuf::new(s.2)).collect();
             for (i, s) in specs.iter().enumerate() {
@@ -291,13 +350,20 @@ mod tests {
                     sbufs[i].copy_from_slice(&ubufs[i]);
                 }
             }
-            fn ops<'a>(bufs: &'a mut [IoBuf], specs: &[(usize, u64, usize, bool, bool, u8)]) -> Vec<IoOp<'a>> {
+            fn ops<'a>(
+                bufs: &'a mut [IoBuf],
+                specs: &[(usize, u64, usize, bool, bool, u8)],
+            ) -> Vec<IoOp<'a>> {
                 bufs.iter_mut()
                     .zip(specs.iter())
                     .map(|(b, s)| IoOp {
                         member: s.0,
                         offset: s.1,
-                        buf: if s.3 { OpBuf::Write(&b[..]) } else { OpBuf::Read(&mut b[..]) },
+                        buf: if s.3 {
+                            OpBuf::Write(&b[..])
+                        } else {
+                            OpBuf::Read(&mut b[..])
+                        },
                         dsync: s.5 % 3 == 0,
                     })
                     .collect()
@@ -327,10 +393,30 @@ mod tests {
         let mut s = SyncEngine::new(files);
         for e in [&mut u as &mut dyn Engine, &mut s] {
             let mut b = IoBuf::new(8192);
-            let r = e.run(&mut [IoOp { member: 0, offset: (1 << 20) - 4096, buf: OpBuf::Read(&mut b[..]), dsync: false }]);
-            assert_eq!(r[0].as_ref().unwrap_err().kind(), io::ErrorKind::UnexpectedEof, "{}", e.kind());
-            let r = e.run(&mut [IoOp { member: 0, offset: 1, buf: OpBuf::Read(&mut b[..]), dsync: false }]);
-            assert_eq!(r[0].as_ref().unwrap_err().raw_os_error(), Some(libc::EINVAL), "{}: misaligned O_DIRECT", e.kind());
+            let r = e.run(&mut [IoOp {
+                member: 0,
+                offset: (1 << 20) - 4096,
+                buf: OpBuf::Read(&mut b[..]),
+                dsync: false,
+            }]);
+            assert_eq!(
+                r[0].as_ref().unwrap_err().kind(),
+                io::ErrorKind::UnexpectedEof,
+                "{}",
+                e.kind()
+            );
+            let r = e.run(&mut [IoOp {
+                member: 0,
+                offset: 1,
+                buf: OpBuf::Read(&mut b[..]),
+                dsync: false,
+            }]);
+            assert_eq!(
+                r[0].as_ref().unwrap_err().raw_os_error(),
+                Some(libc::EINVAL),
+                "{}: misaligned O_DIRECT",
+                e.kind()
+            );
         }
     }
 }

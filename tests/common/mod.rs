@@ -10,13 +10,24 @@ use std::time::{Duration, Instant};
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test needs root (loop devices); run the suite as root as CI does");
+    assert_eq!(
+        euid, 0,
+        "this test needs root (loop devices); run the suite as root as CI does"
+    );
 }
 
 /// Fail loudly when a tool the test drives is missing.
 pub fn require_tool(name: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "{name} is not installed: run tools/install-test-deps.sh (README) first");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{name} is not installed: run tools/install-test-deps.sh (README) first"
+    );
 }
 
 /// A loop device with direct I/O over a backing file; detached on drop.
@@ -46,7 +57,10 @@ impl LoopDev {
                 out = Some(o);
                 break;
             }
-            eprintln!("losetup attempt {attempt}: {}", String::from_utf8_lossy(&o.stderr));
+            eprintln!(
+                "losetup attempt {attempt}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             std::thread::sleep(std::time::Duration::from_millis(50 * (attempt + 1)));
         }
         let out = out.expect("losetup kept failing");
@@ -57,10 +71,17 @@ impl LoopDev {
     /// Shrink the backing file and tell the loop driver: reads past the new end come back
     /// short and writes fail with ENOSPC, as a failing disk would.
     pub fn shrink(&self, bytes: u64) {
-        let f = std::fs::OpenOptions::new().write(true).open(&self.backing).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.backing)
+            .unwrap();
         f.set_len(bytes).unwrap();
         drop(f);
-        let st = Command::new("losetup").arg("-c").arg(&self.dev).status().unwrap();
+        let st = Command::new("losetup")
+            .arg("-c")
+            .arg(&self.dev)
+            .status()
+            .unwrap();
         assert!(st.success(), "losetup -c failed");
     }
 }
@@ -80,7 +101,10 @@ impl Drop for LoopDev {
                     }
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                eprintln!("WARNING: {} still attached 5 s after detach", self.dev.display());
+                eprintln!(
+                    "WARNING: {} still attached 5 s after detach",
+                    self.dev.display()
+                );
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
@@ -153,13 +177,20 @@ impl Drop for Daemon {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub fn wait_for_port(port: u16) {
     let end = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < end, "hapaird did not listen on {port} within 60 s");
+        assert!(
+            Instant::now() < end,
+            "hapaird did not listen on {port} within 60 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -174,4 +205,3 @@ pub fn run(cmd: &mut Command) -> Output {
     );
     out
 }
-

@@ -39,14 +39,24 @@ impl Pair {
     }
 
     /// A pair with these timings and NVRAM size.
-    pub fn with(countdown_ms: u64, mailbox_timeout_ms: u64, cp_interval_ms: u64, nvram_mib: u64) -> Pair {
+    pub fn with(
+        countdown_ms: u64,
+        mailbox_timeout_ms: u64,
+        cp_interval_ms: u64,
+        nvram_mib: u64,
+    ) -> Pair {
         let dir = scratch_dir();
-        let loops: Vec<LoopDev> = (0..10).map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 24 << 20)).collect();
+        let loops: Vec<LoopDev> = (0..10)
+            .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 24 << 20))
+            .collect();
         let ic = free_port();
         let port = free_port();
         // Each test its own loopback service addresses.
         let net: u8 = rand::thread_rng().gen_range(20..250);
-        let svc = [SocketAddr::from(([127, 0, net, 10], port)), SocketAddr::from(([127, 0, net, 11], port))];
+        let svc = [
+            SocketAddr::from(([127, 0, net, 10], port)),
+            SocketAddr::from(([127, 0, net, 11], port)),
+        ];
         let key = dir.path().join("ic.key");
         std::fs::write(&key, "pair-test-key-0123456789abcdef").unwrap();
         let q = |p: &Path| format!("\"{}\"", p.display());
@@ -82,7 +92,14 @@ impl Pair {
             socks.push(sock);
         }
         run(Command::new(HAPAIRD).args(["format", "--config", cfgs[0].to_str().unwrap()]));
-        let mut pair = Pair { dir, _loops: loops, cfgs: [cfgs[0].clone(), cfgs[1].clone()], socks: [socks[0].clone(), socks[1].clone()], procs: [None, None], svc };
+        let mut pair = Pair {
+            dir,
+            _loops: loops,
+            cfgs: [cfgs[0].clone(), cfgs[1].clone()],
+            socks: [socks[0].clone(), socks[1].clone()],
+            procs: [None, None],
+            svc,
+        };
         pair.start("a");
         pair.start("b");
         for n in ["a", "b"] {
@@ -102,14 +119,22 @@ impl Pair {
             if st["status"]["mirror"]["partner_log_mirrored"] == true {
                 return;
             }
-            assert!(Instant::now() < end, "{node}: partner log not mirrored after {secs} s: {}", st["status"]["mirror"]);
+            assert!(
+                Instant::now() < end,
+                "{node}: partner log not mirrored after {secs} s: {}",
+                st["status"]["mirror"]
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
     pub fn start(&mut self, node: &str) {
         let i = node_idx(node);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{node}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{node}.log")))
+            .unwrap();
         let child = Command::new(HAPAIRD)
             .args(["run", "--config", self.cfgs[i].to_str().unwrap()])
             .env("RUST_LOG", "info")
@@ -131,7 +156,8 @@ impl Pair {
     }
 
     pub fn log(&self, node: &str) -> String {
-        let raw = std::fs::read_to_string(self.dir.path().join(format!("{node}.log"))).unwrap_or_default();
+        let raw = std::fs::read_to_string(self.dir.path().join(format!("{node}.log")))
+            .unwrap_or_default();
         // Strip colour codes.
         let mut out = String::with_capacity(raw.len());
         let mut esc = false;
@@ -153,7 +179,9 @@ impl Pair {
         let mut s = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() > end => panic!("control socket of {node}: {e}\n{}", tail(&self.log(node))),
+                Err(e) if Instant::now() > end => {
+                    panic!("control socket of {node}: {e}\n{}", tail(&self.log(node)))
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
@@ -165,15 +193,28 @@ impl Pair {
             match s.read(&mut b) {
                 Ok(1) if b[0] != b'\n' => line.push(b[0]),
                 Ok(_) => break,
-                Err(e) => panic!("no reply from {node} to {req}: {e}\n--- a.log\n{}\n--- b.log\n{}", tail(&self.log("a")), tail(&self.log("b"))),
+                Err(e) => panic!(
+                    "no reply from {node} to {req}: {e}\n--- a.log\n{}\n--- b.log\n{}",
+                    tail(&self.log("a")),
+                    tail(&self.log("b"))
+                ),
             }
         }
-        serde_json::from_slice(&line).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&line)))
+        serde_json::from_slice(&line)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&line)))
     }
 
     pub fn state(&self, node: &str) -> String {
         let st = self.ctl(node, r#"{"v":1,"cmd":"status"}"#);
-        st["status"]["nodes"].as_array().unwrap().iter().find(|n| n["local"] == true).unwrap()["state"].as_str().unwrap().to_string()
+        st["status"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["local"] == true)
+            .unwrap()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn wait_state(&self, node: &str, want: &str, secs: u64) {
@@ -183,20 +224,36 @@ impl Pair {
             if st == want {
                 return;
             }
-            assert!(Instant::now() < end, "node {node} is {st}, not {want}, after {secs} s\n--- a.log\n{}\n--- b.log\n{}", tail(&self.log("a")), tail(&self.log("b")));
+            assert!(
+                Instant::now() < end,
+                "node {node} is {st}, not {want}, after {secs} s\n--- a.log\n{}\n--- b.log\n{}",
+                tail(&self.log("a")),
+                tail(&self.log("b"))
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 pub fn tail(s: &str) -> String {
-    s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    s.lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- a.log (tail)\n{}\n--- b.log (tail)\n{}", tail(&self.log("a")), tail(&self.log("b")));
+            eprintln!(
+                "--- a.log (tail)\n{}\n--- b.log (tail)\n{}",
+                tail(&self.log("a")),
+                tail(&self.log("b"))
+            );
         }
         // A graceful stop releases the service addresses; kill what does not stop.
         for c in self.procs.iter().flatten() {
@@ -213,7 +270,10 @@ impl Drop for Pair {
         }
         // And whatever a killed node left on lo.
         for a in &self.svc {
-            let _ = Command::new("ip").args(["addr", "del", &format!("{}/32", a.ip()), "dev", "lo"]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["addr", "del", &format!("{}/32", a.ip()), "dev", "lo"])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -273,7 +333,14 @@ impl Writer {
             max_gap_ms: Arc::default(),
             thread: None,
         };
-        let (acked, unknown, stop, pause, completed, gap) = (w.acked.clone(), w.unknown.clone(), w.stop.clone(), w.pause.clone(), w.completed.clone(), w.max_gap_ms.clone());
+        let (acked, unknown, stop, pause, completed, gap) = (
+            w.acked.clone(),
+            w.unknown.clone(),
+            w.stop.clone(),
+            w.pause.clone(),
+            w.completed.clone(),
+            w.max_gap_ms.clone(),
+        );
         let idle = w.idle.clone();
         let t = std::thread::spawn(move || {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -295,7 +362,10 @@ impl Writer {
                 let mut inflight: HashMap<u64, (u64, u64)> = HashMap::new();
                 let mut reader = s.try_clone().unwrap();
                 'conn: loop {
-                    while inflight.len() < 8 && !stop.load(Ordering::Acquire) && !pause.load(Ordering::Acquire) {
+                    while inflight.len() < 8
+                        && !stop.load(Ordering::Acquire)
+                        && !pause.load(Ordering::Acquire)
+                    {
                         let mut block = rng.gen_range(0..blocks);
                         while inflight.values().any(|(b, _)| *b == block) {
                             block = rng.gen_range(0..blocks);
@@ -323,7 +393,9 @@ impl Writer {
                     }
                     let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
                     let handle = u64::from_be_bytes(h[8..16].try_into().unwrap());
-                    let (block, g) = inflight.remove(&handle).expect("reply to a request we sent");
+                    let (block, g) = inflight
+                        .remove(&handle)
+                        .expect("reply to a request we sent");
                     assert_eq!(err, 0, "write of block {block} failed with NBD error {err}: a takeover must never fail a request");
                     acked.lock().unwrap().insert(block, g);
                     unknown.lock().unwrap().remove(&block);
@@ -339,7 +411,10 @@ impl Writer {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }
         });
-        Writer { thread: Some(t), ..w }
+        Writer {
+            thread: Some(t),
+            ..w
+        }
     }
 
     /// Pause writing, then read every block written through `addr` and check it.
@@ -347,7 +422,10 @@ impl Writer {
         self.pause.store(true, Ordering::Release);
         let end = Instant::now() + Duration::from_secs(30);
         while !self.idle.load(Ordering::Acquire) {
-            assert!(Instant::now() < end, "{what}: the writer's requests did not complete within 30 s");
+            assert!(
+                Instant::now() < end,
+                "{what}: the writer's requests did not complete within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         let mut s = None;
@@ -375,15 +453,21 @@ impl Writer {
             let mut got = vec![0u8; BLOCK];
             let mut tries = 0;
             loop {
-                let r = s.write_all(&req).and_then(|_| s.read_exact(&mut h)).and_then(|_| s.read_exact(&mut got));
+                let r = s
+                    .write_all(&req)
+                    .and_then(|_| s.read_exact(&mut h))
+                    .and_then(|_| s.read_exact(&mut got));
                 match r {
                     Ok(()) => break,
                     // A verifying read is idempotent: on a busy machine a connection can time out;
                     // read again on a new one (data, not connections, is what is checked).
                     Err(e) if tries < 3 => {
                         tries += 1;
-                        eprintln!("{what}: verify read of block {block} failed ({e}); reconnecting");
-                        s = nbd_connect(addr, name).unwrap_or_else(|| panic!("{what}: cannot reconnect to {addr}"));
+                        eprintln!(
+                            "{what}: verify read of block {block} failed ({e}); reconnecting"
+                        );
+                        s = nbd_connect(addr, name)
+                            .unwrap_or_else(|| panic!("{what}: cannot reconnect to {addr}"));
                         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                     }
                     Err(e) => panic!("{what}: verify read of block {block} keeps failing: {e}"),
@@ -391,7 +475,9 @@ impl Writer {
             }
             assert_eq!(u32::from_be_bytes(h[4..8].try_into().unwrap()), 0);
             let read_gen = u64::from_le_bytes(got[8..16].try_into().unwrap());
-            let later_unknown = unknown.get(&block).is_some_and(|g| g.contains(&read_gen) && read_gen > gen);
+            let later_unknown = unknown
+                .get(&block)
+                .is_some_and(|g| g.contains(&read_gen) && read_gen > gen);
             assert!(
                 got == block_data(block, gen) || (later_unknown && got == block_data(block, read_gen)),
                 "{what}: ACKNOWLEDGED WRITE LOST: block {block} acked gen {gen}, read gen {read_gen}"
@@ -418,13 +504,26 @@ impl Writer {
 }
 
 pub fn outcome(reply: &serde_json::Value) -> String {
-    reply["outcome"]["result"].as_str().unwrap_or("?").to_string()
+    reply["outcome"]["result"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string()
 }
 
 pub fn phases(reply: &serde_json::Value) -> String {
     reply["outcome"]["report"]["phases"]
         .as_array()
-        .map(|ps| ps.iter().map(|p| format!("{}={}ms", p["step"].as_str().unwrap_or("?"), p["elapsed_ms"])).collect::<Vec<_>>().join(" "))
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    format!(
+                        "{}={}ms",
+                        p["step"].as_str().unwrap_or("?"),
+                        p["elapsed_ms"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
-

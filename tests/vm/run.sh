@@ -447,7 +447,7 @@ setup_iscsi() {
     # Two initiators: one iface per initiator IQN, both over TCP.
     for h in 1 2; do
         iadm -m iface -I hapair-h$h -o new > /dev/null || fail "iscsiadm iface new hapair-h$h: $(cat /tmp/iadm.out)"
-        iadm -m iface -I hapair-h$h -o update -n iface.initiatorname -v $(ini_iqn $h) > /dev/null ||
+        iadm -m iface -I hapair-h$h -o update -n iface.initiatorname -v "$(ini_iqn $h)" > /dev/null ||
             fail "iscsiadm iface hapair-h$h initiatorname: $(cat /tmp/iadm.out)"
     done
     iadm -m discovery -t sendtargets -p $PORTAL -I hapair-h1 -I hapair-h2 > /dev/null ||
@@ -515,7 +515,8 @@ iscsi) setup_iscsi ;;
 *) fail "unknown fabric $FABRIC" ;;
 esac
 # LUN 0 of host 1 and of host 2: hapair-prtest's node a and node b.
-set -- $(basename $(readlink /dev/hapair/h1-lun0)) $(basename $(readlink /dev/hapair/h2-lun0))
+a=$(readlink /dev/hapair/h1-lun0) && b=$(readlink /dev/hapair/h2-lun0) || fail "no /dev/hapair/h[12]-lun0"
+set -- "${a##*/}" "${b##*/}"
 if [ "$DEBUG" = 1 ]; then
     # Dump blocked tasks and CPU backtraces to the console if the run is stuck.
     (sleep 30; echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger) &

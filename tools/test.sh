@@ -22,7 +22,7 @@ fi
 vm_passed=0
 vm_failed=0
 if tests/vm/run.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
-# Two hapaird daemons fencing with PR on four LUNs in the same VM (about 70 s under TCG).
+# Two hapaird daemons fencing with PR on four LUNs in the same VM (70-150 s under TCG, depending on the load).
 if tests/vm/pair.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
 echo "tests: $((passed + vm_passed)) passed, $((failed + vm_failed)) failed"
 [ "$vm_failed" -eq 0 ]

@@ -227,7 +227,8 @@ pub struct PairConfig {
     pub unsafe_skip_fence: bool,
     /// Where the members have SCSI-3 persistent reservations: how a takeover removes the
     /// partner's key. `"preempt-and-abort"` (default: the partner's queued writes are aborted
-    /// too) or `"preempt"` (for targets that cannot abort, e.g. LIO behind tcm_loop).
+    /// too) or `"preempt"` (for targets that cannot abort, e.g. LIO behind tcm_loop; LIO over
+    /// iSCSI aborts fine).
     #[serde(default)]
     pub fence_preempt: crate::core::fence::PreemptAction,
 }

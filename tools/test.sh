@@ -17,11 +17,12 @@ if [ "$rc" -ne 0 ]; then
   echo "tests: $passed passed, $failed failed"
   exit "$rc"
 fi
-# Real SCSI-3 persistent reservations: a nested VM with LIO (tests/vm/run.sh says what it does).
+# Real SCSI-3 persistent reservations: a nested VM with LIO over iSCSI, fencing with PREEMPT AND
+# ABORT (tests/vm/run.sh says what it does; about 10 s of VM time).
 vm_passed=0
 vm_failed=0
 if tests/vm/run.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
-# Two hapaird daemons fencing with PR on four LUNs in the same VM (about 2.5 min under TCG).
+# Two hapaird daemons fencing with PR on four LUNs in the same VM (70-150 s under TCG, depending on the load).
 if tests/vm/pair.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
 echo "tests: $((passed + vm_passed)) passed, $((failed + vm_failed)) failed"
 [ "$vm_failed" -eq 0 ]

@@ -1,8 +1,9 @@
 //! hapair-prtest: the fencing scenario on real SCSI devices.
 //!
 //! Takes two device paths that are two initiators ("hosts", I_T nexuses) to ONE logical unit,
-//! e.g. the `/dev/sdX` of two LIO tcm_loop targets over one backstore (tests/vm/run.sh builds
-//! exactly that in a nested VM). Path A plays the home node `a`, path B the partner `b`.
+//! e.g. the `/dev/sdX` of two iSCSI sessions with different initiator names to one LIO target,
+//! or of two LIO tcm_loop targets over one backstore (tests/vm/run.sh builds either in a nested
+//! VM). Path A plays the home node `a`, path B the partner `b`.
 //!
 //! Every step is printed; every expectation is checked; the exit status is non-zero on the
 //! first failed expectation (after a best-effort CLEAR of what the run registered).
@@ -57,7 +58,8 @@ struct Args {
     node_b: PathBuf,
     /// How the partner fences at takeover: `preempt-and-abort` (hapair's fence) or `preempt`.
     /// Use `preempt` on LIO through tcm_loop, where PREEMPT AND ABORT deadlocks the target
-    /// (Debian 6.1 and 6.12: core_tmr_lun_reset flushes the submission work it runs in).
+    /// (Debian 6.1 and 6.12: core_tmr_lun_reset flushes the submission work it runs in); LIO
+    /// over iSCSI takes PREEMPT AND ABORT.
     #[arg(long, value_enum, default_value_t = Fence::PreemptAndAbort)]
     fence: Fence,
     /// sg_persist binary used to show keys and reservation as an operator sees them.

@@ -44,7 +44,8 @@ pub enum PreemptAction {
     #[default]
     PreemptAndAbort,
     /// PREEMPT: for targets that cannot abort (LIO behind tcm_loop deadlocks on PREEMPT AND
-    /// ABORT, see tests/vm/run.sh). Queued commands of the victim may still complete.
+    /// ABORT; LIO over iSCSI does not, see tests/vm/run.sh). Queued commands of the victim may
+    /// still complete.
     Preempt,
 }
 

@@ -250,6 +250,9 @@ step "stop both daemons"
 stop_all
 for n in a b; do
     grep -c "step failed" $W/$n.log | xargs -I{} echo "   node $n: {} failed steps logged"
+    # Unit attentions after the preempts and releases are retried through (src/daemon/fence.rs).
+    echo "   node $n: $(grep -c "unit attention" "$W/$n.log") unit attentions retried through"
+    grep "unit attention" "$W/$n.log" | head -n 3 | sed 's/\x1b\[[0-9;]*m//g; s/^/   log: /'
 done
 echo
 echo "PASS: PR fencing by two hapaird daemons on real SCSI devices"

@@ -2,21 +2,38 @@
 # tests/vm/run.sh — run hapair-prtest on real Linux SCSI devices with persistent reservations.
 #
 # The host kernel has no SCSI. This boots Debian's kernel in a nested qemu VM (TCG), sets up
-# LIO there (one fileio backstore, two tcm_loop targets = two initiators/"hosts" to one LUN),
-# and runs the host-built hapair-prtest inside a chroot of the host's / (shared read-only over
-# 9p). The exit code and logs come back through a second, read-write 9p share.
+# LIO there (fileio backstores, each seen by two initiators = two "hosts" = two I_T nexuses to
+# one LUN), and runs the host-built hapair-prtest inside a chroot of the host's / (shared
+# read-only over 9p). The exit code and logs come back through a second, read-write 9p share.
+#
+# Fabrics (HAPAIR_VM_FABRIC):
+#   iscsi (default): the LIO iSCSI target (iscsi_target_mod) on 127.0.0.1:3260 in the guest, one
+#     target IQN with one TPG, one explicit node ACL per initiator IQN mapping every LUN; the
+#     kernel initiator (iscsi_tcp) logs in twice through open-iscsi's iscsid/iscsiadm (run in the
+#     chroot, the Debian open-iscsi package on the host), once per initiator IQN (one iscsiadm
+#     iface each). Fences with PREEMPT AND ABORT by default.
+#   loop: two LIO tcm_loop targets (one initiator each). NOTE: PREEMPT AND ABORT deadlocks LIO
+#     behind tcm_loop (Debian 6.1 and 6.12: core_tmr_lun_reset runs in tcm_loop's submission
+#     work item and flush_work()s it), so with this fabric the fence defaults to plain PREEMPT;
+#     HAPAIR_VM_FABRIC=loop HAPAIR_VM_FENCE=preempt-and-abort HAPAIR_VM_DEBUG=1 reproduces the
+#     hang and dumps the blocked tasks.
+# Either way host h sees LUN i as /dev/hapair/h$h-lun$i in the guest, which is all the
+# scenarios use.
 #
 # usage: tests/vm/run.sh [--bin PATH]   (default: cargo build --bin hapair-prtest, debug)
-# env:   HAPAIR_VM_CACHE (default /var/cache/hapair-vm): kernel .deb and its extraction
+# env:   HAPAIR_VM_FABRIC=iscsi|loop (default iscsi; see above)
+#        HAPAIR_VM_FENCE=preempt-and-abort|preempt (default preempt-and-abort on iscsi,
+#          preempt on loop)
+#        HAPAIR_VM_SCENARIO=prtest|pair: hapair-prtest on one LUN (default), or two hapaird
+#          daemons fencing with PR over four LUNs (tests/vm/pair-guest.sh; tests/vm/pair.sh)
+#        HAPAIR_VM_CACHE (default /var/cache/hapair-vm): kernel .deb and its extraction
 #        HAPAIR_VM_TIMEOUT_S (default 120): wall-clock limit for the VM
 #        HAPAIR_VM_KEEP=1: keep the work dir (initramfs, console log) for debugging
 #        HAPAIR_VM_KERNEL_SUITE (default bookworm-backports; "stable" = the host's sources)
-#        HAPAIR_VM_FENCE=preempt|preempt-and-abort (default preempt; see below)
 #        HAPAIR_VM_DEVKIND=sd|sg: hand the test /dev/sdX (default) or their /dev/sgN
 #        HAPAIR_VM_DEBUG=1: verbose kernel console, blocked-task dump after 30 s
-#        HAPAIR_VM_SCENARIO=prtest|pair: hapair-prtest on one LUN (default), or two hapaird
-#          daemons fencing with PR over four LUNs (tests/vm/pair-guest.sh; tests/vm/pair.sh)
-# Needs root. Installs qemu-system-x86, busybox-static, sg3-utils through apt if missing.
+# Needs root. Installs qemu-system-x86, busybox-static, sg3-utils, cpio (and open-iscsi for the
+# iscsi fabric) through apt if missing.
 # Exits 0 only if the scenario ran in the guest and passed; otherwise non-zero with the reason.
 set -euo pipefail
 
@@ -30,10 +47,17 @@ say() { echo "$ME: $*" >&2; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE=${HAPAIR_VM_CACHE:-/var/cache/hapair-vm}
 TIMEOUT_S=${HAPAIR_VM_TIMEOUT_S:-120}
+FABRIC=${HAPAIR_VM_FABRIC:-iscsi}
+case "$FABRIC" in
+# The iSCSI target submits commands from its own rx threads: PREEMPT AND ABORT works there.
+iscsi) FENCE=${HAPAIR_VM_FENCE:-preempt-and-abort} ;;
 # PREEMPT AND ABORT deadlocks LIO behind tcm_loop (6.1 and 6.12: core_tmr_lun_reset runs in the
-# submission work item and flush_work()s it), so the VM fences with plain PREEMPT by default.
-# HAPAIR_VM_FENCE=preempt-and-abort reproduces the hang.
-FENCE=${HAPAIR_VM_FENCE:-preempt}
+# submission work item and flush_work()s it), so that fabric fences with plain PREEMPT by
+# default. HAPAIR_VM_FENCE=preempt-and-abort reproduces the hang.
+loop) FENCE=${HAPAIR_VM_FENCE:-preempt} ;;
+*) echo "$0: HAPAIR_VM_FABRIC must be iscsi or loop" >&2; exit 1 ;;
+esac
+case "$FENCE" in preempt | preempt-and-abort) ;; *) echo "$0: HAPAIR_VM_FENCE must be preempt or preempt-and-abort" >&2; exit 1 ;; esac
 DEVKIND=${HAPAIR_VM_DEVKIND:-sd}
 SCENARIO=${HAPAIR_VM_SCENARIO:-prtest}
 case "$SCENARIO" in
@@ -55,7 +79,7 @@ while [ $# -gt 0 ]; do
         shift 2
         ;;
     -h | --help)
-        sed -n '2,20p' "$0"
+        sed -n '2,37p' "$0"
         exit 0
         ;;
     *) die "unknown argument $1" ;;
@@ -63,6 +87,7 @@ while [ $# -gt 0 ]; do
 done
 
 [ "$(id -u)" = 0 ] || die "must run as root (apt, kernel extraction, 9p export of /)"
+PATH=$PATH:/usr/sbin:/sbin
 
 # ---- host packages -------------------------------------------------------------------------
 export DEBIAN_FRONTEND=noninteractive
@@ -79,16 +104,40 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 command -v sg_persist >/dev/null || need+=(sg3-utils)
 command -v cpio >/dev/null || need+=(cpio)
+if [ "$FABRIC" = iscsi ]; then
+    # iscsid and iscsiadm run in the guest's chroot of this host's /. The package's services
+    # are not started here (no systemd in a container; Docker's policy-rc.d refuses them).
+    { command -v iscsiadm && command -v iscsid && [ -f /etc/iscsi/iscsid.conf ]; } >/dev/null ||
+        need+=(open-iscsi)
+fi
 if [ ${#need[@]} -gt 0 ]; then
     apt_update_once
     say "installing ${need[*]}"
-    apt-get install -y -qq "${need[@]}" >/dev/null || die "apt-get install ${need[*]} failed"
+    # No packaged service may start on this host (open-iscsi's iscsid is for the guest): where
+    # no policy-rc.d refuses service starts already, one does for this install only.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\n# tests/vm/run.sh: no service starts during the install\nexit 101\n' >$policy
+        chmod 755 $policy
+    fi
+    arc=0
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || arc=$?
+    [ -z "$policy" ] || rm -f "$policy"
+    [ $arc = 0 ] || die "apt-get install ${need[*]} failed"
 fi
 BUSYBOX=/bin/busybox
 file -L "$BUSYBOX" 2>/dev/null | grep -q "statically linked" ||
     die "$BUSYBOX is not the static busybox (busybox-static package)"
 QEMU=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found after install"
 SG_PERSIST=$(command -v sg_persist) || die "sg_persist not found after install"
+if [ "$FABRIC" = iscsi ]; then
+    ISCSIADM=$(command -v iscsiadm) || die "iscsiadm not found after installing open-iscsi"
+    ISCSID=$(command -v iscsid) || die "iscsid not found after installing open-iscsi"
+    [ -f /etc/iscsi/iscsid.conf ] || die "/etc/iscsi/iscsid.conf missing (open-iscsi package)"
+else
+    ISCSIADM="" ISCSID=""
+fi
 
 # ---- the test binary -----------------------------------------------------------------------
 if [ -z "$BIN" ]; then
@@ -111,10 +160,11 @@ fi
 
 # ---- guest kernel (cached; nothing goes to /boot) ------------------------------------------
 mkdir -p "$CACHE"
-# Default: bookworm-backports' kernel (6.12). bookworm's own 6.1 deadlocks in LIO on PREEMPT AND
-# ABORT through tcm_loop (core_tmr_lun_reset flushes the submission work it runs in; seen as a
-# blocked kworker in flush_work), so it cannot run the fencing scenario. The backports suite is
-# read through a private apt state under $CACHE: the host's apt configuration is not changed.
+# Default: bookworm-backports' kernel (6.12; it has ublk_drv, bookworm's 6.1 does not). Both
+# deadlock in LIO on PREEMPT AND ABORT through tcm_loop (core_tmr_lun_reset flushes the
+# submission work it runs in; seen as a blocked kworker in flush_work), not through iSCSI. The
+# backports suite is read through a private apt state under $CACHE: the host's apt
+# configuration is not changed.
 KSUITE=${HAPAIR_VM_KERNEL_SUITE:-bookworm-backports}
 APTQ=()
 if [ "$KSUITE" != stable ]; then
@@ -190,8 +240,14 @@ done
 ln -s ../bin/busybox "$IR/sbin/modprobe"
 
 # Modules and every dependency modules.dep lists (paths relative to $KMOD).
-WANT=(virtio_pci 9pnet_virtio 9p configfs target_core_mod target_core_file tcm_loop sd_mod sg
+WANT=(virtio_pci 9pnet_virtio 9p configfs target_core_mod target_core_file sd_mod sg
     crct10dif_generic)
+case "$FABRIC" in
+loop) WANT+=(tcm_loop) ;;
+# LIO's iSCSI target, the kernel initiator (libiscsi, scsi_transport_iscsi through modules.dep)
+# and crc32c, which both ends ask the crypto API for at login even without digests.
+iscsi) WANT+=(iscsi_target_mod iscsi_tcp crc32c_generic) ;;
+esac
 declare -A DEPS=() BYNAME=() COPIED=()
 while IFS= read -r line; do
     mod=${line%%:*}
@@ -238,6 +294,9 @@ WANT="${WANT[*]}"
 DEVKIND=$DEVKIND
 DEBUG=${HAPAIR_VM_DEBUG:-0}
 FENCE=$FENCE
+FABRIC=$FABRIC
+ISCSIADM=$ISCSIADM
+ISCSID=$ISCSID
 SCENARIO=$SCENARIO
 NLUNS=$NLUNS
 BINDIR=$BINDIR
@@ -265,8 +324,8 @@ mount -t configfs configfs /sys/kernel/config || fail "mount configfs"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro hostroot /mnt/host ||
     fail "mount host root over 9p"
 
-# LIO: NLUNS fileio backstores; per host one tcm_loop target (one initiator) exporting all of
-# them: host h sees LUN i as its own /dev/sdX, linked as /dev/hapair/h$h-lun$i.
+# LIO: NLUNS fileio backstores, each exported to two initiators ("hosts" 1 and 2) by the
+# fabric: host h sees LUN i as its own /dev/sdX, linked as /dev/hapair/h$h-lun$i.
 T=/sys/kernel/config/target
 mkdir -p /dev/hapair
 for i in $(seq 0 $((NLUNS - 1))); do
@@ -275,45 +334,189 @@ for i in $(seq 0 $((NLUNS - 1))); do
         fail "fileio control $i"
     echo 1 > $T/core/fileio_$i/lun$i/enable || fail "enable backstore $i"
 done
-sd_list() { ls /sys/block 2>/dev/null | grep '^sd' ; }
-DEVS=""
-for h in 1 2; do
-    tgt=naa.5001405000000a0$h
-    ini=naa.5001405000000b0$h
-    mkdir -p $T/loopback/$tgt/tpgt_1 || fail "mkdir tcm_loop target $h"
-    # nexus BEFORE the LUN links, or the LUNs have no I_T nexus and no disk appears.
-    echo $ini > $T/loopback/$tgt/tpgt_1/nexus || fail "nexus $h"
-    for i in $(seq 0 $((NLUNS - 1))); do
-        mkdir -p $T/loopback/$tgt/tpgt_1/lun/lun_$i || fail "mkdir lun_$i of target $h"
-        before=$(sd_list)
-        ln -s $T/core/fileio_$i/lun$i $T/loopback/$tgt/tpgt_1/lun/lun_$i/hapair_lun ||
-            fail "link LUN $i for target $h"
-        new=""
-        for t in $(seq 1 100); do
-            for d in $(sd_list); do
-                echo "$before" | grep -qx "$d" || new=$d
-            done
-            [ -n "$new" ] && [ -b /dev/$new ] && break
-            new=""
-            sleep 0.1
-        done
-        [ -n "$new" ] || fail "no sd device appeared for LUN $i of tcm_loop target $h"
-        if [ "$DEVKIND" = sg ]; then
-            sgdev=$(ls /sys/block/$new/device/scsi_generic 2>/dev/null | head -n1)
-            [ -n "$sgdev" ] && [ -c /dev/$sgdev ] || fail "no sg node for /dev/$new"
-            log "host $h: target $tgt initiator $ini LUN $i -> /dev/$new (/dev/$sgdev)"
-            new=$sgdev
-        else
-            log "host $h: target $tgt initiator $ini LUN $i -> /dev/$new"
-        fi
-        ln -s /dev/$new /dev/hapair/h$h-lun$i || fail "symlink /dev/hapair/h$h-lun$i"
-        [ $i = 0 ] && DEVS="$DEVS $new"
-    done
-done
-set -- $DEVS
 for d in dev proc sys; do
     mount -o bind /$d /mnt/host/$d || fail "bind /$d into the host chroot"
 done
+# link_dev HOST LUN SDNAME: the /dev/hapair link to the sd (or, with DEVKIND=sg, its sg node);
+# LINKED says what it points to.
+link_dev() {
+    local h=$1 i=$2 sd=$3 node sgdev
+    [ -b /dev/$sd ] || fail "host $h LUN $i: /dev/$sd is not a block device"
+    node=$sd
+    LINKED=/dev/$sd
+    if [ "$DEVKIND" = sg ]; then
+        sgdev=$(ls /sys/block/$sd/device/scsi_generic 2>/dev/null | head -n1)
+        [ -n "$sgdev" ] && [ -c /dev/$sgdev ] || fail "no sg node for /dev/$sd"
+        node=$sgdev
+        LINKED="/dev/$sd (/dev/$sgdev)"
+    fi
+    ln -s /dev/$node /dev/hapair/h$h-lun$i || fail "symlink /dev/hapair/h$h-lun$i"
+}
+sd_list() { ls /sys/block 2>/dev/null | grep '^sd' ; }
+
+setup_loop() {
+    # Per host one tcm_loop target (one initiator) exporting all LUNs.
+    local h tgt ini i before new t d
+    for h in 1 2; do
+        tgt=naa.5001405000000a0$h
+        ini=naa.5001405000000b0$h
+        mkdir -p $T/loopback/$tgt/tpgt_1 || fail "mkdir tcm_loop target $h"
+        # nexus BEFORE the LUN links, or the LUNs have no I_T nexus and no disk appears.
+        echo $ini > $T/loopback/$tgt/tpgt_1/nexus || fail "nexus $h"
+        for i in $(seq 0 $((NLUNS - 1))); do
+            mkdir -p $T/loopback/$tgt/tpgt_1/lun/lun_$i || fail "mkdir lun_$i of target $h"
+            before=$(sd_list)
+            ln -s $T/core/fileio_$i/lun$i $T/loopback/$tgt/tpgt_1/lun/lun_$i/hapair_lun ||
+                fail "link LUN $i for target $h"
+            new=""
+            for t in $(seq 1 100); do
+                for d in $(sd_list); do
+                    echo "$before" | grep -qx "$d" || new=$d
+                done
+                [ -n "$new" ] && [ -b /dev/$new ] && break
+                new=""
+                sleep 0.1
+            done
+            [ -n "$new" ] || fail "no sd device appeared for LUN $i of tcm_loop target $h"
+            link_dev $h $i $new
+            log "host $h: target $tgt initiator $ini LUN $i -> $LINKED"
+        done
+    done
+}
+
+# ---- iSCSI: LIO target and open-iscsi initiator over lo -----------------------------------
+IQN=iqn.2003-01.org.hapair:vm-target
+PORTAL=127.0.0.1:3260
+ini_iqn() { echo iqn.2003-01.org.hapair:vm-host$1; }
+ISCSI_UP=0
+# iadm ARGS: iscsiadm in the chroot, output to iscsi.log (and stdout).
+iadm() {
+    echo "# iscsiadm $*" >> $R/iscsi.log
+    chroot /mnt/host $ISCSIADM "$@" > /tmp/iadm.out 2>&1
+    local rc=$?
+    cat /tmp/iadm.out >> $R/iscsi.log
+    cat /tmp/iadm.out
+    return $rc
+}
+setup_iscsi() {
+    local h i ini tpg=$T/iscsi/$IQN/tpgt_1 t s sess n dev lun sd want got
+    ip link set lo up || fail "lo up"
+    # Target: one IQN, TPG 1 on the portal, the NLUNS backstores as its LUNs.
+    mkdir -p $tpg || fail "mkdir iSCSI target $IQN tpgt_1"
+    mkdir $tpg/np/$PORTAL || fail "iSCSI network portal $PORTAL"
+    for i in $(seq 0 $((NLUNS - 1))); do
+        mkdir -p $tpg/lun/lun_$i || fail "mkdir $tpg/lun/lun_$i"
+        ln -s $T/core/fileio_$i/lun$i $tpg/lun/lun_$i/hapair_lun || fail "link backstore $i to lun_$i"
+    done
+    # Explicit ACLs only: no CHAP, no generated (demo-mode) ACLs; write protect off either way.
+    echo 0 > $tpg/attrib/authentication || fail "tpg attrib authentication=0"
+    echo 0 > $tpg/attrib/generate_node_acls || fail "tpg attrib generate_node_acls=0"
+    echo 0 > $tpg/attrib/cache_dynamic_acls || fail "tpg attrib cache_dynamic_acls=0"
+    echo 0 > $tpg/attrib/demo_mode_write_protect || fail "tpg attrib demo_mode_write_protect=0"
+    for h in 1 2; do
+        ini=$(ini_iqn $h)
+        mkdir -p $tpg/acls/$ini || fail "ACL for $ini"
+        for i in $(seq 0 $((NLUNS - 1))); do
+            mkdir -p $tpg/acls/$ini/lun_$i || fail "mapped lun_$i in the ACL of $ini"
+            ln -s $tpg/lun/lun_$i $tpg/acls/$ini/lun_$i/hapair_mapped ||
+                fail "map lun_$i into the ACL of $ini"
+        done
+    done
+    echo 1 > $tpg/enable || fail "enable tpgt_1 of $IQN"
+    log "iSCSI target $IQN tpgt_1 on $PORTAL: $NLUNS LUNs, ACLs $(ini_iqn 1) $(ini_iqn 2), no auth"
+
+    # open-iscsi writes /etc/iscsi (ifaces, node records) and /run/lock/iscsi: tmpfs over those
+    # in the read-only chroot, seeded with the host's iscsid.conf.
+    cp /mnt/host/etc/iscsi/iscsid.conf /tmp/iscsid.conf || fail "read the host's /etc/iscsi/iscsid.conf"
+    mount -t tmpfs -o size=8m,mode=0755 tmpfs /mnt/host/etc/iscsi || fail "tmpfs on /etc/iscsi of the chroot"
+    mount -t tmpfs -o size=8m,mode=0755 tmpfs /mnt/host/run/lock || fail "tmpfs on /run/lock of the chroot"
+    ISCSI_UP=1
+    # iscsid is started here, not by iscsiadm through systemctl. No NOP-Out pings: on a
+    # loaded host a TCG guest can stall past their 5 s timeout and drop a healthy connection.
+    sed -e 's|^iscsid.startup = .*|iscsid.startup = /bin/true|' \
+        -e 's|^node.conn\[0\].timeo.noop_out_interval = .*|node.conn[0].timeo.noop_out_interval = 0|' \
+        -e 's|^node.conn\[0\].timeo.noop_out_timeout = .*|node.conn[0].timeo.noop_out_timeout = 0|' \
+        /tmp/iscsid.conf > /mnt/host/etc/iscsi/iscsid.conf || fail "write iscsid.conf"
+    echo "InitiatorName=iqn.2003-01.org.hapair:vm-default" > /mnt/host/etc/iscsi/initiatorname.iscsi ||
+        fail "write initiatorname.iscsi"
+    chroot /mnt/host $ISCSID -f -n > $R/iscsid.log 2>&1 &
+    ISCSID_PID=$!
+    sleep 0.5
+    kill -0 $ISCSID_PID 2>/dev/null || fail "iscsid exited at start: $(tail -n 5 $R/iscsid.log)"
+    log "iscsid running (pid $ISCSID_PID, log iscsid.log)"
+    # Two initiators: one iface per initiator IQN, both over TCP.
+    for h in 1 2; do
+        iadm -m iface -I hapair-h$h -o new > /dev/null || fail "iscsiadm iface new hapair-h$h: $(cat /tmp/iadm.out)"
+        iadm -m iface -I hapair-h$h -o update -n iface.initiatorname -v "$(ini_iqn $h)" > /dev/null ||
+            fail "iscsiadm iface hapair-h$h initiatorname: $(cat /tmp/iadm.out)"
+    done
+    iadm -m discovery -t sendtargets -p $PORTAL -I hapair-h1 -I hapair-h2 > /dev/null ||
+        fail "iscsiadm discovery (sendtargets) on $PORTAL: $(cat /tmp/iadm.out)"
+    grep -q "$IQN" /tmp/iadm.out || fail "discovery on $PORTAL did not return $IQN: $(cat /tmp/iadm.out)"
+    log "discovery (sendtargets) through both ifaces: $(grep -c "$IQN" /tmp/iadm.out) node records for $IQN"
+    for h in 1 2; do
+        iadm -m node -T $IQN -p $PORTAL -I hapair-h$h --login > /dev/null ||
+            fail "iscsiadm login as $(ini_iqn $h): $(cat /tmp/iadm.out)"
+        log "host $h: logged in to $IQN at $PORTAL as $(ini_iqn $h)"
+    done
+    # Map (host, LUN) to the disk: session -> initiator name -> its SCSI devices H:C:T:L.
+    want=$((2 * NLUNS))
+    for t in $(seq 1 200); do
+        got=0
+        for sess in /sys/class/iscsi_session/session*; do
+            for dev in $sess/device/target*/*:*:*:*; do
+                [ -d $dev/block ] && got=$((got + 1))
+            done
+        done
+        [ $got -ge $want ] && break
+        sleep 0.1
+    done
+    [ $got -ge $want ] || fail "only $got of $want iSCSI disks appeared within 20 s"
+    for sess in /sys/class/iscsi_session/session*; do
+        s=$(basename $sess)
+        ini=$(cat $sess/initiatorname)
+        h=""
+        for n in 1 2; do [ "$ini" = "$(ini_iqn $n)" ] && h=$n; done
+        [ -n "$h" ] || fail "$s has unexpected initiator name '$ini'"
+        [ "$(cat $sess/targetname)" = $IQN ] || fail "$s is logged in to $(cat $sess/targetname), not $IQN"
+        for dev in $sess/device/target*/*:*:*:*; do
+            lun=${dev##*:}
+            sd=$(ls $dev/block)
+            [ -e /dev/hapair/h$h-lun$lun ] && fail "host $h LUN $lun seen twice"
+            link_dev $h $lun $sd
+            log "host $h: $s initiator $ini LUN $lun ($(basename $dev)) -> $LINKED"
+        done
+    done
+    for h in 1 2; do
+        for i in $(seq 0 $((NLUNS - 1))); do
+            [ -e /dev/hapair/h$h-lun$i ] || fail "no disk for host $h LUN $i"
+        done
+    done
+}
+# Before poweroff: log out (the sd devices go away with their caches synced) and stop iscsid.
+stop_iscsi() {
+    [ $ISCSI_UP = 1 ] || return 0
+    ISCSI_UP=0
+    if iadm -m node --logoutall=all > /dev/null; then
+        log "iSCSI sessions logged out"
+    else
+        log "WARNING: iscsiadm logout failed: $(cat /tmp/iadm.out)"
+    fi
+    if [ -n "${ISCSID_PID:-}" ]; then
+        kill $ISCSID_PID 2>/dev/null
+        wait $ISCSID_PID 2>/dev/null
+    fi
+    umount /mnt/host/etc/iscsi /mnt/host/run/lock 2>/dev/null
+}
+
+case "$FABRIC" in
+loop) setup_loop ;;
+iscsi) setup_iscsi ;;
+*) fail "unknown fabric $FABRIC" ;;
+esac
+# LUN 0 of host 1 and of host 2: hapair-prtest's node a and node b.
+a=$(readlink /dev/hapair/h1-lun0) && b=$(readlink /dev/hapair/h2-lun0) || fail "no /dev/hapair/h[12]-lun0"
+set -- "${a##*/}" "${b##*/}"
 if [ "$DEBUG" = 1 ]; then
     # Dump blocked tasks and CPU backtraces to the console if the run is stuck.
     (sleep 30; echo w > /proc/sysrq-trigger; echo l > /proc/sysrq-trigger) &
@@ -335,6 +538,7 @@ else
     rc=$?
     log "hapair-prtest exited $rc"
 fi
+stop_iscsi
 echo $rc > $R/rc
 for d in sys proc dev; do umount /mnt/host/$d; done
 halt
@@ -346,8 +550,14 @@ chmod +x "$IR/init"
 # ---- boot ----------------------------------------------------------------------------------
 RES=$WORK/results
 mkdir -p "$RES"
-say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), fence action: $FENCE"
-[ "$FENCE" = preempt ] && say "NOTE: fencing with PREEMPT, not PREEMPT AND ABORT (LIO/tcm_loop deadlock)"
+say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), fabric: $FABRIC, fence action: $FENCE"
+if [ "$FABRIC" = loop ]; then
+    if [ "$FENCE" = preempt ]; then
+        say "NOTE: fencing with PREEMPT, not PREEMPT AND ABORT (LIO/tcm_loop deadlock)"
+    else
+        say "NOTE: PREEMPT AND ABORT through tcm_loop deadlocks LIO: expect a time-out"
+    fi
+fi
 start=$(date +%s)
 nice -n 10 timeout --kill-after=10 "$TIMEOUT_S" "$QEMU" \
     -accel tcg -smp 2 -m $MEM -net none -nographic -no-reboot \
@@ -369,6 +579,12 @@ if [ -f "$RES/prtest.log" ]; then
     echo "------------------------------"
 fi
 show_console() {
+    local f
+    for f in iscsi.log iscsid.log; do
+        [ -s "$RES/$f" ] || continue
+        echo "---- guest $f (last 30 lines) ----" >&2
+        tail -n 30 "$RES/$f" >&2
+    done
     echo "---- VM console (last 40 lines) ----" >&2
     tail -n 40 "$WORK/console.log" >&2
 }
@@ -376,7 +592,7 @@ show_console() {
 [ -f "$RES/rc" ] || { show_console; die "guest reported no result (qemu exit $qrc)"; }
 rc=$(cat "$RES/rc")
 case "$rc" in
-0) say "PASS: scenario $SCENARIO passed on LIO initiators in the VM" ;;
+0) say "PASS: scenario $SCENARIO passed on LIO ($FABRIC fabric, $FENCE) in the VM" ;;
 setup:*) show_console; die "guest $rc" ;;
-*) die "scenario $SCENARIO failed in the VM with exit code $rc" ;;
+*) show_console; die "scenario $SCENARIO failed in the VM with exit code $rc" ;;
 esac

@@ -219,12 +219,15 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
 
-const BLOCK: usize = 4096;
+/// Block size of the exact-ack tests: 4 KiB writes go through the log; whole 256 KiB stripes
+/// (64 KiB chunks x 4 data members) go to the members directly, with a Stripes record logged.
+const SMALL: usize = 4096;
+const STRIPE: usize = 256 * 1024;
 
 /// Content of `block` as written by write number `gen`: self-describing, so a read tells which
 /// write (if any) it came from.
-fn block_data(block: u64, gen: u64) -> Vec<u8> {
-    let mut v = pattern(BLOCK, block.wrapping_mul(1_000_003) ^ gen);
+fn block_data(bs: usize, block: u64, gen: u64) -> Vec<u8> {
+    let mut v = pattern(bs, block.wrapping_mul(1_000_003) ^ gen);
     v[..8].copy_from_slice(&block.to_le_bytes());
     v[8..16].copy_from_slice(&gen.to_le_bytes());
     v
@@ -243,6 +246,7 @@ struct Track {
 /// Write random blocks with up to `depth` requests in flight until the server dies; every reply
 /// moves its write from in flight to acknowledged.
 fn tracked_writes(
+    bs: usize,
     port: u16,
     blocks: u64,
     depth: usize,
@@ -301,14 +305,14 @@ fn tracked_writes(
             t.by_handle.insert(*next_gen, (block, *next_gen));
             (block, *next_gen)
         };
-        let mut req = Vec::with_capacity(28 + BLOCK);
+        let mut req = Vec::with_capacity(28 + bs);
         req.extend_from_slice(&hapair::core::nbd::REQUEST_MAGIC.to_be_bytes());
         req.extend_from_slice(&0u16.to_be_bytes());
         req.extend_from_slice(&hapair::core::nbd::CMD_WRITE.to_be_bytes());
         req.extend_from_slice(&gen.to_be_bytes());
-        req.extend_from_slice(&(block * BLOCK as u64).to_be_bytes());
-        req.extend_from_slice(&(BLOCK as u32).to_be_bytes());
-        req.extend_from_slice(&block_data(block, gen));
+        req.extend_from_slice(&(block * bs as u64).to_be_bytes());
+        req.extend_from_slice(&(bs as u32).to_be_bytes());
+        req.extend_from_slice(&block_data(bs, block, gen));
         if tx.write_all(&req).is_err() {
             break;
         }
@@ -322,6 +326,18 @@ fn tracked_writes(
 /// kill may or may not have landed), also when a torn record was left at the log's tail.
 #[test]
 fn sigkill_with_exact_ack_tracking_and_torn_tails() {
+    exact_ack_rounds(SMALL);
+}
+
+/// The same with whole-stripe writes, which skip the log: a write in flight at the kill may
+/// have been torn across the members; replay recomputes the parity of the stripes its Stripes
+/// record names, and no acknowledged write is lost.
+#[test]
+fn sigkill_with_exact_ack_tracking_of_direct_whole_stripe_writes() {
+    exact_ack_rounds(STRIPE);
+}
+
+fn exact_ack_rounds(bs: usize) {
     let seed: u64 = std::env::var("HAPAIR_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -336,10 +352,11 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
     let cfg = config(dir.path(), &loops, port);
     let cfg_s = cfg.to_str().unwrap();
     run(Command::new(HAPAIRD).args(["format", "--config", cfg_s]));
-    let blocks = 4 * (23 << 20) / BLOCK as u64;
+    let blocks = 4 * (23 << 20) / bs as u64;
     let track = Arc::new((Mutex::new(Track::default()), Condvar::new()));
     let mut next_gen = 0u64;
     let mut torn = 0;
+    let mut stripe_resyncs = 0u64;
     for round in 0..6 {
         let daemon = Daemon::spawn(&["run", "--config", cfg_s]);
         wait_for_port(port);
@@ -354,14 +371,14 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
             let mut t = track.0.lock().unwrap();
             t.dead = false;
         }
-        tracked_writes(port, blocks, 16, &mut next_gen, &track, &mut rng);
+        tracked_writes(bs, port, blocks, 16, &mut next_gen, &track, &mut rng);
         killer.join().unwrap();
         let killed = daemon.stop(libc::SIGKILL);
         assert_eq!(killed.status.code(), None);
         let tear = round % 2 == 1
             && tear_tail(
                 &dir.path().join("aggr0.nvlog"),
-                rng.gen_range(8..BLOCK + 64),
+                rng.gen_range(8..SMALL + 64),
                 &mut rng,
             );
         torn += tear as u32;
@@ -380,17 +397,17 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
                 hapair::core::nbd::CMD_READ,
                 0,
                 block,
-                block * BLOCK as u64,
-                BLOCK as u32,
+                block * bs as u64,
+                bs as u32,
                 &[],
             );
             let (err, h) = c.simple();
             assert_eq!((err, h), (0, block));
-            let got = c.read_n(BLOCK);
+            let got = c.read_n(bs);
             let acked = t.acked.get(&block).copied();
             let inflight = t.inflight.get(&block).copied();
-            let ok_acked = acked.is_some_and(|g| got == block_data(block, g));
-            let ok_inflight = inflight.is_some_and(|g| got == block_data(block, g));
+            let ok_acked = acked.is_some_and(|g| got == block_data(bs, block, g));
+            let ok_inflight = inflight.is_some_and(|g| got == block_data(bs, block, g));
             let ok_never = acked.is_none() && got.iter().all(|&b| b == 0);
             assert!(
                 ok_acked || ok_inflight || ok_never,
@@ -412,12 +429,12 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
                     hapair::core::nbd::CMD_READ,
                     0,
                     block,
-                    block * BLOCK as u64,
-                    BLOCK as u32,
+                    block * bs as u64,
+                    bs as u32,
                     &[],
                 );
                 let _ = c.simple();
-                if c.read_n(BLOCK) == block_data(block, gen) {
+                if c.read_n(bs) == block_data(bs, block, gen) {
                     t.acked.insert(block, gen);
                 }
             }
@@ -433,10 +450,45 @@ fn sigkill_with_exact_ack_tracking_and_torn_tails() {
                 "round {round}: torn record not discarded:\n{err}"
             );
         }
-        eprintln!("round {round}: {checked} blocks checked ({acked_total} acknowledged, {landed_inflight} unacknowledged landed){}", if tear { ", torn tail" } else { "" });
+        let resynced = logged_count(&err, "resynced_stripe_records");
+        stripe_resyncs += resynced;
+        eprintln!("round {round}: {checked} blocks checked ({acked_total} acknowledged, {landed_inflight} unacknowledged landed, {resynced} direct writes resynced at replay){}", if tear { ", torn tail" } else { "" });
         assert!(acked_total > 0);
     }
     assert!(torn >= 2, "torn tails applied in {torn} rounds");
+    if bs == STRIPE {
+        assert!(
+            stripe_resyncs > 0,
+            "the whole-stripe writes went through the log, not direct"
+        );
+    } else {
+        assert_eq!(stripe_resyncs, 0, "4 KiB writes never go direct");
+    }
+}
+
+/// The number logged as `key=N` (tracing's output, colours stripped); 0 when absent.
+fn logged_count(log: &str, key: &str) -> u64 {
+    let mut plain = String::with_capacity(log.len());
+    let mut in_esc = false;
+    for ch in log.chars() {
+        match (in_esc, ch) {
+            (false, '\u{1b}') => in_esc = true,
+            (true, 'm') => in_esc = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
+        .match_indices(&format!("{key}="))
+        .filter_map(|(i, m)| {
+            let rest = &plain[i + m.len()..];
+            rest[..rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len())]
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn daemon_pid(d: &Daemon) -> i32 {

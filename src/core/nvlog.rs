@@ -119,7 +119,16 @@ pub enum RecordKind {
     Write = 1,
     /// Filler from here to the end of the ring; writing continues at [`DATA_START`].
     Pad = 2,
+    /// Whole stripes written straight to the members (not through the log) from aggregate
+    /// byte `offset`, for as many bytes as the 8-byte little-endian payload says. Made durable
+    /// before the member writes start, so that replay after a crash recomputes the parity of
+    /// those stripes (their write may have been torn) and knows no older record of the log
+    /// covers them.
+    Stripes = 3,
 }
+
+/// Payload bytes of a [`RecordKind::Stripes`] record.
+pub const STRIPES_PAYLOAD: usize = 8;
 
 /// A record header, 64 bytes, little-endian, followed by `length` payload bytes and zero
 /// padding up to [`RECORD_ALIGN`]:
@@ -341,10 +350,14 @@ fn parse_record(region: &[u8], pos: usize, ring_end: usize) -> Parsed {
     let kind = match b[4] {
         1 => RecordKind::Write,
         2 => RecordKind::Pad,
+        3 => RecordKind::Stripes,
         _ => return Parsed::Torn,
     };
     let length = get_u32(b, 56);
-    if b[5] != 0 || (kind == RecordKind::Pad && length != 0) {
+    if b[5] != 0
+        || (kind == RecordKind::Pad && length != 0)
+        || (kind == RecordKind::Stripes && length as usize != STRIPES_PAYLOAD)
+    {
         return Parsed::Torn;
     }
     let Some(end) = pos.checked_add(record_footprint(length as usize)) else {
@@ -578,7 +591,7 @@ impl LogAppender {
             length: data.len() as u32,
         };
         let footprint = match kind {
-            RecordKind::Write => record_footprint(data.len()),
+            RecordKind::Write | RecordKind::Stripes => record_footprint(data.len()),
             RecordKind::Pad => self.ring_end() - at,
         };
         put(region, at, &hdr.encode(data));
@@ -627,6 +640,27 @@ impl LogAppender {
         offset: u64,
         data: &[u8],
     ) -> Result<u64, AppendError> {
+        self.append_kind(region, RecordKind::Write, offset, data)
+    }
+
+    /// Append a [`RecordKind::Stripes`] record: `len` bytes of whole stripes from `offset` are
+    /// about to be written to the members directly.
+    pub fn append_stripes(
+        &mut self,
+        region: &mut [u8],
+        offset: u64,
+        len: u64,
+    ) -> Result<u64, AppendError> {
+        self.append_kind(region, RecordKind::Stripes, offset, &len.to_le_bytes())
+    }
+
+    fn append_kind(
+        &mut self,
+        region: &mut [u8],
+        kind: RecordKind,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<u64, AppendError> {
         self.check_region(region)
             .map_err(|(expected, actual)| AppendError::RegionChanged { expected, actual })?;
         if data.len() > self.max_payload() {
@@ -645,7 +679,7 @@ impl LogAppender {
         if let Some(p) = pad_at {
             self.write_record(region, p, RecordKind::Pad, 0, &[]);
         }
-        Ok(self.write_record(region, at, RecordKind::Write, offset, data))
+        Ok(self.write_record(region, at, kind, offset, data))
     }
 
     /// End a group: the records appended since the last commit and the byte ranges that must
@@ -814,6 +848,16 @@ pub struct ReplayRecord {
     pub payload: Range<usize>,
 }
 
+/// A [`RecordKind::Stripes`] record of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StripesRecord {
+    pub seq: u64,
+    /// Aggregate byte offset (a stripe boundary).
+    pub offset: u64,
+    /// Bytes (whole stripes).
+    pub len: u64,
+}
+
 /// Counts of everything replay looked at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -838,6 +882,8 @@ pub struct ReplayReport {
 pub struct Replay {
     pub header: RegionHeader,
     pub records: Vec<ReplayRecord>,
+    /// Whole stripes written to the members directly, whose parity replay recomputes.
+    pub stripes: Vec<StripesRecord>,
     pub report: ReplayReport,
     /// Region offset just past the last record of the chain.
     pub tail_offset: usize,
@@ -919,6 +965,7 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
         ..ReplayReport::default()
     };
     let mut records = Vec::new();
+    let mut stripes = Vec::new();
     let mut pos = head as usize;
     let mut walked = 0usize;
     let mut expected = slot.trimmed_seq + 1;
@@ -982,6 +1029,17 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
                         report.replayed += 1;
                         record_footprint(h.length as usize)
                     }
+                    RecordKind::Stripes => {
+                        let body = pos + RecordHeader::BYTES;
+                        let mut len = [0u8; STRIPES_PAYLOAD];
+                        len.copy_from_slice(&region[body..body + STRIPES_PAYLOAD]);
+                        stripes.push(StripesRecord {
+                            seq: h.seq,
+                            offset: h.offset,
+                            len: u64::from_le_bytes(len),
+                        });
+                        record_footprint(h.length as usize)
+                    }
                 };
                 walked += footprint;
                 pos += footprint;
@@ -1023,7 +1081,9 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
                     }
                     match h.kind {
                         RecordKind::Pad => ring_end - q,
-                        RecordKind::Write => record_footprint(h.length as usize),
+                        RecordKind::Write | RecordKind::Stripes => {
+                            record_footprint(h.length as usize)
+                        }
                     }
                 }
                 _ => RECORD_ALIGN,
@@ -1041,6 +1101,7 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
     Ok(Replay {
         header,
         records,
+        stripes,
         report,
         tail_offset,
     })
@@ -1305,6 +1366,41 @@ mod tests {
             (0, 0)
         );
         assert_eq!(r.tail_offset, DATA_START + 5 * record_footprint(100));
+    }
+
+    #[test]
+    fn stripes_records_scan_in_the_chain_and_a_bad_length_is_torn() {
+        let (mut region, mut log) = fresh(1);
+        append_acked(&mut region, &mut log, 2, 100);
+        let s = log.append_stripes(&mut region, 1 << 20, 3 << 18).unwrap();
+        append_acked(&mut region, &mut log, 1, 100);
+        let r = scan(&region, &EXPECT).unwrap();
+        assert_eq!(seqs(&r), vec![1, 2, 4], "write records only");
+        assert_eq!(
+            r.stripes,
+            vec![StripesRecord {
+                seq: s,
+                offset: 1 << 20,
+                len: 3 << 18
+            }]
+        );
+        assert_eq!(r.report.last_seq, 4);
+        assert_eq!(
+            r.tail_offset,
+            DATA_START + 3 * record_footprint(100) + record_footprint(STRIPES_PAYLOAD)
+        );
+        // A Stripes header claiming another payload length is damage, not a record.
+        let at = record_at(&region, s);
+        let Parsed::Valid(mut h) = parse_record(&region, at, region.len()) else {
+            unreachable!()
+        };
+        h.length = 16;
+        let p = region[at + 64..at + 80].to_vec();
+        region[at..at + 64].copy_from_slice(&h.encode(&p));
+        assert!(matches!(
+            parse_record(&region, at, region.len()),
+            Parsed::Torn
+        ));
     }
 
     #[test]

@@ -105,8 +105,13 @@ pub struct JournalStats {
     pub cp_bytes: AtomicU64,
     pub full_waits: AtomicU64,
     pub read_retries: AtomicU64,
-    /// Device cache flushes of the log (client FLUSH/FUA).
+    /// Device cache flushes of the log (client FLUSH/FUA, and before each CP).
     pub device_flushes: AtomicU64,
+    /// Whole-stripe writes that went to the members directly, not through the log.
+    pub direct_writes: AtomicU64,
+    pub direct_bytes: AtomicU64,
+    /// Whole-stripe writes logged instead, because the log held data of the same stripes.
+    pub direct_fallbacks: AtomicU64,
 }
 
 /// What replay did at open.
@@ -120,6 +125,8 @@ pub struct ReplaySummary {
     pub discarded_unacked: u64,
     pub stale_ignored: u64,
     pub last_seq: u64,
+    /// Direct whole-stripe writes whose parity replay recomputed.
+    pub resynced_stripe_records: u64,
 }
 
 impl ReplaySummary {
@@ -132,6 +139,7 @@ impl ReplaySummary {
             discarded_unacked: r.discarded_unacked,
             stale_ignored: r.stale_ignored,
             last_seq: r.last_seq,
+            resynced_stripe_records: 0,
         }
     }
 }
@@ -145,6 +153,14 @@ struct Inner {
     durable: u64,
     /// The partner's mirror must be copied whole before incremental commits mean anything.
     mirror_needs_resync: bool,
+    /// Direct whole-stripe writes in flight: (start, end, seq of their Stripes record).
+    direct: Vec<(u64, u64, u64)>,
+}
+
+fn overlaps_direct(direct: &[(u64, u64, u64)], offset: u64, len: u64) -> bool {
+    direct
+        .iter()
+        .any(|&(a, b, _)| offset < b && a < offset + len)
 }
 
 /// A journaled aggregate: what the NBD export serves.
@@ -156,6 +172,8 @@ pub struct Journal {
     /// Everything up to here has survived a device cache flush (power-loss safe).
     flushed: AtomicU64,
     flush_lock: Mutex<()>,
+    /// A direct write went to the members since their caches were last flushed.
+    members_dirty: AtomicBool,
     cache: RwLock<WriteCache>,
     trims: AtomicU64,
     mirror: RwLock<Option<Arc<dyn MirrorLink>>>,
@@ -195,13 +213,20 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
         }),
         Ok(replay) => {
             let cache = WriteCache::from_replay(region, &replay);
+            // Directly written stripes first (their write may have been torn: recompute parity
+            // from their data), then the logged writes, which are all newer than them.
+            for st in &replay.stripes {
+                agg.resync_range(st.offset, st.len)?;
+            }
             let runs = runs_of(&cache, u64::MAX);
             let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
             write_runs_parallel(agg, &runs, true)?;
             agg.flush()?;
-            let s = ReplaySummary::from_report(&replay.report, bytes);
+            let mut s = ReplaySummary::from_report(&replay.report, bytes);
+            s.resynced_stripe_records = replay.stripes.len() as u64;
             tracing::info!(aggregate = %agg.name(), replayed = s.replayed_records, bytes, discarded_torn = s.discarded_torn,
-                discarded_unacked = s.discarded_unacked, stale = s.stale_ignored, "NVRAM log replayed");
+                discarded_unacked = s.discarded_unacked, stale = s.stale_ignored,
+                resynced_stripe_records = s.resynced_stripe_records, "NVRAM log replayed");
             Ok(s)
         }
     }
@@ -226,7 +251,7 @@ fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
 }
 
 /// Threads a consistency point writes with: the members see this many requests at once.
-const CP_WRITERS: usize = 16;
+const CP_WRITERS: usize = 64;
 
 /// Write runs to the aggregate from several threads (runs never overlap, so order is free).
 fn write_runs_parallel(
@@ -255,6 +280,16 @@ fn write_runs_parallel(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// A direct write to the members, in pieces the aggregate takes (whole stripes each).
+fn write_members(agg: &Aggregate, off: u64, data: &[u8], fua: bool) -> Result<(), AggregateError> {
+    let stripe = agg.geometry().stripe_bytes() as usize;
+    let piece = (agg.block_sizes().max_bytes as usize / stripe).max(1) * stripe;
+    for (i, chunk) in data.chunks(piece).enumerate() {
+        agg.write(off + (i * piece) as u64, chunk, fua)?;
+    }
+    Ok(())
 }
 
 /// Write a run in pieces the aggregate takes, cut at stripe boundaries so full stripes stay full.
@@ -314,11 +349,13 @@ impl Journal {
                 committing: false,
                 durable: 0,
                 mirror_needs_resync: true,
+                direct: Vec::new(),
             }),
             persister,
             progress: Condvar::new(),
             flushed: AtomicU64::new(0),
             flush_lock: Mutex::new(()),
+            members_dirty: AtomicBool::new(false),
             cache: RwLock::new(WriteCache::new()),
             trims: AtomicU64::new(0),
             mirror: RwLock::new(None),
@@ -653,11 +690,23 @@ impl Journal {
         if data.is_empty() {
             return Ok(());
         }
+        let sb = self.agg.geometry().stripe_bytes();
+        if offset % sb == 0
+            && data.len() as u64 % sb == 0
+            && self.write_direct(offset, data, fua)?
+        {
+            return Ok(());
+        }
         let shared: Arc<[u8]> = Arc::from(data);
         let seq = {
             let mut g = self.inner.lock().unwrap();
             let mut waited = false;
             let seq = loop {
+                // A direct write of the same stripes in flight goes first: this record is newer.
+                if overlaps_direct(&g.direct, offset, data.len() as u64) {
+                    g = self.progress.wait(g).unwrap();
+                    continue;
+                }
                 let inner = &mut *g;
                 match inner.app.append(inner.region.bytes_mut(), offset, data) {
                     Ok(seq) => break seq,
@@ -695,7 +744,75 @@ impl Journal {
     /// NBD FLUSH: every write acknowledged so far survives a power loss once this returns.
     pub fn flush(&self) -> Result<(), JournalError> {
         let durable = self.inner.lock().unwrap().durable;
-        self.flush_log(durable)
+        self.flush_log(durable)?;
+        if self.members_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.agg.flush() {
+                self.members_dirty.store(true, Ordering::Release);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whole stripes straight to the members, with only a Stripes record in the log (made
+    /// durable first, so that replay after a crash recomputes their parity). `Ok(false)`: the
+    /// log holds data of these stripes (a CP would write it over this), so log it instead.
+    fn write_direct(&self, offset: u64, data: &[u8], fua: bool) -> Result<bool, JournalError> {
+        let len = data.len() as u64;
+        let seq = {
+            let mut g = self.inner.lock().unwrap();
+            let mut waited = false;
+            loop {
+                // Under the lock that orders appends: no logged write of these bytes can slip
+                // in between this check and the record (a later one waits for us, above).
+                if overlaps_direct(&g.direct, offset, len)
+                    || !self.cache.read().unwrap().lookup(offset, len).is_empty()
+                {
+                    self.stats.direct_fallbacks.fetch_add(1, Ordering::Relaxed);
+                    return Ok(false);
+                }
+                let inner = &mut *g;
+                match inner
+                    .app
+                    .append_stripes(inner.region.bytes_mut(), offset, len)
+                {
+                    Ok(seq) => {
+                        g.direct.push((offset, offset + len, seq));
+                        break seq;
+                    }
+                    Err(e) if e.is_full() => {
+                        if !waited {
+                            self.stats.full_waits.fetch_add(1, Ordering::Relaxed);
+                            waited = true;
+                        }
+                        self.kick_cp();
+                        g = self
+                            .progress
+                            .wait_timeout(g, Duration::from_millis(100))
+                            .unwrap()
+                            .0;
+                    }
+                    Err(e) => return Err(JournalError::Log(e.to_string())),
+                }
+            }
+        };
+        let written = self
+            .wait_durable(seq)
+            // The record must outlive a power loss before any member changes.
+            .and_then(|()| self.flush_log(seq))
+            .and_then(|()| write_members(&self.agg, offset, data, fua).map_err(JournalError::from));
+        {
+            let mut g = self.inner.lock().unwrap();
+            g.direct.retain(|d| d.2 != seq);
+            self.progress.notify_all();
+        }
+        written?;
+        if !fua {
+            self.members_dirty.store(true, Ordering::Release);
+        }
+        self.stats.direct_writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.direct_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Read, seeing acknowledged writes still only in the log.
@@ -725,11 +842,20 @@ impl Journal {
         let _cp = self.cp_lock.lock().unwrap();
         let upto = {
             let g = self.inner.lock().unwrap();
-            if g.durable <= g.app.trimmed_seq() {
-                return Ok(g.durable);
+            // Never past the record of a direct write still in flight: it must survive until
+            // the write is on the members (and flushed, below).
+            let upto = match g.direct.iter().map(|d| d.2).min() {
+                Some(first) => g.durable.min(first - 1),
+                None => g.durable,
+            };
+            if upto <= g.app.trimmed_seq() {
+                return Ok(upto);
             }
-            g.durable
+            upto
         };
+        // The log guards the members against torn stripe writes: it must outlive a power loss
+        // before the CP changes them.
+        self.flush_log(upto)?;
         let t0 = Instant::now();
         let runs = runs_of(&self.cache.read().unwrap(), upto);
         let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
@@ -1138,9 +1264,9 @@ mod tests {
     #[test]
     fn concurrent_writers_share_group_commits_and_a_full_log_waits_for_cps() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let (agg, disks) = mem_aggregate(4, 16384, 64);
+        let (agg, disks) = mem_aggregate(4, 32768, 32);
         let agg = Arc::new(agg);
-        // A small log: 64 KiB writes fill it many times over.
+        // A small log: 64 KiB writes (half stripes: logged) fill it many times over.
         let r = NvramRegion::open(&dir.path().join("small"), 1 << 20).unwrap();
         let (j, _) = Journal::open(
             agg.clone(),
@@ -1256,6 +1382,63 @@ mod tests {
         let agg2 = reopen(&disks);
         let (_j, s) = Journal::open(agg2, region(dir.path(), "l"), slow_cp()).unwrap();
         assert_eq!(s.replayed_records, 0);
+    }
+
+    #[test]
+    fn whole_stripe_writes_skip_the_log_unless_it_holds_their_stripes_and_replay_repairs_them() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, disks) = mem_aggregate(3, 4096, 16);
+        let agg = Arc::new(agg);
+        let sb = agg.geometry().stripe_bytes();
+        let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
+        let put = |model: &mut Vec<u8>, off: u64, d: &[u8]| {
+            model[off as usize..off as usize + d.len()].copy_from_slice(d)
+        };
+        {
+            let (j, _) = Journal::open(agg.clone(), region(dir.path(), "l"), slow_cp()).unwrap();
+            let small = pattern(4096, 1);
+            j.write(5 * sb, &small, false).unwrap();
+            put(&mut model, 5 * sb, &small);
+            let big = pattern(2 * sb as usize, 2);
+            j.write(sb, &big, false).unwrap();
+            put(&mut model, sb, &big);
+            assert_eq!(j.stats.direct_writes.load(Ordering::Relaxed), 1);
+            assert_eq!(j.stats.direct_bytes.load(Ordering::Relaxed), 2 * sb);
+            let log = log_on_device(dir.path(), "l");
+            assert!(
+                !log.windows(4096).any(|w| w == &big[..4096]),
+                "its data is not in the log"
+            );
+            let mut b = IoBuf::new(big.len());
+            agg.read(sb, &mut b).unwrap();
+            assert!(b[..] == big[..], "on the members at once");
+            // A whole stripe the log holds data of: logged, or a CP would undo it.
+            let over = pattern(sb as usize, 3);
+            j.write(5 * sb, &over, false).unwrap();
+            put(&mut model, 5 * sb, &over);
+            assert_eq!(j.stats.direct_fallbacks.load(Ordering::Relaxed), 1);
+            assert_eq!(j.stats.direct_writes.load(Ordering::Relaxed), 1);
+            let mut b = IoBuf::new(sb as usize);
+            j.read(5 * sb, &mut b).unwrap();
+            assert!(b[..] == over[..]);
+            Backend::flush(&*j).unwrap();
+            // Crash: no CP, no close.
+        }
+        drop(agg);
+        // The direct write was torn: parity of stripe 1 no longer matches its data.
+        {
+            let mut d = disks.data.lock().unwrap();
+            let off = crate::core::label::DATA_OFFSET_BYTES as usize + 4096 + 7;
+            d[3][off] ^= 0xff;
+        }
+        let agg = reopen(&disks);
+        let (_j, s) = Journal::open(agg.clone(), region(dir.path(), "l"), slow_cp()).unwrap();
+        assert_eq!(s.resynced_stripe_records, 1);
+        assert_eq!(s.replayed_records, 2);
+        let mut all = IoBuf::new(model.len());
+        agg.read(0, &mut all).unwrap();
+        assert!(all[..] == model[..]);
+        assert_parity(&disks, 3, 4096 * 16);
     }
 
     #[test]

@@ -589,15 +589,14 @@ mod tests {
                 .iter()
                 .any(|m| *m == Message::Ha(b"hello".to_vec()))
         });
-        assert!(
+        wait("heartbeats arrive", || {
             partner
                 .msgs
                 .lock()
                 .unwrap()
                 .iter()
-                .any(|m| matches!(m, Message::Heartbeat { .. })),
-            "heartbeats arrive"
-        );
+                .any(|m| matches!(m, Message::Heartbeat { .. }))
+        });
         // The partner goes away: writes go on, acknowledged locally, and status says so.
         drop(l1);
         wait("link down", || !l0.is_up());

@@ -297,6 +297,9 @@ impl Conn {
     }
 }
 
+/// Largest read or write a connection's reader runs itself (see `transmission`).
+const INLINE_MAX_BYTES: u32 = 64 * 1024;
+
 /// A validated request handed to a worker.
 struct Job {
     conn: Arc<Conn>,
@@ -1150,8 +1153,9 @@ impl Shared {
             // Nothing else from this client is in flight or waiting in the buffer (a queue
             // depth of one): run it here and spare two thread handoffs. Otherwise the workers
             // take it, and this thread goes on reading.
-            // Reads and writes only: a FLUSH or a long zeroing should not hold up the reading.
-            let quick = matches!(job.cmd, Command::Read { .. } | Command::Write { .. });
+            // Small reads and writes only: a FLUSH, a long zeroing or a big transfer should not
+            // hold up the reading (a client streaming 1 MiB writes has the next one on the way).
+            let quick = matches!(job.cmd, Command::Read { length, .. } | Command::Write { length, .. } if length <= INLINE_MAX_BYTES);
             if quick && rd.buffer().is_empty() && conn.inflight.lock().unwrap().requests == 1 {
                 conn.counters.inline.fetch_add(1, Ordering::Relaxed);
                 run_job(job);

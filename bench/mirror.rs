@@ -3,7 +3,7 @@
 //! fio's nbd engine, 4 KiB random writes at QD1 and QD32, against four release `hapaird`
 //! setups that all run side by side for the whole bench (each on its own RAID-4 4+1 of loop
 //! devices of the same size on the same ext4), interleaved round by round:
-//! - **local, ext4**: one hapaird without `[pair]`, NVRAM log a file on /var/tmp (ext4, msync):
+//! - **local, ext4**: one hapaird without `[pair]`, NVRAM log a file on /var/tmp (ext4, written with O_DIRECT):
 //!   a write is acknowledged once it is in the local log (no partner);
 //! - **mirrored, ext4**: a pair (node a serves the measured aggregate, node b holds the mirror
 //!   of a's log), log and mirror files on /var/tmp; the interconnect is TCP on 127.0.0.1; a write
@@ -61,13 +61,13 @@ struct Who {
 const WHOS: [Who; 4] = [
     Who {
         key: "local-ext4",
-        label: "local only, log on ext4 (msync)",
+        label: "local only, log on ext4 (O_DIRECT)",
         mirrored: false,
         shm: false,
     },
     Who {
         key: "mirror-ext4",
-        label: "mirrored, log + mirror on ext4 (msync)",
+        label: "mirrored, log + mirror on ext4 (O_DIRECT)",
         mirrored: true,
         shm: false,
     },
@@ -565,7 +565,7 @@ fn bench() -> Result<(), String> {
     writeln!(t, "| workload | log on | local only: IOPS | mirrored: IOPS | mirrored / local | local: mean / p50 / p99 (us) | mirrored: mean / p50 / p99 (us) | added by mirroring: mean / p50 / p99 (us) |").unwrap();
     writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|").unwrap();
     for (wi, w) in WORKS.iter().enumerate() {
-        for (fs, li, mi) in [("ext4 (msync)", 0, 1), ("tmpfs", 2, 3)] {
+        for (fs, li, mi) in [("ext4 (O_DIRECT)", 0, 1), ("tmpfs", 2, 3)] {
             let (li_iops, mi_iops) = (med(wi, li, &|r| r.iops), med(wi, mi, &|r| r.iops));
             let lat = |ci: usize| {
                 (

@@ -4,7 +4,7 @@
 //! - `hapaird run` serving a 4+1 RAID-4 aggregate of loop devices (the release binary), in two
 //!   configurations on two sets of loop devices: **write-through** (no NVRAM log: a write is
 //!   acknowledged once on the members) and **NVRAM** (a single node's NVRAM log, a file in
-//!   `HAPAIR_BENCH_NVRAM_DIR`, default /var/tmp: ext4 with msync; no partner, so no mirror:
+//!   `HAPAIR_BENCH_NVRAM_DIR`, default /var/tmp: ext4, written with O_DIRECT; no partner, so no mirror:
 //!   `cargo bench --bench mirror` measures that);
 //! - `nbdkit file` serving one loop device of the same size on the same backing filesystem,
 //!   with the page cache (`cache=default`, the plugin's default) and with `cache=none` (the
@@ -580,7 +580,10 @@ fn bench() -> Result<(), String> {
          write). Members opened O_DIRECT: no page cache anywhere on its path.\n\
          - **hapaird NVRAM log (no partner)**: the same on its own 5 loop devices, with `nvram` = a {nvram_mib} MiB file \
          in {nvram_dir} ({nvram_line}), default CP interval (1 s, or at 50 % full); single node, so no mirror. A write \
-         is acknowledged once persisted in the log; CPs write the log to the members in the background. \
+         is acknowledged once written to the log's device (O_DIRECT; the device cache is flushed on the client's \
+         FLUSH or FUA, which fio does not send here, and before every CP), except whole aligned stripes (the 1 MiB \
+         rows), which go to the members directly after a small flushed Stripes record; CPs write the log to the \
+         members in the background. \
          After the run: {hapaird_exit}.\n\
          - **nbdkit file**: `nbdkit --exit-with-parent -f -p PORT -i 127.0.0.1 file /dev/loopN` over one loop device \
          (direct I/O to its backing file) of the same size as the export, backing file fully written first. nbdkit \

@@ -631,7 +631,7 @@ fn bench() -> Result<(), String> {
          (hard takeover), restart of b (not measured) and giveback. Cells are **median / max** over the rounds.\n\n\
          ## Machine\n{machine}\n## Setup\n\
          - The pair fixture of `tests/pair.rs` (`tests/common/pair.rs`): two release `hapaird`, each aggregate RAID-4 4+1 \
-         of 24 MiB loop devices, NVRAM log (8 MiB, file on ext4, msync) mirrored over a TCP interconnect on 127.0.0.1; \
+         of 24 MiB loop devices, NVRAM log (8 MiB, file on ext4, O_DIRECT) mirrored over a TCP interconnect on 127.0.0.1; \
          service addresses 127.0.0.x/32 on `lo`; heartbeat 100 ms, interconnect timeout 1000 ms, mailbox timeout 2000 ms, \
          countdown 10 s, hold-down 8 s, CP every 300 ms, 8 NBD workers.\n\
          - Client: the verifying `Writer` of the pair tests: one NBD connection to b's service address, 4 KiB writes to \

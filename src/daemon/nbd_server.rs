@@ -141,9 +141,6 @@ pub struct Stats {
     pub errors: u64,
     /// Connections dropped for a protocol violation (bad magic, unknown client flags, ...).
     pub protocol_errors: u64,
-    /// Requests run by the connection's own reader (nothing else of its client in flight)
-    /// instead of by a worker.
-    pub inline: u64,
 }
 
 /// What a drain did.
@@ -172,7 +169,6 @@ struct Counters {
     requests: AtomicU64,
     errors: AtomicU64,
     protocol_errors: AtomicU64,
-    inline: AtomicU64,
 }
 
 /// Payload bytes held by requests in flight over all connections.
@@ -210,7 +206,7 @@ struct Shared {
     registry: Mutex<Registry>,
     registry_cv: Condvar,
     accepting: AtomicBool,
-    jobs: Mutex<Option<crossbeam_channel::Sender<Job>>>,
+    jobs: Mutex<Option<JobSender>>,
     counters: Arc<Counters>,
     budget: Arc<ByteBudget>,
     limiter: Mutex<RateLimiter>,
@@ -297,9 +293,6 @@ impl Conn {
     }
 }
 
-/// Largest read or write a connection's reader runs itself (see `transmission`).
-const INLINE_MAX_BYTES: u32 = 64 * 1024;
-
 /// A validated request handed to a worker.
 struct Job {
     conn: Arc<Conn>,
@@ -348,8 +341,9 @@ impl NbdServer {
                 "zero workers or limits",
             ));
         }
-        // Many workers take jobs from one queue without a lock between them.
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        // Many workers take jobs from one queue; idle ones sleep (no spinning: on a small
+        // machine a spinning or yielding worker takes the CPU from the request it waits for).
+        let (tx, rx) = job_queue();
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             exports: RwLock::new(Vec::new()),
@@ -460,7 +454,6 @@ impl NbdServer {
             requests: c.requests.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             protocol_errors: c.protocol_errors.load(Ordering::Relaxed),
-            inline: c.inline.load(Ordering::Relaxed),
         }
     }
 
@@ -518,13 +511,76 @@ impl Drop for NbdServer {
     }
 }
 
-fn worker_loop(rx: crossbeam_channel::Receiver<Job>) {
-    loop {
-        let job = match rx.recv() {
-            Ok(j) => j,
-            Err(_) => return,
-        };
+fn worker_loop(rx: JobReceiver) {
+    while let Some(job) = rx.recv() {
         run_job(job);
+    }
+}
+
+/// The workers' queue: FIFO, a sleeping worker woken per job, closed when the last
+/// [`JobSender`] is dropped (the workers drain what is queued, then exit).
+struct JobQueue {
+    state: Mutex<JobQueueState>,
+    cv: Condvar,
+}
+
+struct JobQueueState {
+    jobs: std::collections::VecDeque<Job>,
+    senders: usize,
+}
+
+struct JobSender(Arc<JobQueue>);
+#[derive(Clone)]
+struct JobReceiver(Arc<JobQueue>);
+
+fn job_queue() -> (JobSender, JobReceiver) {
+    let q = Arc::new(JobQueue {
+        state: Mutex::new(JobQueueState {
+            jobs: std::collections::VecDeque::new(),
+            senders: 1,
+        }),
+        cv: Condvar::new(),
+    });
+    (JobSender(q.clone()), JobReceiver(q))
+}
+
+impl JobSender {
+    fn send(&self, job: Job) {
+        self.0.state.lock().unwrap().jobs.push_back(job);
+        self.0.cv.notify_one();
+    }
+}
+
+impl Clone for JobSender {
+    fn clone(&self) -> JobSender {
+        self.0.state.lock().unwrap().senders += 1;
+        JobSender(self.0.clone())
+    }
+}
+
+impl Drop for JobSender {
+    fn drop(&mut self) {
+        let mut g = self.0.state.lock().unwrap();
+        g.senders -= 1;
+        if g.senders == 0 {
+            self.0.cv.notify_all();
+        }
+    }
+}
+
+impl JobReceiver {
+    /// The next job; `None` once every sender is gone and the queue is empty.
+    fn recv(&self) -> Option<Job> {
+        let mut g = self.0.state.lock().unwrap();
+        loop {
+            if let Some(j) = g.jobs.pop_front() {
+                return Some(j);
+            }
+            if g.senders == 0 {
+                return None;
+            }
+            g = self.0.cv.wait(g).unwrap();
+        }
     }
 }
 
@@ -1150,21 +1206,7 @@ impl Shared {
                 charge,
                 split_bytes: s.limits.max_bytes as u64,
             };
-            // Nothing else from this client is in flight or waiting in the buffer (a queue
-            // depth of one): run it here and spare two thread handoffs. Otherwise the workers
-            // take it, and this thread goes on reading.
-            // Small reads and writes only: a FLUSH, a long zeroing or a big transfer should not
-            // hold up the reading (a client streaming 1 MiB writes has the next one on the way).
-            let quick = matches!(job.cmd, Command::Read { length, .. } | Command::Write { length, .. } if length <= INLINE_MAX_BYTES);
-            if quick && rd.buffer().is_empty() && conn.inflight.lock().unwrap().requests == 1 {
-                conn.counters.inline.fetch_add(1, Ordering::Relaxed);
-                run_job(job);
-                continue;
-            }
-            if sender.send(job).is_err() {
-                conn.release(charge);
-                return Ok(());
-            }
+            sender.send(job);
         }
     }
 

@@ -632,7 +632,7 @@ fn bench() -> Result<(), String> {
          ## Machine\n{machine}\n## Setup\n\
          - The pair fixture of `tests/pair.rs` (`tests/common/pair.rs`): two release `hapaird`, each aggregate RAID-4 4+1 \
          of 24 MiB loop devices, NVRAM log (8 MiB, file on ext4, O_DIRECT) mirrored over a TCP interconnect on 127.0.0.1; \
-         service addresses 127.0.0.x/32 on `lo`; heartbeat 100 ms, interconnect timeout 1000 ms, mailbox timeout 2000 ms, \
+         service addresses 127.0.0.x/32 on `lo`; heartbeat 100 ms, interconnect timeout 1000 ms, mailbox timeout 5000 ms (the fixture's, generous for a busy CI machine), \
          countdown 10 s, hold-down 8 s, CP every 300 ms, 8 NBD workers.\n\
          - Client: the verifying `Writer` of the pair tests: one NBD connection to b's service address, 4 KiB writes to \
          {BLOCKS} blocks, 8 in flight, reconnecting every 20 ms while it cannot connect. **Client's longest gap** is the \

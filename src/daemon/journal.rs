@@ -220,7 +220,7 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
             }
             let runs = runs_of(&cache, u64::MAX);
             let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
-            write_runs_parallel(agg, &runs, true)?;
+            write_runs_parallel(agg, &runs, true, CP_WRITERS_MAX)?;
             agg.flush()?;
             let mut s = ReplaySummary::from_report(&replay.report, bytes);
             s.resynced_stripe_records = replay.stripes.len() as u64;
@@ -250,19 +250,24 @@ fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
     runs
 }
 
-/// Threads a consistency point writes with: the members see this many requests at once.
-const CP_WRITERS: usize = 64;
+/// Threads a consistency point writes with (the members see this many requests at once): from
+/// `CP_WRITERS_MIN` for a log that is nearly empty up to `CP_WRITERS_MAX` at the CP fill mark, so
+/// that a routine CP does not queue the log's own writes behind a burst of member I/O, and a CP
+/// under pressure (writers about to wait for log space) goes as fast as the members allow.
+const CP_WRITERS_MAX: usize = 64;
+const CP_WRITERS_MIN: usize = 8;
 
 /// Write runs to the aggregate from several threads (runs never overlap, so order is free).
 fn write_runs_parallel(
     agg: &Aggregate,
     runs: &[(u64, Vec<u8>)],
     repair: bool,
+    writers: usize,
 ) -> Result<(), AggregateError> {
     let next = AtomicU64::new(0);
     let first_err: Mutex<Option<AggregateError>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..CP_WRITERS.min(runs.len()) {
+        for _ in 0..writers.min(runs.len()) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 if i >= runs.len() || first_err.lock().unwrap().is_some() {
@@ -840,8 +845,12 @@ impl Journal {
     /// members are flushed, the log is trimmed here and in the mirror. Returns the seq covered.
     pub fn checkpoint(&self) -> Result<u64, JournalError> {
         let _cp = self.cp_lock.lock().unwrap();
-        let upto = {
+        let (upto, writers) = {
             let g = self.inner.lock().unwrap();
+            let used = self.region_bytes.saturating_sub(g.app.free_bytes());
+            let mark = (self.region_bytes * self.cfg.cp_fill_percent as usize / 100).max(1);
+            let writers =
+                CP_WRITERS_MIN + (CP_WRITERS_MAX - CP_WRITERS_MIN) * used.min(mark) / mark;
             // Never past the record of a direct write still in flight: it must survive until
             // the write is on the members (and flushed, below).
             let upto = match g.direct.iter().map(|d| d.2).min() {
@@ -851,7 +860,7 @@ impl Journal {
             if upto <= g.app.trimmed_seq() {
                 return Ok(upto);
             }
-            upto
+            (upto, writers)
         };
         // The log guards the members against torn stripe writes: it must outlive a power loss
         // before the CP changes them.
@@ -859,7 +868,7 @@ impl Journal {
         let t0 = Instant::now();
         let runs = runs_of(&self.cache.read().unwrap(), upto);
         let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
-        write_runs_parallel(&self.agg, &runs, false)?;
+        write_runs_parallel(&self.agg, &runs, false, writers)?;
         self.agg.flush()?;
         let (slot, segment) = {
             let mut g = self.inner.lock().unwrap();

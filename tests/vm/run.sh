@@ -38,7 +38,7 @@
 #        HAPAIR_VM_DEVKIND=sd|sg: hand the test /dev/sdX (default) or their /dev/sgN
 #        HAPAIR_VM_DEBUG=1: verbose kernel console, blocked-task dump after 30 s
 # Needs root. Installs qemu-system-x86, busybox-static, cpio, and sg3-utils (and open-iscsi for
-# the iscsi fabric) or, for knbd, nbd-client, libnbd-bin and e2fsprogs through apt if missing.
+# the iscsi fabric) or, for knbd, nbd-client, libnbd-bin, e2fsprogs and jq through apt if missing.
 # Exits 0 only if the scenario ran in the guest and passed; otherwise non-zero with the reason.
 set -euo pipefail
 
@@ -119,6 +119,7 @@ if [ "$SCENARIO" = knbd ]; then
     command -v nbd-client >/dev/null || need+=(nbd-client)
     command -v nbdinfo >/dev/null || need+=(libnbd-bin)
     { command -v mkfs.ext4 && command -v e2fsck; } >/dev/null || need+=(e2fsprogs)
+    command -v jq >/dev/null || need+=(jq)
 else
     command -v sg_persist >/dev/null || need+=(sg3-utils)
 fi

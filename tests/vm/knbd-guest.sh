@@ -274,6 +274,7 @@ e2fsck -fn $DEV > "$W/fsck.log" 2>&1 || { cat "$W/fsck.log"; fail "e2fsck -fn $D
 ok "e2fsck -fn: clean ($(tail -n1 "$W/fsck.log"))"
 mount_fs
 verify_files "after disconnect, hapaird restart and reconnect"
+umount_fs # fio refuses to write to a device with a mounted filesystem
 
 if command -v fio >/dev/null; then
     step "fio: libaio, O_DIRECT, iodepth 8, random writes then crc32c verify, on the raw device"
@@ -301,6 +302,7 @@ else
 fi
 
 step "write and fsync, disconnect, SIGKILL hapaird (no final consistency point), restart: log replay"
+mount_fs
 dd if=/dev/urandom of="$MNT/f.bin" bs=4k count=100 conv=fsync status=none || fail "dd conv=fsync f.bin"
 (cd "$MNT" && sha256sum f.bin) >> "$W/files.sum"
 umount_fs

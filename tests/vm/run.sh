@@ -57,7 +57,7 @@ FABRIC=${HAPAIR_VM_FABRIC:-iscsi}
 # knbd exports no SCSI: no fabric, no fence.
 [ "$SCENARIO" = knbd ] && FABRIC=none FENCE=none
 case "$FABRIC" in
-none) ;;
+none) [ "$SCENARIO" = knbd ] || { echo "$0: HAPAIR_VM_FABRIC must be iscsi or loop" >&2; exit 1; } ;;
 # The iSCSI target submits commands from its own rx threads: PREEMPT AND ABORT works there.
 iscsi) FENCE=${HAPAIR_VM_FENCE:-preempt-and-abort} ;;
 # PREEMPT AND ABORT deadlocks LIO behind tcm_loop (6.1 and 6.12: core_tmr_lun_reset runs in the

@@ -252,6 +252,53 @@ fn block_size_required_when_configured() {
     assert!(c.closed());
 }
 
+/// A client that did not agree on block sizes (NBD_OPT_GO without NBD_INFO_BLOCK_SIZE, as
+/// Debian's nbd-client 3.24 sends for the kernel, or NBD_OPT_EXPORT_NAME) never learnt the
+/// maximum: its READ and WRITE up to 2^25 bytes are served, in pieces the backend takes. The
+/// kernel sends up to its max_sectors_kb (1280 KiB by default) and fails the I/O on EINVAL.
+#[test]
+fn clients_without_block_size_agreement_may_exceed_the_maximum() {
+    let (srv, b) = server();
+    let addr = srv.local_addr().unwrap();
+    let len = 3 * MAX + 512;
+    for (i, export_name) in [false, true].into_iter().enumerate() {
+        let mut c = RawClient::connect(addr);
+        c.greet(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+        if export_name {
+            c.send_option(OPT_EXPORT_NAME, b"disk");
+            let reply = c.read_n(10);
+            assert_eq!(be64(&reply[0..8]), SIZE);
+        } else {
+            let (infos, fin) = c.info(OPT_GO, "disk", &[]);
+            assert_eq!(fin, REP_ACK);
+            // The sizes are sent all the same.
+            assert!(infos.iter().any(|(t, _)| *t == INFO_BLOCK_SIZE));
+        }
+        let data = random_bytes(len as usize, 40 + i as u64);
+        let off = 512 * (1 + i as u64);
+        c.request(CMD_WRITE, CMD_FLAG_FUA, 1, off, len, &data);
+        assert_eq!(
+            c.simple(),
+            (0, 1),
+            "write of {len} bytes (export_name {export_name})"
+        );
+        assert_eq!(&b.contents()[off as usize..][..len as usize], &data[..]);
+        c.request(CMD_READ, 0, 2, off, len, &[]);
+        assert_eq!(c.simple(), (0, 2));
+        assert_eq!(c.read_n(len as usize), data);
+        // The backend never saw more than the advertised maximum at once.
+        assert!(b.largest.load(std::sync::atomic::Ordering::Relaxed) <= MAX as u64);
+        c.request(CMD_DISC, 0, 3, 0, 0, &[]);
+        assert!(c.closed());
+    }
+    // A client that asked for the sizes keeps to them ("read over maximum" in
+    // bad_requests_get_the_prescribed_errors).
+    let (mut c, _, _) = RawClient::open(addr, "disk", false);
+    c.request(CMD_READ, 0, 1, 0, MAX + 512, &[]);
+    assert_eq!(c.simple(), (NBD_EINVAL, 1));
+    assert_eq!(srv.stats().errors, 1);
+}
+
 /// (what, kind, flags, offset, length, payload, expected errno)
 type Case<'a> = (&'a str, u16, u16, u64, u32, &'a [u8], u32);
 

@@ -24,5 +24,8 @@ vm_failed=0
 if tests/vm/run.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
 # Two hapaird daemons fencing with PR on four LUNs in the same VM (70-150 s under TCG, depending on the load).
 if tests/vm/pair.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
+# The Linux kernel's own NBD client (nbd.ko via nbd-client) on one hapaird's export in the same
+# VM, no SCSI: raw I/O, ext4 across a restart and a SIGKILL, fio verify (50-110 s under TCG, depending on the load).
+if tests/vm/knbd.sh; then vm_passed=$((vm_passed + 1)); else vm_failed=$((vm_failed + 1)); fi
 echo "tests: $((passed + vm_passed)) passed, $((failed + vm_failed)) failed"
 [ "$vm_failed" -eq 0 ]

@@ -14,7 +14,8 @@
 //! ([`ServerConfig::max_inflight_per_conn`]), payload bytes held for reads and writes in flight
 //! per connection ([`ServerConfig::max_buffered_bytes_per_conn`]) and in all
 //! ([`ServerConfig::max_buffered_bytes_total`]), the size of one request (the advertised
-//! maximum block size, at most [`ServerConfig::max_request_bytes`]), option count and option
+//! maximum block size, at most [`ServerConfig::max_request_bytes`], for clients that asked for
+//! `NBD_INFO_BLOCK_SIZE`; [`UNAGREED_MAX_BYTES`] for the others), option count and option
 //! size during the handshake, and how long a handshake read or a reply write may block. The
 //! worker queue is bounded by connections × in-flight requests. A client that stops reading
 //! its replies holds a worker for at most [`ServerConfig::send_timeout`], then is dropped.
@@ -65,9 +66,20 @@ pub struct ServerConfig {
     pub send_timeout: Duration,
     /// Refuse `NBD_OPT_GO` without an `NBD_INFO_BLOCK_SIZE` request
     /// (`NBD_REP_ERR_BLOCK_SIZE_REQD`) and `NBD_OPT_EXPORT_NAME` (hard disconnect). Off by
-    /// default: such clients are served and misaligned requests get `NBD_EINVAL`.
+    /// default: such clients are served, misaligned requests get `NBD_EINVAL`, and READ/WRITE
+    /// up to [`UNAGREED_MAX_BYTES`] are taken (split into pieces the backend takes).
     pub require_block_size: bool,
 }
+
+/// The largest READ or WRITE taken from a client that did not agree on block sizes (it used
+/// `NBD_OPT_EXPORT_NAME`, or `NBD_OPT_GO` without asking for `NBD_INFO_BLOCK_SIZE`), when the
+/// advertised maximum is smaller: the protocol's interoperability limit, 2^25 bytes (proto.md,
+/// "Block size constraints": without agreed sizes a server SHOULD take requests of any length,
+/// a client SHOULD keep READ and WRITE within 2^25). Such requests are served in pieces of the
+/// advertised maximum. The Linux kernel's client is one: nbd-client (3.24) sends `NBD_OPT_GO`
+/// with no information requests, and nbd.ko sends requests up to its `max_sectors_kb` (1280
+/// KiB by default, up to 32 MiB), knowing nothing of the server's maximum.
+pub const UNAGREED_MAX_BYTES: u32 = 1 << 25;
 
 impl Default for ServerConfig {
     fn default() -> ServerConfig {
@@ -602,11 +614,14 @@ fn in_pieces(
 fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
     let b = &job.backend;
     match job.cmd {
+        // Longer than the advertised maximum only from a client that did not agree on block
+        // sizes (UNAGREED_MAX_BYTES): served in pieces the backend takes.
         Command::Read { offset, length } => {
             let mut buf = b.alloc(length as usize);
-            if length > 0 {
-                b.read(offset, &mut buf[..])?;
-            }
+            in_pieces(offset, length as u64, job.split_bytes, |o, l| {
+                let at = (o - offset) as usize;
+                b.read(o, &mut buf[at..at + l as usize])
+            })?;
             Ok(Some(buf))
         }
         Command::Write {
@@ -614,10 +629,11 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             length,
             fua,
         } => {
-            if length > 0 {
-                let data = job.payload.as_ref().expect("write payload");
-                b.write(offset, &data[..], fua)?;
-            }
+            let data = job.payload.as_ref().expect("write payload");
+            in_pieces(offset, length as u64, job.split_bytes, |o, l| {
+                let at = (o - offset) as usize;
+                b.write(o, &data[at..at + l as usize], fua)
+            })?;
             Ok(None)
         }
         Command::Flush => b.flush().map(|_| None),
@@ -902,11 +918,22 @@ impl Shared {
         still
     }
 
-    fn session(&self, entry: Arc<ExportEntry>, structured: bool) -> Session {
+    /// `agreed`: the client asked for `NBD_INFO_BLOCK_SIZE`, and so must keep to the
+    /// advertised maximum; others may send READ/WRITE up to [`UNAGREED_MAX_BYTES`].
+    fn session(&self, entry: Arc<ExportEntry>, structured: bool, agreed: bool) -> Session {
+        let max_bytes = if agreed {
+            entry.sizes.max_bytes
+        } else {
+            let min = entry.sizes.min_bytes;
+            entry
+                .sizes
+                .max_bytes
+                .max(UNAGREED_MAX_BYTES - UNAGREED_MAX_BYTES % min)
+        };
         let limits = RequestLimits {
             size_bytes: entry.export.backend.size_bytes(),
             min_bytes: entry.sizes.min_bytes,
-            max_bytes: entry.sizes.max_bytes,
+            max_bytes,
             read_only: entry.export.read_only,
             structured,
             max_discard_bytes: wire::DOS_FLOOR_BYTES,
@@ -989,7 +1016,7 @@ impl Shared {
                     if !self.bind_export(conn, &entry) {
                         return Err(ConnError::Protocol(format!("export {name:?} went away")));
                     }
-                    let s = self.session(entry, structured);
+                    let s = self.session(entry, structured, false);
                     let flags = Self::flags(&s.entry, structured);
                     wire::encode_export_name_reply(
                         &mut out,
@@ -1113,7 +1140,7 @@ impl Shared {
                         }
                         wire::encode_ack(&mut out, opt);
                         self.reply(conn, &mut out)?;
-                        return Ok(Some(self.session(entry, structured)));
+                        return Ok(Some(self.session(entry, structured, r.wants_block_size())));
                     } else {
                         wire::encode_ack(&mut out, opt);
                     }
@@ -1204,7 +1231,8 @@ impl Shared {
                 structured: s.structured,
                 payload,
                 charge,
-                split_bytes: s.limits.max_bytes as u64,
+                // The advertised maximum: what the backend takes in one call.
+                split_bytes: s.entry.sizes.max_bytes as u64,
             };
             sender.send(job);
         }

@@ -21,6 +21,8 @@ pub struct FileBackend {
     sizes: BlockSizes,
     _tmp: tempfile::NamedTempFile,
     pub flushes: AtomicU64,
+    /// The longest read or write the backend was called with.
+    pub largest: AtomicU64,
 }
 
 impl FileBackend {
@@ -37,6 +39,7 @@ impl FileBackend {
             sizes,
             _tmp: tmp,
             flushes: AtomicU64::new(0),
+            largest: AtomicU64::new(0),
         }
     }
 
@@ -70,9 +73,11 @@ impl Backend for FileBackend {
         true
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.largest.fetch_max(buf.len() as u64, Ordering::Relaxed);
         self.file.read_exact_at(buf, offset).map_err(io_err)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.largest.fetch_max(data.len() as u64, Ordering::Relaxed);
         self.file.write_all_at(data, offset).map_err(io_err)?;
         if fua {
             self.file.sync_data().map_err(io_err)?;

@@ -19,21 +19,26 @@
 #     hang and dumps the blocked tasks.
 # Either way host h sees LUN i as /dev/hapair/h$h-lun$i in the guest, which is all the
 # scenarios use.
+# The knbd scenario sets up no SCSI at all: one hapaird on file-backed members in the guest's
+# scratch tmpfs, served to the guest kernel's own NBD client (nbd.ko through Debian's nbd-client;
+# tests/vm/knbd-guest.sh, tests/vm/knbd.sh). HAPAIR_VM_FABRIC, _FENCE and _DEVKIND do not apply.
 #
 # usage: tests/vm/run.sh [--bin PATH]   (default: cargo build --bin hapair-prtest, debug)
 # env:   HAPAIR_VM_FABRIC=iscsi|loop (default iscsi; see above)
 #        HAPAIR_VM_FENCE=preempt-and-abort|preempt (default preempt-and-abort on iscsi,
 #          preempt on loop)
-#        HAPAIR_VM_SCENARIO=prtest|pair: hapair-prtest on one LUN (default), or two hapaird
-#          daemons fencing with PR over four LUNs (tests/vm/pair-guest.sh; tests/vm/pair.sh)
+#        HAPAIR_VM_SCENARIO=prtest|pair|knbd: hapair-prtest on one LUN (default), or two
+#          hapaird daemons fencing with PR over four LUNs (tests/vm/pair-guest.sh;
+#          tests/vm/pair.sh), or the kernel's NBD client on one hapaird's export, no SCSI
+#          (tests/vm/knbd-guest.sh; tests/vm/knbd.sh)
 #        HAPAIR_VM_CACHE (default /var/cache/hapair-vm): kernel .deb and its extraction
 #        HAPAIR_VM_TIMEOUT_S (default 120): wall-clock limit for the VM
 #        HAPAIR_VM_KEEP=1: keep the work dir (initramfs, console log) for debugging
 #        HAPAIR_VM_KERNEL_SUITE (default bookworm-backports; "stable" = the host's sources)
 #        HAPAIR_VM_DEVKIND=sd|sg: hand the test /dev/sdX (default) or their /dev/sgN
 #        HAPAIR_VM_DEBUG=1: verbose kernel console, blocked-task dump after 30 s
-# Needs root. Installs qemu-system-x86, busybox-static, sg3-utils, cpio (and open-iscsi for the
-# iscsi fabric) through apt if missing.
+# Needs root. Installs qemu-system-x86, busybox-static, cpio, and sg3-utils (and open-iscsi for
+# the iscsi fabric) or, for knbd, nbd-client, libnbd-bin, e2fsprogs and jq through apt if missing.
 # Exits 0 only if the scenario ran in the guest and passed; otherwise non-zero with the reason.
 set -euo pipefail
 
@@ -47,8 +52,12 @@ say() { echo "$ME: $*" >&2; }
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE=${HAPAIR_VM_CACHE:-/var/cache/hapair-vm}
 TIMEOUT_S=${HAPAIR_VM_TIMEOUT_S:-120}
+SCENARIO=${HAPAIR_VM_SCENARIO:-prtest}
 FABRIC=${HAPAIR_VM_FABRIC:-iscsi}
+# knbd exports no SCSI: no fabric, no fence.
+[ "$SCENARIO" = knbd ] && FABRIC=none FENCE=none
 case "$FABRIC" in
+none) [ "$SCENARIO" = knbd ] || { echo "$0: HAPAIR_VM_FABRIC must be iscsi or loop" >&2; exit 1; } ;;
 # The iSCSI target submits commands from its own rx threads: PREEMPT AND ABORT works there.
 iscsi) FENCE=${HAPAIR_VM_FENCE:-preempt-and-abort} ;;
 # PREEMPT AND ABORT deadlocks LIO behind tcm_loop (6.1 and 6.12: core_tmr_lun_reset runs in the
@@ -57,14 +66,15 @@ iscsi) FENCE=${HAPAIR_VM_FENCE:-preempt-and-abort} ;;
 loop) FENCE=${HAPAIR_VM_FENCE:-preempt} ;;
 *) echo "$0: HAPAIR_VM_FABRIC must be iscsi or loop" >&2; exit 1 ;;
 esac
-case "$FENCE" in preempt | preempt-and-abort) ;; *) echo "$0: HAPAIR_VM_FENCE must be preempt or preempt-and-abort" >&2; exit 1 ;; esac
+case "$FENCE" in preempt | preempt-and-abort | none) ;; *) echo "$0: HAPAIR_VM_FENCE must be preempt or preempt-and-abort" >&2; exit 1 ;; esac
 DEVKIND=${HAPAIR_VM_DEVKIND:-sd}
-SCENARIO=${HAPAIR_VM_SCENARIO:-prtest}
 case "$SCENARIO" in
 prtest) NLUNS=1 MEM=1024 ;;
 # Two aggregates of 1 data + 1 parity member: four LUNs, each seen by both "hosts".
 pair) NLUNS=4 MEM=2048 ;;
-*) echo "$0: HAPAIR_VM_SCENARIO must be prtest or pair" >&2; exit 1 ;;
+# No LUNs: five 64 MiB member files and the NVRAM log in the guest's scratch tmpfs.
+knbd) NLUNS=0 MEM=1536 ;;
+*) echo "$0: HAPAIR_VM_SCENARIO must be prtest, pair or knbd" >&2; exit 1 ;;
 esac
 # HAPAIR_VM_DEBUG=1: full kernel log on the console, blocked-task dump after 30 s.
 KQUIET=quiet
@@ -79,7 +89,7 @@ while [ $# -gt 0 ]; do
         shift 2
         ;;
     -h | --help)
-        sed -n '2,37p' "$0"
+        sed -n '2,42p' "$0"
         exit 0
         ;;
     *) die "unknown argument $1" ;;
@@ -102,8 +112,17 @@ apt_update_once() {
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-command -v sg_persist >/dev/null || need+=(sg3-utils)
 command -v cpio >/dev/null || need+=(cpio)
+if [ "$SCENARIO" = knbd ]; then
+    # Run in the guest's chroot of this host's /. nbd-client's boot-time service (an init
+    # script; its systemd unit is masked) is never started here.
+    command -v nbd-client >/dev/null || need+=(nbd-client)
+    command -v nbdinfo >/dev/null || need+=(libnbd-bin)
+    { command -v mkfs.ext4 && command -v e2fsck; } >/dev/null || need+=(e2fsprogs)
+    command -v jq >/dev/null || need+=(jq)
+else
+    command -v sg_persist >/dev/null || need+=(sg3-utils)
+fi
 if [ "$FABRIC" = iscsi ]; then
     # iscsid and iscsiadm run in the guest's chroot of this host's /. The package's services
     # are not started here (no systemd in a container; Docker's policy-rc.d refuses them).
@@ -130,7 +149,14 @@ BUSYBOX=/bin/busybox
 file -L "$BUSYBOX" 2>/dev/null | grep -q "statically linked" ||
     die "$BUSYBOX is not the static busybox (busybox-static package)"
 QEMU=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found after install"
-SG_PERSIST=$(command -v sg_persist) || die "sg_persist not found after install"
+if [ "$SCENARIO" = knbd ]; then
+    SG_PERSIST=""
+    command -v nbd-client >/dev/null || die "nbd-client not found after install"
+    command -v nbdinfo >/dev/null || die "nbdinfo not found after installing libnbd-bin"
+    command -v fio >/dev/null || say "NOTE: no fio on this host: the guest skips its fio step"
+else
+    SG_PERSIST=$(command -v sg_persist) || die "sg_persist not found after install"
+fi
 if [ "$FABRIC" = iscsi ]; then
     ISCSIADM=$(command -v iscsiadm) || die "iscsiadm not found after installing open-iscsi"
     ISCSID=$(command -v iscsid) || die "iscsid not found after installing open-iscsi"
@@ -142,10 +168,16 @@ fi
 # ---- the test binary -----------------------------------------------------------------------
 if [ -z "$BIN" ]; then
     export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-    say "building hapair-prtest, hapaird, takeoverctl (debug) in $CARGO_TARGET_DIR"
-    (cd "$REPO" && nice -n 10 cargo build --quiet --bin hapair-prtest --bin hapaird --bin takeoverctl) ||
-        die "cargo build failed"
-    BIN=$CARGO_TARGET_DIR/debug/hapair-prtest
+    if [ "$SCENARIO" = knbd ]; then
+        say "building hapaird (debug) in $CARGO_TARGET_DIR"
+        (cd "$REPO" && nice -n 10 cargo build --quiet --bin hapaird) || die "cargo build failed"
+        BIN=$CARGO_TARGET_DIR/debug/hapaird
+    else
+        say "building hapair-prtest, hapaird, takeoverctl (debug) in $CARGO_TARGET_DIR"
+        (cd "$REPO" && nice -n 10 cargo build --quiet --bin hapair-prtest --bin hapaird --bin takeoverctl) ||
+            die "cargo build failed"
+        BIN=$CARGO_TARGET_DIR/debug/hapair-prtest
+    fi
 fi
 BIN=$(realpath "$BIN") || die "test binary path does not resolve"
 [ -x "$BIN" ] || die "test binary $BIN is not executable"
@@ -156,6 +188,9 @@ if [ "$SCENARIO" = pair ]; then
     done
     command -v qemu-io >/dev/null || { apt_update_once; apt-get install -y -qq qemu-utils >/dev/null || die "apt-get install qemu-utils failed"; }
     command -v python3 >/dev/null || die "python3 needed in the guest chroot (control socket client)"
+fi
+if [ "$SCENARIO" = knbd ]; then
+    [ -x "$BINDIR/hapaird" ] || die "$BINDIR/hapaird missing (built next to $BIN)"
 fi
 
 # ---- guest kernel (cached; nothing goes to /boot) ------------------------------------------
@@ -211,7 +246,7 @@ VMLINUZ=$KROOT/boot/vmlinuz-$KVER
 
 # ---- work dir and cleanup ------------------------------------------------------------------
 WORK=$(mktemp -d /tmp/hapair-vm.XXXXXX)
-# The pair scenario mounts a tmpfs here inside the guest's view of the host's / (read-only):
+# The pair and knbd scenarios mount a tmpfs here inside the guest's view of the host's / (read-only):
 # the directory has to exist on the host, and must not hold the repository or the build.
 SCRATCH=/run/hapair-vm-scratch
 mkdir -p "$SCRATCH"
@@ -240,8 +275,14 @@ done
 ln -s ../bin/busybox "$IR/sbin/modprobe"
 
 # Modules and every dependency modules.dep lists (paths relative to $KMOD).
-WANT=(virtio_pci 9pnet_virtio 9p configfs target_core_mod target_core_file sd_mod sg
-    crct10dif_generic)
+WANT=(virtio_pci 9pnet_virtio 9p)
+# LIO and SCSI disks, except for knbd: the kernel's NBD client and ext4 (with crc32c for its
+# metadata checksums and jbd2) instead.
+if [ "$SCENARIO" = knbd ]; then
+    WANT+=(nbd ext4 crc32c_generic)
+else
+    WANT+=(configfs target_core_mod target_core_file sd_mod sg crct10dif_generic)
+fi
 case "$FABRIC" in
 loop) WANT+=(tcm_loop) ;;
 # LIO's iSCSI target, the kernel initiator (libiscsi, scsi_transport_iscsi through modules.dep)
@@ -320,9 +361,26 @@ fail() { log "FAIL: $*"; echo "setup: $*" > $R/rc; halt; }
 log "kernel $(cat /proc/sys/kernel/osrelease)"
 for m in $WANT; do modprobe $m || fail "modprobe $m"; done
 log "modules loaded: $WANT"
-mount -t configfs configfs /sys/kernel/config || fail "mount configfs"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro hostroot /mnt/host ||
     fail "mount host root over 9p"
+if [ "$SCENARIO" = knbd ]; then
+    for d in dev proc sys; do
+        mount -o bind /$d /mnt/host/$d || fail "bind /$d into the host chroot"
+    done
+    # No SCSI: one hapaird on member files in a scratch tmpfs (a directory the host made for
+    # it, not /tmp: the repository or the build may live there), the kernel's nbd client on lo.
+    mount -t tmpfs -o size=448m tmpfs /mnt/host$SCRATCH || fail "tmpfs on $SCRATCH of the chroot"
+    ip link set lo up || fail "lo up"
+    log "running tests/vm/knbd-guest.sh"
+    chroot /mnt/host /bin/bash $REPO/tests/vm/knbd-guest.sh $BINDIR $SCRATCH > $R/prtest.log 2>&1
+    rc=$?
+    log "knbd-guest.sh exited $rc"
+    umount /mnt/host$SCRATCH
+    echo $rc > $R/rc
+    for d in sys proc dev; do umount /mnt/host/$d; done
+    halt
+fi
+mount -t configfs configfs /sys/kernel/config || fail "mount configfs"
 
 # LIO: NLUNS fileio backstores, each exported to two initiators ("hosts" 1 and 2) by the
 # fabric: host h sees LUN i as its own /dev/sdX, linked as /dev/hapair/h$h-lun$i.
@@ -550,7 +608,11 @@ chmod +x "$IR/init"
 # ---- boot ----------------------------------------------------------------------------------
 RES=$WORK/results
 mkdir -p "$RES"
-say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), fabric: $FABRIC, fence action: $FENCE"
+if [ "$SCENARIO" = knbd ]; then
+    say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), scenario knbd (no SCSI)"
+else
+    say "booting $KVER under qemu TCG (timeout ${TIMEOUT_S}s), fabric: $FABRIC, fence action: $FENCE"
+fi
 if [ "$FABRIC" = loop ]; then
     if [ "$FENCE" = preempt ]; then
         say "NOTE: fencing with PREEMPT, not PREEMPT AND ABORT (LIO/tcm_loop deadlock)"
@@ -574,7 +636,7 @@ say "VM ran $(($(date +%s) - start))s (qemu exit $qrc)"
 
 [ -f "$RES/guest.log" ] && sed 's/^/  /' "$RES/guest.log" >&2
 if [ -f "$RES/prtest.log" ]; then
-    echo "---- hapair-prtest output ----"
+    echo "---- scenario $SCENARIO: guest output ----"
     cat "$RES/prtest.log"
     echo "------------------------------"
 fi
@@ -592,7 +654,11 @@ show_console() {
 [ -f "$RES/rc" ] || { show_console; die "guest reported no result (qemu exit $qrc)"; }
 rc=$(cat "$RES/rc")
 case "$rc" in
-0) say "PASS: scenario $SCENARIO passed on LIO ($FABRIC fabric, $FENCE) in the VM" ;;
+0) if [ "$SCENARIO" = knbd ]; then
+    say "PASS: scenario knbd (the kernel's NBD client on hapaird) passed in the VM"
+else
+    say "PASS: scenario $SCENARIO passed on LIO ($FABRIC fabric, $FENCE) in the VM"
+fi ;;
 setup:*) show_console; die "guest $rc" ;;
 *) show_console; die "scenario $SCENARIO failed in the VM with exit code $rc" ;;
 esac

@@ -299,6 +299,94 @@ fn clients_without_block_size_agreement_may_exceed_the_maximum() {
     assert_eq!(srv.stats().errors, 1);
 }
 
+/// A client that did not agree on block sizes may send any alignment (proto.md: the server
+/// SHOULD take a minimum of 1 then; the kernel's client with `nbd-client -b 512` sends 512-byte
+/// requests). The server reads and writes whole blocks for it: the backend (minimum 4096) only
+/// ever sees aligned calls, and partial writes to the same blocks from two connections at once
+/// lose nothing.
+#[test]
+fn clients_without_block_size_agreement_may_send_any_alignment() {
+    let b = Arc::new(FileBackend::new(SIZE, sizes(4096, 4096, MAX)));
+    let before = random_bytes(SIZE as usize, 77);
+    b.fill(&before);
+    let cfg = ServerConfig {
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
+        workers: 4,
+        ..ServerConfig::default()
+    };
+    let exports = vec![Export {
+        name: "disk".into(),
+        description: String::new(),
+        backend: b.clone(),
+        read_only: false,
+    }];
+    let srv = NbdServer::start(cfg, exports).unwrap();
+    let addr = srv.local_addr().unwrap();
+    let unagreed = || {
+        let mut c = RawClient::connect(addr);
+        c.greet(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+        let (_, fin) = c.info(OPT_GO, "disk", &[]);
+        assert_eq!(fin, REP_ACK);
+        c
+    };
+    let mut model = before.clone();
+    let mut c = unagreed();
+    // A 512-byte write inside a block, one across a block boundary, a read of odd bytes.
+    let d1 = random_bytes(512, 1);
+    c.request(CMD_WRITE, 0, 1, 4096 + 512, 512, &d1);
+    assert_eq!(c.simple(), (0, 1));
+    model[4096 + 512..4096 + 1024].copy_from_slice(&d1);
+    let d2 = random_bytes(3000, 2);
+    c.request(CMD_WRITE, CMD_FLAG_FUA, 2, 3 * 4096 - 1000, 3000, &d2);
+    assert_eq!(c.simple(), (0, 2));
+    model[3 * 4096 - 1000..3 * 4096 + 2000].copy_from_slice(&d2);
+    c.request(CMD_READ, 0, 3, 4096 + 500, 100, &[]);
+    assert_eq!(c.simple(), (0, 3));
+    assert_eq!(c.read_n(100), &model[4096 + 500..4096 + 600]);
+    // Zeroes over a partial block, whole blocks and another partial block; a trim of odd bytes.
+    c.request(CMD_WRITE_ZEROES, 0, 4, 5 * 4096 + 100, 2 * 4096, &[]);
+    assert_eq!(c.simple(), (0, 4));
+    model[5 * 4096 + 100..7 * 4096 + 100].fill(0);
+    c.request(CMD_TRIM, 0, 5, 100, 5000, &[]);
+    assert_eq!(c.simple(), (0, 5));
+    assert!(b.contents() == model, "exactly the bytes asked for changed");
+
+    // Both halves of the same blocks written by requests in flight together (pipelined on one
+    // connection, so that two workers take them at once; a second connection does the same on
+    // other blocks), with reads slowed down: read-modify-writes not kept apart lose halves.
+    b.read_delay_us
+        .store(2000, std::sync::atomic::Ordering::Relaxed);
+    let blocks = 32u64;
+    let mut c2 = unagreed();
+    for (conn, first) in [(&mut c, 16u64), (&mut c2, 16 + blocks)] {
+        for k in first..first + blocks {
+            let lo = random_bytes(2048, 1000 + k);
+            let hi = random_bytes(2048, 2000 + k);
+            conn.request(CMD_WRITE, 0, 2 * k, k * 4096, 2048, &lo);
+            conn.request(CMD_WRITE, 0, 2 * k + 1, k * 4096 + 2048, 2048, &hi);
+            model[(k * 4096) as usize..][..2048].copy_from_slice(&lo);
+            model[(k * 4096 + 2048) as usize..][..2048].copy_from_slice(&hi);
+        }
+    }
+    for _ in 0..2 * blocks {
+        assert_eq!(c.simple().0, 0);
+        assert_eq!(c2.simple().0, 0);
+    }
+    assert!(
+        b.contents() == model,
+        "no half of a block was lost to the other's read-modify-write"
+    );
+    assert_eq!(
+        b.misaligned.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the backend saw whole blocks only"
+    );
+    // A client that asked for the sizes still gets EINVAL for a misaligned request.
+    let (mut agreed, _, _) = RawClient::open(addr, "disk", false);
+    agreed.request(CMD_READ, 0, 1, 512, 4096, &[]);
+    assert_eq!(agreed.simple(), (NBD_EINVAL, 1));
+}
+
 /// (what, kind, flags, offset, length, payload, expected errno)
 type Case<'a> = (&'a str, u16, u16, u64, u32, &'a [u8], u32);
 

@@ -172,6 +172,10 @@ pub struct DrainReport {
 struct ExportEntry {
     export: Export,
     sizes: BlockSizes,
+    /// Writes hold it shared; a write that is not aligned to the minimum block size (from a
+    /// client that did not agree on block sizes) holds it exclusively for its read-modify-write
+    /// of the blocks it touches, so that no other write of those blocks slips in between.
+    partial_writes: RwLock<()>,
 }
 
 #[derive(Default)]
@@ -308,6 +312,7 @@ impl Conn {
 /// A validated request handed to a worker.
 struct Job {
     conn: Arc<Conn>,
+    entry: Arc<ExportEntry>,
     backend: Arc<dyn Backend>,
     cmd: Command,
     handle: u64,
@@ -618,10 +623,19 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
         // sizes (UNAGREED_MAX_BYTES): served in pieces the backend takes.
         Command::Read { offset, length } => {
             let mut buf = b.alloc(length as usize);
-            in_pieces(offset, length as u64, job.split_bytes, |o, l| {
-                let at = (o - offset) as usize;
-                b.read(o, &mut buf[at..at + l as usize])
-            })?;
+            let (a0, a1) = aligned_cover(offset, length as u64, job.entry.sizes.min_bytes);
+            if (a0, a1) == (offset, offset + length as u64) {
+                in_pieces(offset, length as u64, job.split_bytes, |o, l| {
+                    let at = (o - offset) as usize;
+                    b.read(o, &mut buf[at..at + l as usize])
+                })?;
+            } else {
+                // Not aligned (a client that did not agree on block sizes): read the blocks it
+                // touches and hand back its part.
+                let cover = read_cover(job, a0, a1)?;
+                let at = (offset - a0) as usize;
+                buf.copy_from_slice(&cover[at..at + length as usize]);
+            }
             Ok(Some(buf))
         }
         Command::Write {
@@ -630,10 +644,16 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             fua,
         } => {
             let data = job.payload.as_ref().expect("write payload");
-            in_pieces(offset, length as u64, job.split_bytes, |o, l| {
-                let at = (o - offset) as usize;
-                b.write(o, &data[at..at + l as usize], fua)
-            })?;
+            let (a0, a1) = aligned_cover(offset, length as u64, job.entry.sizes.min_bytes);
+            if (a0, a1) == (offset, offset + length as u64) {
+                let _shared = job.entry.partial_writes.read().unwrap();
+                in_pieces(offset, length as u64, job.split_bytes, |o, l| {
+                    let at = (o - offset) as usize;
+                    b.write(o, &data[at..at + l as usize], fua)
+                })?;
+            } else {
+                write_partial(job, offset, Some(&data[..]), length as u64, fua)?;
+            }
             Ok(None)
         }
         Command::Flush => b.flush().map(|_| None),
@@ -642,7 +662,15 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             length,
             fua,
         } => {
-            in_pieces(offset, length as u64, job.split_bytes, |o, l| b.trim(o, l))?;
+            // Advisory: only the whole blocks inside the range.
+            let min = u64::from(job.entry.sizes.min_bytes.max(1));
+            let (t0, t1) = (
+                offset.div_ceil(min) * min,
+                (offset + length as u64) / min * min,
+            );
+            if t1 > t0 {
+                in_pieces(t0, t1 - t0, job.split_bytes, |o, l| b.trim(o, l))?;
+            }
             if fua {
                 b.flush()?;
             }
@@ -653,13 +681,74 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             length,
             fua,
         } => {
-            in_pieces(offset, length as u64, job.split_bytes, |o, l| {
-                b.write_zeroes(o, l, fua)
-            })?;
+            let min = u64::from(job.entry.sizes.min_bytes.max(1));
+            let end = offset + length as u64;
+            // Whole blocks inside the range directly; partial blocks at its ends (a client
+            // that did not agree on block sizes) by read-modify-write.
+            let (z0, z1) = (offset.div_ceil(min) * min, end / min * min);
+            if z1 > z0 {
+                {
+                    let _shared = job.entry.partial_writes.read().unwrap();
+                    in_pieces(z0, z1 - z0, job.split_bytes, |o, l| {
+                        b.write_zeroes(o, l, fua)
+                    })?;
+                }
+                // (The shared hold is released: `write_partial` takes the lock exclusively.)
+                if offset < z0 {
+                    write_partial(job, offset, None, z0 - offset, fua)?;
+                }
+                if z1 < end {
+                    write_partial(job, z1, None, end - z1, fua)?;
+                }
+            } else if length > 0 {
+                write_partial(job, offset, None, length as u64, fua)?;
+            }
             Ok(None)
         }
         Command::Disc => Ok(None),
     }
+}
+
+/// The block-aligned range covering `len` bytes at `offset`.
+fn aligned_cover(offset: u64, len: u64, min: u32) -> (u64, u64) {
+    let min = u64::from(min.max(1));
+    (offset / min * min, (offset + len).div_ceil(min) * min)
+}
+
+/// Read the aligned range `a0..a1` (in pieces the backend takes).
+fn read_cover(job: &Job, a0: u64, a1: u64) -> Result<IoBuf, BackendError> {
+    let b = &job.backend;
+    let mut cover = b.alloc((a1 - a0) as usize);
+    in_pieces(a0, a1 - a0, job.split_bytes, |o, l| {
+        let at = (o - a0) as usize;
+        b.read(o, &mut cover[at..at + l as usize])
+    })?;
+    Ok(cover)
+}
+
+/// Write `len` bytes at an offset or length not aligned to the minimum block size (`data`, or
+/// zeroes when `None`): read the blocks they touch, patch, write the blocks back, with every
+/// other write of the export held off meanwhile.
+fn write_partial(
+    job: &Job,
+    offset: u64,
+    data: Option<&[u8]>,
+    len: u64,
+    fua: bool,
+) -> Result<(), BackendError> {
+    let _only = job.entry.partial_writes.write().unwrap();
+    let (a0, a1) = aligned_cover(offset, len, job.entry.sizes.min_bytes);
+    let mut cover = read_cover(job, a0, a1)?;
+    let at = (offset - a0) as usize;
+    match data {
+        Some(d) => cover[at..at + d.len()].copy_from_slice(d),
+        None => cover[at..at + len as usize].fill(0),
+    }
+    let b = &job.backend;
+    in_pieces(a0, a1 - a0, job.split_bytes, |o, l| {
+        let p = (o - a0) as usize;
+        b.write(o, &cover[p..p + l as usize], fua)
+    })
 }
 
 fn run_job(mut job: Job) {
@@ -773,7 +862,11 @@ impl Shared {
             return Err(ExportError::Duplicate(export.name));
         }
         tracing::info!(export = %export.name, size, ?sizes, read_only = export.read_only, "export added");
-        ex.push(Arc::new(ExportEntry { export, sizes }));
+        ex.push(Arc::new(ExportEntry {
+            export,
+            sizes,
+            partial_writes: RwLock::new(()),
+        }));
         Ok(())
     }
 
@@ -932,7 +1025,10 @@ impl Shared {
         };
         let limits = RequestLimits {
             size_bytes: entry.export.backend.size_bytes(),
-            min_bytes: entry.sizes.min_bytes,
+            // A client that did not agree on block sizes may send any alignment (proto.md: the
+            // server SHOULD then take a minimum block size of 1); the server reads and writes
+            // whole blocks for it (`write_partial`).
+            min_bytes: if agreed { entry.sizes.min_bytes } else { 1 },
             max_bytes,
             read_only: entry.export.read_only,
             structured,
@@ -1225,6 +1321,7 @@ impl Shared {
             }
             let job = Job {
                 conn: conn.clone(),
+                entry: s.entry.clone(),
                 backend: s.entry.export.backend.clone(),
                 cmd,
                 handle: hdr.handle,

@@ -23,6 +23,10 @@ pub struct FileBackend {
     pub flushes: AtomicU64,
     /// The longest read or write the backend was called with.
     pub largest: AtomicU64,
+    /// Calls whose offset or length was not a multiple of the minimum block size.
+    pub misaligned: AtomicU64,
+    /// Every read takes at least this long (microseconds): widens race windows in tests.
+    pub read_delay_us: AtomicU64,
 }
 
 impl FileBackend {
@@ -40,6 +44,8 @@ impl FileBackend {
             _tmp: tmp,
             flushes: AtomicU64::new(0),
             largest: AtomicU64::new(0),
+            misaligned: AtomicU64::new(0),
+            read_delay_us: AtomicU64::new(0),
         }
     }
 
@@ -55,6 +61,13 @@ impl FileBackend {
 
     pub fn fill(&self, data: &[u8]) {
         self.file.write_all_at(data, 0).unwrap();
+    }
+
+    fn check_aligned(&self, offset: u64, len: u64) {
+        let min = u64::from(self.sizes.min_bytes);
+        if offset % min != 0 || len % min != 0 {
+            self.misaligned.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -73,10 +86,16 @@ impl Backend for FileBackend {
         true
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.check_aligned(offset, buf.len() as u64);
         self.largest.fetch_max(buf.len() as u64, Ordering::Relaxed);
+        let delay = self.read_delay_us.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(delay));
+        }
         self.file.read_exact_at(buf, offset).map_err(io_err)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.check_aligned(offset, data.len() as u64);
         self.largest.fetch_max(data.len() as u64, Ordering::Relaxed);
         self.file.write_all_at(data, offset).map_err(io_err)?;
         if fua {
@@ -85,6 +104,7 @@ impl Backend for FileBackend {
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        self.check_aligned(offset, len);
         let zeroes = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;
         while done < len {
@@ -99,7 +119,8 @@ impl Backend for FileBackend {
         }
         Ok(())
     }
-    fn trim(&self, _offset: u64, _len: u64) -> Result<(), BackendError> {
+    fn trim(&self, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.check_aligned(offset, len);
         Ok(())
     }
     fn flush(&self) -> Result<(), BackendError> {

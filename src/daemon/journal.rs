@@ -715,18 +715,7 @@ impl Journal {
                 let inner = &mut *g;
                 match inner.app.append(inner.region.bytes_mut(), offset, data) {
                     Ok(seq) => break seq,
-                    Err(e) if e.is_full() => {
-                        if !waited {
-                            self.stats.full_waits.fetch_add(1, Ordering::Relaxed);
-                            waited = true;
-                        }
-                        self.kick_cp();
-                        g = self
-                            .progress
-                            .wait_timeout(g, Duration::from_millis(100))
-                            .unwrap()
-                            .0;
-                    }
+                    Err(e) if e.is_full() => g = self.wait_for_space(g, &mut waited),
                     Err(e) => return Err(JournalError::Log(e.to_string())),
                 }
             };
@@ -759,6 +748,24 @@ impl Journal {
         Ok(())
     }
 
+    /// The log is full: count the wait (once per write), start a CP and wait for it to free
+    /// space (or for a tick, to look again).
+    fn wait_for_space<'a>(
+        &self,
+        g: std::sync::MutexGuard<'a, Inner>,
+        waited: &mut bool,
+    ) -> std::sync::MutexGuard<'a, Inner> {
+        if !*waited {
+            self.stats.full_waits.fetch_add(1, Ordering::Relaxed);
+            *waited = true;
+        }
+        self.kick_cp();
+        self.progress
+            .wait_timeout(g, Duration::from_millis(100))
+            .unwrap()
+            .0
+    }
+
     /// Whole stripes straight to the members, with only a Stripes record in the log (made
     /// durable first, so that replay after a crash recomputes their parity). `Ok(false)`: the
     /// log holds data of these stripes (a CP would write it over this), so log it instead.
@@ -785,18 +792,7 @@ impl Journal {
                         g.direct.push((offset, offset + len, seq));
                         break seq;
                     }
-                    Err(e) if e.is_full() => {
-                        if !waited {
-                            self.stats.full_waits.fetch_add(1, Ordering::Relaxed);
-                            waited = true;
-                        }
-                        self.kick_cp();
-                        g = self
-                            .progress
-                            .wait_timeout(g, Duration::from_millis(100))
-                            .unwrap()
-                            .0;
-                    }
+                    Err(e) if e.is_full() => g = self.wait_for_space(g, &mut waited),
                     Err(e) => return Err(JournalError::Log(e.to_string())),
                 }
             }

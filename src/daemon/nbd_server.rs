@@ -622,20 +622,16 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
         // Longer than the advertised maximum only from a client that did not agree on block
         // sizes (UNAGREED_MAX_BYTES): served in pieces the backend takes.
         Command::Read { offset, length } => {
-            let mut buf = b.alloc(length as usize);
+            // Not aligned (a client that did not agree on block sizes): read the blocks it
+            // touches and hand back its part.
             let (a0, a1) = aligned_cover(offset, length as u64, job.entry.sizes.min_bytes);
+            let cover = read_cover(job, a0, a1)?;
             if (a0, a1) == (offset, offset + length as u64) {
-                in_pieces(offset, length as u64, job.split_bytes, |o, l| {
-                    let at = (o - offset) as usize;
-                    b.read(o, &mut buf[at..at + l as usize])
-                })?;
-            } else {
-                // Not aligned (a client that did not agree on block sizes): read the blocks it
-                // touches and hand back its part.
-                let cover = read_cover(job, a0, a1)?;
-                let at = (offset - a0) as usize;
-                buf.copy_from_slice(&cover[at..at + length as usize]);
+                return Ok(Some(cover));
             }
+            let mut buf = b.alloc(length as usize);
+            let at = (offset - a0) as usize;
+            buf.copy_from_slice(&cover[at..at + length as usize]);
             Ok(Some(buf))
         }
         Command::Write {
@@ -647,10 +643,7 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             let (a0, a1) = aligned_cover(offset, length as u64, job.entry.sizes.min_bytes);
             if (a0, a1) == (offset, offset + length as u64) {
                 let _shared = job.entry.partial_writes.read().unwrap();
-                in_pieces(offset, length as u64, job.split_bytes, |o, l| {
-                    let at = (o - offset) as usize;
-                    b.write(o, &data[at..at + l as usize], fua)
-                })?;
+                write_range(job, offset, &data[..], fua)?;
             } else {
                 write_partial(job, offset, Some(&data[..]), length as u64, fua)?;
             }
@@ -744,10 +737,15 @@ fn write_partial(
         Some(d) => cover[at..at + d.len()].copy_from_slice(d),
         None => cover[at..at + len as usize].fill(0),
     }
+    write_range(job, a0, &cover, fua)
+}
+
+/// Write `data` at `offset` (in pieces the backend takes).
+fn write_range(job: &Job, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
     let b = &job.backend;
-    in_pieces(a0, a1 - a0, job.split_bytes, |o, l| {
-        let p = (o - a0) as usize;
-        b.write(o, &cover[p..p + l as usize], fua)
+    in_pieces(offset, data.len() as u64, job.split_bytes, |o, l| {
+        let at = (o - offset) as usize;
+        b.write(o, &data[at..at + l as usize], fua)
     })
 }
 

@@ -141,14 +141,6 @@ pub enum NvramError {
         #[source]
         source: std::io::Error,
     },
-    #[error("msync {path} bytes {start}..{end}")]
-    Msync {
-        path: PathBuf,
-        start: usize,
-        end: usize,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("write back {path} bytes {start}..{end}")]
     WriteBack {
         path: PathBuf,
@@ -275,7 +267,7 @@ fn map_sync(file: &File, len: usize) -> Option<NonNull<u8>> {
         )
     };
     if p == libc::MAP_FAILED {
-        // EOPNOTSUPP (not DAX) or EINVAL (kernel without MAP_SYNC): fall back to msync.
+        // EOPNOTSUPP (not DAX) or EINVAL (kernel without MAP_SYNC): not DAX: the region is written back with syscalls instead.
         return None;
     }
     NonNull::new(p.cast::<u8>())
@@ -303,7 +295,7 @@ impl NvramRegion {
             })?
             .len();
         if actual == 0 {
-            // Write every block now: msync of a sparse file would allocate blocks (a metadata
+            // Write every block now: writing into a sparse file would allocate blocks (a metadata
             // journal commit) on every group commit; of written blocks it is a plain data write.
             let resize = |source| NvramError::Resize {
                 path: path.to_owned(),

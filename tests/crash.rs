@@ -94,23 +94,54 @@ fn tear_tail(nvlog: &Path, keep: usize, rng: &mut impl Rng) -> bool {
     true
 }
 
+/// What both crash tests start from: a seed (from HAPAIR_CRASH_SEED, else random, printed so
+/// that a failure can be replayed), five loop devices of `member_bytes`, a config and a format.
+struct Rig {
+    seed: u64,
+    rng: rand::rngs::StdRng,
+    dir: tempfile::TempDir,
+    _loops: Vec<LoopDev>,
+    port: u16,
+    cfg: std::path::PathBuf,
+}
+
+impl Rig {
+    fn formatted(member_bytes: u64) -> Rig {
+        let seed: u64 = std::env::var("HAPAIR_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("crash test seed {seed} (HAPAIR_CRASH_SEED={seed} replays the kill times)");
+        let dir = scratch_dir();
+        let loops: Vec<LoopDev> = (0..5)
+            .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_bytes))
+            .collect();
+        let port = free_port();
+        let cfg = config(dir.path(), &loops, port);
+        run(Command::new(HAPAIRD).args(["format", "--config", cfg.to_str().unwrap()]));
+        Rig {
+            seed,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            dir,
+            _loops: loops,
+            port,
+            cfg,
+        }
+    }
+}
+
 #[test]
 fn sigkill_under_fio_verify_then_replay_loses_nothing() {
     require_tool("fio");
-    let seed: u64 = std::env::var("HAPAIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("crash test seed {seed} (HAPAIR_CRASH_SEED={seed} replays the kill times)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..5)
-        .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), 48 << 20))
-        .collect();
-    let port = free_port();
-    let cfg = config(dir.path(), &loops, port);
+    let Rig {
+        seed: _,
+        mut rng,
+        dir,
+        _loops,
+        port,
+        cfg,
+    } = Rig::formatted(48 << 20);
     let cfg_s = cfg.to_str().unwrap();
-    run(Command::new(HAPAIRD).args(["format", "--config", cfg_s]));
     let uri = format!("nbd://127.0.0.1:{port}/aggr0");
     let mut torn_rounds = 0;
     for round in 0..6u64 {
@@ -338,20 +369,15 @@ fn sigkill_with_exact_ack_tracking_of_direct_whole_stripe_writes() {
 }
 
 fn exact_ack_rounds(bs: usize) {
-    let seed: u64 = std::env::var("HAPAIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("crash test seed {seed} (HAPAIR_CRASH_SEED={seed} replays the kill times)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = scratch_dir();
-    let loops: Vec<LoopDev> = (0..5)
-        .map(|i| LoopDev::new(dir.path(), &format!("t{i}.img"), 24 << 20))
-        .collect();
-    let port = free_port();
-    let cfg = config(dir.path(), &loops, port);
+    let Rig {
+        seed,
+        mut rng,
+        dir,
+        _loops,
+        port,
+        cfg,
+    } = Rig::formatted(24 << 20);
     let cfg_s = cfg.to_str().unwrap();
-    run(Command::new(HAPAIRD).args(["format", "--config", cfg_s]));
     let blocks = 4 * (23 << 20) / bs as u64;
     let track = Arc::new((Mutex::new(Track::default()), Condvar::new()));
     let mut next_gen = 0u64;

@@ -656,11 +656,7 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             fua,
         } => {
             // Advisory: only the whole blocks inside the range.
-            let min = u64::from(job.entry.sizes.min_bytes.max(1));
-            let (t0, t1) = (
-                offset.div_ceil(min) * min,
-                (offset + length as u64) / min * min,
-            );
+            let (t0, t1) = aligned_inside(offset, length as u64, job.entry.sizes.min_bytes);
             if t1 > t0 {
                 in_pieces(t0, t1 - t0, job.split_bytes, |o, l| b.trim(o, l))?;
             }
@@ -674,11 +670,10 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             length,
             fua,
         } => {
-            let min = u64::from(job.entry.sizes.min_bytes.max(1));
             let end = offset + length as u64;
             // Whole blocks inside the range directly; partial blocks at its ends (a client
             // that did not agree on block sizes) by read-modify-write.
-            let (z0, z1) = (offset.div_ceil(min) * min, end / min * min);
+            let (z0, z1) = aligned_inside(offset, length as u64, job.entry.sizes.min_bytes);
             if z1 > z0 {
                 {
                     let _shared = job.entry.partial_writes.read().unwrap();
@@ -706,6 +701,12 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
 fn aligned_cover(offset: u64, len: u64, min: u32) -> (u64, u64) {
     let min = u64::from(min.max(1));
     (offset / min * min, (offset + len).div_ceil(min) * min)
+}
+
+/// The whole blocks inside `len` bytes at `offset` (empty when the end comes first).
+fn aligned_inside(offset: u64, len: u64, min: u32) -> (u64, u64) {
+    let min = u64::from(min.max(1));
+    (offset.div_ceil(min) * min, (offset + len) / min * min)
 }
 
 /// Read the aligned range `a0..a1` (in pieces the backend takes).

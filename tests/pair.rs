@@ -194,6 +194,9 @@ fn sigkill_gives_hard_takeover_and_a_rebooted_node_waits_for_giveback() {
     // a reboots: it finds itself taken over and waits, serving nothing.
     p.start("a");
     p.wait_state("a", "TakenOver", 30);
+    // b learns it from a's mailbox slot or the interconnect, a beat later: a giveback asked
+    // before that is refused ("a is not waiting for giveback"), as it should be.
+    p.wait_seen_as("b", "a", "TakenOver", 30);
     let st = p.ctl("b", r#"{"v":1,"cmd":"status"}"#);
     assert!(
         st["status"]["aggregates"]

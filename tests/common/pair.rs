@@ -235,6 +235,31 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// Wait until `observer` sees `node` in state `want` (its status' `nodes` list: what it
+    /// learnt over the interconnect or from the node's mailbox slot), e.g. before asking the
+    /// observer for a giveback that needs the node to be waiting for it.
+    pub fn wait_seen_as(&self, observer: &str, node: &str, want: &str, secs: u64) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let st = self.ctl(observer, r#"{"v":1,"cmd":"status"}"#);
+            let seen = st["status"]["nodes"]
+                .as_array()
+                .and_then(|ns| ns.iter().find(|n| n["name"] == node))
+                .map(|n| n["state"].as_str().unwrap_or("").to_string())
+                .unwrap_or_default();
+            if seen == want {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "{observer} sees {node} as {seen:?}, not {want}, after {secs} s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 pub fn tail(s: &str) -> String {
     s.lines()
         .rev()

@@ -250,31 +250,39 @@ fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
     runs
 }
 
-/// Threads a consistency point writes with (the members see this many requests at once): from
-/// `CP_WRITERS_MIN` for a log that is nearly empty up to `CP_WRITERS_MAX` at the CP fill mark, so
-/// that a routine CP does not queue the log's own writes behind a burst of member I/O, and a CP
-/// under pressure (writers about to wait for log space) goes as fast as the members allow.
+/// Writes a consistency point keeps in flight (the members see about this many requests at
+/// once): from `CP_WRITERS_MIN` for a log that is nearly empty up to `CP_WRITERS_MAX` at the CP
+/// fill mark, so that a routine CP does not queue the log's own writes behind a burst of member
+/// I/O, and a CP under pressure (writers about to wait for log space) goes as fast as the
+/// members allow.
 const CP_WRITERS_MAX: usize = 64;
 const CP_WRITERS_MIN: usize = 8;
+/// Pieces per batch (`Aggregate::write_batch`: one round of reads and one of writes for all
+/// of them). A thread per piece, each waiting twice per read-modify-write, cost more CPU in
+/// context switches than the writes themselves on a small machine.
+const CP_BATCH: usize = 16;
 
-/// Write runs to the aggregate from several threads (runs never overlap, so order is free).
+/// Write runs to the aggregate in batches from several threads (runs never overlap, so order
+/// is free): `writers` pieces in flight in all.
 fn write_runs_parallel(
     agg: &Aggregate,
     runs: &[(u64, Vec<u8>)],
     repair: bool,
     writers: usize,
 ) -> Result<(), AggregateError> {
+    let pieces = pieces_of(agg, runs);
+    let batches: Vec<&[(u64, &[u8])]> = pieces.chunks(CP_BATCH).collect();
+    let threads = writers.div_ceil(CP_BATCH).max(1);
     let next = AtomicU64::new(0);
     let first_err: Mutex<Option<AggregateError>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..writers.min(runs.len()) {
+        for _ in 0..threads.min(batches.len()) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= runs.len() || first_err.lock().unwrap().is_some() {
+                if i >= batches.len() || first_err.lock().unwrap().is_some() {
                     return;
                 }
-                let (off, data) = &runs[i];
-                if let Err(e) = write_pieces(agg, *off, data, repair) {
+                if let Err(e) = agg.write_batch(batches[i], repair) {
                     first_err.lock().unwrap().get_or_insert(e);
                     return;
                 }
@@ -287,40 +295,31 @@ fn write_runs_parallel(
     }
 }
 
+/// Runs cut into pieces the aggregate takes, at stripe boundaries so full stripes stay full.
+fn pieces_of<'a>(agg: &Aggregate, runs: &'a [(u64, Vec<u8>)]) -> Vec<(u64, &'a [u8])> {
+    let max = agg.block_sizes().max_bytes as u64;
+    let stripe = agg.geometry().stripe_bytes();
+    let piece_max = (max / stripe).max(1) * stripe;
+    let mut out = Vec::new();
+    for (off, data) in runs {
+        let mut pos = 0u64;
+        while pos < data.len() as u64 {
+            let at = off + pos;
+            let to_boundary = piece_max - (at % stripe);
+            let n = to_boundary.min(data.len() as u64 - pos).min(max) as usize;
+            out.push((at, &data[pos as usize..pos as usize + n]));
+            pos += n as u64;
+        }
+    }
+    out
+}
+
 /// A direct write to the members, in pieces the aggregate takes (whole stripes each).
 fn write_members(agg: &Aggregate, off: u64, data: &[u8], fua: bool) -> Result<(), AggregateError> {
     let stripe = agg.geometry().stripe_bytes() as usize;
     let piece = (agg.block_sizes().max_bytes as usize / stripe).max(1) * stripe;
     for (i, chunk) in data.chunks(piece).enumerate() {
         agg.write(off + (i * piece) as u64, chunk, fua)?;
-    }
-    Ok(())
-}
-
-/// Write a run in pieces the aggregate takes, cut at stripe boundaries so full stripes stay full.
-fn write_pieces(
-    agg: &Aggregate,
-    off: u64,
-    data: &[u8],
-    repair: bool,
-) -> Result<(), AggregateError> {
-    let max = agg.block_sizes().max_bytes as u64;
-    let stripe = agg.geometry().stripe_bytes();
-    let piece_max = (max / stripe).max(1) * stripe;
-    let mut buf = IoBuf::new(piece_max.min(data.len() as u64) as usize);
-    let mut pos = 0u64;
-    while pos < data.len() as u64 {
-        let at = off + pos;
-        let to_boundary = piece_max - (at % stripe);
-        let n = to_boundary.min(data.len() as u64 - pos).min(max) as usize;
-        buf.set_len(n);
-        buf.copy_from_slice(&data[pos as usize..pos as usize + n]);
-        if repair {
-            agg.write_repair(at, &buf)?;
-        } else {
-            agg.write(at, &buf, false)?;
-        }
-        pos += n as u64;
     }
     Ok(())
 }

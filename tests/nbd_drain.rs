@@ -18,10 +18,21 @@ use hapair::daemon::nbd_server::{Export, NbdServer, ServerConfig};
 const SIZE: u64 = 16 << 20;
 
 fn gated_server(dir: &std::path::Path) -> (NbdServer, Arc<GatedBackend<FileBackend>>, Vec<u8>) {
+    gated_server_with(dir, false)
+}
+
+fn gated_server_with(
+    dir: &std::path::Path,
+    starts_writes: bool,
+) -> (NbdServer, Arc<GatedBackend<FileBackend>>, Vec<u8>) {
     let inner = FileBackend::new(SIZE, sizes(4096, 4096, 1 << 20));
     let data = random_bytes(SIZE as usize, 11);
     inner.fill(&data);
-    let gated = Arc::new(GatedBackend::new(inner));
+    let gated = Arc::new(if starts_writes {
+        GatedBackend::starting_writes(inner)
+    } else {
+        GatedBackend::new(inner)
+    });
     let cfg = ServerConfig {
         tcp: Some("127.0.0.1:0".parse().unwrap()),
         unix: Some(dir.join("s.sock")),
@@ -39,8 +50,19 @@ fn gated_server(dir: &std::path::Path) -> (NbdServer, Arc<GatedBackend<FileBacke
 
 #[test]
 fn drain_answers_every_request_read_then_closes() {
+    drain_answers_every_request_read(false);
+}
+
+/// The same with writes started on the reader thread and acknowledged by the connection's
+/// acknowledger (the NVRAM log's fast path).
+#[test]
+fn drain_answers_every_started_write_then_closes() {
+    drain_answers_every_request_read(true);
+}
+
+fn drain_answers_every_request_read(starts_writes: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (srv, gated, data) = gated_server(dir.path());
+    let (srv, gated, data) = gated_server_with(dir.path(), starts_writes);
     let srv = Arc::new(srv);
     let addr = srv.local_addr().unwrap();
     let (mut c, _, _) = RawClient::open(addr, "g", true);
@@ -134,6 +156,55 @@ fn drain_answers_every_request_read_then_closes() {
     }
     assert_eq!(srv.stats().connections_active, 0);
     assert!(TcpStream::connect(addr).is_err());
+    if starts_writes {
+        assert_eq!(
+            gated.writes_started.load(Ordering::SeqCst),
+            32,
+            "writes took the fast path"
+        );
+        assert_eq!(gated.finished_upto.load(Ordering::SeqCst), 32);
+    } else {
+        assert_eq!(gated.writes_started.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// Started writes that the backend cannot finish are answered with EIO (never acknowledged),
+/// and the connection goes on serving.
+#[test]
+fn started_writes_that_fail_to_finish_are_answered_with_eio() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, gated, _) = gated_server_with(dir.path(), true);
+    gated.open();
+    let addr = srv.local_addr().unwrap();
+    for structured in [false, true] {
+        let (mut c, _, _) = RawClient::open(addr, "g", structured);
+        gated.fail_finish.store(true, Ordering::SeqCst);
+        let w = random_bytes(8192, 7);
+        for i in 0..8u64 {
+            c.request(CMD_WRITE, 0, i, i * 8192, 8192, &w);
+        }
+        for _ in 0..8 {
+            match c.reply() {
+                Reply::Simple { errno, handle } => {
+                    assert!(!structured);
+                    assert_eq!(errno, NBD_EIO, "write {handle}");
+                }
+                Reply::Chunk(ch) => {
+                    assert!(structured);
+                    assert_eq!(ch.ty, REPLY_TYPE_ERROR, "{ch:?}");
+                    assert_eq!(be32(&ch.payload[0..4]), NBD_EIO, "{ch:?}");
+                }
+            }
+        }
+        gated.fail_finish.store(false, Ordering::SeqCst);
+        c.request(CMD_WRITE, CMD_FLAG_FUA, 100, 0, 8192, &w);
+        match c.reply() {
+            Reply::Simple { errno, handle } => assert_eq!((errno, handle), (0, 100)),
+            Reply::Chunk(ch) => panic!("a write succeeds with a simple reply: {ch:?}"),
+        }
+        assert_eq!(&gated.inner.contents()[..8192], &w[..]);
+    }
+    assert!(gated.writes_started.load(Ordering::SeqCst) >= 18);
 }
 
 #[test]

@@ -49,6 +49,18 @@ pub trait Backend: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     /// Write `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
+    /// Start a write that the caller acknowledges later without holding a thread for it: `Some`
+    /// token once the data is taken (reads see it), to pass to [`Backend::finish_writes`];
+    /// `None` where this backend or this write needs the blocking [`Backend::write`]. Must not
+    /// wait for I/O. Tokens increase: finishing one finishes every earlier one.
+    fn start_write(&self, _offset: u64, _data: &[u8]) -> Result<Option<u64>, BackendError> {
+        Ok(None)
+    }
+    /// Wait until every write started up to token `upto` may be acknowledged; with `fua`,
+    /// durable as a FUA write is.
+    fn finish_writes(&self, _upto: u64, _fua: bool) -> Result<(), BackendError> {
+        Err(BackendError::Io("this backend starts no writes".into()))
+    }
     /// Write `len` zero bytes at `offset` (never by punching holes).
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError>;
     /// Advise that `len` bytes at `offset` are no longer needed. May do nothing.

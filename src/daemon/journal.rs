@@ -701,37 +701,77 @@ impl Journal {
         {
             return Ok(());
         }
-        let shared: Arc<[u8]> = Arc::from(data);
-        let seq = {
-            let mut g = self.inner.lock().unwrap();
-            let mut waited = false;
-            let seq = loop {
-                // A direct write of the same stripes in flight goes first: this record is newer.
-                if overlaps_direct(&g.direct, offset, data.len() as u64) {
-                    g = self.progress.wait(g).unwrap();
-                    continue;
-                }
-                let inner = &mut *g;
-                match inner.app.append(inner.region.bytes_mut(), offset, data) {
-                    Ok(seq) => break seq,
-                    Err(e) if e.is_full() => g = self.wait_for_space(g, &mut waited),
-                    Err(e) => return Err(JournalError::Log(e.to_string())),
-                }
-            };
-            self.cache.write().unwrap().insert(seq, offset, shared);
-            if g.app.free_bytes() * 100
-                < (100 - self.cfg.cp_fill_percent as usize) * self.region_bytes
-            {
-                self.kick_cp();
-            }
-            seq
-        };
-        self.stats.appended.fetch_add(1, Ordering::Relaxed);
+        let seq = self
+            .append_logged(offset, data, true)?
+            .expect("a blocking append returns a record");
+        self.finish_writes(seq, fua)
+    }
+
+    /// The first half of a logged write, for a caller that acknowledges later without holding
+    /// a thread (the NBD server's fast path): append the record (reads see the data from now
+    /// on) and return its sequence number; [`Journal::finish_writes`] then waits until it may be
+    /// acknowledged. `None` when the write would have to wait here (log full, a direct write of
+    /// its stripes in flight) or goes to the members directly (whole stripes): the caller
+    /// writes it with [`Journal::write`] instead.
+    pub fn try_append(&self, offset: u64, data: &[u8]) -> Result<Option<u64>, JournalError> {
+        self.agg.check(offset, data.len() as u64)?;
+        let sb = self.agg.geometry().stripe_bytes();
+        if data.is_empty() || (offset % sb == 0 && data.len() as u64 % sb == 0) {
+            return Ok(None);
+        }
+        self.append_logged(offset, data, false)
+    }
+
+    /// Wait until every write appended up to `seq` may be acknowledged: durable in the NVRAM
+    /// (and mirrored, with a partner); with `fua`, through the log device's cache too.
+    pub fn finish_writes(&self, seq: u64, fua: bool) -> Result<(), JournalError> {
         self.wait_durable(seq)?;
         if fua {
             self.flush_log(seq)?;
         }
         Ok(())
+    }
+
+    /// Append a logged write; with `wait`, wait for room (or for a direct write of the same
+    /// stripes), else return `None` where it would wait.
+    fn append_logged(
+        &self,
+        offset: u64,
+        data: &[u8],
+        wait: bool,
+    ) -> Result<Option<u64>, JournalError> {
+        // The cache's copy, made before the lock that orders appends.
+        let shared: Arc<[u8]> = Arc::from(data);
+        let mut g = self.inner.lock().unwrap();
+        let mut waited = false;
+        let seq = loop {
+            // A direct write of the same stripes in flight goes first: this record is newer.
+            if overlaps_direct(&g.direct, offset, data.len() as u64) {
+                if !wait {
+                    return Ok(None);
+                }
+                g = self.progress.wait(g).unwrap();
+                continue;
+            }
+            let inner = &mut *g;
+            match inner.app.append(inner.region.bytes_mut(), offset, data) {
+                Ok(seq) => break seq,
+                Err(e) if e.is_full() && !wait => {
+                    self.kick_cp();
+                    return Ok(None);
+                }
+                Err(e) if e.is_full() => g = self.wait_for_space(g, &mut waited),
+                Err(e) => return Err(JournalError::Log(e.to_string())),
+            }
+        };
+        self.cache.write().unwrap().insert(seq, offset, shared);
+        if g.app.free_bytes() * 100 < (100 - self.cfg.cp_fill_percent as usize) * self.region_bytes
+        {
+            self.kick_cp();
+        }
+        drop(g);
+        self.stats.appended.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(seq))
     }
 
     /// NBD FLUSH: every write acknowledged so far survives a power loss once this returns.
@@ -1001,6 +1041,12 @@ impl Backend for Journal {
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         Journal::write(self, offset, data, fua).map_err(Into::into)
+    }
+    fn start_write(&self, offset: u64, data: &[u8]) -> Result<Option<u64>, BackendError> {
+        Journal::try_append(self, offset, data).map_err(Into::into)
+    }
+    fn finish_writes(&self, upto: u64, fua: bool) -> Result<(), BackendError> {
+        Journal::finish_writes(self, upto, fua).map_err(Into::into)
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.agg.check(offset, len).map_err(BackendError::from)?;

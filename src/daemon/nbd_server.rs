@@ -778,18 +778,121 @@ fn run_job(mut job: Job) {
             conn.send(&[&wire::encode_simple_reply(0, h)]);
         }
         Err(e) => {
-            let errno = errno_of(&e);
             tracing::debug!(conn = conn.id, error = %e, "request failed");
-            if job.structured {
-                conn.send(&[&wire::encode_error_chunk(h, errno, &e.to_string())]);
-            } else {
-                conn.send(&[&wire::encode_simple_reply(errno, h)]);
-            }
+            let mut out = Vec::new();
+            encode_status(&mut out, job.structured, h, &Err(e));
+            conn.send(&[&out]);
             conn.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
     conn.completed.fetch_add(1, Ordering::Relaxed);
     conn.release(job.charge);
+}
+
+/// The reply to a request with no data (a write, flush, trim or zeroes), appended to `out`.
+fn encode_status(out: &mut Vec<u8>, structured: bool, h: u64, r: &Result<(), BackendError>) {
+    match r {
+        Ok(()) => out.extend_from_slice(&wire::encode_simple_reply(0, h)),
+        Err(e) if structured => {
+            out.extend_from_slice(&wire::encode_error_chunk(h, errno_of(e), &e.to_string()))
+        }
+        Err(e) => out.extend_from_slice(&wire::encode_simple_reply(errno_of(e), h)),
+    }
+}
+
+/// `Shared::start_write`: the request was refused and answered on the spot.
+const ANSWERED: u64 = u64::MAX;
+
+/// A write started on the reader thread (`Backend::start_write`), to acknowledge once its
+/// backend says it may be.
+struct StartedWrite {
+    handle: u64,
+    token: u64,
+    fua: bool,
+    charge: usize,
+}
+
+#[derive(Default)]
+struct AckQueue {
+    /// The writes waiting, and whether the reader has finished.
+    st: Mutex<(Vec<StartedWrite>, bool)>,
+    cv: Condvar,
+}
+
+/// A connection's acknowledger: it waits for the started writes in batches (one wait covers
+/// every write started before it: group commit) and sends their replies in one socket write.
+/// A worker per write, each woken to wait and woken again to reply, cost more CPU in context
+/// switches than the writes themselves on a small machine.
+struct Acker {
+    q: Arc<AckQueue>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acker {
+    fn start(conn: Arc<Conn>, backend: Arc<dyn Backend>, structured: bool) -> io::Result<Acker> {
+        let q = Arc::new(AckQueue::default());
+        let q2 = q.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd-ack-{}", conn.id))
+            .spawn(move || ack_loop(&conn, &*backend, structured, &q2))?;
+        Ok(Acker {
+            q,
+            thread: Some(thread),
+        })
+    }
+
+    fn push(&self, w: StartedWrite) {
+        self.q.st.lock().unwrap().0.push(w);
+        self.q.cv.notify_one();
+    }
+}
+
+impl Drop for Acker {
+    /// Every started write is answered before the reader's connection ends.
+    fn drop(&mut self) {
+        self.q.st.lock().unwrap().1 = true;
+        self.q.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ack_loop(conn: &Conn, backend: &dyn Backend, structured: bool, q: &AckQueue) {
+    let mut out = Vec::new();
+    loop {
+        let batch = {
+            let mut g = q.st.lock().unwrap();
+            while g.0.is_empty() && !g.1 {
+                g = q.cv.wait(g).unwrap();
+            }
+            if g.0.is_empty() {
+                return;
+            }
+            std::mem::take(&mut g.0)
+        };
+        let upto = batch.iter().map(|w| w.token).max().unwrap_or(0);
+        let fua = batch.iter().any(|w| w.fua);
+        let r = match catch_unwind(AssertUnwindSafe(|| backend.finish_writes(upto, fua))) {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Io("backend panicked".into())),
+        };
+        if let Err(e) = &r {
+            tracing::debug!(conn = conn.id, error = %e, "started writes failed");
+        }
+        out.clear();
+        for w in &batch {
+            encode_status(&mut out, structured, w.handle, &r);
+        }
+        conn.send(&[&out]);
+        for w in batch {
+            if r.is_err() {
+                conn.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            conn.completed.fetch_add(1, Ordering::Relaxed);
+            conn.release(w.charge);
+        }
+    }
 }
 
 /// Why a connection ended other than by the client's own choice.
@@ -1270,6 +1373,9 @@ impl Shared {
         // Requests buffered here but not yet taken when a drain starts count as unread.
         let mut rd = std::io::BufReader::with_capacity(64 * 1024, rd);
         let rd = &mut rd;
+        // Started once the first write takes the fast path; dropped (answering every write it
+        // holds) when this returns.
+        let mut acker: Option<Acker> = None;
         loop {
             if conn.stop_reading.load(Ordering::Acquire) {
                 return Ok(());
@@ -1318,6 +1424,37 @@ impl Shared {
                 }
                 payload = Some(buf);
             }
+            if let (
+                Command::Write {
+                    offset,
+                    length,
+                    fua,
+                },
+                Some(data),
+            ) = (cmd, &payload)
+            {
+                let started = self.start_write(conn, &s, hdr.handle, offset, length, data, charge);
+                if let Some(token) = started {
+                    if token == ANSWERED {
+                        continue;
+                    }
+                    let acker = match &acker {
+                        Some(a) => a,
+                        None => acker.insert(Acker::start(
+                            conn.clone(),
+                            s.entry.export.backend.clone(),
+                            s.structured,
+                        )?),
+                    };
+                    acker.push(StartedWrite {
+                        handle: hdr.handle,
+                        token,
+                        fua,
+                        charge,
+                    });
+                    continue;
+                }
+            }
             let job = Job {
                 conn: conn.clone(),
                 entry: s.entry.clone(),
@@ -1331,6 +1468,51 @@ impl Shared {
                 split_bytes: s.entry.sizes.max_bytes as u64,
             };
             sender.send(job);
+        }
+    }
+
+    /// The fast path of a write: started here on the reader thread when the backend can take it
+    /// without waiting (`Backend::start_write`), acknowledged by the connection's [`Acker`].
+    /// `Some(token)` when started, `Some(ANSWERED)` when refused (the error reply is sent),
+    /// `None` for a worker to write it the blocking way.
+    #[allow(clippy::too_many_arguments)]
+    fn start_write(
+        &self,
+        conn: &Conn,
+        s: &Session,
+        handle: u64,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+        charge: usize,
+    ) -> Option<u64> {
+        let min = u64::from(s.entry.sizes.min_bytes.max(1));
+        if offset % min != 0 || u64::from(length) % min != 0 || length > s.entry.sizes.max_bytes {
+            return None;
+        }
+        // A partial write's read-modify-write holds this exclusively: wait for it in a worker.
+        let _shared = s.entry.partial_writes.try_read().ok()?;
+        let b = &s.entry.export.backend;
+        let r = match catch_unwind(AssertUnwindSafe(|| b.start_write(offset, data))) {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::Io("backend panicked".into())),
+        };
+        match r {
+            Ok(Some(token)) => {
+                debug_assert_ne!(token, ANSWERED);
+                Some(token)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(conn = conn.id, error = %e, "request failed");
+                let mut out = Vec::new();
+                encode_status(&mut out, s.structured, handle, &Err(e));
+                conn.send(&[&out]);
+                conn.counters.errors.fetch_add(1, Ordering::Relaxed);
+                conn.completed.fetch_add(1, Ordering::Relaxed);
+                conn.release(charge);
+                Some(ANSWERED)
+            }
         }
     }
 

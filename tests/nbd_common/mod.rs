@@ -129,12 +129,20 @@ impl Backend for FileBackend {
     }
 }
 
-/// Wraps a backend; every data operation waits until the gate is opened.
+/// Wraps a backend; every data operation waits until the gate is opened. With
+/// `starts_writes`, writes take the server's fast path (`Backend::start_write`: written to the
+/// inner backend at once, acknowledged once `finish_writes` passes the gate, or fails it with
+/// EIO while `fail_finish` is set).
 pub struct GatedBackend<B> {
     pub inner: B,
     open: Mutex<bool>,
     cv: Condvar,
     pub started: AtomicU64,
+    pub starts_writes: bool,
+    pub fail_finish: std::sync::atomic::AtomicBool,
+    /// Writes started, and the highest token finished.
+    pub writes_started: AtomicU64,
+    pub finished_upto: AtomicU64,
 }
 
 impl<B: Backend> GatedBackend<B> {
@@ -144,6 +152,16 @@ impl<B: Backend> GatedBackend<B> {
             open: Mutex::new(false),
             cv: Condvar::new(),
             started: AtomicU64::new(0),
+            starts_writes: false,
+            fail_finish: Default::default(),
+            writes_started: AtomicU64::new(0),
+            finished_upto: AtomicU64::new(0),
+        }
+    }
+    pub fn starting_writes(inner: B) -> GatedBackend<B> {
+        GatedBackend {
+            starts_writes: true,
+            ..GatedBackend::new(inner)
         }
     }
     pub fn open(&self) {
@@ -176,6 +194,26 @@ impl<B: Backend> Backend for GatedBackend<B> {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         self.wait();
         self.inner.write(offset, data, fua)
+    }
+    fn start_write(&self, offset: u64, data: &[u8]) -> Result<Option<u64>, BackendError> {
+        if !self.starts_writes {
+            return Ok(None);
+        }
+        self.inner.write(offset, data, false)?;
+        Ok(Some(self.writes_started.fetch_add(1, Ordering::SeqCst) + 1))
+    }
+    fn finish_writes(&self, upto: u64, fua: bool) -> Result<(), BackendError> {
+        self.wait();
+        if self.fail_finish.load(Ordering::SeqCst) {
+            return Err(BackendError::Io(
+                "injected: the log could not be written".into(),
+            ));
+        }
+        if fua {
+            self.inner.flush()?;
+        }
+        self.finished_upto.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.wait();

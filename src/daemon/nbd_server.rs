@@ -26,7 +26,7 @@
 //! qemu re-sends what was in flight after it reconnects.
 
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -919,6 +919,19 @@ const MAX_OPTION_BYTES: u32 = 64 << 10;
 /// Largest option data we read and throw away before hanging up instead.
 const MAX_OPTION_SKIP_BYTES: u32 = 16 << 20;
 
+/// Read a write's payload: what the buffer holds already, then the rest straight from the
+/// socket into `buf` (a large payload would otherwise pass through the buffer at its end).
+fn read_payload<R: Read>(rd: &mut std::io::BufReader<R>, buf: &mut [u8]) -> io::Result<()> {
+    let have = rd.buffer().len().min(buf.len());
+    buf[..have].copy_from_slice(&rd.buffer()[..have]);
+    rd.consume(have);
+    if buf.len() - have >= rd.capacity() {
+        rd.get_mut().read_exact(&mut buf[have..])
+    } else {
+        rd.read_exact(&mut buf[have..])
+    }
+}
+
 fn discard(rd: &mut impl Read, mut n: u64) -> io::Result<()> {
     let mut scratch = [0u8; 16 << 10];
     while n > 0 {
@@ -1417,7 +1430,7 @@ impl Shared {
             let mut payload = None;
             if let Command::Write { length, .. } = cmd {
                 let mut buf = s.entry.export.backend.alloc(length as usize);
-                if let Err(e) = rd.read_exact(&mut buf[..]) {
+                if let Err(e) = read_payload(rd, &mut buf[..]) {
                     // A truncated request is not answered; the client is gone or we drain.
                     conn.release(charge);
                     return Err(e.into());

@@ -21,17 +21,19 @@ fn gated_server(dir: &std::path::Path) -> (NbdServer, Arc<GatedBackend<FileBacke
     gated_server_with(dir, false)
 }
 
+/// `batching`: writes take the fast path (`start_write`) and pipelined reads are grouped
+/// (`batches_reads`), as with the NVRAM log; otherwise every request goes to a worker alone.
 fn gated_server_with(
     dir: &std::path::Path,
-    starts_writes: bool,
+    batching: bool,
 ) -> (NbdServer, Arc<GatedBackend<FileBackend>>, Vec<u8>) {
     let inner = FileBackend::new(SIZE, sizes(4096, 4096, 1 << 20));
     let data = random_bytes(SIZE as usize, 11);
     inner.fill(&data);
-    let gated = Arc::new(if starts_writes {
-        GatedBackend::starting_writes(inner)
-    } else {
-        GatedBackend::new(inner)
+    let gated = Arc::new(GatedBackend {
+        starts_writes: batching,
+        batches_reads: batching,
+        ..GatedBackend::new(inner)
     });
     let cfg = ServerConfig {
         tcp: Some("127.0.0.1:0".parse().unwrap()),
@@ -54,15 +56,15 @@ fn drain_answers_every_request_read_then_closes() {
 }
 
 /// The same with writes started on the reader thread and acknowledged by the connection's
-/// acknowledger (the NVRAM log's fast path).
+/// acknowledger, and pipelined reads grouped (the NVRAM log's fast paths).
 #[test]
 fn drain_answers_every_started_write_then_closes() {
     drain_answers_every_request_read(true);
 }
 
-fn drain_answers_every_request_read(starts_writes: bool) {
+fn drain_answers_every_request_read(batching: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (srv, gated, data) = gated_server_with(dir.path(), starts_writes);
+    let (srv, gated, data) = gated_server_with(dir.path(), batching);
     let srv = Arc::new(srv);
     let addr = srv.local_addr().unwrap();
     let (mut c, _, _) = RawClient::open(addr, "g", true);
@@ -156,7 +158,7 @@ fn drain_answers_every_request_read(starts_writes: bool) {
     }
     assert_eq!(srv.stats().connections_active, 0);
     assert!(TcpStream::connect(addr).is_err());
-    if starts_writes {
+    if batching {
         assert_eq!(
             gated.writes_started.load(Ordering::SeqCst),
             32,
@@ -166,6 +168,123 @@ fn drain_answers_every_request_read(starts_writes: bool) {
     } else {
         assert_eq!(gated.writes_started.load(Ordering::SeqCst), 0);
     }
+}
+
+/// Reads sent back to back are grouped by the reader (one `read_batch`, one socket write for
+/// their replies), with simple and with structured replies, each answered with its own data.
+#[test]
+fn pipelined_reads_are_grouped_and_each_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, gated, data) = gated_server_with(dir.path(), true);
+    let addr = srv.local_addr().unwrap();
+    for structured in [false, true] {
+        let before = gated.grouped_reads.load(Ordering::SeqCst);
+        let (mut c, _, _) = RawClient::open(addr, "g", structured);
+        // One write of all the requests, so that the server finds them buffered together.
+        let mut all = Vec::new();
+        for i in 0..48u64 {
+            let h = RequestHeader {
+                flags: 0,
+                kind: CMD_READ,
+                handle: i,
+                offset: (i * 7 % 64) * 8192,
+                length: 8192,
+            };
+            all.extend_from_slice(&encode_request_header(&h));
+        }
+        c.send(&all);
+        let n0 = srv.stats().requests;
+        wait_until(10, "the server to read the 48 reads", || {
+            srv.stats().requests >= n0 + 48
+        });
+        gated.open();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..48 {
+            let (handle, payload) = match c.reply() {
+                Reply::Simple { errno, handle } => {
+                    assert!(!structured);
+                    assert_eq!(errno, 0);
+                    (handle, c.read_n(8192))
+                }
+                Reply::Chunk(ch) => {
+                    assert!(structured);
+                    assert_eq!((ch.flags, ch.ty), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA));
+                    let off = (ch.handle * 7 % 64) * 8192;
+                    assert_eq!(be64(&ch.payload[0..8]), off);
+                    (ch.handle, ch.payload[8..].to_vec())
+                }
+            };
+            let off = ((handle * 7 % 64) * 8192) as usize;
+            assert_eq!(payload, &data[off..off + 8192], "read {handle}");
+            assert!(seen.insert(handle), "answered twice: {handle}");
+        }
+        assert!(
+            gated.grouped_reads.load(Ordering::SeqCst) > before,
+            "48 buffered reads were not grouped"
+        );
+        gated.close();
+    }
+}
+
+/// Writes sent back to back to a backend that writes in batches (the RAID-4 aggregate without
+/// a log) are grouped (one `write_batch`, one socket write for their replies), each answered,
+/// and the data lands; a request of another kind in between ends the group.
+#[test]
+fn pipelined_writes_are_grouped_and_each_answered() {
+    let inner = FileBackend::new(SIZE, sizes(4096, 4096, 1 << 20));
+    inner.fill(&random_bytes(SIZE as usize, 11));
+    let gated = Arc::new(GatedBackend {
+        batches_writes: true,
+        ..GatedBackend::new(inner)
+    });
+    gated.open();
+    let cfg = ServerConfig {
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
+        workers: 4,
+        ..Default::default()
+    };
+    let exports = vec![Export {
+        name: "g".into(),
+        description: String::new(),
+        backend: gated.clone(),
+        read_only: false,
+    }];
+    let srv = NbdServer::start(cfg, exports).unwrap();
+    let (mut c, _, _) = RawClient::open(srv.local_addr().unwrap(), "g", true);
+    let wdata: Vec<Vec<u8>> = (0..40).map(|i| random_bytes(8192, 500 + i)).collect();
+    let mut all = Vec::new();
+    for i in 0..40u64 {
+        let h = RequestHeader {
+            flags: if i == 5 { CMD_FLAG_FUA } else { 0 },
+            kind: if i == 20 { CMD_FLUSH } else { CMD_WRITE },
+            handle: i,
+            offset: if i == 20 { 0 } else { i * 8192 },
+            length: if i == 20 { 0 } else { 8192 },
+        };
+        all.extend_from_slice(&encode_request_header(&h));
+        if i != 20 {
+            all.extend_from_slice(&wdata[i as usize]);
+        }
+    }
+    c.send(&all);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let (errno, handle) = c.simple();
+        assert_eq!(errno, 0, "request {handle}");
+        assert!(seen.insert(handle), "answered twice: {handle}");
+    }
+    let contents = gated.inner.contents();
+    for i in (0..40usize).filter(|i| *i != 20) {
+        assert_eq!(
+            &contents[i * 8192..(i + 1) * 8192],
+            &wdata[i][..],
+            "write {i}"
+        );
+    }
+    assert!(
+        gated.grouped_writes.load(Ordering::SeqCst) > 0,
+        "40 buffered writes were not grouped"
+    );
 }
 
 /// Started writes that the backend cannot finish are answered with EIO (never acknowledged),

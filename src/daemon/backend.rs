@@ -49,6 +49,34 @@ pub trait Backend: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     /// Write `data` at `offset`; with `fua`, durable before returning.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
+    /// True when [`Backend::read_batch`] does the reads together (one round of device I/O):
+    /// then the server groups a connection's pipelined reads. Otherwise they go to workers
+    /// one by one, in parallel.
+    fn batches_reads(&self) -> bool {
+        false
+    }
+    /// Read several ranges (a batch of requests of one connection); `Ok` only when every one
+    /// was read. The default reads them one by one; a backend over devices submits them together.
+    fn read_batch(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), BackendError> {
+        for (offset, buf) in reads.iter_mut() {
+            self.read(*offset, buf)?;
+        }
+        Ok(())
+    }
+    /// True when [`Backend::write_batch`] does the writes together: then the server groups a
+    /// connection's pipelined writes.
+    fn batches_writes(&self) -> bool {
+        false
+    }
+    /// Write several ranges (a batch of requests of one connection; two may overlap, then the
+    /// later one wins); with `fua`, all durable before returning. `Ok` only when every one was
+    /// written. The default writes them one by one.
+    fn write_batch(&self, writes: &[(u64, &[u8])], fua: bool) -> Result<(), BackendError> {
+        for (offset, data) in writes {
+            self.write(*offset, data, fua)?;
+        }
+        Ok(())
+    }
     /// Start a write that the caller acknowledges later without holding a thread for it: `Some`
     /// token once the data is taken (reads see it), to pass to [`Backend::finish_writes`];
     /// `None` where this backend or this write needs the blocking [`Backend::write`]. Must not

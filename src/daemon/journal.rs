@@ -855,6 +855,23 @@ impl Journal {
         Ok(true)
     }
 
+    /// Several reads at once (one round of member I/O), each seeing the log as [`Journal::read`].
+    pub fn read_batch(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), JournalError> {
+        loop {
+            let before = self.trims.load(Ordering::Acquire);
+            self.agg.read_batch(reads)?;
+            let cache = self.cache.read().unwrap();
+            if self.trims.load(Ordering::Acquire) != before {
+                self.stats.read_retries.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            for (offset, buf) in reads.iter_mut() {
+                cache.overlay(*offset, buf);
+            }
+            return Ok(());
+        }
+    }
+
     /// Read, seeing acknowledged writes still only in the log.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), JournalError> {
         loop {
@@ -1041,6 +1058,12 @@ impl Backend for Journal {
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         Journal::write(self, offset, data, fua).map_err(Into::into)
+    }
+    fn batches_reads(&self) -> bool {
+        true
+    }
+    fn read_batch(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), BackendError> {
+        Journal::read_batch(self, reads).map_err(Into::into)
     }
     fn start_write(&self, offset: u64, data: &[u8]) -> Result<Option<u64>, BackendError> {
         Journal::try_append(self, offset, data).map_err(Into::into)

@@ -204,6 +204,15 @@ impl ByteBudget {
         *used += bytes;
     }
 
+    fn try_acquire(&self, bytes: usize) -> bool {
+        let mut used = self.used.lock().unwrap();
+        if *used > 0 && *used + bytes > self.limit {
+            return false;
+        }
+        *used += bytes;
+        true
+    }
+
     fn release(&self, bytes: usize) {
         *self.used.lock().unwrap() -= bytes;
         self.cv.notify_all();
@@ -266,6 +275,20 @@ impl Conn {
         if bytes > 0 {
             self.budget.acquire(bytes);
         }
+    }
+
+    /// [`Conn::acquire`] where it would not wait.
+    fn try_acquire(&self, bytes: usize, max_requests: usize, max_bytes: usize) -> bool {
+        let mut g = self.inflight.lock().unwrap();
+        if !(g.requests < max_requests && (g.bytes + bytes <= max_bytes || g.requests == 0)) {
+            return false;
+        }
+        if bytes > 0 && !self.budget.try_acquire(bytes) {
+            return false;
+        }
+        g.requests += 1;
+        g.bytes += bytes;
+        true
     }
 
     fn release(&self, bytes: usize) {
@@ -528,9 +551,149 @@ impl Drop for NbdServer {
     }
 }
 
+/// What a worker is handed: one request, or reads (or writes) of one connection to do together.
+enum Work {
+    One(Job),
+    Group(Vec<Job>),
+}
+
 fn worker_loop(rx: JobReceiver) {
-    while let Some(job) = rx.recv() {
-        run_job(job);
+    while let Some(work) = rx.recv() {
+        match work {
+            Work::One(job) => run_job(job),
+            Work::Group(jobs) if matches!(jobs[0].cmd, Command::Read { .. }) => run_reads(jobs),
+            Work::Group(jobs) => run_writes(jobs),
+        }
+    }
+}
+
+/// Writes a connection's reader grouped (aligned, within the maximum): written together
+/// (`Backend::write_batch`: one round of reads and one of writes for all their read-modify-
+/// writes) and answered in one socket write. If the batch fails, each is written again alone
+/// (same data, same place), so each gets its own result.
+fn run_writes(jobs: Vec<Job>) {
+    let b = jobs[0].backend.clone();
+    let mut fua = false;
+    let writes: Vec<(u64, &[u8])> = jobs
+        .iter()
+        .map(|j| match (j.cmd, &j.payload) {
+            (Command::Write { offset, fua: f, .. }, Some(p)) => {
+                fua |= f;
+                (offset, &p[..])
+            }
+            _ => unreachable!("only writes with their payload are grouped"),
+        })
+        .collect();
+    let r = {
+        let _shared = jobs[0].entry.partial_writes.read().unwrap();
+        catch_unwind(AssertUnwindSafe(|| b.write_batch(&writes, fua)))
+    };
+    drop(writes);
+    if !matches!(r, Ok(Ok(()))) {
+        jobs.into_iter().for_each(run_job);
+        return;
+    }
+    let mut out = Vec::with_capacity(jobs.len() * wire::SIMPLE_REPLY_BYTES);
+    for j in &jobs {
+        out.extend_from_slice(&wire::encode_simple_reply(0, j.handle));
+    }
+    let conn = &jobs[0].conn;
+    conn.send(&[&out]);
+    for j in &jobs {
+        conn.completed.fetch_add(1, Ordering::Relaxed);
+        conn.release(j.charge);
+    }
+}
+
+/// Reads a connection's reader grouped (aligned, within the maximum): read together
+/// (`Backend::read_batch`, one round of member I/O) and answered in one socket write. If the
+/// batch fails, each is done again alone, so each gets its own result.
+fn run_reads(jobs: Vec<Job>) {
+    let b = jobs[0].backend.clone();
+    let at = |j: &Job| match j.cmd {
+        Command::Read { offset, length } => (offset, length),
+        _ => unreachable!("only reads are grouped"),
+    };
+    let mut bufs: Vec<IoBuf> = jobs.iter().map(|j| b.alloc(at(j).1 as usize)).collect();
+    let r = {
+        let mut reads: Vec<(u64, &mut [u8])> = jobs
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(j, buf)| (at(j).0, &mut buf[..]))
+            .collect();
+        catch_unwind(AssertUnwindSafe(|| b.read_batch(&mut reads)))
+    };
+    if !matches!(r, Ok(Ok(()))) {
+        jobs.into_iter().for_each(run_job);
+        return;
+    }
+    let hdrs: Vec<Vec<u8>> = jobs
+        .iter()
+        .map(|j| {
+            let (offset, length) = at(j);
+            if j.structured {
+                wire::encode_offset_data_header(j.handle, offset, length, true).to_vec()
+            } else {
+                wire::encode_simple_reply(0, j.handle).to_vec()
+            }
+        })
+        .collect();
+    let parts: Vec<&[u8]> = hdrs
+        .iter()
+        .zip(&bufs)
+        .flat_map(|(h, d)| [&h[..], &d[..]])
+        .collect();
+    let conn = &jobs[0].conn;
+    conn.send(&parts);
+    for j in &jobs {
+        conn.completed.fetch_add(1, Ordering::Relaxed);
+        conn.release(j.charge);
+    }
+}
+
+/// Requests grouped into one [`Work::Group`] at most.
+const GROUP_MAX: usize = 16;
+
+/// A connection's way to the workers: reads (or writes) collected while more requests are
+/// already in the reader's buffer go together; a request of another kind, or an empty buffer,
+/// sends what is collected first. Dropping it sends what is left (every request read gets its
+/// answer).
+struct Dispatch {
+    sender: JobSender,
+    group: Vec<Job>,
+}
+
+impl Dispatch {
+    fn send(&mut self, job: Job) {
+        self.flush();
+        self.sender.send(Work::One(job));
+    }
+
+    fn flush(&mut self) {
+        match self.group.len() {
+            0 => {}
+            1 => self.sender.send(Work::One(self.group.pop().unwrap())),
+            _ => self
+                .sender
+                .send(Work::Group(std::mem::take(&mut self.group))),
+        }
+    }
+
+    /// Whether `cmd` may join the group being collected.
+    fn same_kind(&self, cmd: &Command) -> bool {
+        self.group.first().is_none_or(|j| {
+            matches!(
+                (j.cmd, cmd),
+                (Command::Read { .. }, Command::Read { .. })
+                    | (Command::Write { .. }, Command::Write { .. })
+            )
+        })
+    }
+}
+
+impl Drop for Dispatch {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -542,7 +705,7 @@ struct JobQueue {
 }
 
 struct JobQueueState {
-    jobs: std::collections::VecDeque<Job>,
+    jobs: std::collections::VecDeque<Work>,
     senders: usize,
 }
 
@@ -562,7 +725,7 @@ fn job_queue() -> (JobSender, JobReceiver) {
 }
 
 impl JobSender {
-    fn send(&self, job: Job) {
+    fn send(&self, job: Work) {
         self.0.state.lock().unwrap().jobs.push_back(job);
         self.0.cv.notify_one();
     }
@@ -587,7 +750,7 @@ impl Drop for JobSender {
 
 impl JobReceiver {
     /// The next job; `None` once every sender is gone and the queue is empty.
-    fn recv(&self) -> Option<Job> {
+    fn recv(&self) -> Option<Work> {
         let mut g = self.0.state.lock().unwrap();
         loop {
             if let Some(j) = g.jobs.pop_front() {
@@ -1378,6 +1541,11 @@ impl Shared {
             Some(tx) => tx,
             None => return Ok(()),
         };
+        let mut dispatch = Dispatch {
+            sender,
+            group: Vec::new(),
+        };
+        let d = &mut dispatch;
         tracing::debug!(conn = conn.id, export = %s.entry.export.name, structured = s.structured,
             "transmission started");
         let max_requests = self.cfg.max_inflight_per_conn;
@@ -1389,7 +1557,15 @@ impl Shared {
         // Started once the first write takes the fast path; dropped (answering every write it
         // holds) when this returns.
         let mut acker: Option<Acker> = None;
+        let min = u64::from(s.entry.sizes.min_bytes.max(1));
+        let group_reads = s.entry.export.backend.batches_reads();
+        let group_writes = s.entry.export.backend.batches_writes();
         loop {
+            if !d.group.is_empty()
+                && (d.group.len() >= GROUP_MAX || rd.buffer().len() < wire::REQUEST_HEADER_BYTES)
+            {
+                d.flush();
+            }
             if conn.stop_reading.load(Ordering::Acquire) {
                 return Ok(());
             }
@@ -1426,7 +1602,29 @@ impl Shared {
                 Command::Read { length, .. } | Command::Write { length, .. } => length as usize,
                 _ => 0,
             };
-            conn.acquire(charge, max_requests, max_bytes);
+            let aligned = |offset: u64, length: u32| {
+                length > 0
+                    && offset % min == 0
+                    && u64::from(length) % min == 0
+                    && length <= s.entry.sizes.max_bytes
+            };
+            // A write joins only with its payload already buffered: reading it must not wait
+            // while the group does.
+            let groupable = match cmd {
+                Command::Read { offset, length } => group_reads && aligned(offset, length),
+                Command::Write { offset, length, .. } => {
+                    group_writes && aligned(offset, length) && rd.buffer().len() >= length as usize
+                }
+                _ => false,
+            };
+            if !groupable || !d.same_kind(&cmd) {
+                d.flush();
+            }
+            if !conn.try_acquire(charge, max_requests, max_bytes) {
+                // Reads held here would never complete to make room.
+                d.flush();
+                conn.acquire(charge, max_requests, max_bytes);
+            }
             let mut payload = None;
             if let Command::Write { length, .. } = cmd {
                 let mut buf = s.entry.export.backend.alloc(length as usize);
@@ -1480,7 +1678,11 @@ impl Shared {
                 // The advertised maximum: what the backend takes in one call.
                 split_bytes: s.entry.sizes.max_bytes as u64,
             };
-            sender.send(job);
+            if groupable {
+                d.group.push(job);
+            } else {
+                d.send(job);
+            }
         }
     }
 

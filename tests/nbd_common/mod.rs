@@ -135,14 +135,21 @@ impl Backend for FileBackend {
 /// EIO while `fail_finish` is set).
 pub struct GatedBackend<B> {
     pub inner: B,
-    open: Mutex<bool>,
-    cv: Condvar,
+    pub open: Mutex<bool>,
+    pub cv: Condvar,
     pub started: AtomicU64,
     pub starts_writes: bool,
     pub fail_finish: std::sync::atomic::AtomicBool,
     /// Writes started, and the highest token finished.
     pub writes_started: AtomicU64,
     pub finished_upto: AtomicU64,
+    /// Calls of `read_batch` with more than one read (the server grouped them); the server
+    /// groups only with `batches_reads`.
+    pub grouped_reads: AtomicU64,
+    pub batches_reads: bool,
+    /// The same for writes (`write_batch`, `batches_writes`).
+    pub grouped_writes: AtomicU64,
+    pub batches_writes: bool,
 }
 
 impl<B: Backend> GatedBackend<B> {
@@ -156,17 +163,18 @@ impl<B: Backend> GatedBackend<B> {
             fail_finish: Default::default(),
             writes_started: AtomicU64::new(0),
             finished_upto: AtomicU64::new(0),
-        }
-    }
-    pub fn starting_writes(inner: B) -> GatedBackend<B> {
-        GatedBackend {
-            starts_writes: true,
-            ..GatedBackend::new(inner)
+            grouped_reads: AtomicU64::new(0),
+            batches_reads: false,
+            grouped_writes: AtomicU64::new(0),
+            batches_writes: false,
         }
     }
     pub fn open(&self) {
         *self.open.lock().unwrap() = true;
         self.cv.notify_all();
+    }
+    pub fn close(&self) {
+        *self.open.lock().unwrap() = false;
     }
     fn wait(&self) {
         self.started.fetch_add(1, Ordering::SeqCst);
@@ -194,6 +202,30 @@ impl<B: Backend> Backend for GatedBackend<B> {
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
         self.wait();
         self.inner.write(offset, data, fua)
+    }
+    fn batches_reads(&self) -> bool {
+        self.batches_reads
+    }
+    fn read_batch(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), BackendError> {
+        if reads.len() > 1 {
+            self.grouped_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        for (offset, buf) in reads.iter_mut() {
+            self.read(*offset, buf)?;
+        }
+        Ok(())
+    }
+    fn batches_writes(&self) -> bool {
+        self.batches_writes
+    }
+    fn write_batch(&self, writes: &[(u64, &[u8])], fua: bool) -> Result<(), BackendError> {
+        if writes.len() > 1 {
+            self.grouped_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        for (offset, data) in writes {
+            self.write(*offset, data, fua)?;
+        }
+        Ok(())
     }
     fn start_write(&self, offset: u64, data: &[u8]) -> Result<Option<u64>, BackendError> {
         if !self.starts_writes {

@@ -3,11 +3,11 @@
 //! the labels up to date.
 
 use crate::core::label::{self, Assembly, CleanState, Label, Role, LABEL_BYTES};
-use crate::core::raid4::{xor_into, Geometry, StripeSpan, WriteMethod};
+use crate::core::raid4::{xor_into, Geometry, Seg, StripeSpan, WriteMethod};
 use crate::daemon::backend::{Backend, BackendError, BlockSizes};
 use crate::io::buf::{BufArena, IoBuf};
 use crate::io::engine::{Engine, IoOp, OpBuf};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -57,6 +57,9 @@ pub struct AggStats {
     pub degraded_reads: AtomicU64,
     pub degraded_writes: AtomicU64,
     pub member_errors: AtomicU64,
+    /// Pieces of a batch whose parity update joined another's in the same stripe
+    /// ([`Aggregate::write_batch`]): one read-modify-write of the parity for both.
+    pub parity_merges: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +190,15 @@ pub struct AggregateStatus {
 pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
 
 /// Split `buf` into consecutive pieces of the given lengths.
+/// True when two spans of one stripe touch no byte of the same member.
+fn disjoint(a: &StripeSpan, b: &StripeSpan) -> bool {
+    a.segs.iter().all(|x| {
+        b.segs
+            .iter()
+            .all(|y| x.member != y.member || x.col + x.len <= y.col || y.col + y.len <= x.col)
+    })
+}
+
 fn split_mut<'a>(mut buf: &'a mut [u8], lens: &[usize]) -> Vec<&'a mut [u8]> {
     let mut out = Vec::with_capacity(lens.len());
     for &l in lens {
@@ -902,17 +914,90 @@ impl Aggregate {
         }
         let mut engine = self.take_engine()?;
         let mut r = Ok(());
+        let mut merge = !repair && self.healthy_state()?.is_none();
         while !items.is_empty() && r.is_ok() {
-            // This round: the first span of each stripe; the rest wait for the next round.
-            let mut stripes: HashSet<u64> = HashSet::new();
-            let (now, later): (Vec<_>, Vec<_>) = items
-                .into_iter()
-                .partition(|(s, _)| stripes.insert(s.stripe));
+            // This round: the first span of each stripe and, with `merge`, the spans after it
+            // that share no member bytes with those taken (their parity updates become one
+            // read-modify-write of the stripe's parity). The rest wait for the next round, in
+            // order: once a stripe's span waits, every later one of that stripe waits too.
+            let mut groups: Vec<Vec<(StripeSpan, usize)>> = Vec::new();
+            let mut group_of: HashMap<u64, usize> = HashMap::new();
+            let mut waiting: HashSet<u64> = HashSet::new();
+            let mut later = Vec::new();
+            for (span, i) in items {
+                if waiting.contains(&span.stripe) {
+                    later.push((span, i));
+                    continue;
+                }
+                match group_of.get(&span.stripe) {
+                    None => {
+                        group_of.insert(span.stripe, groups.len());
+                        groups.push(vec![(span, i)]);
+                    }
+                    Some(&g) if merge && groups[g].iter().all(|(t, _)| disjoint(t, &span)) => {
+                        groups[g].push((span, i))
+                    }
+                    Some(_) => {
+                        waiting.insert(span.stripe);
+                        later.push((span, i));
+                    }
+                }
+            }
             items = later;
-            let _guard = self.locks.lock_set(stripes.into_iter().collect());
-            let datas: Vec<&[u8]> = now.iter().map(|(_, i)| bufs[*i]).collect();
-            let spans: Vec<StripeSpan> = now.into_iter().map(|(s, _)| s).collect();
-            r = self.write_spans(engine.as_mut(), &spans, &datas, false, repair);
+            let _guard = self.locks.lock_set(group_of.into_keys().collect());
+            // A merged span's pieces come from several buffers: copy them into one.
+            let mut joined: Vec<IoBuf> = Vec::new();
+            let mut spans: Vec<StripeSpan> = Vec::with_capacity(groups.len());
+            let mut merged: Vec<bool> = Vec::with_capacity(groups.len());
+            for g in &groups {
+                if g.len() == 1 {
+                    spans.push(g[0].0.clone());
+                    merged.push(false);
+                    continue;
+                }
+                let total: u64 = g.iter().flat_map(|(s, _)| &s.segs).map(|x| x.len).sum();
+                let mut buf = self.arena.alloc(total as usize);
+                let mut segs = Vec::new();
+                let mut at = 0u64;
+                for (span, i) in g {
+                    for x in &span.segs {
+                        let src = &bufs[*i][x.buf_off as usize..(x.buf_off + x.len) as usize];
+                        buf[at as usize..(at + x.len) as usize].copy_from_slice(src);
+                        segs.push(Seg { buf_off: at, ..*x });
+                        at += x.len;
+                    }
+                }
+                self.stats
+                    .parity_merges
+                    .fetch_add(g.len() as u64 - 1, Ordering::Relaxed);
+                spans.push(StripeSpan {
+                    stripe: g[0].0.stripe,
+                    segs,
+                });
+                merged.push(true);
+                joined.push(buf);
+            }
+            let mut joined_it = joined.iter();
+            let datas: Vec<&[u8]> = groups
+                .iter()
+                .map(|g| {
+                    if g.len() == 1 {
+                        bufs[g[0].1]
+                    } else {
+                        &joined_it.next().unwrap()[..]
+                    }
+                })
+                .collect();
+            match self.write_spans(engine.as_mut(), &spans, &datas, false, repair, &merged) {
+                Ok(true) => {}
+                // A member failed under merged spans, which are written healthy only: this
+                // round again, one span per stripe and round, as a degraded write does.
+                Ok(false) => {
+                    merge = false;
+                    items = groups.into_iter().flatten().chain(items).collect();
+                }
+                Err(e) => r = Err(e),
+            }
         }
         self.put_engine(engine);
         r
@@ -941,7 +1026,9 @@ impl Aggregate {
             .lock(spans[0].stripe, spans[spans.len() - 1].stripe);
         let mut engine = self.take_engine()?;
         let datas = vec![data; spans.len()];
-        let r = self.write_spans(engine.as_mut(), &spans, &datas, fua, repair);
+        let r = self
+            .write_spans(engine.as_mut(), &spans, &datas, fua, repair, &[])
+            .map(|_| ());
         self.put_engine(engine);
         r
     }
@@ -992,7 +1079,10 @@ impl Aggregate {
     /// Write `spans`, each with the buffer its `buf_off`s index (`datas[i]` for `spans[i]`), in two
     /// batches: every read the plans need, then every data and parity write. No two spans may
     /// share a stripe (each computes its stripe's parity from the old one), and the caller holds
-    /// their stripe locks.
+    /// their stripe locks. `merged[i]` (or nothing, for none): span i holds pieces of several
+    /// writes (any members, any columns, no two on the same member bytes), always written by
+    /// read-modify-write; `Ok(false)` when a member has failed, since that needs one span per
+    /// write (then nothing of a span may have been written, or all of it, as with any failure).
     fn write_spans(
         &self,
         engine: &mut dyn Engine,
@@ -1000,11 +1090,31 @@ impl Aggregate {
         datas: &[&[u8]],
         fua: bool,
         repair: bool,
-    ) -> Result<(), AggregateError> {
+        merged: &[bool],
+    ) -> Result<bool, AggregateError> {
         debug_assert_eq!(spans.len(), datas.len());
+        let any_merged = merged.iter().any(|m| *m);
         for _attempt in 0..4 {
             let failed = self.healthy_state()?;
-            let plans: Vec<SpanPlan> = spans.iter().map(|s| self.plan(s, failed, repair)).collect();
+            if any_merged && failed.is_some() {
+                return Ok(false);
+            }
+            let plans: Vec<SpanPlan> = spans
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if merged.get(i).copied().unwrap_or(false) {
+                        let (lo, hi) = s.columns();
+                        SpanPlan {
+                            method: Method::Rmw,
+                            lo,
+                            hi,
+                        }
+                    } else {
+                        self.plan(s, failed, repair)
+                    }
+                })
+                .collect();
             let layouts: Vec<Vec<(usize, u64, u64)>> = spans
                 .iter()
                 .zip(&plans)
@@ -1065,12 +1175,16 @@ impl Aggregate {
                         }
                     }
                     Method::Rmw => {
+                        // Each seg's own data (a merged span has several segs per member).
                         let (olds, par) = mine.split_at_mut(layout.len() - 1);
                         let par = &mut par[0];
                         for (k, g) in span.segs.iter().enumerate() {
                             let at = (g.col - plan.lo) as usize..(g.col - plan.lo + g.len) as usize;
                             xor_into(&mut par[at.clone()], olds[k]);
-                            xor_into(&mut par[at], new_of(g.member).unwrap().1);
+                            xor_into(
+                                &mut par[at],
+                                &data[g.buf_off as usize..(g.buf_off + g.len) as usize],
+                            );
                         }
                     }
                     Method::Rcw => {
@@ -1158,7 +1272,7 @@ impl Aggregate {
                 };
                 c.fetch_add(1, Ordering::Relaxed);
             }
-            return Ok(());
+            return Ok(true);
         }
         Err(AggregateError::Offline {
             name: self.name.clone(),
@@ -1249,7 +1363,8 @@ impl Aggregate {
             let r = r.and_then(|_| {
                 let spans = self.geo.spans(off, bytes as u64);
                 let datas = vec![&buf[..]; spans.len()];
-                self.write_spans(engine.as_mut(), &spans, &datas, false, true)
+                self.write_spans(engine.as_mut(), &spans, &datas, false, true, &[])
+                    .map(|_| ())
             });
             if let Err(e) = r {
                 self.put_engine(engine);
@@ -1575,6 +1690,49 @@ pub(crate) mod tests {
             prop_assert_eq!(agg.failed_member(), fail);
             if fail.is_none() {
                 assert_parity(&disks, n, (chunk * stripes) as usize);
+            }
+        }
+    }
+
+    /// Pieces of one stripe on different member bytes share one parity read-modify-write;
+    /// overlapping ones wait for the next round; the result is the same as writing in order.
+    #[test]
+    fn write_batch_merges_parity_updates_of_one_stripe() {
+        for fail in [None, Some(1usize), Some(4)] {
+            let (agg, disks) = mem_aggregate(4, 16384, 4);
+            let size = agg.geometry().size_bytes() as usize;
+            let mut model = vec![0u8; size];
+            agg.read(0, &mut model).unwrap();
+            if let Some(f) = fail {
+                disks.failed.lock().unwrap().insert(f);
+            }
+            // Stripe 0 is 64 KiB: member 0 = [0,16K), 1 = [16K,32K), 2, 3.
+            let ws: Vec<(u64, Vec<u8>)> = vec![
+                (0, pattern(4096, 1, 0)),             // member 0, col 0
+                (16384 + 8192, pattern(8192, 2, 1)),  // member 1, cols 8K..16K
+                (4096, pattern(4096, 3, 2)),          // member 0, col 4K
+                (0, pattern(8192, 4, 3)),             // member 0, cols 0..8K: overlaps two above
+                (49152 + 12288, pattern(4096, 5, 4)), // member 3, col 12K
+                (65536 + 4096, pattern(4096, 6, 5)),  // stripe 1
+            ];
+            for (o, d) in &ws {
+                model[*o as usize..*o as usize + d.len()].copy_from_slice(d);
+            }
+            let writes: Vec<(u64, &[u8])> = ws.iter().map(|(o, d)| (*o, &d[..])).collect();
+            agg.write_batch(&writes, false).unwrap();
+            let mut all = IoBuf::new(size);
+            agg.read(0, &mut all).unwrap();
+            assert!(all[..] == model[..], "fail {fail:?}");
+            let merges = agg.stats.parity_merges.load(Ordering::Relaxed);
+            match fail {
+                None => {
+                    // The first four of stripe 0 that touch no byte already taken: 1, 2, 3 go
+                    // with the first (3 merges); the overlapping one waits.
+                    assert_eq!(merges, 3);
+                    assert_parity(&disks, 4, 16384 * 4);
+                }
+                // A failed member: merged spans are not written degraded.
+                Some(_) => assert_eq!(agg.failed_member(), fail),
             }
         }
     }

@@ -1022,7 +1022,6 @@ impl Drop for Acker {
 }
 
 fn ack_loop(conn: &Conn, backend: &dyn Backend, structured: bool, q: &AckQueue) {
-    let mut out = Vec::new();
     loop {
         let batch = {
             let mut g = q.st.lock().unwrap();
@@ -1034,27 +1033,33 @@ fn ack_loop(conn: &Conn, backend: &dyn Backend, structured: bool, q: &AckQueue) 
             }
             std::mem::take(&mut g.0)
         };
-        let upto = batch.iter().map(|w| w.token).max().unwrap_or(0);
-        let fua = batch.iter().any(|w| w.fua);
-        let r = match catch_unwind(AssertUnwindSafe(|| backend.finish_writes(upto, fua))) {
-            Ok(r) => r,
-            Err(_) => Err(BackendError::Io("backend panicked".into())),
-        };
-        if let Err(e) = &r {
-            tracing::debug!(conn = conn.id, error = %e, "started writes failed");
+        answer_started(conn, backend, structured, batch);
+    }
+}
+
+/// Wait until the started writes may be acknowledged (one wait for all: tokens increase) and
+/// answer them in one socket write, each with the result.
+fn answer_started(conn: &Conn, backend: &dyn Backend, structured: bool, batch: Vec<StartedWrite>) {
+    let upto = batch.iter().map(|w| w.token).max().unwrap_or(0);
+    let fua = batch.iter().any(|w| w.fua);
+    let r = match catch_unwind(AssertUnwindSafe(|| backend.finish_writes(upto, fua))) {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::Io("backend panicked".into())),
+    };
+    if let Err(e) = &r {
+        tracing::debug!(conn = conn.id, error = %e, "started writes failed");
+    }
+    let mut out = Vec::with_capacity(batch.len() * wire::SIMPLE_REPLY_BYTES);
+    for w in &batch {
+        encode_status(&mut out, structured, w.handle, &r);
+    }
+    conn.send(&[&out]);
+    for w in batch {
+        if r.is_err() {
+            conn.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
-        out.clear();
-        for w in &batch {
-            encode_status(&mut out, structured, w.handle, &r);
-        }
-        conn.send(&[&out]);
-        for w in batch {
-            if r.is_err() {
-                conn.counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            conn.completed.fetch_add(1, Ordering::Relaxed);
-            conn.release(w.charge);
-        }
+        conn.completed.fetch_add(1, Ordering::Relaxed);
+        conn.release(w.charge);
     }
 }
 
@@ -1592,6 +1597,8 @@ impl Shared {
                             hdr.kind, hdr.flags, hdr.offset, hdr.length
                         ),
                     );
+                    // Discarding a payload may wait for the socket: nothing is held meanwhile.
+                    d.flush();
                     discard(rd, discard_bytes as u64)?;
                     self.reject(conn, &s, hdr.handle, errno, reason);
                     continue;
@@ -1649,20 +1656,34 @@ impl Shared {
                     if token == ANSWERED {
                         continue;
                     }
-                    let acker = match &acker {
-                        Some(a) => a,
-                        None => acker.insert(Acker::start(
-                            conn.clone(),
-                            s.entry.export.backend.clone(),
-                            s.structured,
-                        )?),
-                    };
-                    acker.push(StartedWrite {
+                    let w = StartedWrite {
                         handle: hdr.handle,
                         token,
                         fua,
                         charge,
-                    });
+                    };
+                    if acker.is_none() {
+                        match Acker::start(
+                            conn.clone(),
+                            s.entry.export.backend.clone(),
+                            s.structured,
+                        ) {
+                            Ok(a) => acker = Some(a),
+                            Err(e) => {
+                                // No thread to spare: this one waits for it.
+                                tracing::warn!(conn = conn.id, error = %e,
+                                    "cannot start the connection's acknowledger");
+                                answer_started(
+                                    conn,
+                                    &*s.entry.export.backend,
+                                    s.structured,
+                                    vec![w],
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                    acker.as_ref().expect("started").push(w);
                     continue;
                 }
             }

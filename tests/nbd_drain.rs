@@ -148,7 +148,9 @@ fn drain_answers_every_request_read(batching: bool) {
     let report = drain.join().unwrap();
     assert!(!report.deadline_hit, "{report:?}");
     assert_eq!(report.requests_completed, 65, "{report:?}");
-    assert_eq!(report.connections_closed, 3, "{report:?}");
+    // The three above, and any of this test's own connect probes (waiting for the listener to
+    // close) that the server had taken before the drain began.
+    assert!(report.connections_closed >= 3, "{report:?}");
     assert_eq!(report.connections_aborted, 0, "{report:?}");
     // The acknowledged writes are on the device.
     let contents = gated.inner.contents();

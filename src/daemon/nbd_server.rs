@@ -503,7 +503,6 @@ impl NbdServer {
     pub fn drain(&self, deadline: Instant) -> DrainReport {
         // Refuse from now on, also what the acceptors pick up before they stop.
         self.shared.registry.lock().unwrap().draining = true;
-        self.stop_accepting();
         let conns: Vec<Arc<Conn>> = self
             .shared
             .registry
@@ -513,6 +512,14 @@ impl NbdServer {
             .values()
             .cloned()
             .collect();
+        // Stop reading before the listeners close: once connects are refused, no connection
+        // reads another request (a client that sees the listener gone and sends one more must
+        // not have it read).
+        for c in &conns {
+            c.stop_reading.store(true, Ordering::Release);
+            let _ = c.control.shutdown(Shutdown::Read);
+        }
+        self.stop_accepting();
         tracing::info!(connections = conns.len(), "draining NBD server");
         let report = self.shared.drain_conns(conns, deadline);
         tracing::info!(?report, "NBD server drained");

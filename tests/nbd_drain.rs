@@ -178,6 +178,14 @@ fn drain_answers_every_request_read(batching: bool) {
 fn pipelined_reads_are_grouped_and_each_answered() {
     let dir = tempfile::tempdir().unwrap();
     let (srv, gated, data) = gated_server_with(dir.path(), true);
+    // A failed check must not leave workers waiting at the gate (the server's drop would hang).
+    struct OpenOnPanic(Arc<GatedBackend<FileBackend>>);
+    impl Drop for OpenOnPanic {
+        fn drop(&mut self) {
+            self.0.open();
+        }
+    }
+    let _open = OpenOnPanic(gated.clone());
     let addr = srv.local_addr().unwrap();
     for structured in [false, true] {
         let before = gated.grouped_reads.load(Ordering::SeqCst);
@@ -194,8 +202,8 @@ fn pipelined_reads_are_grouped_and_each_answered() {
             };
             all.extend_from_slice(&encode_request_header(&h));
         }
-        c.send(&all);
         let n0 = srv.stats().requests;
+        c.send(&all);
         wait_until(10, "the server to read the 48 reads", || {
             srv.stats().requests >= n0 + 48
         });

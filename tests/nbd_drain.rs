@@ -35,6 +35,11 @@ fn gated_server_with(
         batches_reads: batching,
         ..GatedBackend::new(inner)
     });
+    (serve_gated(dir, gated.clone()), gated, data)
+}
+
+/// A server (TCP, and a Unix socket in `dir`) exporting `gated` as "g", with 4 workers.
+fn serve_gated(dir: &std::path::Path, gated: Arc<GatedBackend<FileBackend>>) -> NbdServer {
     let cfg = ServerConfig {
         tcp: Some("127.0.0.1:0".parse().unwrap()),
         unix: Some(dir.join("s.sock")),
@@ -44,10 +49,10 @@ fn gated_server_with(
     let exports = vec![Export {
         name: "g".into(),
         description: String::new(),
-        backend: gated.clone(),
+        backend: gated,
         read_only: false,
     }];
-    (NbdServer::start(cfg, exports).unwrap(), gated, data)
+    NbdServer::start(cfg, exports).unwrap()
 }
 
 #[test]
@@ -248,18 +253,8 @@ fn pipelined_writes_are_grouped_and_each_answered() {
         ..GatedBackend::new(inner)
     });
     gated.open();
-    let cfg = ServerConfig {
-        tcp: Some("127.0.0.1:0".parse().unwrap()),
-        workers: 4,
-        ..Default::default()
-    };
-    let exports = vec![Export {
-        name: "g".into(),
-        description: String::new(),
-        backend: gated.clone(),
-        read_only: false,
-    }];
-    let srv = NbdServer::start(cfg, exports).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let srv = serve_gated(dir.path(), gated.clone());
     let (mut c, _, _) = RawClient::open(srv.local_addr().unwrap(), "g", true);
     let wdata: Vec<Vec<u8>> = (0..40).map(|i| random_bytes(8192, 500 + i)).collect();
     let mut all = Vec::new();

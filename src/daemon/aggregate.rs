@@ -728,23 +728,7 @@ impl Aggregate {
             let mut ops: Vec<IoOp> = Vec::new();
             for (offset, buf) in reads.iter_mut() {
                 let spans = self.geo.spans(*offset, buf.len() as u64);
-                let lens: Vec<usize> = spans
-                    .iter()
-                    .flat_map(|s| s.segs.iter().map(|g| g.len as usize))
-                    .collect();
-                let pieces = split_mut(buf, &lens);
-                ops.extend(
-                    spans
-                        .iter()
-                        .flat_map(|s| s.segs.iter().map(move |g| (s.stripe, *g)))
-                        .zip(pieces)
-                        .map(|((stripe, g), p)| IoOp {
-                            member: g.member,
-                            offset: self.moff(stripe, g.col),
-                            buf: OpBuf::Read(p),
-                            dsync: false,
-                        }),
-                );
+                ops.extend(self.read_ops(&spans, buf));
             }
             done = self.run_batch(engine.as_mut(), &mut ops);
             drop(ops);
@@ -763,6 +747,25 @@ impl Aggregate {
         Ok(())
     }
 
+    /// One read per seg of `spans`, into consecutive pieces of `buf` (healthy members only).
+    fn read_ops<'a>(&self, spans: &[StripeSpan], buf: &'a mut [u8]) -> Vec<IoOp<'a>> {
+        let lens: Vec<usize> = spans
+            .iter()
+            .flat_map(|s| s.segs.iter().map(|g| g.len as usize))
+            .collect();
+        spans
+            .iter()
+            .flat_map(|s| s.segs.iter().map(move |g| (s.stripe, *g)))
+            .zip(split_mut(buf, &lens))
+            .map(|((stripe, g), p)| IoOp {
+                member: g.member,
+                offset: self.moff(stripe, g.col),
+                buf: OpBuf::Read(p),
+                dsync: false,
+            })
+            .collect()
+    }
+
     fn read_spans(
         &self,
         engine: &mut dyn Engine,
@@ -778,18 +781,7 @@ impl Aggregate {
             let touches_failed =
                 failed.is_some_and(|f| spans.iter().any(|s| s.seg_of(f).is_some()));
             if !touches_failed {
-                let pieces = split_mut(buf, &lens);
-                let mut ops: Vec<IoOp> = spans
-                    .iter()
-                    .flat_map(|s| s.segs.iter().map(move |g| (s.stripe, *g)))
-                    .zip(pieces)
-                    .map(|((stripe, g), p)| IoOp {
-                        member: g.member,
-                        offset: self.moff(stripe, g.col),
-                        buf: OpBuf::Read(p),
-                        dsync: false,
-                    })
-                    .collect();
+                let mut ops = self.read_ops(spans, buf);
                 if self.run_batch(engine, &mut ops) {
                     return Ok(());
                 }

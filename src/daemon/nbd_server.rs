@@ -263,6 +263,16 @@ struct Conn {
 }
 
 impl Conn {
+    /// A request read from this connection has been answered: count it (and its failure) and
+    /// give back the room it held.
+    fn answered(&self, charge: usize, failed: bool) {
+        if failed {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.completed.fetch_add(1, Ordering::Relaxed);
+        self.release(charge);
+    }
+
     /// Wait for room for one more request holding `bytes` of payload.
     fn acquire(&self, bytes: usize, max_requests: usize, max_bytes: usize) {
         let mut g = self.inflight.lock().unwrap();
@@ -607,8 +617,7 @@ fn run_writes(jobs: Vec<Job>) {
     let conn = &jobs[0].conn;
     conn.send(&[&out]);
     for j in &jobs {
-        conn.completed.fetch_add(1, Ordering::Relaxed);
-        conn.release(j.charge);
+        conn.answered(j.charge, false);
     }
 }
 
@@ -653,8 +662,7 @@ fn run_reads(jobs: Vec<Job>) {
     let conn = &jobs[0].conn;
     conn.send(&parts);
     for j in &jobs {
-        conn.completed.fetch_add(1, Ordering::Relaxed);
-        conn.release(j.charge);
+        conn.answered(j.charge, false);
     }
 }
 
@@ -952,11 +960,11 @@ fn run_job(mut job: Job) {
             let mut out = Vec::new();
             encode_status(&mut out, job.structured, h, &Err(e));
             conn.send(&[&out]);
-            conn.counters.errors.fetch_add(1, Ordering::Relaxed);
+            conn.answered(job.charge, true);
+            return;
         }
     }
-    conn.completed.fetch_add(1, Ordering::Relaxed);
-    conn.release(job.charge);
+    conn.answered(job.charge, false);
 }
 
 /// The reply to a request with no data (a write, flush, trim or zeroes), appended to `out`.
@@ -1062,11 +1070,7 @@ fn answer_started(conn: &Conn, backend: &dyn Backend, structured: bool, batch: V
     }
     conn.send(&[&out]);
     for w in batch {
-        if r.is_err() {
-            conn.counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        conn.completed.fetch_add(1, Ordering::Relaxed);
-        conn.release(w.charge);
+        conn.answered(w.charge, r.is_err());
     }
 }
 
@@ -1751,9 +1755,7 @@ impl Shared {
                 let mut out = Vec::new();
                 encode_status(&mut out, s.structured, handle, &Err(e));
                 conn.send(&[&out]);
-                conn.counters.errors.fetch_add(1, Ordering::Relaxed);
-                conn.completed.fetch_add(1, Ordering::Relaxed);
-                conn.release(charge);
+                conn.answered(charge, true);
                 Some(ANSWERED)
             }
         }

@@ -499,3 +499,54 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// A drained connection's last answers reach a client that reads them slowly, although the
+/// client sent one more request after the drain began (left unread by the server). Closing a
+/// TCP socket with unread input sends a reset, and a reset throws away whatever the socket had
+/// not yet sent: the server must not close before the client has every answer.
+#[test]
+fn drain_answers_reach_a_slow_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, gated, data) = gated_server(dir.path());
+    let srv = Arc::new(srv);
+    let addr = srv.local_addr().unwrap();
+    let (mut c, _, _) = RawClient::open(addr, "g", false);
+    // 16 reads of 1 MiB: far more than the sockets' buffers hold.
+    for i in 0..16u64 {
+        c.request(CMD_READ, 0, i, i << 20, 1 << 20, &[]);
+    }
+    wait_until(10, "the server to read all 16 requests", || {
+        srv.stats().requests == 16
+    });
+    let s2 = srv.clone();
+    let drain = std::thread::spawn(move || s2.drain(Instant::now() + Duration::from_secs(30)));
+    wait_until(10, "the TCP listener to close", || {
+        TcpStream::connect(addr).is_err()
+    });
+    // Unread by the server: its socket closes with input pending.
+    c.request(CMD_READ, 0, 9999, 0, 4096, &[]);
+    gated.open();
+    let mut seen = [false; 16];
+    for n in 0..16 {
+        // Slowly: the server finishes its writes into the socket long before the client has
+        // read them.
+        if n % 4 == 0 {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let (errno, handle) = c.simple();
+        assert_eq!(errno, 0);
+        assert!(handle < 16, "only reads 0..16 were read: {handle}");
+        let payload = c.read_n(1 << 20);
+        let off = (handle as usize) << 20;
+        assert!(
+            payload == data[off..off + (1 << 20)],
+            "read {handle}'s data"
+        );
+        seen[handle as usize] = true;
+    }
+    assert!(seen.iter().all(|s| *s));
+    assert!(c.closed(), "connection must close after the last answer");
+    let report = drain.join().unwrap();
+    assert!(!report.deadline_hit, "{report:?}");
+    assert_eq!(report.requests_completed, 16, "{report:?}");
+}

@@ -480,7 +480,8 @@ impl NbdServer {
                 .collect()
         };
         tracing::info!(export = name, connections = conns.len(), "export removed");
-        Some(self.shared.drain_conns(conns, deadline))
+        let before = self.shared.stop_reading(&conns);
+        Some(self.shared.drain_conns(conns, before, deadline))
     }
 
     /// Names of the exports served.
@@ -525,13 +526,10 @@ impl NbdServer {
         // Stop reading before the listeners close: once connects are refused, no connection
         // reads another request (a client that sees the listener gone and sends one more must
         // not have it read).
-        for c in &conns {
-            c.stop_reading.store(true, Ordering::Release);
-            let _ = c.control.shutdown(Shutdown::Read);
-        }
+        let before = self.shared.stop_reading(&conns);
         self.stop_accepting();
         tracing::info!(connections = conns.len(), "draining NBD server");
-        let report = self.shared.drain_conns(conns, deadline);
+        let report = self.shared.drain_conns(conns, before, deadline);
         tracing::info!(?report, "NBD server drained");
         report
     }
@@ -1278,7 +1276,13 @@ impl Shared {
         }
         // Every request read gets its answer before the socket closes.
         conn.wait_idle();
-        let _ = conn.control.shutdown(Shutdown::Both);
+        // ... and reaches the client: wait for it to acknowledge them (a drain's deadline or a
+        // client that stops reading for the send timeout ends the wait).
+        let since = Instant::now();
+        let send_timeout = self.cfg.send_timeout;
+        conn.control.close_gently(|| {
+            conn.broken.load(Ordering::Acquire) || since.elapsed() >= send_timeout
+        });
         tracing::debug!(conn = conn.id, peer = %conn.peer, "connection closed");
         self.unregister(conn.id);
     }
@@ -1761,16 +1765,29 @@ impl Shared {
         }
     }
 
-    fn drain_conns(&self, conns: Vec<Arc<Conn>>, deadline: Instant) -> DrainReport {
-        let before: Vec<u64> = conns
+    /// Stop `conns` reading requests; returns how many each had answered before (for the
+    /// drain's report).
+    fn stop_reading(&self, conns: &[Arc<Conn>]) -> Vec<u64> {
+        let before = conns
             .iter()
             .map(|c| c.completed.load(Ordering::Acquire))
             .collect();
-        for c in &conns {
+        for c in conns {
             c.stop_reading.store(true, Ordering::Release);
             // Wakes a reader blocked in read(); requests already read are still answered.
             let _ = c.control.shutdown(Shutdown::Read);
         }
+        before
+    }
+
+    /// Wait until `conns` (stopped reading by [`Shared::stop_reading`], which counted
+    /// `before`) have answered what they read and closed; at `deadline`, close the rest.
+    fn drain_conns(
+        &self,
+        conns: Vec<Arc<Conn>>,
+        before: Vec<u64>,
+        deadline: Instant,
+    ) -> DrainReport {
         let mut reg = self.registry.lock().unwrap();
         let mut deadline_hit = false;
         loop {

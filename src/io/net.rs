@@ -157,6 +157,105 @@ impl Stream {
         }
     }
 
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    /// Bytes written that the peer has not acknowledged yet (TCP's SIOCOUTQ); 0 once the
+    /// connection is closed or reset. A Unix socket's writes are in the peer's queue as soon as
+    /// they are written: always 0.
+    pub fn unacked(&self) -> io::Result<usize> {
+        match self {
+            Stream::Unix(_) => Ok(0),
+            Stream::Tcp(s) => {
+                // A connection reset or closed keeps its count of unacknowledged bytes, which
+                // will never be acknowledged now: nothing more can reach the peer.
+                // SAFETY: tcp_info is plain integers, for which all-zero bytes are a value.
+                let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+                // SAFETY: getsockopt writes at most `len` bytes into `info`, valid for the call.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        libc::IPPROTO_TCP,
+                        libc::TCP_INFO,
+                        (&mut info as *mut libc::tcp_info).cast(),
+                        &mut len,
+                    )
+                };
+                if rc < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // TCP_CLOSE in the kernel's numbering (include/net/tcp_states.h).
+                const TCP_CLOSE: u8 = 7;
+                if info.tcpi_state == TCP_CLOSE {
+                    return Ok(0);
+                }
+                let mut n: libc::c_int = 0;
+                // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int through the pointer, which is
+                // valid for the call; the fd is open for as long as `s` lives.
+                let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+                if rc < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(n.max(0) as usize)
+            }
+        }
+    }
+
+    /// Read and throw away the input that is waiting, without blocking (also after reads were
+    /// shut down). Returns how many bytes were thrown away.
+    pub fn discard_input(&self) -> io::Result<usize> {
+        let mut scratch = [0u8; 16 << 10];
+        let mut total = 0;
+        loop {
+            // SAFETY: `scratch` is valid for writes of its length for the call.
+            let n = unsafe {
+                libc::recv(
+                    self.raw_fd(),
+                    scratch.as_mut_ptr().cast(),
+                    scratch.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                total += n as usize;
+                continue;
+            }
+            if n == 0 {
+                return Ok(total);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Ok(total),
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// Close gently: send what is written, then an end of stream, and wait (until `give_up`
+    /// says so, polled every few milliseconds) for the peer to acknowledge every byte, throwing
+    /// away its input meanwhile. Closing a TCP socket with unread input sends a reset, and a
+    /// reset drops whatever the socket has not delivered yet: the peer's last answers.
+    pub fn close_gently(&self, give_up: impl Fn() -> bool) {
+        let _ = self.shutdown(Shutdown::Write);
+        loop {
+            let _ = self.discard_input();
+            match self.unacked() {
+                Ok(0) | Err(_) => break,
+                Ok(_) if give_up() => break,
+                Ok(_) => {}
+            }
+            let _ = wait_readable(self.raw_fd(), Duration::from_millis(5));
+        }
+        let _ = self.discard_input();
+        let _ = self.shutdown(Shutdown::Both);
+    }
+
     /// The peer, for logs.
     pub fn peer(&self) -> String {
         match self {
@@ -261,6 +360,51 @@ mod tests {
             Listener::bind_unix(&p).is_err(),
             "must not remove a regular file"
         );
+    }
+
+    /// A reset (close with unread input) would drop the unsent tail: `close_gently` waits
+    /// until the peer has all of it, then closes, and the peer reads every byte and then the
+    /// end of the stream.
+    #[test]
+    fn close_gently_delivers_everything_despite_unread_input() {
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut c = TcpStream::connect(l.tcp_addr().unwrap()).unwrap();
+        let s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        c.write_all(b"never read by the server").unwrap();
+        let data: Vec<u8> = (0..(8u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut w = s.try_clone().unwrap();
+        let closer = std::thread::spawn(move || {
+            w.write_all(&data).unwrap();
+            let t0 = std::time::Instant::now();
+            w.close_gently(|| t0.elapsed() > Duration::from_secs(20));
+            drop(w);
+            drop(s);
+            data
+        });
+        // Read slowly at first, so that the server's close comes while data is still queued.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("end of stream, not a reset");
+        let data = closer.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data);
+    }
+
+    /// A peer that resets the connection ends the wait at once (its unacknowledged bytes
+    /// will never be acknowledged).
+    #[test]
+    fn close_gently_does_not_wait_for_a_reset_peer() {
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let c = TcpStream::connect(l.tcp_addr().unwrap()).unwrap();
+        let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        // Fill the peer's buffers, then have it close with all that unread: a reset.
+        let _ = s.set_write_timeout(Some(Duration::from_millis(300)));
+        let chunk = vec![7u8; 1 << 20];
+        while s.write_all(&chunk).is_ok() {}
+        drop(c);
+        let t0 = std::time::Instant::now();
+        s.close_gently(|| t0.elapsed() > Duration::from_secs(20));
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 
     #[test]

@@ -151,7 +151,7 @@ fn run_fio_raw(
 ) -> Result<FioResult, String> {
     let member_bytes = loops[0].bytes;
     let (devs, rw, bs, depth) = match work {
-        Work::SeqWrite => (&loops[..], "write", "64k", 20 * callers),
+        Work::SeqWrite => (loops, "write", "64k", 20 * callers),
         Work::RandRead => (&loops[..4], "randread", "4k", callers),
         Work::RandWrite => (&loops[..4], "randwrite", "4k", callers),
     };

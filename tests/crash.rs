@@ -243,7 +243,7 @@ fn sigkill_under_fio_verify_then_replay_loses_nothing() {
 }
 
 #[path = "nbd_common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod nbdc;
 
 use std::collections::HashMap;

@@ -194,7 +194,7 @@ fn demo_runs_a_pair_and_stops_cleanly() {
         let out = run(Command::new("nbdinfo").args(["--size", &uri]));
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            (4u64 * 15 << 20).to_string(),
+            ((4u64 * 15) << 20).to_string(),
             "{uri}"
         );
         uris.push(uri);

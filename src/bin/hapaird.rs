@@ -105,7 +105,7 @@ fn format(config: &Path, only: Option<&str>, force: bool) -> Result<()> {
             hapair::core::label::uuid_string(&label.aggregate_uuid),
             a.data.len(),
             a.chunk_kib,
-            label.data_bytes * a.data.len() as u64 >> 20
+            (label.data_bytes * a.data.len() as u64) >> 20
         );
     }
     Ok(())

@@ -914,7 +914,7 @@ impl Sim {
         let s = &self.nodes[ix(n)];
         if s.sm
             .as_ref()
-            .map_or(true, |sm| sm.ack_mode() != AckMode::Mirrored)
+            .is_none_or(|sm| sm.ack_mode() != AckMode::Mirrored)
         {
             return;
         }

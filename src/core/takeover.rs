@@ -1538,11 +1538,11 @@ impl Node {
             }
             Message::PleaseShutdown { countdown_ms } => self.on_please_shutdown(countdown_ms, out),
             Message::Refused { request, reasons } => {
-                let ours = match (self.state, request) {
-                    (State::TakeoverRequested, RequestKind::PleaseTakeover) => true,
-                    (State::AwaitingShutdown, RequestKind::PleaseShutdown) => true,
-                    _ => false,
-                };
+                let ours = matches!(
+                    (self.state, request),
+                    (State::TakeoverRequested, RequestKind::PleaseTakeover)
+                        | (State::AwaitingShutdown, RequestKind::PleaseShutdown)
+                );
                 if !ours {
                     return;
                 }
@@ -1794,22 +1794,18 @@ impl Node {
         }
         self.retry_due(out);
         match self.state {
-            State::TakeoverRequested => {
-                if self.request_deadline_ms.is_some_and(|d| now >= d) {
-                    self.request_deadline_ms = None;
-                    self.refuse(
-                        RequestKind::TakeoverOfSelf,
-                        vec![RefusalReason::NoAnswer],
-                        out,
-                    );
-                    self.transition(State::Normal, "no answer to please takeover");
-                }
+            State::TakeoverRequested if self.request_deadline_ms.is_some_and(|d| now >= d) => {
+                self.request_deadline_ms = None;
+                self.refuse(
+                    RequestKind::TakeoverOfSelf,
+                    vec![RefusalReason::NoAnswer],
+                    out,
+                );
+                self.transition(State::Normal, "no answer to please takeover");
             }
-            State::AwaitingShutdown => {
-                if self.countdown_deadline_ms.is_some_and(|d| now >= d) {
-                    out.push(Action::Send(Message::Takeover));
-                    self.begin_takeover(TakeoverKind::Forced, out);
-                }
+            State::AwaitingShutdown if self.countdown_deadline_ms.is_some_and(|d| now >= d) => {
+                out.push(Action::Send(Message::Takeover));
+                self.begin_takeover(TakeoverKind::Forced, out);
             }
             State::Normal => {
                 self.check_partner_liveness(out);

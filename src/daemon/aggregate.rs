@@ -139,6 +139,9 @@ impl Drop for StripeSetGuard<'_> {
     }
 }
 
+/// Each member's path with its label, or why it has none.
+pub type MemberLabels = Vec<(String, Result<Label, String>)>;
+
 /// An assembled, serving RAID-4 aggregate.
 pub struct Aggregate {
     name: String,
@@ -348,7 +351,7 @@ impl Aggregate {
         factory: &EngineFactory,
         paths: &[String],
         arena: &Arc<BufArena>,
-    ) -> Result<Vec<(String, Result<Label, String>)>, AggregateError> {
+    ) -> Result<MemberLabels, AggregateError> {
         let mut engine = factory().map_err(AggregateError::Engine)?;
         let mut bufs: Vec<IoBuf> = paths.iter().map(|_| arena.alloc(LABEL_BYTES)).collect();
         let mut ops: Vec<IoOp> = bufs

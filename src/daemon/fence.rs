@@ -502,7 +502,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("m0.img");
         std::fs::write(&f, vec![0u8; 4096]).unwrap();
-        let m = probe_members(&[f.clone()], PreemptAction::PreemptAndAbort).unwrap();
+        let m = probe_members(std::slice::from_ref(&f), PreemptAction::PreemptAndAbort).unwrap();
         let FenceMode::MailboxOnly { why } = &m else {
             panic!("{m:?}")
         };

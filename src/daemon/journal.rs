@@ -1630,7 +1630,7 @@ mod tests {
                 Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
             j.set_mirror(Some(link.clone()));
             for i in 0..20 {
-                j.write(i as u64 * 4096, &pattern(4096, i), false).unwrap();
+                j.write(i * 4096, &pattern(4096, i), false).unwrap();
             }
             assert_eq!(j.mirror_state(), MirrorState::Mirrored);
             j.close().unwrap();

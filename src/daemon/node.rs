@@ -19,7 +19,7 @@ pub fn progress_printer(what: String) -> impl FnMut(u64, u64) {
         let now = Instant::now();
         if done == total || last.is_none_or(|l| now - l >= Duration::from_millis(500)) {
             last = Some(now);
-            let pct = if total == 0 { 100 } else { done * 100 / total };
+            let pct = (done * 100).checked_div(total).unwrap_or(100);
             eprintln!("{what}: {pct:3}% ({done}/{total})");
         }
     }

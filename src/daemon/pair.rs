@@ -790,13 +790,12 @@ impl PairExecutor {
         // Wait for its slot to say so, at most msgwait.
         let t0 = Instant::now();
         loop {
-            match mailbox.read_view() {
-                Some(v) => match v.partner_slot {
+            if let Some(v) = mailbox.read_view() {
+                match v.partner_slot {
                     None => break,
                     Some(s) if s.clean_shutdown || s.state == takeover::State::TakenOver => break,
                     _ => {}
-                },
-                None => {}
+                }
             }
             if t0.elapsed() >= msgwait {
                 tracing::warn!(

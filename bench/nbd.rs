@@ -438,8 +438,8 @@ fn bench() -> Result<(), String> {
                 solo.flush_buffers();
                 done += 1;
                 progress!(
-                    "[{done}/{total}] round {} {:<22} {:<33} {:>9.0} IOPS {:>8.1} MB/s  lat mean {:>6.0} us p99 {:>6.0} us",
-                    round + 1, w.label, who.label(), r.iops, r.bytes_per_sec / 1e6, r.lat_mean_us, r.lat_p99_us
+                    "[{done}/{total}] round {} {:<22} {:<33} {:>9.0} IOPS {:>8.1} MB/s  lat p50 {:>6.0} us mean {:>6.0} us p99 {:>6.0} us",
+                    round + 1, w.label, who.label(), r.iops, r.bytes_per_sec / 1e6, r.lat_p50_us, r.lat_mean_us, r.lat_p99_us
                 );
                 results[wi][ci].push(r);
             }

@@ -387,6 +387,91 @@ fn clients_without_block_size_agreement_may_send_any_alignment() {
     assert_eq!(agreed.simple(), (NBD_EINVAL, 1));
 }
 
+/// A backend that panics in the middle of a read-modify-write (a partial write holds the
+/// export's other writes off meanwhile) fails that request with EIO, and only that one: later
+/// writes, single and grouped, still go through (the hold must not stay poisoned).
+#[test]
+fn a_backend_panic_during_a_partial_write_fails_only_that_request() {
+    let inner = FileBackend::new(SIZE, sizes(4096, 4096, MAX));
+    let before = random_bytes(SIZE as usize, 78);
+    inner.fill(&before);
+    let b = Arc::new(GatedBackend {
+        batches_writes: true,
+        ..GatedBackend::new(inner)
+    });
+    b.open();
+    let cfg = ServerConfig {
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
+        workers: 2,
+        ..ServerConfig::default()
+    };
+    let exports = vec![Export {
+        name: "disk".into(),
+        description: String::new(),
+        backend: b.clone(),
+        read_only: false,
+    }];
+    let srv = NbdServer::start(cfg, exports).unwrap();
+    let addr = srv.local_addr().unwrap();
+    let mut c = RawClient::connect(addr);
+    c.greet(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    let (_, fin) = c.info(OPT_GO, "disk", &[]);
+    assert_eq!(fin, REP_ACK);
+    let mut model = before.clone();
+
+    b.inner
+        .panic_reads
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    c.request(CMD_WRITE, 0, 1, 4096 + 512, 512, &random_bytes(512, 3));
+    assert_eq!(c.simple(), (NBD_EIO, 1), "the panicked read-modify-write");
+    assert_eq!(
+        b.inner
+            .panic_reads
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+
+    // A partial write, an aligned one, then 32 aligned writes sent together (grouped).
+    let d = random_bytes(1000, 4);
+    c.request(CMD_WRITE, 0, 2, 9 * 4096 + 100, 1000, &d);
+    assert_eq!(c.simple(), (0, 2), "a later partial write");
+    model[9 * 4096 + 100..9 * 4096 + 1100].copy_from_slice(&d);
+    let d = random_bytes(4096, 5);
+    c.request(CMD_WRITE, 0, 3, 12 * 4096, 4096, &d);
+    assert_eq!(c.simple(), (0, 3), "a later aligned write");
+    model[12 * 4096..13 * 4096].copy_from_slice(&d);
+    let grouped_before = b.grouped_writes.load(std::sync::atomic::Ordering::SeqCst);
+    let mut all = Vec::new();
+    for i in 0..32u64 {
+        let d = random_bytes(4096, 100 + i);
+        let off = (64 + i) * 4096;
+        model[off as usize..off as usize + 4096].copy_from_slice(&d);
+        all.extend_from_slice(&encode_request_header(&RequestHeader {
+            flags: 0,
+            kind: CMD_WRITE,
+            handle: 100 + i,
+            offset: off,
+            length: 4096,
+        }));
+        all.extend_from_slice(&d);
+    }
+    c.send(&all);
+    let mut handles: Vec<u64> = (0..32)
+        .map(|_| c.simple())
+        .map(|(e, h)| {
+            assert_eq!(e, 0, "grouped write {h}");
+            h
+        })
+        .collect();
+    handles.sort();
+    assert_eq!(handles, (100..132).collect::<Vec<_>>());
+    assert!(
+        b.grouped_writes.load(std::sync::atomic::Ordering::SeqCst) > grouped_before,
+        "some of the 32 were grouped"
+    );
+    assert!(b.inner.contents() == model, "every later write landed");
+}
+
 /// (what, kind, flags, offset, length, payload, expected errno)
 type Case<'a> = (&'a str, u16, u16, u64, u32, &'a [u8], u32);
 

@@ -31,7 +31,7 @@ use std::net::{Shutdown, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -320,16 +320,19 @@ impl Conn {
 
     /// Send one reply; on failure the connection is dead and is shut down.
     fn send(&self, parts: &[&[u8]]) -> bool {
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock: a reply cut short by a failed write must never be followed
+        // by another one, which the client would read as the rest of the first.
         if self.broken.load(Ordering::Acquire) {
             return false;
         }
-        let mut w = self.writer.lock().unwrap();
         match write_all_vectored(&mut w, parts) {
             Ok(()) => true,
             Err(e) => {
+                // Still holding the lock, so no other reply goes out after the partial one.
+                self.kill();
                 drop(w);
                 tracing::debug!(conn = self.id, peer = %self.peer, error = %e, "reply write failed");
-                self.kill();
                 false
             }
         }
@@ -600,7 +603,11 @@ fn run_writes(jobs: Vec<Job>) {
         })
         .collect();
     let r = {
-        let _shared = jobs[0].entry.partial_writes.read().unwrap();
+        let _shared = jobs[0]
+            .entry
+            .partial_writes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         catch_unwind(AssertUnwindSafe(|| b.write_batch(&writes, fua)))
     };
     drop(writes);
@@ -818,7 +825,11 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             let data = job.payload.as_ref().expect("write payload");
             let (a0, a1) = aligned_cover(offset, length as u64, job.entry.sizes.min_bytes);
             if (a0, a1) == (offset, offset + length as u64) {
-                let _shared = job.entry.partial_writes.read().unwrap();
+                let _shared = job
+                    .entry
+                    .partial_writes
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
                 write_range(job, offset, &data[..], fua)?;
             } else {
                 write_partial(job, offset, Some(&data[..]), length as u64, fua)?;
@@ -852,7 +863,11 @@ fn execute(job: &mut Job) -> Result<Option<IoBuf>, BackendError> {
             let (z0, z1) = aligned_inside(offset, length as u64, job.entry.sizes.min_bytes);
             if z1 > z0 {
                 {
-                    let _shared = job.entry.partial_writes.read().unwrap();
+                    let _shared = job
+                        .entry
+                        .partial_writes
+                        .read()
+                        .unwrap_or_else(PoisonError::into_inner);
                     in_pieces(z0, z1 - z0, job.split_bytes, |o, l| {
                         b.write_zeroes(o, l, fua)
                     })?;
@@ -906,7 +921,11 @@ fn write_partial(
     len: u64,
     fua: bool,
 ) -> Result<(), BackendError> {
-    let _only = job.entry.partial_writes.write().unwrap();
+    let _only = job
+        .entry
+        .partial_writes
+        .write()
+        .unwrap_or_else(PoisonError::into_inner);
     let (a0, a1) = aligned_cover(offset, len, job.entry.sizes.min_bytes);
     let mut cover = read_cover(job, a0, a1)?;
     let at = (offset - a0) as usize;
@@ -1591,6 +1610,11 @@ impl Shared {
             }
             let mut raw = [0u8; wire::REQUEST_HEADER_BYTES];
             rd.read_exact(&mut raw)?;
+            // A drain may have begun while this read waited: what arrives after it began is
+            // not read (the socket still takes data after its reading was shut down).
+            if conn.stop_reading.load(Ordering::Acquire) {
+                return Ok(());
+            }
             let hdr = wire::decode_request_header(&raw)
                 .map_err(|e| ConnError::Protocol(e.to_string()))?;
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
@@ -1742,7 +1766,11 @@ impl Shared {
             return None;
         }
         // A partial write's read-modify-write holds this exclusively: wait for it in a worker.
-        let _shared = s.entry.partial_writes.try_read().ok()?;
+        let _shared = match s.entry.partial_writes.try_read() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
         let b = &s.entry.export.backend;
         let r = match catch_unwind(AssertUnwindSafe(|| b.start_write(offset, data))) {
             Ok(r) => r,

@@ -243,6 +243,9 @@ impl Stream {
     /// reset drops whatever the socket has not delivered yet: the peer's last answers.
     pub fn close_gently(&self, give_up: impl Fn() -> bool) {
         let _ = self.shutdown(Shutdown::Write);
+        // Sleeps, not a poll for input: once reading is shut down (or the peer has sent its
+        // end of stream) the socket polls readable at once, and the wait would spin.
+        let mut nap = Duration::from_millis(1);
         loop {
             let _ = self.discard_input();
             match self.unacked() {
@@ -250,7 +253,8 @@ impl Stream {
                 Ok(_) if give_up() => break,
                 Ok(_) => {}
             }
-            let _ = wait_readable(self.raw_fd(), Duration::from_millis(5));
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(8));
         }
         let _ = self.discard_input();
         let _ = self.shutdown(Shutdown::Both);
@@ -405,6 +409,32 @@ mod tests {
         let t0 = std::time::Instant::now();
         s.close_gently(|| t0.elapsed() > Duration::from_secs(20));
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    /// Waiting for a peer that does not read costs no CPU, also once reading is shut down
+    /// (the socket then polls readable at once: a poll-based wait would spin).
+    #[test]
+    fn close_gently_waits_without_spinning() {
+        fn thread_cpu() -> Duration {
+            // SAFETY: getrusage writes one rusage into `ru`, valid for the call.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) }, 0);
+            let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+            Duration::from_micros(us(ru.ru_utime) + us(ru.ru_stime))
+        }
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _c = TcpStream::connect(l.tcp_addr().unwrap()).unwrap();
+        let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        let _ = s.set_write_timeout(Some(Duration::from_millis(300)));
+        let chunk = vec![7u8; 1 << 20];
+        while s.write_all(&chunk).is_ok() {}
+        s.shutdown(Shutdown::Read).unwrap();
+        let (t0, cpu0) = (std::time::Instant::now(), thread_cpu());
+        s.close_gently(|| t0.elapsed() > Duration::from_millis(500));
+        let (wall, cpu) = (t0.elapsed(), thread_cpu() - cpu0);
+        assert!(wall >= Duration::from_millis(500), "{wall:?}");
+        assert!(cpu < Duration::from_millis(100), "{cpu:?} of CPU in {wall:?}");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct FileBackend {
     pub misaligned: AtomicU64,
     /// Every read takes at least this long (microseconds): widens race windows in tests.
     pub read_delay_us: AtomicU64,
+    /// This many of the next reads panic (a bug in a backend, injected).
+    pub panic_reads: AtomicU64,
 }
 
 impl FileBackend {
@@ -45,6 +47,7 @@ impl FileBackend {
             flushes: AtomicU64::new(0),
             largest: AtomicU64::new(0),
             misaligned: AtomicU64::new(0),
+            panic_reads: AtomicU64::new(0),
             read_delay_us: AtomicU64::new(0),
         }
     }
@@ -88,6 +91,13 @@ impl Backend for FileBackend {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         self.check_aligned(offset, buf.len() as u64);
         self.largest.fetch_max(buf.len() as u64, Ordering::Relaxed);
+        if self
+            .panic_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("injected backend panic (a test)");
+        }
         let delay = self.read_delay_us.load(Ordering::Relaxed);
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_micros(delay));

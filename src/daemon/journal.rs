@@ -155,6 +155,10 @@ struct Inner {
     mirror_needs_resync: bool,
     /// Direct whole-stripe writes in flight: (start, end, seq of their Stripes record).
     direct: Vec<(u64, u64, u64)>,
+    /// A group commit's records could not be written to the NVRAM: they are not in the log,
+    /// and no later commit may say they are (it would acknowledge them). Every write not yet
+    /// durable fails from then on.
+    log_failed: Option<String>,
 }
 
 fn overlaps_direct(direct: &[(u64, u64, u64)], offset: u64, len: u64) -> bool {
@@ -172,8 +176,11 @@ pub struct Journal {
     /// Everything up to here has survived a device cache flush (power-loss safe).
     flushed: AtomicU64,
     flush_lock: Mutex<()>,
-    /// A direct write went to the members since their caches were last flushed.
-    members_dirty: AtomicBool,
+    /// Direct writes (not FUA) finished on the members, counted; and how many of them the
+    /// last member cache flush covers (held across that flush: concurrent FLUSHes wait for
+    /// one that started after their writes, never return on another's flush in progress).
+    member_writes: AtomicU64,
+    members_flushed: Mutex<u64>,
     cache: RwLock<WriteCache>,
     trims: AtomicU64,
     mirror: RwLock<Option<Arc<dyn MirrorLink>>>,
@@ -354,12 +361,14 @@ impl Journal {
                 durable: 0,
                 mirror_needs_resync: true,
                 direct: Vec::new(),
+                log_failed: None,
             }),
             persister,
             progress: Condvar::new(),
             flushed: AtomicU64::new(0),
             flush_lock: Mutex::new(()),
-            members_dirty: AtomicBool::new(false),
+            member_writes: AtomicU64::new(0),
+            members_flushed: Mutex::new(0),
             cache: RwLock::new(WriteCache::new()),
             trims: AtomicU64::new(0),
             mirror: RwLock::new(None),
@@ -561,6 +570,11 @@ impl Journal {
             if g.durable >= seq && !force {
                 return Ok(());
             }
+            if let Some(e) = &g.log_failed {
+                return Err(JournalError::Log(format!(
+                    "not acknowledged: an earlier write to the NVRAM log failed ({e})"
+                )));
+            }
             if g.committing {
                 g = self.progress.wait(g).unwrap();
                 continue;
@@ -615,6 +629,10 @@ impl Journal {
             g = self.inner.lock().unwrap();
             g.committing = false;
             if let Err(e) = persisted {
+                // The commit took these records off the appender's dirty list: a later commit
+                // would acknowledge them without their ever being written. Latch instead.
+                tracing::error!(error = %e, first_unwritten_seq = g.durable + 1, "NVRAM log write failed: writes fail from now on");
+                g.log_failed = Some(e.to_string());
                 self.progress.notify_all();
                 return Err(e.into());
             }
@@ -778,12 +796,15 @@ impl Journal {
     pub fn flush(&self) -> Result<(), JournalError> {
         let durable = self.inner.lock().unwrap().durable;
         self.flush_log(durable)?;
-        if self.members_dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.agg.flush() {
-                self.members_dirty.store(true, Ordering::Release);
-                return Err(e.into());
-            }
+        let want = self.member_writes.load(Ordering::Acquire);
+        let mut flushed = self.members_flushed.lock().unwrap();
+        if *flushed >= want {
+            return Ok(());
         }
+        // Every write counted up to `now` finished before this flush starts.
+        let now = self.member_writes.load(Ordering::Acquire);
+        self.agg.flush()?;
+        *flushed = now;
         Ok(())
     }
 
@@ -848,7 +869,7 @@ impl Journal {
         }
         written?;
         if !fua {
-            self.members_dirty.store(true, Ordering::Release);
+            self.member_writes.fetch_add(1, Ordering::AcqRel);
         }
         self.stats.direct_writes.fetch_add(1, Ordering::Relaxed);
         self.stats.direct_bytes.fetch_add(len, Ordering::Relaxed);
@@ -936,8 +957,11 @@ impl Journal {
             (slot, segment)
         };
         if let Some(r) = &slot {
+            // Through the device's cache too: the space behind the old head is reused next,
+            // and a slot still in the cache at a power loss would have the scan start at the
+            // old head and find newer records there (the log then refuses to replay).
             // SAFETY: the region lives as long as `self`.
-            unsafe { self.persister.write_back(std::slice::from_ref(r))? };
+            unsafe { self.persister.persist(std::slice::from_ref(r))? };
         }
         // The mirror must hold the new trim slot before the space is reused, or a takeover
         // would scan the mirror from a head that newer records have overwritten.

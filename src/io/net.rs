@@ -434,7 +434,10 @@ mod tests {
         s.close_gently(|| t0.elapsed() > Duration::from_millis(500));
         let (wall, cpu) = (t0.elapsed(), thread_cpu() - cpu0);
         assert!(wall >= Duration::from_millis(500), "{wall:?}");
-        assert!(cpu < Duration::from_millis(100), "{cpu:?} of CPU in {wall:?}");
+        assert!(
+            cpu < Duration::from_millis(100),
+            "{cpu:?} of CPU in {wall:?}"
+        );
     }
 
     #[test]

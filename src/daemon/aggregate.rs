@@ -596,7 +596,18 @@ impl Aggregate {
         label.failed_member = Some(m as u32);
         label.generation += 1;
         if let Err(e) = self.commit_label(label) {
-            tracing::error!(aggregate = %self.name, error = %e, "could not record member failure");
+            // Serving on as if healthy would be wrong twice over: a retried read-modify-write
+            // would read the member's old data again and count its change into parity twice,
+            // and a restart would take the stale member for a good one. Stop instead.
+            let why = format!(
+                "member {m} ({}) failed ({err}) and the failure could not be recorded: {e}",
+                self.paths[m]
+            );
+            tracing::error!(aggregate = %self.name, "{why}; refusing to serve");
+            let mut st = self.state.write().unwrap();
+            if st.offline.is_none() {
+                st.offline = Some(why);
+            }
         }
     }
 
@@ -1459,6 +1470,8 @@ pub(crate) mod tests {
         pub failed: Mutex<HashSet<usize>>,
         /// Members that refuse writes with EBADE (reservation conflict: held by another node).
         pub conflict: Mutex<HashSet<usize>>,
+        /// New engines cannot be made (io_uring setup failing: ENOMEM, EMFILE).
+        pub factory_fails: std::sync::atomic::AtomicBool,
     }
 
     pub struct MemEngine(pub Arc<MemDisks>);
@@ -1510,10 +1523,15 @@ pub(crate) mod tests {
             data: Mutex::new(vec![vec![0xAA; member_bytes as usize]; n + 1]),
             failed: Mutex::new(HashSet::new()),
             conflict: Mutex::new(HashSet::new()),
+            factory_fails: std::sync::atomic::AtomicBool::new(false),
         });
         let d2 = disks.clone();
-        let factory: EngineFactory =
-            Arc::new(move || Ok(Box::new(MemEngine(d2.clone())) as Box<dyn Engine>));
+        let factory: EngineFactory = Arc::new(move || {
+            if d2.factory_fails.load(Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::EMFILE));
+            }
+            Ok(Box::new(MemEngine(d2.clone())) as Box<dyn Engine>)
+        });
         let arena = BufArena::new(8 << 20);
         let spec = FormatSpec {
             name: "t".into(),
@@ -1955,5 +1973,36 @@ pub(crate) mod tests {
         let mut back = vec![0u8; 3 * 4096];
         agg.read(0, &mut back).unwrap();
         assert!(back.iter().all(|&b| b == 5));
+    }
+
+    /// A member failure that cannot be recorded (no engine for the label write) takes the
+    /// aggregate offline: serving on would retry the read-modify-write against a parity
+    /// already updated (counting the change twice) and forget the failure at a restart.
+    #[test]
+    fn unrecordable_member_failure_takes_the_aggregate_offline() {
+        let (agg, disks) = mem_aggregate(3, 4096, 16);
+        agg.write(0, &vec![5u8; 3 * 4096], false).unwrap();
+        // Exactly one engine, taken by the write below; the label write would need another.
+        {
+            let mut pool = agg.engines.lock().unwrap();
+            pool.truncate(1);
+            assert_eq!(pool.len(), 1);
+        }
+        disks.factory_fails.store(true, Ordering::SeqCst);
+        disks.failed.lock().unwrap().insert(1);
+        let r = agg.write(4096, &[7u8; 4096], false);
+        assert!(
+            matches!(r, Err(AggregateError::Offline { .. })),
+            "the write is refused: {r:?}"
+        );
+        assert!(matches!(
+            agg.healthy_state(),
+            Err(AggregateError::Offline { .. })
+        ));
+        let mut back = vec![0u8; 4096];
+        assert!(
+            agg.read(0, &mut back).is_err(),
+            "offline: nothing is served"
+        );
     }
 }

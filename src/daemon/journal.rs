@@ -159,6 +159,20 @@ struct Inner {
     /// and no later commit may say they are (it would acknowledge them). Every write not yet
     /// durable fails from then on.
     log_failed: Option<String>,
+    /// Trim slots written by CPs that the partner's mirror has not been sent yet: they go in
+    /// the next commit that carries new records (whose acknowledgement then proves the
+    /// partner has them, together with the records that reuse the trimmed space).
+    unsent_slots: Vec<Range<usize>>,
+}
+
+/// Refuse once the log has failed (see `Inner::log_failed`).
+fn log_failed(g: &Inner) -> Result<(), JournalError> {
+    match &g.log_failed {
+        Some(e) => Err(JournalError::Log(format!(
+            "not acknowledged: an earlier write to the NVRAM log failed ({e})"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn overlaps_direct(direct: &[(u64, u64, u64)], offset: u64, len: u64) -> bool {
@@ -362,6 +376,7 @@ impl Journal {
                 mirror_needs_resync: true,
                 direct: Vec::new(),
                 log_failed: None,
+                unsent_slots: Vec::new(),
             }),
             persister,
             progress: Condvar::new(),
@@ -570,11 +585,7 @@ impl Journal {
             if g.durable >= seq && !force {
                 return Ok(());
             }
-            if let Some(e) = &g.log_failed {
-                return Err(JournalError::Log(format!(
-                    "not acknowledged: an earlier write to the NVRAM log failed ({e})"
-                )));
-            }
+            log_failed(&g)?;
             if g.committing {
                 g = self.progress.wait(g).unwrap();
                 continue;
@@ -586,12 +597,22 @@ impl Journal {
             let link = link.filter(|l| l.is_up());
             let resync = link.is_some() && g.mirror_needs_resync;
             let (c_last, ranges, batches) = if resync {
+                // The whole live region, trim slots included.
+                g.unsent_slots.clear();
                 Self::resync_batches(&mut g)
             } else {
                 let c = g.app.commit();
+                // Trim slots ride with new records only: an acknowledgement of a sequence
+                // number already acknowledged would prove nothing.
+                let slots = if c.last_seq > g.durable {
+                    std::mem::take(&mut g.unsent_slots)
+                } else {
+                    Vec::new()
+                };
                 let segs: Vec<LogSegment> = c
                     .ranges
                     .iter()
+                    .chain(slots.iter())
                     .map(|r| LogSegment {
                         region_offset: r.start as u64,
                         bytes: g.region.bytes()[r.clone()].to_vec(),
@@ -778,7 +799,10 @@ impl Journal {
                     self.kick_cp();
                     return Ok(None);
                 }
-                Err(e) if e.is_full() => g = self.wait_for_space(g, &mut waited),
+                Err(e) if e.is_full() => {
+                    log_failed(&g)?;
+                    g = self.wait_for_space(g, &mut waited)
+                }
                 Err(e) => return Err(JournalError::Log(e.to_string())),
             }
         };
@@ -852,7 +876,10 @@ impl Journal {
                         g.direct.push((offset, offset + len, seq));
                         break seq;
                     }
-                    Err(e) if e.is_full() => g = self.wait_for_space(g, &mut waited),
+                    Err(e) if e.is_full() => {
+                        log_failed(&g)?;
+                        g = self.wait_for_space(g, &mut waited)
+                    }
                     Err(e) => return Err(JournalError::Log(e.to_string())),
                 }
             }
@@ -943,50 +970,43 @@ impl Journal {
         let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
         write_runs_parallel(&self.agg, &runs, false, writers)?;
         self.agg.flush()?;
-        let (slot, segment) = {
+        let slot = {
             let mut g = self.inner.lock().unwrap();
             let inner = &mut *g;
-            let slot = inner
+            inner
                 .app
                 .trim(inner.region.bytes_mut(), upto)
-                .map_err(|e| JournalError::Log(e.to_string()))?;
-            let segment = slot.clone().map(|r| LogSegment {
-                region_offset: r.start as u64,
-                bytes: inner.region.bytes()[r].to_vec(),
-            });
-            (slot, segment)
+                .map_err(|e| JournalError::Log(e.to_string()))?
         };
         if let Some(r) = &slot {
             // Through the device's cache too: the space behind the old head is reused next,
             // and a slot still in the cache at a power loss would have the scan start at the
             // old head and find newer records there (the log then refuses to replay).
             // SAFETY: the region lives as long as `self`.
-            unsafe { self.persister.persist(std::slice::from_ref(r))? };
-        }
-        // The mirror must hold the new trim slot before the space is reused, or a takeover
-        // would scan the mirror from a head that newer records have overwritten.
-        if let (Some(seg), Some(link)) = (segment, self.mirror.read().unwrap().clone()) {
-            let mut g = self.inner.lock().unwrap();
-            if link.is_up() && !g.mirror_needs_resync {
-                let last = g.durable;
-                let epoch = g.app.header().epoch;
-                let ok = link.send_records(LogRecords {
-                    epoch,
-                    first_seq: last,
-                    last_seq: last,
-                    segments: vec![seg],
-                }) && link.wait_ack(epoch, last, MIRROR_ACK_TIMEOUT);
-                if !ok {
-                    g.mirror_needs_resync = true;
-                    self.set_not_mirrored("partner did not acknowledge a trim");
-                }
-            } else {
-                g.mirror_needs_resync = true;
+            if let Err(e) = unsafe { self.persister.persist(std::slice::from_ref(r)) } {
+                // Trimmed in memory, not on the NVRAM: the space cannot be given back, and the
+                // next CP would find nothing left to trim. Writers waiting for space fail.
+                let mut g = self.inner.lock().unwrap();
+                tracing::error!(error = %e, "NVRAM log trim slot write failed: writes fail from now on");
+                g.log_failed = Some(format!("trim slot: {e}"));
+                self.progress.notify_all();
+                return Err(e.into());
             }
-            drop(g);
         }
+        // The partner's mirror gets the new trim slot with the next commit of new records: the
+        // first records that can reuse the trimmed space travel in the same message, so the
+        // mirror never holds them without the slot that makes its scan start past the old
+        // records, nor a slot whose delivery nobody checked (a trim sent on its own had only an
+        // acknowledgement of a sequence number already acknowledged to wait for). Until then
+        // the mirror holds the old slot and the old records, which a takeover would replay to
+        // the same effect the CP had: nothing newer exists to be overwritten.
         {
             let mut g = self.inner.lock().unwrap();
+            if let Some(r) = slot.clone() {
+                if !g.unsent_slots.contains(&r) {
+                    g.unsent_slots.push(r);
+                }
+            }
             g.app.trim_persisted();
             self.progress.notify_all();
         }
@@ -1667,6 +1687,42 @@ mod tests {
         assert!(
             matches!(j.mirror_state(), MirrorState::NotMirrored { .. }),
             "seq 1 of the new log was taken as mirrored on the strength of the old log's acks"
+        );
+    }
+
+    /// A CP's trim reaches the partner's mirror with the next commit of new records, checked
+    /// by that commit's acknowledgement. A trim message of its own, lost on the way while its
+    /// "acknowledgement" (of a sequence number already acknowledged) said yes, left the mirror
+    /// with the old records: a takeover replayed a logged write over the acknowledged direct
+    /// write that followed it.
+    #[test]
+    fn a_trim_reaches_the_mirror_with_the_next_records() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(4, 4096, 32);
+        let agg = Arc::new(agg);
+        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let link = LocalLink::new(dir.path());
+        j.set_mirror(Some(link.clone()));
+        let sb = agg.geometry().stripe_bytes() as usize;
+        let old = pattern(8192, 1);
+        j.write(0, &old, false).unwrap(); // logged, mirrored
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        // Whatever the CP sends the partner is lost (the link still says it was sent).
+        link.blackhole.store(true, Ordering::Release);
+        j.checkpoint().unwrap();
+        link.blackhole.store(false, Ordering::Release);
+        let new = pattern(sb, 2);
+        j.write(0, &new, false).unwrap(); // a whole stripe: written directly
+        assert_eq!(j.stats.direct_writes.load(Ordering::Relaxed), 1);
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        // The node dies; the partner replays its mirror.
+        let snap = link.mirror.snapshot();
+        replay_region(&agg, &snap).unwrap();
+        let mut b = IoBuf::new(sb);
+        agg.read(0, &mut b).unwrap();
+        assert!(
+            b[..] == new[..],
+            "the acknowledged direct write survives the takeover's replay"
         );
     }
 }

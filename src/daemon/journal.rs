@@ -603,16 +603,17 @@ impl Journal {
             } else {
                 let c = g.app.commit();
                 // Trim slots ride with new records only: an acknowledgement of a sequence
-                // number already acknowledged would prove nothing.
+                // number already acknowledged would prove nothing. First, so that the mirror
+                // has the slot before any of these records overwrites what it trimmed (a
+                // commit may take several messages).
                 let slots = if c.last_seq > g.durable {
                     std::mem::take(&mut g.unsent_slots)
                 } else {
                     Vec::new()
                 };
-                let segs: Vec<LogSegment> = c
-                    .ranges
+                let segs: Vec<LogSegment> = slots
                     .iter()
-                    .chain(slots.iter())
+                    .chain(c.ranges.iter())
                     .map(|r| LogSegment {
                         region_offset: r.start as u64,
                         bytes: g.region.bytes()[r.clone()].to_vec(),

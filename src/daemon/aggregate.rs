@@ -1472,6 +1472,10 @@ pub(crate) mod tests {
         pub conflict: Mutex<HashSet<usize>>,
         /// New engines cannot be made (io_uring setup failing: ENOMEM, EMFILE).
         pub factory_fails: std::sync::atomic::AtomicBool,
+        /// Every member cache flush takes this long (ms); flushes started and finished.
+        pub flush_delay_ms: AtomicU64,
+        pub flushes_started: AtomicU64,
+        pub flushes_done: AtomicU64,
     }
 
     pub struct MemEngine(pub Arc<MemDisks>);
@@ -1500,7 +1504,13 @@ pub(crate) mod tests {
                 .collect()
         }
         fn flush(&mut self, members: &[usize]) -> Vec<io::Result<()>> {
+            self.0.flushes_started.fetch_add(1, Ordering::SeqCst);
+            let delay = self.0.flush_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+            }
             let failed = self.0.failed.lock().unwrap().clone();
+            self.0.flushes_done.fetch_add(1, Ordering::SeqCst);
             members
                 .iter()
                 .map(|m| {
@@ -1524,6 +1534,9 @@ pub(crate) mod tests {
             failed: Mutex::new(HashSet::new()),
             conflict: Mutex::new(HashSet::new()),
             factory_fails: std::sync::atomic::AtomicBool::new(false),
+            flush_delay_ms: AtomicU64::new(0),
+            flushes_started: AtomicU64::new(0),
+            flushes_done: AtomicU64::new(0),
         });
         let d2 = disks.clone();
         let factory: EngineFactory = Arc::new(move || {

@@ -206,6 +206,9 @@ pub struct Journal {
     unmirrored_flag: AtomicBool,
     cp_kick: (Mutex<bool>, Condvar),
     stop: AtomicBool,
+    /// Unit tests: this many of the next group commits fail their NVRAM write (EIO).
+    #[cfg(test)]
+    fail_log_writes: AtomicU64,
     cfg: JournalConfig,
     region_bytes: usize,
     pub stats: JournalStats,
@@ -393,6 +396,8 @@ impl Journal {
             unmirrored_flag: AtomicBool::new(false),
             cp_kick: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_log_writes: AtomicU64::new(0),
             cfg,
             region_bytes,
             stats: JournalStats::default(),
@@ -644,6 +649,8 @@ impl Journal {
                     self.persister.write_back(&ranges)
                 }
             };
+            #[cfg(test)]
+            let persisted = persisted.and_then(|()| self.injected_log_failure());
             let mirrored = match (&link, &persisted) {
                 (Some(l), Ok(())) => sent && l.wait_ack(epoch, c_last, MIRROR_ACK_TIMEOUT),
                 _ => false,
@@ -933,6 +940,22 @@ impl Journal {
             }
             cache.overlay(offset, buf);
             return Ok(());
+        }
+    }
+
+    #[cfg(test)]
+    fn injected_log_failure(&self) -> Result<(), NvramError> {
+        match self
+            .fail_log_writes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            Ok(_) => Err(NvramError::WriteBack {
+                path: "injected".into(),
+                start: 0,
+                end: 0,
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            }),
+            Err(_) => Ok(()),
         }
     }
 
@@ -1725,5 +1748,69 @@ mod tests {
             b[..] == new[..],
             "the acknowledged direct write survives the takeover's replay"
         );
+    }
+
+    /// A group commit whose NVRAM write fails is not acknowledged, and neither is anything
+    /// after it: its records were taken off the appender's list of what to write, so a later
+    /// commit would have acknowledged them unwritten. Replay then finds every acknowledged
+    /// record.
+    #[test]
+    fn a_failed_log_write_fails_every_later_write() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(4, 4096, 32);
+        let agg = Arc::new(agg);
+        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        j.write(0, &pattern(4096, 1), false).unwrap();
+        j.fail_log_writes.store(1, Ordering::SeqCst);
+        assert!(j.write(8192, &pattern(4096, 2), false).is_err());
+        assert_eq!(
+            j.fail_log_writes.load(Ordering::SeqCst),
+            0,
+            "the failure was used"
+        );
+        let later = j.write(3 * 4096, &pattern(4096, 3), false);
+        assert!(
+            later.is_err(),
+            "a later write is not acknowledged over the unwritten record"
+        );
+        // A FLUSH still covers what was acknowledged (the first write): it may succeed.
+        // What the log holds replays: the first write, acknowledged, is there.
+        let snap = j.inner.lock().unwrap().region.bytes().to_vec();
+        let s = replay_region(&agg, &snap).unwrap();
+        assert!(s.replayed_records >= 1, "{s:?}");
+        let mut b = IoBuf::new(4096);
+        agg.read(0, &mut b).unwrap();
+        assert!(b[..] == pattern(4096, 1)[..]);
+    }
+
+    /// Two FLUSHes at once: the second returns only after a member flush that started after
+    /// the direct write it covers, never while the first one's is still running.
+    #[test]
+    fn concurrent_flushes_each_wait_for_a_member_flush() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, disks) = mem_aggregate(4, 4096, 32);
+        let agg = Arc::new(agg);
+        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let sb = agg.geometry().stripe_bytes() as usize;
+        j.write(0, &pattern(sb, 1), false).unwrap(); // a whole stripe, not FUA: direct
+        assert_eq!(j.stats.direct_writes.load(Ordering::Relaxed), 1);
+        disks.flush_delay_ms.store(400, Ordering::SeqCst);
+        let before = disks.flushes_started.load(Ordering::SeqCst);
+        std::thread::scope(|s| {
+            let first = s.spawn(|| j.flush());
+            // The first FLUSH is inside its member flush.
+            let t0 = Instant::now();
+            while disks.flushes_started.load(Ordering::SeqCst) == before {
+                assert!(t0.elapsed() < Duration::from_secs(10));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let done_before = disks.flushes_done.load(Ordering::SeqCst);
+            j.flush().unwrap();
+            assert!(
+                disks.flushes_done.load(Ordering::SeqCst) > done_before,
+                "the second FLUSH returned while the members' caches were still being flushed"
+            );
+            first.join().unwrap().unwrap();
+        });
     }
 }

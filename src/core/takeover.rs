@@ -720,6 +720,9 @@ pub struct Node {
     takeover_epoch: u64,
     /// Highest takeover epoch we were told to die for; stale givebacks are ignored.
     died_epoch: u64,
+    /// Added to `now_ms` for a takeover's epoch: the wall clock at the daemon's start, so that
+    /// epochs keep growing across restarts (the partner remembers the last one it died for).
+    epoch_origin_ms: u64,
     /// Highest takeover epoch that was given back to us; stale please-dies are ignored.
     resumed_epoch: u64,
     continue_takeover: bool,
@@ -776,6 +779,7 @@ impl Node {
             fenced: false,
             takeover_epoch: 0,
             died_epoch: 0,
+            epoch_origin_ms: 0,
             resumed_epoch: 0,
             continue_takeover: false,
             awaiting_resume: false,
@@ -819,6 +823,13 @@ impl Node {
             .as_ref()
             .and_then(|p| p.current)
             .map(|(s, _, _)| s)
+    }
+
+    /// Count takeover epochs from `unix_ms` (the wall clock when `now_ms` was 0) rather than
+    /// from 0: a restarted daemon's takeovers then still come after those the partner
+    /// remembers, whose givebacks it would otherwise ignore as stale.
+    pub fn set_epoch_origin(&mut self, unix_ms: u64) {
+        self.epoch_origin_ms = unix_ms;
     }
 
     /// The epoch of the current (or last) takeover this node made; please-die carries it.
@@ -1409,7 +1420,7 @@ impl Node {
 
     fn begin_takeover(&mut self, kind: TakeoverKind, out: &mut Vec<Action>) {
         self.countdown_deadline_ms = None;
-        self.takeover_epoch = self.now_ms.max(self.takeover_epoch + 1);
+        self.takeover_epoch = (self.epoch_origin_ms + self.now_ms).max(self.takeover_epoch + 1);
         // Flapping: taken over again soon after a giveback -> no automatic giveback.
         self.flapping = self
             .last_giveback_done_ms
@@ -2533,6 +2544,32 @@ mod tests {
         let a = h.at(40_000, Event::Tick);
         assert_eq!(h.n.state(), State::TakingOver);
         assert!(a.contains(&Action::Begin(Step::Fence)));
+    }
+
+    /// Takeover epochs count from the daemon's wall-clock start, not from 0: after the taker
+    /// restarts, its next takeover's epoch is still above the one its partner last died for,
+    /// so that the partner takes the giveback for the current takeover, not for a stale one.
+    #[test]
+    fn takeover_epochs_grow_across_restarts() {
+        let hard_takeover = |origin: u64| {
+            let mut h = H::booted(NodeId::A);
+            h.n.set_epoch_origin(origin);
+            let v = h.view(2, State::Normal, false);
+            h.at(1_000, Event::MailboxRead(Some(v)));
+            h.at(40_000, Event::Tick);
+            assert_eq!(h.n.state(), State::TakingOver);
+            h.n.takeover_epoch()
+        };
+        // The first incarnation, started at unix ms 1e12; the second a day later.
+        let first = hard_takeover(1_000_000_000_000);
+        let second = hard_takeover(1_000_000_000_000 + 86_400_000);
+        assert_eq!(first, 1_000_000_040_000);
+        assert!(second > first, "{second} after {first}");
+        // The partner, told to die for the first, resumes on the second's giveback.
+        let mut b = H::taken_over(NodeId::B);
+        b.msg(Message::PleaseDie { epoch: first });
+        b.msg(Message::Giveback { epoch: second });
+        assert_eq!(b.n.state(), State::Resuming);
     }
 
     #[test]

@@ -492,7 +492,9 @@ impl HaLoop {
         if cfg.takeover.node != node_id(&cfg.node_name, &cfg.partner_name) {
             return Err(HaError::Names(cfg.node_name.clone()));
         }
-        let node = Node::new(cfg.takeover.clone(), 0)?;
+        let mut node = Node::new(cfg.takeover.clone(), 0)?;
+        let origin_unix_ms = crate::io::clock::unix_ms();
+        node.set_epoch_origin(origin_unix_ms);
         let completions = Arc::new(Completions {
             queue: Mutex::new(VecDeque::new()),
             wake: inbox.tx.clone(),
@@ -503,7 +505,7 @@ impl HaLoop {
             cfg,
             node,
             origin: Instant::now(),
-            origin_unix_ms: crate::io::clock::unix_ms(),
+            origin_unix_ms,
             inbox,
             exec,
             mailbox,

@@ -501,9 +501,6 @@ impl PairNode {
 
     fn serve(&self, whose: Whose) -> Result<(), String> {
         let mut side = self.side(whose).lock().unwrap();
-        if !side.servers.is_empty() {
-            return Ok(());
-        }
         let cfg = self.agg_cfg(whose);
         let backend: Arc<dyn Backend> = match (&side.journal, &side.aggregate) {
             (Some(j), _) => j.clone(),
@@ -511,6 +508,10 @@ impl PairNode {
             _ => return Err(format!("aggregate {} not open", cfg.name)),
         };
         for e in self.exports_of(&cfg.name) {
+            // A retry after one export failed to start starts the rest, not none.
+            if side.servers.iter().any(|s| s.export == e.name) {
+                continue;
+            }
             let sc = ServerConfig {
                 tcp: e.listen,
                 unix: e.unix.clone(),
@@ -565,12 +566,17 @@ impl PairNode {
     /// Final CP and clean close of an aggregate; the side keeps nothing open afterwards.
     fn close_aggregate(&self, whose: Whose) -> Result<(), String> {
         let mut side = self.side(whose).lock().unwrap();
-        if let Some(j) = side.journal.take() {
+        // Each is let go only once its close succeeded: a retry of a failed final CP must run
+        // that CP again, not find the journal gone and close the aggregate clean without the
+        // log's writes on it.
+        if let Some(j) = &side.journal {
             j.close().map_err(|e| e.to_string())?;
         }
-        if let Some(a) = side.aggregate.take() {
+        side.journal = None;
+        if let Some(a) = &side.aggregate {
             a.close().map_err(|e| e.to_string())?;
         }
+        side.aggregate = None;
         Ok(())
     }
 

@@ -1814,6 +1814,25 @@ impl Node {
                 );
                 self.transition(State::Normal, "no answer to please takeover");
             }
+            State::AwaitingShutdown
+                if self.countdown_deadline_ms.is_some_and(|d| now >= d) && !self.mirror_current =>
+            {
+                // The partner acknowledged writes our mirror lacks since the countdown began
+                // (*please shutdown* lost, say, and it served on): forcing would replay a stale
+                // log over them. Refused, as a hard takeover would be.
+                self.countdown_deadline_ms = None;
+                self.refuse(
+                    RequestKind::TakeoverOfPartner,
+                    vec![RefusalReason::MirrorNotCurrent {
+                        since_ms: self.mirror_not_current_since_ms,
+                    }],
+                    out,
+                );
+                self.transition(
+                    State::Normal,
+                    "countdown ran out with the mirror not current: no forced takeover",
+                );
+            }
             State::AwaitingShutdown if self.countdown_deadline_ms.is_some_and(|d| now >= d) => {
                 out.push(Action::Send(Message::Takeover));
                 self.begin_takeover(TakeoverKind::Forced, out);
@@ -2487,6 +2506,35 @@ mod tests {
         h.takeover_steps();
         let tk = h.n.status().last_takeover.unwrap();
         assert_eq!(tk.kind, ProcedureKind::Takeover(TakeoverKind::Forced));
+    }
+
+    /// The countdown runs out after the partner said (in the mailbox) that it acknowledges
+    /// writes our mirror lacks: no forced takeover, which would replay a stale log; refused
+    /// with the reason, back to normal.
+    #[test]
+    fn countdown_expiry_with_a_stale_mirror_refuses() {
+        let mut h = H::booted(NodeId::A);
+        h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
+        let t0 = h.t;
+        assert_eq!(h.n.state(), State::AwaitingShutdown);
+        let mut v = h.view(7, State::Normal, false);
+        if let Some(s) = v.partner_slot.as_mut() {
+            s.unmirrored = true;
+        }
+        h.at(t0 + 1_000, Event::MailboxRead(Some(v)));
+        let a = h.at(t0 + 5_000, Event::Tick);
+        assert!(!sends(&a, |m| *m == Message::Takeover));
+        assert!(!a.contains(&Action::Begin(Step::Fence)));
+        assert_eq!(h.n.state(), State::Normal);
+        let r = h.last_refusal();
+        assert_eq!(r.request, RequestKind::TakeoverOfPartner);
+        assert!(
+            matches!(
+                r.reasons[..],
+                [RefusalReason::MirrorNotCurrent { since_ms: Some(_) }]
+            ),
+            "{r:?}"
+        );
     }
 
     #[test]

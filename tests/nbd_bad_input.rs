@@ -43,6 +43,31 @@ fn server() -> (NbdServer, Arc<FileBackend>) {
     server_with(ServerConfig::default(), false)
 }
 
+/// A TCP server with `workers` workers exporting `backend` alone, as "disk".
+fn serve_disk(backend: Arc<dyn hapair::daemon::backend::Backend>, workers: usize) -> NbdServer {
+    let cfg = ServerConfig {
+        tcp: Some("127.0.0.1:0".parse().unwrap()),
+        workers,
+        ..ServerConfig::default()
+    };
+    let exports = vec![Export {
+        name: "disk".into(),
+        description: String::new(),
+        backend,
+        read_only: false,
+    }];
+    NbdServer::start(cfg, exports).unwrap()
+}
+
+/// A client on "disk" that did not agree on block sizes (NBD_OPT_GO asking for none).
+fn unagreed_client(addr: std::net::SocketAddr) -> RawClient {
+    let mut c = RawClient::connect(addr);
+    c.greet(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
+    let (_, fin) = c.info(OPT_GO, "disk", &[]);
+    assert_eq!(fin, REP_ACK);
+    c
+}
+
 /// A good client on a fresh connection: write, read back, compare.
 fn good_client_works(srv: &NbdServer, seed: u64) {
     let (mut c, size, _) = RawClient::open(srv.local_addr().unwrap(), "disk", true);
@@ -309,26 +334,9 @@ fn clients_without_block_size_agreement_may_send_any_alignment() {
     let b = Arc::new(FileBackend::new(SIZE, sizes(4096, 4096, MAX)));
     let before = random_bytes(SIZE as usize, 77);
     b.fill(&before);
-    let cfg = ServerConfig {
-        tcp: Some("127.0.0.1:0".parse().unwrap()),
-        workers: 4,
-        ..ServerConfig::default()
-    };
-    let exports = vec![Export {
-        name: "disk".into(),
-        description: String::new(),
-        backend: b.clone(),
-        read_only: false,
-    }];
-    let srv = NbdServer::start(cfg, exports).unwrap();
+    let srv = serve_disk(b.clone(), 4);
     let addr = srv.local_addr().unwrap();
-    let unagreed = || {
-        let mut c = RawClient::connect(addr);
-        c.greet(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-        let (_, fin) = c.info(OPT_GO, "disk", &[]);
-        assert_eq!(fin, REP_ACK);
-        c
-    };
+    let unagreed = || unagreed_client(addr);
     let mut model = before.clone();
     let mut c = unagreed();
     // A 512-byte write inside a block, one across a block boundary, a read of odd bytes.
@@ -400,23 +408,8 @@ fn a_backend_panic_during_a_partial_write_fails_only_that_request() {
         ..GatedBackend::new(inner)
     });
     b.open();
-    let cfg = ServerConfig {
-        tcp: Some("127.0.0.1:0".parse().unwrap()),
-        workers: 2,
-        ..ServerConfig::default()
-    };
-    let exports = vec![Export {
-        name: "disk".into(),
-        description: String::new(),
-        backend: b.clone(),
-        read_only: false,
-    }];
-    let srv = NbdServer::start(cfg, exports).unwrap();
-    let addr = srv.local_addr().unwrap();
-    let mut c = RawClient::connect(addr);
-    c.greet(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-    let (_, fin) = c.info(OPT_GO, "disk", &[]);
-    assert_eq!(fin, REP_ACK);
+    let srv = serve_disk(b.clone(), 2);
+    let mut c = unagreed_client(srv.local_addr().unwrap());
     let mut model = before.clone();
 
     b.inner

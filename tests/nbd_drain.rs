@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hapair::core::nbd::*;
-use hapair::daemon::nbd_server::{Export, NbdServer, ServerConfig};
+use hapair::daemon::nbd_server::{DrainReport, Export, NbdServer, ServerConfig};
 
 const SIZE: u64 = 16 << 20;
 
@@ -53,6 +53,18 @@ fn serve_gated(dir: &std::path::Path, gated: Arc<GatedBackend<FileBackend>>) -> 
         read_only: false,
     }];
     NbdServer::start(cfg, exports).unwrap()
+}
+
+/// Start a drain (deadline 30 s) on another thread and wait until the server's TCP listener
+/// refuses connections.
+fn start_drain(srv: &Arc<NbdServer>) -> std::thread::JoinHandle<DrainReport> {
+    let addr = srv.local_addr().unwrap();
+    let s2 = srv.clone();
+    let drain = std::thread::spawn(move || s2.drain(Instant::now() + Duration::from_secs(30)));
+    wait_until(10, "the TCP listener to close", || {
+        TcpStream::connect(addr).is_err()
+    });
+    drain
 }
 
 #[test]
@@ -96,12 +108,8 @@ fn drain_answers_every_request_read(batching: bool) {
         srv.stats().requests == 65
     });
 
-    let s2 = srv.clone();
-    let drain = std::thread::spawn(move || s2.drain(Instant::now() + Duration::from_secs(30)));
     // New connections are refused once the drain has begun.
-    wait_until(10, "the TCP listener to close", || {
-        TcpStream::connect(addr).is_err()
-    });
+    let drain = start_drain(&srv);
     let sock = dir.path().join("s.sock");
     wait_until(10, "the Unix listener to close", || {
         UnixStream::connect(&sock).is_err()
@@ -518,11 +526,7 @@ fn drain_answers_reach_a_slow_reader() {
     wait_until(10, "the server to read all 16 requests", || {
         srv.stats().requests == 16
     });
-    let s2 = srv.clone();
-    let drain = std::thread::spawn(move || s2.drain(Instant::now() + Duration::from_secs(30)));
-    wait_until(10, "the TCP listener to close", || {
-        TcpStream::connect(addr).is_err()
-    });
+    let drain = start_drain(&srv);
     // Unread by the server: its socket closes with input pending.
     c.request(CMD_READ, 0, 9999, 0, 4096, &[]);
     gated.open();

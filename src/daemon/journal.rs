@@ -1289,6 +1289,24 @@ mod tests {
             .collect()
     }
 
+    /// A journal (`slow_cp`) over an in-memory aggregate of `data` data members (4 KiB
+    /// chunks, `stripes` stripes), its NVRAM region in the returned directory.
+    fn slow_journal(
+        data: usize,
+        stripes: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<Aggregate>,
+        Arc<MemDisks>,
+        Arc<Journal>,
+    ) {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, disks) = mem_aggregate(data, 4096, stripes);
+        let agg = Arc::new(agg);
+        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        (dir, agg, disks, j)
+    }
+
     fn slow_cp() -> JournalConfig {
         JournalConfig {
             cp_fill_percent: 90,
@@ -1584,10 +1602,7 @@ mod tests {
 
     #[test]
     fn mirror_holds_every_acknowledged_write_and_replays_elsewhere() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let (agg, _disks) = mem_aggregate(4, 4096, 32);
-        let agg = Arc::new(agg);
-        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let (dir, agg, _disks, j) = slow_journal(4, 32);
         let link = LocalLink::new(dir.path());
         j.set_mirror(Some(link.clone()));
         let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
@@ -1638,10 +1653,7 @@ mod tests {
     }
     #[test]
     fn no_unmirrored_ack_before_the_mailbox_says_so() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let (agg, _disks) = mem_aggregate(2, 4096, 16);
-        let agg = Arc::new(agg);
-        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let (dir, _agg, _disks, j) = slow_journal(2, 16);
         let link = LocalLink::new(dir.path());
         j.set_mirror(Some(link.clone()));
         let calls: Arc<Mutex<Vec<bool>>> = Arc::default();
@@ -1721,10 +1733,7 @@ mod tests {
     /// write that followed it.
     #[test]
     fn a_trim_reaches_the_mirror_with_the_next_records() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let (agg, _disks) = mem_aggregate(4, 4096, 32);
-        let agg = Arc::new(agg);
-        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let (dir, agg, _disks, j) = slow_journal(4, 32);
         let link = LocalLink::new(dir.path());
         j.set_mirror(Some(link.clone()));
         let sb = agg.geometry().stripe_bytes() as usize;
@@ -1756,10 +1765,7 @@ mod tests {
     /// record.
     #[test]
     fn a_failed_log_write_fails_every_later_write() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let (agg, _disks) = mem_aggregate(4, 4096, 32);
-        let agg = Arc::new(agg);
-        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let (_dir, agg, _disks, j) = slow_journal(4, 32);
         j.write(0, &pattern(4096, 1), false).unwrap();
         j.fail_log_writes.store(1, Ordering::SeqCst);
         assert!(j.write(8192, &pattern(4096, 2), false).is_err());
@@ -1787,10 +1793,7 @@ mod tests {
     /// the direct write it covers, never while the first one's is still running.
     #[test]
     fn concurrent_flushes_each_wait_for_a_member_flush() {
-        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-        let (agg, disks) = mem_aggregate(4, 4096, 32);
-        let agg = Arc::new(agg);
-        let (j, _) = Journal::open(agg.clone(), region(dir.path(), "local"), slow_cp()).unwrap();
+        let (_dir, agg, disks, j) = slow_journal(4, 32);
         let sb = agg.geometry().stripe_bytes() as usize;
         j.write(0, &pattern(sb, 1), false).unwrap(); // a whole stripe, not FUA: direct
         assert_eq!(j.stats.direct_writes.load(Ordering::Relaxed), 1);

@@ -394,17 +394,24 @@ mod tests {
         assert!(got == data);
     }
 
+    /// A connected pair whose server side has filled every buffer towards the client, which
+    /// reads nothing.
+    fn server_with_full_buffers() -> (TcpStream, Stream) {
+        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let c = TcpStream::connect(l.tcp_addr().unwrap()).unwrap();
+        let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        let _ = s.set_write_timeout(Some(Duration::from_millis(300)));
+        let chunk = vec![7u8; 1 << 20];
+        while s.write_all(&chunk).is_ok() {}
+        (c, s)
+    }
+
     /// A peer that resets the connection ends the wait at once (its unacknowledged bytes
     /// will never be acknowledged).
     #[test]
     fn close_gently_does_not_wait_for_a_reset_peer() {
-        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let c = TcpStream::connect(l.tcp_addr().unwrap()).unwrap();
-        let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
         // Fill the peer's buffers, then have it close with all that unread: a reset.
-        let _ = s.set_write_timeout(Some(Duration::from_millis(300)));
-        let chunk = vec![7u8; 1 << 20];
-        while s.write_all(&chunk).is_ok() {}
+        let (c, s) = server_with_full_buffers();
         drop(c);
         let t0 = std::time::Instant::now();
         s.close_gently(|| t0.elapsed() > Duration::from_secs(20));
@@ -423,12 +430,7 @@ mod tests {
             let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
             Duration::from_micros(us(ru.ru_utime) + us(ru.ru_stime))
         }
-        let l = Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let _c = TcpStream::connect(l.tcp_addr().unwrap()).unwrap();
-        let mut s = l.accept_timeout(Duration::from_secs(5)).unwrap().unwrap();
-        let _ = s.set_write_timeout(Some(Duration::from_millis(300)));
-        let chunk = vec![7u8; 1 << 20];
-        while s.write_all(&chunk).is_ok() {}
+        let (_c, s) = server_with_full_buffers();
         s.shutdown(Shutdown::Read).unwrap();
         let (t0, cpu0) = (std::time::Instant::now(), thread_cpu());
         s.close_gently(|| t0.elapsed() > Duration::from_millis(500));

@@ -696,6 +696,9 @@ pub struct Node {
     health_detail: String,
     partner_disks: (u32, u32),
     own_mirror_in_sync: bool,
+    /// Our final CP of a graceful shutdown succeeded: our log holds nothing the members lack
+    /// (until we serve again), whatever the partner's mirror of it holds.
+    own_log_settled: bool,
     // What we know about the partner.
     partner_state: Option<State>,
     partner_version: Option<u32>,
@@ -759,6 +762,7 @@ impl Node {
             health_detail: String::new(),
             partner_disks: (0, 0),
             own_mirror_in_sync: false,
+            own_log_settled: false,
             partner_state: None,
             partner_version: None,
             partner_last_heard_ms: None,
@@ -1163,6 +1167,9 @@ impl Node {
             self.fenced = true;
             self.next_please_die_ms = now;
         }
+        if step == Step::FinalCp {
+            self.own_log_settled = true;
+        }
         if step == Step::RecheckMailbox {
             // RecheckMailbox completes through MailboxChecked, which carries the flag.
             return;
@@ -1222,6 +1229,11 @@ impl Node {
                     finished_ms: now,
                     failures: failures + 1,
                 });
+                if s == Step::FinalCp {
+                    // The log holds writes the members lack: the mailbox must not say "clean
+                    // shutdown" (the partner takes that for "nothing to replay").
+                    p.queue.retain(|q| *q != Step::MarkCleanShutdown);
+                }
                 self.advance(out);
             }
             // A fence that keeps failing for another reason: we cannot take over safely.
@@ -1525,7 +1537,8 @@ impl Node {
                     self.partner_ready_since_ms = None;
                 }
                 if self.state == State::AwaitingShutdown && state == State::TakenOver {
-                    self.begin_takeover(TakeoverKind::Graceful, out);
+                    // The heartbeat's mirror_in_sync (read above) covers a settled log.
+                    self.partner_shut_down(false, "heartbeat", out);
                 }
                 if self.awaiting_resume && matches!(state, State::Resuming | State::Normal) {
                     self.giveback_confirmed(out);
@@ -1566,9 +1579,9 @@ impl Node {
                 self.countdown_deadline_ms = None;
                 self.transition(State::Normal, "partner refused");
             }
-            Message::ShutdownComplete { .. } => {
+            Message::ShutdownComplete { final_cp_ok, .. } => {
                 if self.state == State::AwaitingShutdown {
-                    self.begin_takeover(TakeoverKind::Graceful, out);
+                    self.partner_shut_down(final_cp_ok, "shutdown complete", out);
                 }
             }
             Message::Takeover => match self.state {
@@ -1616,6 +1629,29 @@ impl Node {
         }
     }
 
+    /// The partner reports it has shut down (it serves nothing now): take over gracefully if
+    /// that cannot lose a write it acknowledged. Its final CP succeeded (`final_cp_ok`: the
+    /// members have its whole log; its aggregate is then closed cleanly and the takeover does
+    /// not replay our mirror), or our mirror of its log is current. Otherwise its log holds
+    /// writes only it has: no takeover (an outage, rather than lost writes); the partner
+    /// resumes with its own log when its hapaird restarts.
+    fn partner_shut_down(&mut self, final_cp_ok: bool, how: &str, out: &mut Vec<Action>) {
+        if final_cp_ok || self.mirror_current {
+            self.begin_takeover(TakeoverKind::Graceful, out);
+            return;
+        }
+        let reasons = vec![RefusalReason::MirrorNotCurrent {
+            since_ms: self.mirror_not_current_since_ms,
+        }];
+        self.countdown_deadline_ms = None;
+        self.refuse(RequestKind::TakeoverOfPartner, reasons.clone(), out);
+        self.alarm(Alarm::PartnerDownCannotTakeOver { reasons }, out);
+        self.transition(
+            State::Normal,
+            &format!("partner shut down ({how}) without a final CP and our mirror of its log is not current: no takeover"),
+        );
+    }
+
     fn giveback_confirmed(&mut self, _out: &mut [Action]) {
         self.awaiting_resume = false;
         self.last_giveback_done_ms = Some(self.now_ms);
@@ -1646,6 +1682,7 @@ impl Node {
         }
         self.request_deadline_ms = None;
         self.countdown_deadline_ms = None;
+        self.own_log_settled = false;
         self.transition(State::ShuttingDown, "please shutdown from partner");
         self.start_procedure(
             ProcedureKind::Shutdown,
@@ -1663,6 +1700,8 @@ impl Node {
     }
 
     fn start_resume(&mut self, after_giveback: bool, out: &mut Vec<Action>) {
+        // From the first write we acknowledge on, the log is no longer all on the members.
+        self.own_log_settled = false;
         let log = if after_giveback {
             Step::DiscardOwnLog
         } else {
@@ -1722,7 +1761,8 @@ impl Node {
             if self.state == State::AwaitingShutdown
                 && (slot.state == State::TakenOver || slot.clean_shutdown)
             {
-                self.begin_takeover(TakeoverKind::Graceful, out);
+                // Clean shutdown is marked only after a successful final CP.
+                self.partner_shut_down(slot.clean_shutdown, "mailbox", out);
                 return;
             }
         }
@@ -1758,8 +1798,10 @@ impl Node {
         out.push(Action::Send(Message::Heartbeat {
             state: self.state,
             protocol_version: self.cfg.protocol_version,
-            // A node that acks nothing has nothing missing from the mirror.
-            mirror_in_sync: self.own_mirror_in_sync || !self.accepts_own(),
+            // Not "acknowledges nothing, so nothing is missing": a node that stopped
+            // serving may hold writes it acknowledged unmirrored. In sync is what the data
+            // plane says, or a final CP put the whole log on the members.
+            mirror_in_sync: self.own_mirror_in_sync || self.own_log_settled,
         }));
         out.push(Action::WriteMailbox {
             counter: self.hb_counter,
@@ -2369,7 +2411,13 @@ mod tests {
         });
         assert!(a.contains(&Action::Begin(Step::ReleaseServiceIps)));
         assert!(!h.n.writes_own());
-        let a = h.run(&SHUTDOWN[3..]);
+        // ... but the mailbox is not told "clean shutdown": the log holds writes the members
+        // lack.
+        let a = h.run(&[
+            Step::ReleaseServiceIps,
+            Step::CloseClients,
+            Step::StopHeartbeats,
+        ]);
         assert!(sends(&a, |m| matches!(
             m,
             Message::ShutdownComplete {
@@ -2696,6 +2744,125 @@ mod tests {
         assert!(a
             .iter()
             .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+    }
+
+    fn heartbeat_in_sync(a: &[Action]) -> Option<bool> {
+        a.iter().rev().find_map(|x| match x {
+            Action::Send(Message::Heartbeat { mirror_in_sync, .. }) => Some(*mirror_in_sync),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_node_that_stopped_serving_does_not_claim_its_mirror_in_sync() {
+        // Acknowledging writes the partner's mirror lacks, then told to die: the log holds
+        // them, and the heartbeat must not tell the partner its mirror is current (it used to:
+        // "acknowledges nothing now, so nothing is missing").
+        let mut h = H::booted(NodeId::A);
+        h.ev(Event::OwnMirror { in_sync: false });
+        let a = h.msg(Message::PleaseDie { epoch: 1 });
+        assert_eq!(h.n.state(), State::TakenOver);
+        assert_eq!(heartbeat_in_sync(&a), Some(false), "{a:?}");
+        // A graceful shutdown whose final CP succeeded has its whole log on the members.
+        let mut h = H::booted(NodeId::B);
+        h.ev(Event::OwnMirror { in_sync: false });
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
+        let a = h.run(&SHUTDOWN);
+        assert_eq!(h.n.state(), State::TakenOver);
+        assert_eq!(heartbeat_in_sync(&a), Some(true), "{a:?}");
+        // ... and one whose final CP failed does not.
+        let mut h = H::booted(NodeId::B);
+        h.ev(Event::OwnMirror { in_sync: false });
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
+        h.run(&SHUTDOWN[..2]);
+        h.ev(Event::StepFailed {
+            step: Step::FinalCp,
+            error: StepError::Failed("x".into()),
+        });
+        let a = h.run(&[
+            Step::ReleaseServiceIps,
+            Step::CloseClients,
+            Step::StopHeartbeats,
+        ]);
+        assert_eq!(h.n.state(), State::TakenOver);
+        assert_eq!(heartbeat_in_sync(&a), Some(false), "{a:?}");
+    }
+
+    /// A at `AwaitingShutdown` for B, whose mailbox slot then says it acknowledges writes our
+    /// mirror lacks (the interconnect carried *please shutdown* but not its mirror traffic).
+    fn awaiting_with_stale_mirror() -> H {
+        let mut h = H::booted(NodeId::A);
+        h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
+        assert_eq!(h.n.state(), State::AwaitingShutdown);
+        h.t = 500;
+        let mut v = h.view(2, State::ShuttingDown, false);
+        v.partner_slot.as_mut().unwrap().unmirrored = true;
+        h.ev(Event::MailboxRead(Some(v)));
+        assert_eq!(h.n.state(), State::AwaitingShutdown);
+        h
+    }
+
+    #[test]
+    fn graceful_takeover_needs_the_partners_final_cp_or_a_current_mirror() {
+        // Final CP failed and the mirror is stale: replaying it would lose writes. Refused,
+        // with the reason and the alarm; no fence.
+        let mut h = awaiting_with_stale_mirror();
+        let a = h.msg(Message::ShutdownComplete {
+            final_cp_ok: false,
+            elapsed_ms: 10,
+        });
+        assert!(!a.contains(&Action::Begin(Step::Fence)), "{a:?}");
+        assert_eq!(h.n.state(), State::Normal);
+        let r = h.last_refusal();
+        assert_eq!(r.request, RequestKind::TakeoverOfPartner);
+        assert_eq!(
+            r.reasons,
+            vec![RefusalReason::MirrorNotCurrent {
+                since_ms: Some(500)
+            }]
+        );
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+        // The partner's TakenOver heartbeat (its log not settled) does not start one either,
+        // nor does the orphaned-partner check afterwards.
+        let a = h.hb(State::TakenOver, false);
+        h.t += 10_000;
+        let b = h.ev(Event::Tick);
+        assert!(
+            !a.contains(&Action::Begin(Step::Fence)) && !b.contains(&Action::Begin(Step::Fence))
+        );
+        assert_eq!(h.n.state(), State::Normal);
+
+        // Same, told by the heartbeat alone.
+        let mut h = awaiting_with_stale_mirror();
+        let a = h.hb(State::TakenOver, false);
+        assert!(!a.contains(&Action::Begin(Step::Fence)), "{a:?}");
+        assert_eq!(h.n.state(), State::Normal);
+
+        // A successful final CP: the members have everything (the aggregate is closed cleanly
+        // and its mirror is not replayed), so the takeover goes ahead despite the mirror.
+        let mut h = awaiting_with_stale_mirror();
+        let a = h.msg(Message::ShutdownComplete {
+            final_cp_ok: true,
+            elapsed_ms: 10,
+        });
+        assert_eq!(a.last(), Some(&Action::Begin(Step::Fence)), "{a:?}");
+        let mut h = awaiting_with_stale_mirror();
+        let a = h.hb(State::TakenOver, true);
+        assert_eq!(a.last(), Some(&Action::Begin(Step::Fence)), "{a:?}");
+        // The mailbox's clean-shutdown mark says the same.
+        let mut h = awaiting_with_stale_mirror();
+        let mut v = h.view(3, State::TakenOver, false);
+        let slot = v.partner_slot.as_mut().unwrap();
+        slot.unmirrored = true;
+        slot.clean_shutdown = true;
+        let a = h.ev(Event::MailboxRead(Some(v)));
+        assert_eq!(a.last(), Some(&Action::Begin(Step::Fence)), "{a:?}");
     }
 
     // ---- refusals, one per reason ------------------------------------------------------

@@ -9,8 +9,9 @@ use crate::io::buf::{BufArena, IoBuf};
 use crate::io::engine::{Engine, IoOp, OpBuf};
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 /// Makes one engine per concurrently running caller.
 pub type EngineFactory = Arc<dyn Fn() -> io::Result<Box<dyn Engine>> + Send + Sync>;
@@ -162,6 +163,10 @@ pub struct Aggregate {
     pub stats: AggStats,
     /// Called once when a member refuses our I/O with a reservation conflict.
     on_fenced: Mutex<Option<FencedHook>>,
+    /// Set by [`Aggregate::halt`]: no member I/O is started any more.
+    halted: AtomicBool,
+    /// Member I/O batches started and not yet completed (what a halt waits for).
+    in_flight: AtomicUsize,
 }
 
 /// Told that this node was fenced off the aggregate's disks (see [`Aggregate::set_on_fenced`]).
@@ -476,6 +481,8 @@ impl Aggregate {
             label_lock: Mutex::new(()),
             stats: AggStats::default(),
             on_fenced: Mutex::new(None),
+            halted: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
         };
         if failure_is_new {
             tracing::error!(aggregate = %agg.name, member = ?failed_member, "member unusable at assembly: serving degraded");
@@ -502,7 +509,17 @@ impl Aggregate {
             let members: Vec<usize> = (0..self.geo.members())
                 .filter(|&m| Some(m) != failed)
                 .collect();
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if self.halted.load(Ordering::SeqCst) {
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.put_engine(engine);
+                return Err(AggregateError::Offline {
+                    name: self.name.clone(),
+                    why: "halted: no label is written".into(),
+                });
+            }
             let errs = Self::write_labels(engine.as_mut(), &self.arena, &label, &members);
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if errs.is_empty() {
                 let mut st = self.state.write().unwrap();
                 st.failed = failed;
@@ -570,8 +587,57 @@ impl Aggregate {
         why
     }
 
+    /// Stop touching the members, now: the aggregate goes offline (every request fails from
+    /// here on, label writes included, so it stays dirty), nothing more is submitted, and
+    /// this returns once the batches already submitted completed, or after `wait`. True if
+    /// they did. Takes no lock a long operation holds (a CP or resync in progress fails out
+    /// on its next batch): with a mailbox-only fence the partner starts writing these disks
+    /// a bounded time after telling us to die, and we must be off them by then.
+    pub fn halt(&self, why: &str, wait: Duration) -> bool {
+        self.halted.store(true, Ordering::SeqCst);
+        {
+            let mut st = self.state.write().unwrap();
+            if st.offline.is_none() {
+                st.offline = Some(format!("halted: {why}"));
+            }
+        }
+        let end = Instant::now() + wait;
+        loop {
+            let n = self.in_flight.load(Ordering::SeqCst);
+            if n == 0 {
+                return true;
+            }
+            if Instant::now() >= end {
+                tracing::error!(aggregate = %self.name, batches = n, "halt: member I/O still in flight");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Run a batch on the members unless halted (then `None`, nothing submitted). The
+    /// in-flight count goes up before the check: a halt that finds it zero knows that every
+    /// later batch sees the flag.
+    fn run_unless_halted(
+        &self,
+        engine: &mut dyn Engine,
+        ops: &mut [IoOp<'_>],
+    ) -> Option<Vec<io::Result<()>>> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let r = if self.halted.load(Ordering::SeqCst) {
+            None
+        } else {
+            Some(engine.run(ops))
+        };
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
     /// Mark member `m` failed after an I/O error (no-op if it already is).
     fn fail_member(&self, m: usize, err: &io::Error) {
+        if self.halted.load(Ordering::SeqCst) {
+            return; // Offline already; and a halted node writes no label.
+        }
         if is_reservation_conflict(err) {
             self.fenced(m, err);
             return;
@@ -696,7 +762,9 @@ impl Aggregate {
         if ops.is_empty() {
             return true;
         }
-        let res = engine.run(ops);
+        let Some(res) = self.run_unless_halted(engine, ops) else {
+            return false;
+        };
         let mut ok = true;
         for (op, r) in ops.iter().zip(res) {
             if let Err(e) = r {
@@ -1476,12 +1544,18 @@ pub(crate) mod tests {
         pub flush_delay_ms: AtomicU64,
         pub flushes_started: AtomicU64,
         pub flushes_done: AtomicU64,
+        /// Every batch takes this long (ms) before it touches the members.
+        pub run_delay_ms: AtomicU64,
     }
 
     pub struct MemEngine(pub Arc<MemDisks>);
 
     impl Engine for MemEngine {
         fn run(&mut self, ops: &mut [IoOp<'_>]) -> Vec<io::Result<()>> {
+            let delay = self.0.run_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+            }
             let failed = self.0.failed.lock().unwrap().clone();
             let conflict = self.0.conflict.lock().unwrap().clone();
             let mut d = self.0.data.lock().unwrap();
@@ -1537,6 +1611,7 @@ pub(crate) mod tests {
             flush_delay_ms: AtomicU64::new(0),
             flushes_started: AtomicU64::new(0),
             flushes_done: AtomicU64::new(0),
+            run_delay_ms: AtomicU64::new(0),
         });
         let d2 = disks.clone();
         let factory: EngineFactory = Arc::new(move || {
@@ -1913,6 +1988,48 @@ pub(crate) mod tests {
             agg.write(u64::MAX - 10, &b, false),
             Err(AggregateError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_halt_stops_member_io_and_waits_for_the_batches_in_flight() {
+        // A writer keeps the members busy (a CP, say), each batch 20 ms on the "device".
+        let (agg, disks) = mem_aggregate(4, 4096, 64);
+        let agg = Arc::new(agg);
+        disks.run_delay_ms.store(20, Ordering::SeqCst);
+        let a2 = agg.clone();
+        let writer = std::thread::spawn(move || {
+            let mut data = IoBuf::new(4096);
+            data.fill(7);
+            let mut ok = 0u64;
+            for i in 0u64.. {
+                match a2.write((i % 200) * 4096, &data, false) {
+                    Ok(()) => ok += 1,
+                    Err(AggregateError::Offline { why, .. }) => return (ok, why),
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+            unreachable!()
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(
+            agg.halt("test", Duration::from_secs(2)),
+            "in-flight batches completed"
+        );
+        let after_halt = disks.data.lock().unwrap().clone();
+        let (ok, why) = writer.join().unwrap();
+        assert!(ok > 0, "the writer wrote before the halt");
+        assert!(why.contains("halted"), "{why}");
+        std::thread::sleep(Duration::from_millis(60));
+        // The close's flush and clean label are refused too: the aggregate stays dirty.
+        assert!(agg.close().is_err());
+        let mut nine = IoBuf::new(4096);
+        nine.fill(9);
+        assert!(agg.write(0, &nine, false).is_err());
+        assert!(
+            *disks.data.lock().unwrap() == after_halt,
+            "nothing reached the members after the halt returned"
+        );
+        assert_eq!(agg.failed_member(), None, "a halt fails no member");
     }
 
     #[test]

@@ -169,7 +169,7 @@ struct Inner {
 fn log_failed(g: &Inner) -> Result<(), JournalError> {
     match &g.log_failed {
         Some(e) => Err(JournalError::Log(format!(
-            "not acknowledged: an earlier write to the NVRAM log failed ({e})"
+            "not acknowledged: the NVRAM log is stopped ({e})"
         ))),
         None => Ok(()),
     }
@@ -206,6 +206,8 @@ pub struct Journal {
     unmirrored_flag: AtomicBool,
     cp_kick: (Mutex<bool>, Condvar),
     stop: AtomicBool,
+    /// Set by [`Journal::halt`]: nothing is acknowledged any more.
+    halted: AtomicBool,
     /// Unit tests: this many of the next group commits fail their NVRAM write (EIO).
     #[cfg(test)]
     fail_log_writes: AtomicU64,
@@ -396,6 +398,7 @@ impl Journal {
             unmirrored_flag: AtomicBool::new(false),
             cp_kick: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
+            halted: AtomicBool::new(false),
             #[cfg(test)]
             fail_log_writes: AtomicU64::new(0),
             cfg,
@@ -436,6 +439,45 @@ impl Journal {
     /// silent then knows its mirror is stale and refuses to take over from it.
     pub fn set_unmirrored_hook(&self, hook: Option<UnmirroredHook>) {
         *self.unmirrored_hook.write().unwrap() = hook;
+    }
+
+    /// The mailbox already says "unmirrored" (left by an earlier process, whose writes this
+    /// log may hold and the partner's mirror lack): clear it once the mirror is resynced,
+    /// not before.
+    pub fn note_unmirrored_flag(&self, on: bool) {
+        self.unmirrored_flag.store(on, Ordering::Release);
+    }
+
+    /// Stop acknowledging, now (this node is halting: taken over, told to die, or fenced).
+    /// No write, zeroing or flush is answered successfully from here on, those in progress
+    /// included: the partner replays what its mirror held when it took over, and a write
+    /// acknowledged after that could be missing there. The CP thread stops too.
+    pub fn halt(&self, why: &str) {
+        self.halted.store(true, Ordering::SeqCst);
+        {
+            let mut g = self.inner.lock().unwrap();
+            if g.log_failed.is_none() {
+                g.log_failed = Some(format!("halted: {why}"));
+            }
+        }
+        self.progress.notify_all();
+        self.stop.store(true, Ordering::Release);
+        self.kick_cp();
+    }
+
+    /// Whether [`Journal::halt`] was called.
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::SeqCst)
+    }
+
+    /// The last check before an acknowledgement.
+    fn not_halted(&self) -> Result<(), BackendError> {
+        if self.halted.load(Ordering::SeqCst) {
+            return Err(BackendError::Io(
+                "not acknowledged: the node is halting (taken over)".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// True when every acknowledged write is in the partner's mirror *and* the mailbox no
@@ -1125,7 +1167,8 @@ impl Backend for Journal {
         Journal::read(self, offset, buf).map_err(Into::into)
     }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
-        Journal::write(self, offset, data, fua).map_err(Into::into)
+        Journal::write(self, offset, data, fua)?;
+        self.not_halted()
     }
     fn batches_reads(&self) -> bool {
         true
@@ -1137,7 +1180,8 @@ impl Backend for Journal {
         Journal::try_append(self, offset, data).map_err(Into::into)
     }
     fn finish_writes(&self, upto: u64, fua: bool) -> Result<(), BackendError> {
-        Journal::finish_writes(self, upto, fua).map_err(Into::into)
+        Journal::finish_writes(self, upto, fua)?;
+        self.not_halted()
     }
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.agg.check(offset, len).map_err(BackendError::from)?;
@@ -1155,7 +1199,8 @@ impl Backend for Journal {
         self.agg.check(offset, len).map_err(BackendError::from)
     }
     fn flush(&self) -> Result<(), BackendError> {
-        Journal::flush(self).map_err(Into::into)
+        Journal::flush(self)?;
+        self.not_halted()
     }
 }
 
@@ -1724,6 +1769,39 @@ mod tests {
             matches!(j.mirror_state(), MirrorState::NotMirrored { .. }),
             "seq 1 of the new log was taken as mirrored on the strength of the old log's acks"
         );
+    }
+
+    /// A halting node acknowledges nothing more, not even a write whose commit was under way:
+    /// the partner replays what its mirror held when it took over. Here the partner stopped
+    /// acknowledging (it took the mirror for its replay): without the halt the write would be
+    /// acknowledged on the local log alone after the mirror's timeout.
+    #[test]
+    fn a_halted_journal_acknowledges_nothing_more() {
+        let (dir, agg, disks, j) = slow_journal(4, 32);
+        let link = LocalLink::new(dir.path());
+        j.set_mirror(Some(link.clone()));
+        Backend::write(&*j, 0, &pattern(4096, 1), false).unwrap();
+        link.blackhole.store(true, Ordering::Release);
+        let j2 = j.clone();
+        let writer =
+            std::thread::spawn(move || Backend::write(&*j2, 4096, &pattern(4096, 2), false));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !writer.is_finished(),
+            "waiting for the mirror's acknowledgement"
+        );
+        j.halt("test");
+        let r = writer.join().unwrap();
+        assert!(r.is_err(), "acknowledged after the halt: {r:?}");
+        let r = Backend::write(&*j, 8192, &pattern(4096, 3), false);
+        assert!(r.is_err(), "{r:?}");
+        assert!(Backend::flush(&*j).is_err());
+        assert!(j.is_halted());
+        // The CP thread stopped and a CP writes nothing: the members keep what they had.
+        agg.halt("test", Duration::from_secs(1));
+        let before = disks.data.lock().unwrap().clone();
+        assert!(j.checkpoint().is_err());
+        assert!(*disks.data.lock().unwrap() == before);
     }
 
     /// A CP's trim reaches the partner's mirror with the next commit of new records, checked

@@ -244,12 +244,24 @@ impl MailboxDriver {
         ha: HaHandle,
     ) -> Result<MailboxDriver, MailboxError> {
         let own_index = slot_index(&cfg.node_name, &cfg.partner_name);
+        // "Unmirrored" outlives the process that set it: its log may still hold writes the
+        // partner's mirror lacks, and only the journal that resyncs the mirror clears it.
+        let unmirrored = store
+            .read_slot(own_index)
+            .newest
+            .is_some_and(|s| s.unmirrored);
+        if unmirrored {
+            tracing::warn!(node = %cfg.node_name, "mailbox: an earlier run acknowledged writes the partner's mirror lacks; the flag stays until the mirror is resynced");
+        }
         let inner = Arc::new(Inner {
             store,
             cfg,
             own_index,
             origin: Instant::now(),
-            desired: Mutex::new(Desired::default()),
+            desired: Mutex::new(Desired {
+                unmirrored,
+                ..Desired::default()
+            }),
             wake: Condvar::new(),
             write_lock: Mutex::new(()),
             last_majority_ms: AtomicU64::new(u64::MAX),
@@ -412,6 +424,12 @@ impl MailboxHandle {
     pub fn set_unmirrored_now(&self, on: bool) -> Result<usize, MailboxError> {
         let d = self.update(|d| d.unmirrored = on);
         self.majority_write(&d)
+    }
+
+    /// Whether our slot says we acknowledge (or an earlier run acknowledged) writes the
+    /// partner's mirror lacks.
+    pub fn unmirrored(&self) -> bool {
+        self.inner.desired.lock().unwrap().unmirrored
     }
 
     /// Record a clean shutdown in our slot *now* (the `MarkCleanShutdown` step).

@@ -366,6 +366,42 @@ pub struct NbdServer {
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Aborts an [`NbdServer`] it does not own; does nothing once the server is gone.
+#[derive(Clone)]
+pub struct AbortHandle(std::sync::Weak<Shared>);
+
+impl AbortHandle {
+    /// The server it aborts no longer exists.
+    pub fn is_gone(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+
+    /// Close every connection now, answering nothing more, and accept no new one (a node
+    /// that halts: the partner takes over with what its mirror holds, so an answer sent after
+    /// this could acknowledge a write it lacks; unanswered, the client sends the request
+    /// again to whoever serves next). The server's threads are stopped later by
+    /// [`NbdServer::shutdown`]. Returns the number of connections closed.
+    pub fn abort(&self) -> usize {
+        let Some(shared) = self.0.upgrade() else {
+            return 0;
+        };
+        let conns: Vec<Arc<Conn>> = {
+            let mut reg = shared.registry.lock().unwrap();
+            reg.draining = true;
+            reg.conns.values().cloned().collect()
+        };
+        shared.accepting.store(false, Ordering::Release);
+        for c in &conns {
+            c.kill();
+        }
+        tracing::warn!(
+            connections = conns.len(),
+            "NBD server aborted: connections closed unanswered"
+        );
+        conns.len()
+    }
+}
+
 fn errno_of(e: &BackendError) -> u32 {
     match e {
         BackendError::Io(_) => wire::NBD_EIO,
@@ -454,6 +490,12 @@ impl NbdServer {
             acceptors: Mutex::new(acceptors),
             workers: Mutex::new(workers),
         })
+    }
+
+    /// A handle that aborts this server from another thread without owning it (see
+    /// [`AbortHandle::abort`]).
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle(Arc::downgrade(&self.shared))
     }
 
     /// The TCP address actually bound.

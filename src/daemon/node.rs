@@ -180,17 +180,24 @@ impl Node {
             s.server.shutdown();
         }
         drop(self.served);
+        let mut cp_failed = Vec::new();
         for (j, _) in &self.journals {
             match j.close() {
                 Ok(seq) => {
                     tracing::info!(aggregate = %j.aggregate().name(), up_to_seq = seq, "final consistency point")
                 }
                 Err(e) => {
-                    tracing::error!(aggregate = %j.aggregate().name(), error = %e, "final consistency point failed: the log will be replayed at next start")
+                    tracing::error!(aggregate = %j.aggregate().name(), error = %e, "final consistency point failed: the log will be replayed at next start");
+                    cp_failed.push(j.aggregate().name().to_string());
                 }
             }
         }
         for a in &self.aggregates {
+            if cp_failed.iter().any(|n| n == a.name()) {
+                // Left dirty: a clean label says the log holds nothing the members lack.
+                tracing::error!(aggregate = %a.name(), "not closed: its log holds writes the members lack");
+                continue;
+            }
             match a.close() {
                 Ok(()) => tracing::info!(aggregate = %a.name(), "closed cleanly"),
                 Err(e) => {

@@ -11,12 +11,12 @@ use crate::daemon::backend::Backend;
 use crate::daemon::identity::{IdentityConfig, IdentityManager, ServiceAddr};
 use crate::daemon::journal::{Journal, JournalConfig, MirrorLink, MirrorRegion};
 use crate::daemon::link::{Link, LinkConfig, LinkHandler};
-use crate::daemon::nbd_server::{Export, NbdServer, ServerConfig};
+use crate::daemon::nbd_server::{AbortHandle, Export, NbdServer, ServerConfig};
 use crate::daemon::node::Served;
 use crate::daemon::setup;
 use crate::io::nvram::NvramRegion;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// One side of the node: its own aggregate, or the partner's while taken over.
@@ -27,6 +27,15 @@ pub struct Side {
     pub was_dirty: bool,
     pub journal: Option<Arc<Journal>>,
     pub servers: Vec<Served>,
+}
+
+/// What a halt stops before it takes any side's lock (see [`PairNode::halt`]): weak, so a
+/// closed aggregate or a stopped server is not kept alive by being listed.
+#[derive(Default)]
+struct HaltHandles {
+    servers: Vec<AbortHandle>,
+    journals: Vec<Weak<Journal>>,
+    aggregates: Vec<Weak<Aggregate>>,
 }
 
 /// Which aggregate a step is about.
@@ -77,6 +86,7 @@ pub struct PairNode {
     pub mailbox: Mutex<Option<crate::daemon::mailbox::MailboxHandle>>,
     /// How this pair fences, decided from the probe of every member at startup.
     pub fence_mode: FenceMode,
+    halt_handles: Mutex<HaltHandles>,
     /// Our nexus to every member, under PR fencing.
     pub pr: Option<Arc<PrFencer<PrDevice>>>,
 }
@@ -185,6 +195,7 @@ impl PairNode {
             mailbox: Mutex::new(None),
             fence_mode,
             pr,
+            halt_handles: Mutex::new(HaltHandles::default()),
         }))
     }
 
@@ -323,7 +334,13 @@ impl PairNode {
                 h.fenced_out();
             }));
         }
-        side.aggregate = Some(Arc::new(agg));
+        let agg = Arc::new(agg);
+        {
+            let mut h = self.halt_handles.lock().unwrap();
+            h.aggregates.retain(|w| w.strong_count() > 0);
+            h.aggregates.push(Arc::downgrade(&agg));
+        }
+        side.aggregate = Some(agg);
         side.was_dirty = dirty;
         Ok(())
     }
@@ -338,7 +355,20 @@ impl PairNode {
         let agg = side.aggregate.clone().ok_or("own aggregate not open")?;
         let path = self.own_cfg.nvram.clone().expect("validated");
         let bytes = self.own_cfg.nvram_mib << 20;
-        if discard {
+        // Only an aggregate left open (dirty) can need its log: every write the log
+        // acknowledged came after an open, which marks the labels dirty, and a clean close
+        // comes only after a final CP put the log on the members. A clean aggregate whose log
+        // still holds records had them written there by someone else: the partner, which
+        // replayed its mirror of this log in a takeover, served, and closed the aggregate at
+        // giveback. Replaying this copy would put old data over what the partner wrote since.
+        let stale = !discard && !side.was_dirty;
+        if stale {
+            tracing::info!(
+                aggregate = %self.own_cfg.name,
+                "aggregate closed cleanly: its log holds nothing to replay and starts empty"
+            );
+        }
+        if discard || stale {
             // Zero the header: the replay below then finds an unformatted log.
             let mut r = NvramRegion::open(&path, bytes).map_err(|e| e.to_string())?;
             r.bytes_mut()[..4096].fill(0);
@@ -362,14 +392,22 @@ impl PairNode {
             j.set_mirror(Some(link as Arc<dyn MirrorLink>));
         }
         if let Some(mb) = self.mailbox.lock().unwrap().clone() {
+            j.note_unmirrored_flag(mb.unmirrored());
             j.set_unmirrored_hook(Some(Box::new(move |on| {
                 mb.set_unmirrored_now(on)
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             })));
         }
+        self.register_journal(&j);
         side.journal = Some(j);
         Ok(())
+    }
+
+    fn register_journal(&self, j: &Arc<Journal>) {
+        let mut h = self.halt_handles.lock().unwrap();
+        h.journals.retain(|w| w.strong_count() > 0);
+        h.journals.push(Arc::downgrade(j));
     }
 
     /// Fetch the partner's mirror of our log into `region` over the interconnect.
@@ -475,7 +513,18 @@ impl PairNode {
             .unwrap()
             .take()
             .ok_or("no mirror region")?;
-        let region = mirror.into_region();
+        let mut region = mirror.into_region();
+        if !side.was_dirty {
+            // Closed cleanly (a final CP put its log on the members): what the mirror holds is
+            // at best already there and at worst older than it (writes the partner
+            // acknowledged while our mirror was behind, then wrote with that CP). Not replayed.
+            tracing::info!(
+                aggregate = %self.partner_cfg.name,
+                "partner aggregate closed cleanly: its log mirror is not replayed"
+            );
+            region.bytes_mut()[..4096].fill(0);
+            region.persist(&[0..4096]).map_err(|e| e.to_string())?;
+        }
         let cfg = JournalConfig {
             cp_interval: Duration::from_millis(self.partner_cfg.cp_interval_ms),
             flush_every_commit: self.partner_cfg.nvram_flush
@@ -485,6 +534,7 @@ impl PairNode {
         match Journal::open(agg, region, cfg) {
             Ok((j, summary)) => {
                 tracing::info!("partner log replayed from the mirror: {summary:?}");
+                self.register_journal(&j);
                 side.journal = Some(j);
                 Ok(())
             }
@@ -533,6 +583,11 @@ impl PairNode {
             };
             let server = NbdServer::start(sc, vec![export])
                 .map_err(|err| format!("export {}: {err}", e.name))?;
+            {
+                let mut h = self.halt_handles.lock().unwrap();
+                h.servers.retain(|a| !a.is_gone());
+                h.servers.push(server.abort_handle());
+            }
             let s = Served {
                 export: e.name.clone(),
                 aggregate: cfg.name.clone(),
@@ -636,7 +691,26 @@ impl PairNode {
     }
 
     /// Stop everything now: close clients unanswered, stop writing, drop addresses.
+    ///
+    /// The first part takes no side lock: a final CP or a takeover step can hold one for
+    /// seconds, and a node told to die (with a mailbox-only fence, the partner starts on our
+    /// disks a bounded time later) must be off them well before. Connections close first,
+    /// unanswered, so that no client gets an error for a request that the next server will
+    /// take again; then nothing is acknowledged any more, and no member is written.
     pub fn halt(&self) {
+        let (servers, journals, aggregates) = {
+            let h = self.halt_handles.lock().unwrap();
+            (h.servers.clone(), h.journals.clone(), h.aggregates.clone())
+        };
+        for s in &servers {
+            s.abort();
+        }
+        for j in journals.iter().filter_map(Weak::upgrade) {
+            j.halt("this node halts");
+        }
+        for a in aggregates.iter().filter_map(Weak::upgrade) {
+            a.halt("this node halts", Duration::from_secs(2));
+        }
         for whose in [Whose::Own, Whose::Partner] {
             let mut side = self.side(whose).lock().unwrap();
             for s in side.servers.drain(..) {
@@ -652,9 +726,19 @@ impl PairNode {
     /// Is every write we acknowledged in the partner's mirror?
     pub fn own_mirrored(&self) -> bool {
         let side = self.own.lock().unwrap();
-        // No journal open (booting, or taken over): say "not mirrored" rather than claim it,
-        // so the partner sees one change, false to true, once our log is copied.
-        side.journal.as_ref().is_some_and(|j| j.fully_mirrored())
+        match &side.journal {
+            Some(j) => j.fully_mirrored(),
+            // No journal open (booting, resuming, taken over): what the log acknowledged is
+            // in the partner's mirror unless the mailbox says otherwise (set before the first
+            // write acknowledged unmirrored, kept across restarts, cleared only by a journal
+            // that resynced the mirror). Without a mailbox nothing says so: not mirrored.
+            None => self
+                .mailbox
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|mb| !mb.unmirrored()),
+        }
     }
 
     /// Mirror records applied since start (status).

@@ -165,3 +165,47 @@ fn please_die_through_the_disks_alone_halts_the_partner_and_holds_it_after_resta
     drop(b2);
     drop(a);
 }
+
+/// "Unmirrored" in our slot outlives the process that set it: a restarted daemon (its log not
+/// yet resynced to the partner, perhaps never: it may boot taken over) keeps saying so, where
+/// it used to start with the flag clear and let the partner take over from a stale mirror.
+#[test]
+fn the_unmirrored_flag_survives_a_restart() {
+    let dir = scratch_dir();
+    let loops: Vec<LoopDev> = (0..3)
+        .map(|i| LoopDev::new(dir.path(), &format!("um{i}.img"), 4 << 20))
+        .collect();
+    let slot_says = |idx: usize| {
+        let reader =
+            MailboxDisks::open(&loops.iter().map(|l| l.dev.clone()).collect::<Vec<_>>()).unwrap();
+        reader.read_slot(idx).newest
+    };
+    let (h, inbox) = ha::channel(ha::INPUT_CAPACITY);
+    let mut a = TestNode::start(fast_config("a", "b"), store(&loops), inbox, h, None);
+    assert!(a.wait_state(State::Normal, T));
+    assert!(!a.mailbox.unmirrored());
+    a.mailbox.set_unmirrored_now(true).unwrap();
+    let idx = a.mailbox.own_index();
+    assert!(slot_says(idx).is_some_and(|s| s.unmirrored));
+    a.stop();
+    drop(a);
+    // The next run: its heartbeats go on saying it.
+    let (h, inbox) = ha::channel(ha::INPUT_CAPACITY);
+    let a = TestNode::start(fast_config("a", "b"), store(&loops), inbox, h, None);
+    assert!(a.mailbox.unmirrored(), "read back from the slot at start");
+    assert!(a.wait_state(State::Normal, T));
+    let start_counter = slot_says(idx).map(|s| s.counter);
+    let deadline = Instant::now() + T;
+    loop {
+        let s = slot_says(idx).expect("slot");
+        if Some(s.counter) != start_counter {
+            assert!(s.unmirrored, "a new heartbeat cleared it: {s:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new heartbeat");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Cleared only when asked (the journal, once the mirror is resynced).
+    a.mailbox.set_unmirrored_now(false).unwrap();
+    assert!(slot_says(idx).is_some_and(|s| !s.unmirrored));
+}

@@ -1325,3 +1325,172 @@ impl PairRuntime {
         self.link.stop();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::buf::IoBuf;
+
+    /// Both nodes' configurations for a pair on file-backed members in `dir` (5 of 16 MiB per
+    /// aggregate, both aggregates formatted), CPs only when asked for.
+    fn pair_configs(dir: &std::path::Path) -> [Config; 2] {
+        let key = dir.join("ic.key");
+        std::fs::write(&key, "pair-unit-test-key-0123456789abcdef").unwrap();
+        let mut out = Vec::new();
+        for (node, partner) in [("a", "b"), ("b", "a")] {
+            let mut t = format!(
+                "node = \"{node}\"\n[io]\nworkers = 2\narena_mib = 16\n[pair]\npartner = \"{partner}\"\n\
+                 interconnect_listen = \"127.0.0.1:1\"\npartner_interconnect = [\"127.0.0.1:1\"]\n\
+                 key_file = \"{}\"\ncontrol_socket = \"{}\"\n",
+                key.display(),
+                dir.join(format!("{node}.sock")).display()
+            );
+            for owner in ["a", "b"] {
+                let m: Vec<String> = (0..5)
+                    .map(|i| format!("\"{}\"", dir.join(format!("{owner}{i}.img")).display()))
+                    .collect();
+                let log = if owner == node { "log" } else { "mirror" };
+                t += &format!(
+                    "[[aggregate]]\nname = \"aggr-{owner}\"\nhome = \"{owner}\"\ndata = [{}]\nparity = {}\n\
+                     chunk_kib = 64\nnvram = \"{}\"\nnvram_mib = 4\ncp_interval_ms = 600000\n",
+                    m[..4].join(", "),
+                    m[4],
+                    dir.join(format!("{node}-aggr-{owner}.{log}")).display()
+                );
+            }
+            out.push(Config::parse(&t, &dir.join(format!("{node}.toml"))).unwrap());
+        }
+        for owner in ["a", "b"] {
+            for i in 0..5 {
+                let f = std::fs::File::create(dir.join(format!("{owner}{i}.img"))).unwrap();
+                f.set_len(16 << 20).unwrap();
+            }
+        }
+        for a in &out[0].aggregate {
+            setup::format(a, &out[0].io, false, &mut |_, _| {}).unwrap();
+        }
+        [out[0].clone(), out[1].clone()]
+    }
+
+    fn journal(n: &PairNode, whose: Whose) -> Arc<Journal> {
+        n.side(whose)
+            .lock()
+            .unwrap()
+            .journal
+            .clone()
+            .expect("journal")
+    }
+
+    fn block(fill: u8) -> IoBuf {
+        let mut b = IoBuf::new(4096);
+        b.fill(fill);
+        b
+    }
+
+    fn read_block(j: &Journal, offset: u64) -> u8 {
+        let mut b = IoBuf::new(4096);
+        j.read(offset, &mut b).unwrap();
+        assert!(
+            b.iter().all(|&x| x == b[0]),
+            "a block written whole reads whole"
+        );
+        b[0]
+    }
+
+    /// b dies with a write in its log; a takes over (replaying its mirror: empty here) and
+    /// overwrites the block; a gives back (closing b's aggregate cleanly). If b restarts
+    /// before it is told to discard its log (the giveback message lost with the restart), its
+    /// own log is stale: replaying it put the old block back over a's.
+    #[test]
+    fn a_cleanly_closed_aggregate_does_not_replay_its_stale_log() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [ca, cb] = pair_configs(dir.path());
+        let b = PairNode::new(cb.clone()).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        journal(&b, Whose::Own)
+            .write(65536, &block(1), false)
+            .unwrap();
+        drop(b); // killed: the write is in its log only
+        let a = PairNode::new(ca).unwrap();
+        a.run_step(Step::OpenPartnerAggregate).unwrap();
+        a.run_step(Step::ReplayPartnerLog).unwrap();
+        let j = journal(&a, Whose::Partner);
+        j.write(65536, &block(2), false).unwrap();
+        drop(j);
+        a.run_step(Step::CpPartnerAggregate).unwrap();
+        a.run_step(Step::ClosePartnerAggregate).unwrap();
+        let b = PairNode::new(cb).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        assert!(!b.own.lock().unwrap().was_dirty);
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        assert_eq!(
+            read_block(&journal(&b, Whose::Own), 65536),
+            2,
+            "the partner's write survives"
+        );
+    }
+
+    /// b's mirror at a holds an older write of a block that b then overwrote while a's
+    /// mirror was behind, before b's successful final CP. a's graceful takeover must not
+    /// replay that mirror over the members.
+    #[test]
+    fn a_takeover_after_a_final_cp_does_not_replay_the_mirror() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [ca, cb] = pair_configs(dir.path());
+        let b = PairNode::new(cb).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        journal(&b, Whose::Own)
+            .write(65536, &block(1), false)
+            .unwrap();
+        // The mirror at a: b's log as it was then.
+        std::fs::copy(
+            dir.path().join("b-aggr-b.log"),
+            dir.path().join("a-aggr-b.mirror"),
+        )
+        .unwrap();
+        journal(&b, Whose::Own)
+            .write(65536, &block(2), false)
+            .unwrap();
+        b.run_step(Step::FinalCp).unwrap();
+        drop(b);
+        let a = PairNode::new(ca).unwrap();
+        a.run_step(Step::OpenPartnerAggregate).unwrap();
+        assert!(!a.partner.lock().unwrap().was_dirty);
+        a.run_step(Step::ReplayPartnerLog).unwrap();
+        assert_eq!(read_block(&journal(&a, Whose::Partner), 65536), 2);
+    }
+
+    /// A halt must not wait for the side lock (a final CP can hold it for seconds) before it
+    /// stops acknowledging and writing: with a mailbox-only fence the partner starts on these
+    /// disks a bounded time after telling us to die.
+    #[test]
+    fn a_halt_stops_io_while_a_side_lock_is_held() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [ca, _] = pair_configs(dir.path());
+        let a = PairNode::new(ca).unwrap();
+        a.run_step(Step::OpenOwnAggregate).unwrap();
+        a.run_step(Step::ReplayOwnLog).unwrap();
+        let j = journal(&a, Whose::Own);
+        let agg = a.own.lock().unwrap().aggregate.clone().unwrap();
+        j.write(0, &block(1), false).unwrap();
+        let held = a.own.lock().unwrap(); // a slow final CP, say
+        let a2 = a.clone();
+        let halting = std::thread::spawn(move || a2.halt());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !(j.is_halted() && agg.status().offline.is_some()) {
+            assert!(
+                Instant::now() < deadline,
+                "the halt waited for the side lock before stopping I/O"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(Backend::write(&*j, 4096, &block(2), false).is_err());
+        assert!(agg.write(8192, &block(3), false).is_err());
+        assert!(!halting.is_finished(), "the rest waits for the lock");
+        drop(held);
+        halting.join().unwrap();
+        assert!(a.own.lock().unwrap().journal.is_none());
+    }
+}

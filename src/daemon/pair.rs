@@ -878,19 +878,35 @@ impl PairExecutor {
         // Mailbox-only fencing (no persistent reservations on these members): the partner stops
         // when it reads please-die, or has stopped by itself if it cannot read its mailbox.
         // Wait for its slot to say so, at most msgwait.
+        // The bound only holds for a partner that stopped writing its heartbeat: one whose
+        // counter still moves at the end is alive and has not obeyed (it cannot read the
+        // please-die, say), and is not fenced. The step fails (and is retried, then the
+        // takeover abandoned) rather than have two nodes write the same stripes.
         let t0 = Instant::now();
+        let mut last: Option<(u64, Instant)> = None;
         loop {
             if let Some(v) = mailbox.read_view() {
                 match v.partner_slot {
                     None => break,
                     Some(s) if s.clean_shutdown || s.state == takeover::State::TakenOver => break,
-                    _ => {}
+                    Some(s) => {
+                        if last.is_none_or(|(c, _)| c != s.counter) {
+                            last = Some((s.counter, Instant::now()));
+                        }
+                    }
                 }
             }
             if t0.elapsed() >= msgwait {
+                if let Some((counter, at)) = last.filter(|(_, at)| at.elapsed() < msgwait / 2) {
+                    return Err(StepError::Failed(format!(
+                        "partner still writes its mailbox heartbeat (counter {counter}, {} ms ago) \
+                         but has not confirmed the please-die: not fenced",
+                        at.elapsed().as_millis()
+                    )));
+                }
                 tracing::warn!(
                     ms = msgwait.as_millis() as u64,
-                    "partner did not confirm in its mailbox: fenced by the self-fence bound"
+                    "partner did not confirm in its mailbox and its heartbeat stopped: fenced by the self-fence bound"
                 );
                 break;
             }
@@ -1460,6 +1476,59 @@ mod tests {
         assert!(!a.partner.lock().unwrap().was_dirty);
         a.run_step(Step::ReplayPartnerLog).unwrap();
         assert_eq!(read_block(&journal(&a, Whose::Partner), 65536), 2);
+    }
+
+    /// A fence by mailbox alone trusts the self-fence bound only for a partner whose heartbeat
+    /// stopped: one that goes on writing it without confirming the please-die is alive and
+    /// would write the same stripes.
+    #[test]
+    fn a_mailbox_fence_fails_while_the_partner_still_beats() {
+        use crate::core::takeover::State;
+        use crate::daemon::ha::{self, MailboxSink};
+        use crate::daemon::mailbox::{MailboxConfig, MailboxDriver, MemStore};
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [ca, _] = pair_configs(dir.path());
+        let a = PairNode::new(ca).unwrap();
+        let store = Arc::new(MemStore::new(3));
+        let mcfg = |n: &str, p: &str| MailboxConfig {
+            node_name: n.into(),
+            partner_name: p.into(),
+            interval: Duration::from_millis(20),
+            self_fence_bound_ms: 100,
+        };
+        let (ha_a, _inbox_a) = ha::channel(ha::INPUT_CAPACITY);
+        let (ha_b, _inbox_b) = ha::channel(ha::INPUT_CAPACITY);
+        let da = MailboxDriver::spawn(store.clone(), mcfg("a", "b"), ha_a).unwrap();
+        let db = MailboxDriver::spawn(store, mcfg("b", "a"), ha_b).unwrap();
+        // b beats on, never obeying the please-die.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut hb, stop2) = (db.handle.clone(), stop.clone());
+        let beater = std::thread::spawn(move || {
+            let mut c = 1;
+            while !stop2.load(Ordering::Acquire) {
+                hb.beat(c, State::Normal, false);
+                c += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        da.handle.clone().beat(1, State::Normal, false);
+        let t0 = Instant::now();
+        while da.handle.read_view().and_then(|v| v.partner_slot).is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "b's slot never written"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let msgwait = Duration::from_millis(400);
+        match PairExecutor::fence(&a, &da.handle, 1, msgwait) {
+            Err(StepError::Failed(m)) => assert!(m.contains("still writes"), "{m}"),
+            r => panic!("a live partner taken for fenced: {r:?}"),
+        }
+        // b dies: its counter stops, and the bound holds.
+        stop.store(true, Ordering::Release);
+        beater.join().unwrap();
+        assert_eq!(PairExecutor::fence(&a, &da.handle, 2, msgwait), Ok(()));
     }
 
     /// A halt must not wait for the side lock (a final CP can hold it for seconds) before it

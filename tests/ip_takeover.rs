@@ -521,3 +521,198 @@ fn namespaces_are_deleted_when_a_test_fails() {
         assert!(!list.contains(&n), "{n} left behind: {list}");
     }
 }
+
+/// `ip -j` entry on eth0 of `ns` for `addr` (any prefix length, any flags), if there is one.
+fn kernel_entry(ns: &str, addr: &str) -> Option<serde_json::Value> {
+    let out = ip(&["-n", ns, "-j", "addr", "show", "dev", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["addr_info"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["local"].as_str() == Some(addr))
+        .cloned()
+}
+
+fn fenced_cfg(override_ms: u64) -> IdentityConfig {
+    IdentityConfig {
+        conflict_override_ms: override_ms,
+        ..fast_cfg()
+    }
+}
+
+/// The partner (namespace a) was fenced but still has its service address configured (its
+/// release failed, or its daemon died on a live host) and its kernel keeps answering ARP for
+/// it. The strict take refuses, as it must without a fence; the fenced take probes, keeps
+/// probing until `conflict_override_ms`, then takes the address, announces it so the client
+/// moves to b, and reports the holder's MAC.
+#[test]
+fn fenced_take_overrides_a_holder_that_keeps_answering_arp() {
+    let t = Topo::new();
+    let s = svc("192.0.2.10/24");
+    let addr = s.prefix.addr;
+    ip(&["-n", &t.a, "addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    poke(&t.c, addr);
+    wait_neigh(&t.c, addr, MAC_A, Duration::from_secs(3));
+
+    let override_ms = 1000;
+    let mut mb =
+        IdentityManager::new_in(NetNs::by_name(&t.b).unwrap(), fenced_cfg(override_ms)).unwrap();
+    // Strict: refused, nothing left behind, the client still goes to a.
+    let e = mb.take(std::slice::from_ref(&s)).unwrap_err();
+    assert!(e.is_address_in_use(), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!("192.0.2.10 is in use on eth0 by {MAC_A}")
+    );
+    assert!(kernel_entry(&t.b, "192.0.2.10").is_none());
+    assert_eq!(neigh(&t.c, addr).unwrap().0, MAC_A);
+
+    // Fenced: taken after the bound, despite a still answering.
+    let start = Instant::now();
+    let r = mb.take_fenced(std::slice::from_ref(&s)).unwrap();
+    let took = start.elapsed();
+    eprintln!("fenced take: {took:?} {:?}", r[0]);
+    assert_eq!(r.len(), 1);
+    assert!(!r[0].already_held);
+    let c = r[0]
+        .took_over_conflict
+        .as_ref()
+        .expect("the report names the overridden conflict");
+    assert_eq!(
+        c.holder_mac
+            .map(|m| hapair::core::arp::fmt_mac(&m))
+            .as_deref(),
+        Some(MAC_A)
+    );
+    assert!(c.attempts >= 2, "kept probing while a answered: {c:?}");
+    assert!(
+        took >= Duration::from_millis(override_ms),
+        "waited for the holder to go: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(override_ms + 2000),
+        "bounded: {took:?}"
+    );
+    assert_eq!(r[0].announcements_sent, 3 * 2);
+    assert!(
+        kernel_has(&t.b, "192.0.2.10/24"),
+        "{:?}",
+        kernel_addrs(&t.b)
+    );
+    assert!(
+        kernel_has(&t.a, "192.0.2.10/24"),
+        "a still holds it (the model)"
+    );
+    // The gratuitous ARP moved the client's entry to b, and its connections land there.
+    wait_neigh(&t.c, addr, MAC_B, Duration::from_millis(500));
+    assert_tcp_reaches(&t.c, &t.b, addr);
+
+    // Idempotent: taking again only announces.
+    let again = mb.take_fenced(std::slice::from_ref(&s)).unwrap();
+    assert!(again[0].already_held && again[0].took_over_conflict.is_none());
+}
+
+/// A partner that releases its address while the fenced take is probing: the take waits for
+/// it rather than overriding, and reports no conflict.
+#[test]
+fn fenced_take_waits_for_a_holder_that_releases() {
+    let t = Topo::new();
+    let s = svc("192.0.2.10/24");
+    ip(&["-n", &t.a, "addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    let mut mb = IdentityManager::new_in(NetNs::by_name(&t.b).unwrap(), fenced_cfg(5000)).unwrap();
+    let ns_a = t.a.clone();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        ip(&["-n", &ns_a, "addr", "del", "192.0.2.10/24", "dev", "eth0"]);
+    });
+    let start = Instant::now();
+    let r = mb.take_fenced(std::slice::from_ref(&s)).unwrap();
+    let took = start.elapsed();
+    releaser.join().unwrap();
+    eprintln!("fenced take with a releasing holder: {took:?} {:?}", r[0]);
+    assert!(r[0].took_over_conflict.is_none(), "{:?}", r[0]);
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_millis(3000),
+        "waited for the release, not for the bound: {took:?}"
+    );
+    assert!(kernel_has(&t.b, "192.0.2.10/24"));
+}
+
+/// IPv6: a holds the address. A strict take fails DAD and leaves no trace of the address on
+/// b (the kernel keeps a DAD-failed address configured until it is removed). A fenced take
+/// re-runs DAD until the bound, then adds the address without DAD: configured, neither
+/// tentative nor DAD-failed, announced so the client moves to b, the holder's MAC reported.
+#[test]
+fn ipv6_dad_failure_is_rolled_back_and_fenced_take_overrides() {
+    let t = Topo::new();
+    let s = svc("2001:db8::10/64");
+    let addr = s.prefix.addr;
+    ip(&[
+        "-n",
+        &t.a,
+        "addr",
+        "add",
+        "2001:db8::10/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    poke(&t.c, addr);
+    wait_neigh(&t.c, addr, MAC_A, Duration::from_secs(3));
+
+    let override_ms = 1000;
+    let mut mb =
+        IdentityManager::new_in(NetNs::by_name(&t.b).unwrap(), fenced_cfg(override_ms)).unwrap();
+    let e = mb.take(std::slice::from_ref(&s)).unwrap_err();
+    assert!(e.is_address_in_use(), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!("2001:db8::10 is in use on eth0 by {MAC_A}")
+    );
+    assert_eq!(kernel_entry(&t.b, "2001:db8::10"), None, "ip -6 addr on b");
+    assert!(!mb
+        .netlink()
+        .list_addresses("eth0")
+        .unwrap()
+        .iter()
+        .any(|i| i.prefix.addr == addr));
+
+    let start = Instant::now();
+    let r = mb.take_fenced(std::slice::from_ref(&s)).unwrap();
+    let took = start.elapsed();
+    eprintln!("fenced IPv6 take: {took:?} {:?}", r[0]);
+    let c = r[0]
+        .took_over_conflict
+        .as_ref()
+        .expect("the report names the overridden conflict");
+    assert_eq!(
+        c.holder_mac
+            .map(|m| hapair::core::arp::fmt_mac(&m))
+            .as_deref(),
+        Some(MAC_A)
+    );
+    assert!(took >= Duration::from_millis(override_ms), "{took:?}");
+    assert!(took < Duration::from_millis(override_ms + 3000), "{took:?}");
+    let info = mb
+        .netlink()
+        .list_addresses("eth0")
+        .unwrap()
+        .into_iter()
+        .find(|i| i.prefix.addr == addr)
+        .expect("the address is configured on b");
+    assert!(
+        !info.is_tentative() && !info.is_dad_failed(),
+        "flags {:#x}",
+        info.flags
+    );
+    let j = kernel_entry(&t.b, "2001:db8::10").expect("ip -6 addr shows it on b");
+    assert_eq!(j["prefixlen"], 64);
+    assert!(
+        j.get("tentative").is_none() && j.get("dadfailed").is_none(),
+        "{j}"
+    );
+    // The unsolicited NA moved the client's entry, and its connections land on b.
+    wait_neigh(&t.c, addr, MAC_B, Duration::from_millis(500));
+    assert_tcp_reaches(&t.c, &t.b, addr);
+}

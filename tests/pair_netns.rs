@@ -965,10 +965,10 @@ fn identity_moves_with_the_export_and_no_acknowledged_write_is_lost() {
 ///
 /// Why not the SIGKILL alone: a's kernel lives on in its namespace and keeps a's service
 /// address on eth0 (nothing removes it once the daemon is dead), so it answers b's ARP probe
-/// for that address and b's TakePartnerIdentity fails with "192.0.2.10 is in use on eth0 by
-/// 02:00:00:00:00:0a", retried every 500 ms for ever: the export never comes back. That is
-/// the daemon-crash-on-a-live-host case, which mailbox fencing cannot clean up (see the report
-/// of issue 7). A dead machine answers nothing, which is what this models.
+/// for that address. b's TakePartnerIdentity then takes it anyway after
+/// `conflict_override_ms` (the partner is fenced; see `identity::take_fenced`, tested in
+/// tests/ip_takeover.rs), but a would still answer clients that re-resolve the address: the
+/// daemon-crash-on-a-live-host case. A dead machine answers nothing, which is what this models.
 fn hard_takeover_node_silence(ns_a: &str) {
     ip(&["-n", ns_a, "link", "set", "eth0", "down"]);
 }

@@ -15,6 +15,32 @@
 //!
 //! Calls block (probes, DAD, announcement intervals): run them from a worker of the control
 //! plane, not from the HA state machine's loop.
+//!
+//! # A holder that keeps answering
+//!
+//! [`IdentityManager::take`] is strict: any host that answers for an address (ARP probe, DAD)
+//! makes it fail, and nothing of the call stays configured. That is right wherever nobody has
+//! been fenced: a node taking its own addresses at boot or after a giveback (`TakeOwnIps`)
+//! must not steal an address a misconfigured neighbour holds.
+//!
+//! [`IdentityManager::take_fenced`] is for the partner's addresses after the partner has been
+//! fenced (`TakePartnerIdentity` runs only after the Fence step succeeded). A partner whose
+//! release failed (a tolerated shutdown step), whose daemon was killed on a live host, or whose
+//! host is wedged in a way that still answers ARP keeps the address configured, and would
+//! otherwise block the takeover for ever: the strict take fails, the step is retried, the
+//! partner's exports are never served although it cannot write its disks any more. So a
+//! fenced take probes as the strict one does, keeps probing while the holder answers (it may
+//! be releasing right now: a forced shutdown races with the countdown), and once
+//! `conflict_override_ms` have passed since the call began it adds the address anyway (IPv6:
+//! the DAD-failed address is removed and re-added with IFA_F_NODAD), announces it like any
+//! other (gratuitous ARP / unsolicited NA with the override flag, `announce_count` rounds) so
+//! the neighbours' caches move to us, logs an error naming the holder's MAC and says so in
+//! [`TakeReport::took_over_conflict`]. The cost, said loudly in that log: if the holder is
+//! alive it still answers ARP/NS for the address (Linux does not defend an address), so a
+//! client that re-resolves may flip back to it until its address is removed there (a
+//! restarting `hapaird` releases its addresses first; an operator must remove it from a host
+//! whose daemon is gone). A holder that is not the partner (a misconfiguration that also
+//! answers) cannot be told apart by MAC here; the error log names it for the operator.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -71,6 +97,12 @@ pub struct IdentityConfig {
     /// IPv6: give up on DAD after this long (the kernel's DAD takes up to
     /// rtr_solicit_delay + dad_transmits * retrans_time: ~1-2 s by default).
     pub dad_timeout_ms: u64,
+    /// [`IdentityManager::take_fenced`] only: from the start of the call, how long a host that
+    /// answers for an address may keep doing so before the address is taken anyway. Probing
+    /// (IPv4) or DAD (IPv6) is repeated every `probe_interval_ms` meanwhile, so a holder that
+    /// is still releasing is waited for. Short: the partner's clients wait meanwhile. IPv6: a
+    /// DAD run under way at the deadline finishes first (up to ~1-2 s more, see above).
+    pub conflict_override_ms: u64,
 }
 
 impl Default for IdentityConfig {
@@ -83,6 +115,7 @@ impl Default for IdentityConfig {
             announce_interval_ms: 200,
             ipv6_dad: true,
             dad_timeout_ms: 5000,
+            conflict_override_ms: 2000,
         }
     }
 }
@@ -101,6 +134,44 @@ pub struct TakeReport {
     pub announce: Duration,
     /// Frames sent for this address (IPv4: request and reply per round; IPv6: one NA).
     pub announcements_sent: u32,
+    /// [`IdentityManager::take_fenced`]: another host kept answering for the address and it
+    /// was taken anyway. Always `None` from [`IdentityManager::take`].
+    pub took_over_conflict: Option<OverriddenConflict>,
+}
+
+/// A conflict that a fenced take overrode: the address is ours now, but the host named here
+/// still had it configured when we took it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverriddenConflict {
+    /// The MAC that answered for the address (IPv6: `None` if its NA was not captured).
+    pub holder_mac: Option<[u8; 6]>,
+    /// Probe rounds (IPv4) or DAD runs (IPv6) that saw the holder.
+    pub attempts: u32,
+    /// From the first sighting of the holder until the address was added anyway.
+    pub waited: Duration,
+}
+
+/// What a take does when another host answers for an address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnConflict {
+    /// Fail ([`NetError::AddressInUse`]).
+    Refuse,
+    /// Keep checking until the deadline, then take the address anyway.
+    OverrideAt(Instant),
+}
+
+/// How a kernel DAD run ended.
+enum Dad {
+    Done,
+    /// The address is DAD-failed; the defender's MAC if its NA was seen.
+    Failed(Option<[u8; 6]>),
+}
+
+/// Record `a` as added by this call (once), for the rollback.
+fn note_added(added: &mut Vec<ServiceAddr>, a: &ServiceAddr) {
+    if !added.contains(a) {
+        added.push(a.clone());
+    }
 }
 
 /// What `release` did for one address.
@@ -168,37 +239,87 @@ impl IdentityManager {
         }
     }
 
-    /// Take `addrs`: all or nothing. On an error, the addresses this call added are removed
-    /// again (ones that were already held stay). Idempotent: addresses already held are not
-    /// probed or re-added, only announced again.
+    /// Take `addrs`: all or nothing. Strict: an address another host answers for (ARP probe,
+    /// IPv6 DAD) fails the call with [`NetError::AddressInUse`]. On any error, every address
+    /// this call added is removed again, a DAD-failed or still tentative one included (ones
+    /// that were already held stay). Idempotent: addresses already held are not probed or
+    /// re-added, only announced again.
     pub fn take(&mut self, addrs: &[ServiceAddr]) -> Result<Vec<TakeReport>, NetError> {
+        self.take_with(addrs, OnConflict::Refuse)
+    }
+
+    /// Take the addresses of a partner that has been fenced: as [`take`](Self::take), except
+    /// that a host still answering for an address `conflict_override_ms` after the call began
+    /// no longer stops it: the address is added anyway, announced, logged as an error and
+    /// reported in [`TakeReport::took_over_conflict`] (see the module documentation for why and
+    /// what it costs). Only for use after a fence: a fenced partner cannot legitimately serve.
+    pub fn take_fenced(&mut self, addrs: &[ServiceAddr]) -> Result<Vec<TakeReport>, NetError> {
+        let at = Instant::now() + Duration::from_millis(self.cfg.conflict_override_ms);
+        self.take_with(addrs, OnConflict::OverrideAt(at))
+    }
+
+    fn take_with(
+        &mut self,
+        addrs: &[ServiceAddr],
+        on_conflict: OnConflict,
+    ) -> Result<Vec<TakeReport>, NetError> {
         let mut reports: Vec<TakeReport> = Vec::with_capacity(addrs.len());
-        let result = self.take_all(addrs, &mut reports);
+        let mut added: Vec<ServiceAddr> = Vec::new();
+        let result = self.take_all(addrs, on_conflict, &mut reports, &mut added);
         if result.is_err() {
-            for r in reports.iter().filter(|r| !r.already_held) {
-                if let Err(e) = self.remove_any_prefix(&r.addr) {
-                    tracing::warn!(addr = %r.addr, error = %e, "rollback of a taken address failed");
+            self.roll_back(&added);
+        }
+        result.map(|()| reports)
+    }
+
+    /// Remove every address in `added`, then check that none is left (a DAD-failed address
+    /// stays on the interface until removed; the kernel keeps it there for good).
+    fn roll_back(&mut self, added: &[ServiceAddr]) {
+        for a in added {
+            let left = self.remove_any_prefix(a).and_then(|_| {
+                let link = self.nl.link_state(&a.ifname)?;
+                match link {
+                    Some(l) => self.find(l.ifindex, a.prefix.addr),
+                    None => Ok(None),
+                }
+            });
+            match left {
+                Ok(None) => tracing::info!(addr = %a, "rolled back"),
+                Ok(Some(i)) => {
+                    tracing::error!(addr = %a, flags = i.flags, "rollback left the address configured")
+                }
+                Err(e) => {
+                    tracing::error!(addr = %a, error = %e, "rollback of a taken address failed")
                 }
             }
         }
-        result.map(|()| reports)
     }
 
     fn take_all(
         &mut self,
         addrs: &[ServiceAddr],
+        on_conflict: OnConflict,
         reports: &mut Vec<TakeReport>,
+        added: &mut Vec<ServiceAddr>,
     ) -> Result<(), NetError> {
         for a in addrs {
-            let r = self.take_one(a)?;
+            let r = self.take_one(a, on_conflict, added)?;
             tracing::info!(addr = %a, already_held = r.already_held, probe_ms = r.probe.as_millis() as u64,
-                dad_ms = r.dad.as_millis() as u64, "service address taken");
+                dad_ms = r.dad.as_millis() as u64, overridden = r.took_over_conflict.is_some(),
+                "service address taken");
             reports.push(r);
         }
         self.announce(reports)
     }
 
-    fn take_one(&mut self, a: &ServiceAddr) -> Result<TakeReport, NetError> {
+    /// Take one address; every address added goes into `added` at once, so that an error
+    /// anywhere later (in this function too) rolls it back.
+    fn take_one(
+        &mut self,
+        a: &ServiceAddr,
+        on_conflict: OnConflict,
+        added: &mut Vec<ServiceAddr>,
+    ) -> Result<TakeReport, NetError> {
         let mut rep = TakeReport {
             addr: a.clone(),
             already_held: false,
@@ -207,6 +328,7 @@ impl IdentityManager {
             dad: Duration::ZERO,
             announce: Duration::ZERO,
             announcements_sent: 0,
+            took_over_conflict: None,
         };
         let link = self.nl.link(&a.ifname)?;
         check_usable(&link)?;
@@ -227,7 +349,8 @@ impl IdentityManager {
         match a.prefix.addr {
             IpAddr::V4(v4) => {
                 let t = Instant::now();
-                self.probe_v4(link.ifindex, &a.ifname, mac, v4)?;
+                rep.took_over_conflict =
+                    self.probe_v4_until(link.ifindex, a, mac, v4, on_conflict)?;
                 rep.probe = t.elapsed();
                 let t = Instant::now();
                 let opts = AddOptions {
@@ -235,10 +358,11 @@ impl IdentityManager {
                     nodad: false,
                 };
                 self.nl.add_address(&a.ifname, &a.prefix, &opts)?;
+                note_added(added, a);
                 rep.add = t.elapsed();
             }
             IpAddr::V6(v6) => {
-                let opts = AddOptions {
+                let mut opts = AddOptions {
                     label: a.label.clone(),
                     nodad: !self.cfg.ipv6_dad,
                 };
@@ -250,19 +374,69 @@ impl IdentityManager {
                 };
                 let t = Instant::now();
                 self.nl.add_address(&a.ifname, &a.prefix, &opts)?;
+                note_added(added, a);
                 rep.add = t.elapsed();
                 if let Some(sniff) = sniff {
                     let t = Instant::now();
-                    let r = self.wait_dad(link.ifindex, a, mac, v6, &sniff);
-                    rep.dad = t.elapsed();
-                    if let Err(e) = r {
-                        self.remove_any_prefix(a).ok();
-                        return Err(e);
+                    // (first sighting, attempts, last defender MAC seen)
+                    let mut seen: Option<(Instant, u32, Option<[u8; 6]>)> = None;
+                    loop {
+                        let defender = match self.wait_dad(link.ifindex, a, mac, v6, &sniff)? {
+                            Dad::Done => break,
+                            Dad::Failed(m) => m,
+                        };
+                        let (first, attempts, holder) =
+                            seen.get_or_insert((Instant::now(), 0, None));
+                        *attempts += 1;
+                        *holder = defender.or(*holder);
+                        let (first, attempts, holder) = (*first, *attempts, *holder);
+                        let deadline = match on_conflict {
+                            // The caller's rollback removes the DAD-failed address.
+                            OnConflict::Refuse => return Err(in_use(a, holder)),
+                            OnConflict::OverrideAt(at) => at,
+                        };
+                        if attempts == 1 {
+                            warn_conflict(a, holder, deadline);
+                        }
+                        // A DAD-failed address is never usable and blocks a new add: remove
+                        // it, then run DAD again, or after the deadline add without DAD.
+                        self.remove_any_prefix(a)?;
+                        let now = Instant::now();
+                        let force = now >= deadline;
+                        if !force {
+                            std::thread::sleep(self.retry_pause().min(deadline - now));
+                        }
+                        opts.nodad = force;
+                        self.nl.add_address(&a.ifname, &a.prefix, &opts)?;
+                        if force {
+                            let c = OverriddenConflict {
+                                holder_mac: holder,
+                                attempts,
+                                waited: first.elapsed(),
+                            };
+                            error_overridden(a, &c);
+                            rep.took_over_conflict = Some(c);
+                            match self.find(link.ifindex, IpAddr::V6(v6))? {
+                                Some(i) if !i.is_tentative() && !i.is_dad_failed() => break,
+                                other => {
+                                    return Err(NetError::Protocol(format!(
+                                        "{a}: added without DAD but the kernel shows {:?}",
+                                        other.map(|i| i.flags)
+                                    )))
+                                }
+                            }
+                        }
                     }
+                    rep.dad = t.elapsed();
                 }
             }
         }
         Ok(rep)
+    }
+
+    /// Pause between checks of an address another host answers for.
+    fn retry_pause(&self) -> Duration {
+        Duration::from_millis(self.cfg.probe_interval_ms.max(10))
     }
 
     fn find(&mut self, ifindex: u32, addr: IpAddr) -> Result<Option<AddrInfo>, NetError> {
@@ -273,27 +447,83 @@ impl IdentityManager {
             .find(|i| i.prefix.addr == addr))
     }
 
-    /// Remove `a.prefix.addr` from its interface whatever its prefix length there.
+    /// Remove `a.prefix.addr` from its interface whatever its prefix length there (IPv4 may
+    /// carry the same address with several prefix lengths: all go). True if any was there.
     fn remove_any_prefix(&mut self, a: &ServiceAddr) -> Result<bool, NetError> {
         let link = match self.nl.link_state(&a.ifname)? {
             Some(l) => l,
             None => return Ok(false),
         };
-        match self.find(link.ifindex, a.prefix.addr)? {
-            Some(p) => self.nl.remove_address(&a.ifname, &p.prefix),
-            None => Ok(false),
+        let mut removed = false;
+        // Bounded: each round removes one entry or ends.
+        for _ in 0..8 {
+            match self.find(link.ifindex, a.prefix.addr)? {
+                Some(p) => {
+                    if !self.nl.remove_address(&a.ifname, &p.prefix)? {
+                        break;
+                    }
+                    removed = true;
+                }
+                None => break,
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Probe `addr` with [`probe_v4`](Self::probe_v4) until nobody answers (`Ok(None)`), or,
+    /// on a conflict: refuse, or keep probing until the deadline and then return the conflict
+    /// being overridden.
+    fn probe_v4_until(
+        &self,
+        ifindex: u32,
+        a: &ServiceAddr,
+        mac: [u8; 6],
+        addr: Ipv4Addr,
+        on_conflict: OnConflict,
+    ) -> Result<Option<OverriddenConflict>, NetError> {
+        let mut seen: Option<(Instant, u32)> = None;
+        loop {
+            let Some(holder) = self.probe_v4(ifindex, mac, addr)? else {
+                if let Some((first, attempts)) = seen {
+                    tracing::warn!(addr = %a, attempts, waited_ms = first.elapsed().as_millis() as u64,
+                        "the host answering for the address went quiet; taking it normally");
+                }
+                return Ok(None);
+            };
+            let deadline = match on_conflict {
+                OnConflict::Refuse => return Err(in_use(a, Some(holder))),
+                OnConflict::OverrideAt(at) => at,
+            };
+            let (first, attempts) = seen.get_or_insert((Instant::now(), 0));
+            *attempts += 1;
+            let (first, attempts) = (*first, *attempts);
+            if attempts == 1 {
+                warn_conflict(a, Some(holder), deadline);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let c = OverriddenConflict {
+                    holder_mac: Some(holder),
+                    attempts,
+                    waited: first.elapsed(),
+                };
+                error_overridden(a, &c);
+                return Ok(Some(c));
+            }
+            std::thread::sleep(self.retry_pause().min(deadline - now));
         }
     }
 
+    /// One round of ARP probes (`probe_count` of them; none if 0). The MAC of the first host
+    /// seen using or probing for `addr`, if any.
     fn probe_v4(
         &self,
         ifindex: u32,
-        ifname: &str,
         mac: [u8; 6],
         addr: Ipv4Addr,
-    ) -> Result<(), NetError> {
+    ) -> Result<Option<[u8; 6]>, NetError> {
         if self.cfg.probe_count == 0 {
-            return Ok(());
+            return Ok(None);
         }
         let sock = self.packet(ifindex, ETH_P_ARP)?;
         let probe = arp::probe(mac, addr);
@@ -313,18 +543,16 @@ impl IdentityManager {
             {
                 if let Some(p) = arp::parse(&buf[..n]) {
                     if let Some(other) = arp::probe_conflict(&p, addr, mac) {
-                        return Err(NetError::AddressInUse {
-                            addr: IpAddr::V4(addr),
-                            ifname: ifname.to_string(),
-                            mac: Some(fmt_mac(&other)),
-                        });
+                        return Ok(Some(other));
                     }
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
+    /// Wait for the kernel's DAD of `addr` to end. A DAD failure is an outcome, not an error:
+    /// the caller decides; the DAD-failed address is left for it to remove.
     fn wait_dad(
         &mut self,
         ifindex: u32,
@@ -332,7 +560,7 @@ impl IdentityManager {
         mac: [u8; 6],
         addr: Ipv6Addr,
         sniff: &PacketSocket,
-    ) -> Result<(), NetError> {
+    ) -> Result<Dad, NetError> {
         let start = Instant::now();
         let timeout = Duration::from_millis(self.cfg.dad_timeout_ms);
         let mut defender: Option<[u8; 6]> = None;
@@ -349,13 +577,9 @@ impl IdentityManager {
                             _ => break,
                         }
                     }
-                    return Err(NetError::AddressInUse {
-                        addr: IpAddr::V6(addr),
-                        ifname: a.ifname.clone(),
-                        mac: defender.map(|m| fmt_mac(&m)),
-                    });
+                    return Ok(Dad::Failed(defender));
                 }
-                Some(i) if !i.is_tentative() => return Ok(()),
+                Some(i) if !i.is_tentative() => return Ok(Dad::Done),
                 Some(_) => {}
                 None => {
                     return Err(NetError::Protocol(format!(
@@ -465,4 +689,25 @@ fn na_defender(frame: &[u8], target: Ipv6Addr, my_mac: [u8; 6]) -> Option<[u8; 6
         return None;
     }
     Some(na.target_mac.unwrap_or(na.eth_src))
+}
+
+fn in_use(a: &ServiceAddr, holder: Option<[u8; 6]>) -> NetError {
+    NetError::AddressInUse {
+        addr: a.prefix.addr,
+        ifname: a.ifname.clone(),
+        mac: holder.map(|m| fmt_mac(&m)),
+    }
+}
+
+fn warn_conflict(a: &ServiceAddr, holder: Option<[u8; 6]>, deadline: Instant) {
+    tracing::warn!(addr = %a, holder = %holder.map(|m| fmt_mac(&m)).unwrap_or_else(|| "unknown".into()),
+        override_in_ms = deadline.saturating_duration_since(Instant::now()).as_millis() as u64,
+        "another host answers for the address of a fenced partner; checking again until it is taken anyway");
+}
+
+fn error_overridden(a: &ServiceAddr, c: &OverriddenConflict) {
+    tracing::error!(addr = %a, holder = %c.holder_mac.map(|m| fmt_mac(&m)).unwrap_or_else(|| "unknown".into()),
+        attempts = c.attempts, waited_ms = c.waited.as_millis() as u64,
+        "TAKING A SERVICE ADDRESS ANOTHER HOST STILL ANSWERS FOR: the partner is fenced, so it must \
+         not serve; until the address is removed there, clients that re-resolve it may reach that host");
 }

@@ -3,6 +3,7 @@
 //! giveback and boot that the HA state machine asks for, done for real.
 
 use crate::config::{AggregateConfig, Config, ExportConfig, PairConfig};
+use crate::core::arp::fmt_mac;
 use crate::core::interconnect::{Hello, LogRecords, Message, StateSummary};
 use crate::core::netlink::IpPrefix;
 use crate::core::takeover::Step;
@@ -655,7 +656,19 @@ impl PairNode {
         }
         let mut id = self.identity.lock().unwrap();
         let id = id.as_mut().ok_or("no identity manager")?;
-        let reports = match id.take(&addrs) {
+        // The partner's addresses are taken only by TakePartnerIdentity, after the Fence step
+        // succeeded: a fenced partner cannot legitimately keep serving, so an address it failed
+        // to release (or a daemon killed on a live host left behind) must not block the
+        // takeover for ever; take_fenced overrides such a holder after a bounded wait. Our own
+        // addresses (TakeOwnIps at boot or resume) follow no fence: a holder there is refused.
+        // Without a fence (the test-only unsafe_skip_fence) nothing justifies overriding.
+        let fenced = whose == Whose::Partner && !self.pair.unsafe_skip_fence;
+        let taken = if fenced {
+            id.take_fenced(&addrs)
+        } else {
+            id.take(&addrs)
+        };
+        let reports = match taken {
             Ok(r) => r,
             // 127.0.0.0/8 is local on lo whether or not the address is listed: a demo without
             // CAP_NET_ADMIN still works, it just cannot show the address moving.
@@ -668,6 +681,15 @@ impl PairNode {
         for r in reports {
             tracing::info!(addr = %r.addr.prefix, already = r.already_held, probe_ms = r.probe.as_millis() as u64,
                 add_ms = r.add.as_millis() as u64, announce_ms = r.announce.as_millis() as u64, "service address taken");
+            if let Some(c) = &r.took_over_conflict {
+                let holder = c
+                    .holder_mac
+                    .map(|m| fmt_mac(&m))
+                    .unwrap_or_else(|| "unknown".into());
+                tracing::error!(whose = ?whose, addr = %r.addr, %holder, waited_ms = c.waited.as_millis() as u64,
+                    "service address taken over from a host that still answered for it after the fence; \
+                     remove it there (the partner's daemon does so when it starts)");
+            }
         }
         Ok(())
     }

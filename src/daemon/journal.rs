@@ -31,13 +31,78 @@ pub const MIRROR_ACK_TIMEOUT: Duration = Duration::from_millis(1000);
 /// The partner's side of mirroring, as the journal sees it.
 pub trait MirrorLink: Send + Sync {
     /// True while a session with the partner is established.
-    fn is_up(&self) -> bool;
-    /// Send bytes of our log region for the partner's mirror. False if the link is down.
-    fn send_records(&self, records: LogRecords) -> bool;
-    /// Wait until the partner acknowledged `seq` of log epoch `epoch` durable, or `timeout`.
-    /// True if acknowledged. Sequence numbers restart with every epoch (every format of the
-    /// log): an acknowledgement of another epoch never counts.
-    fn wait_ack(&self, epoch: u64, seq: u64, timeout: Duration) -> bool;
+    fn is_up(&self) -> bool {
+        self.session().is_some()
+    }
+    /// The session established now (a number never reused), if any. The partner's mirror is
+    /// known to hold what this log sent and saw acknowledged *in this session*: after a
+    /// reconnect it may have lost whatever it had not made durable (it was written back, not
+    /// flushed), so the journal copies the whole log again.
+    fn session(&self) -> Option<u64>;
+    /// Send bytes of our log region for the partner's mirror in `session`. False if that
+    /// session is gone (or the send failed).
+    fn send_records(&self, session: u64, records: LogRecords) -> bool;
+    /// Wait until the partner acknowledged, in `session`, `seq` of log epoch `epoch` durable,
+    /// or `timeout`. True if acknowledged. Sequence numbers restart with every epoch (every
+    /// format of the log): an acknowledgement of another epoch, or of another session, never
+    /// counts.
+    fn wait_ack(&self, session: u64, epoch: u64, seq: u64, timeout: Duration) -> bool;
+}
+
+/// Largest segment and largest message (by segment bytes) the mirror traffic uses: well within
+/// the interconnect's frame limit.
+const MIRROR_SEGMENT_BYTES: usize = 1 << 20;
+const MIRROR_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The messages that carry `segments` (in order) to the partner's mirror: segments cut to at
+/// most 1 MiB, messages of at most 4 MiB and [`MAX_SEGMENTS`]. Only the last message carries
+/// `last_seq` (the others 0, which the partner's acknowledgement of cannot advance anything):
+/// an acknowledgement of the commit then proves every message of it was applied (the link
+/// drops the session when an apply fails, and TCP keeps the order).
+fn mirror_messages(
+    epoch: u64,
+    first_seq: u64,
+    last_seq: u64,
+    segments: Vec<LogSegment>,
+) -> Vec<LogRecords> {
+    let mut pieces = Vec::new();
+    for s in segments {
+        if s.bytes.len() <= MIRROR_SEGMENT_BYTES {
+            pieces.push(s);
+            continue;
+        }
+        for (i, c) in s.bytes.chunks(MIRROR_SEGMENT_BYTES).enumerate() {
+            pieces.push(LogSegment {
+                region_offset: s.region_offset + (i * MIRROR_SEGMENT_BYTES) as u64,
+                bytes: c.to_vec(),
+            });
+        }
+    }
+    let mut out: Vec<LogRecords> = Vec::new();
+    let mut cur: Vec<LogSegment> = Vec::new();
+    let mut cur_bytes = 0;
+    for p in pieces {
+        if !cur.is_empty()
+            && (cur_bytes + p.bytes.len() > MIRROR_MESSAGE_BYTES || cur.len() == MAX_SEGMENTS)
+        {
+            out.push(LogRecords {
+                epoch,
+                first_seq,
+                last_seq: 0,
+                segments: std::mem::take(&mut cur),
+            });
+            cur_bytes = 0;
+        }
+        cur_bytes += p.bytes.len();
+        cur.push(p);
+    }
+    out.push(LogRecords {
+        epoch,
+        first_seq,
+        last_seq,
+        segments: cur,
+    });
+    out
 }
 
 /// See [`Journal::set_unmirrored_hook`].
@@ -153,6 +218,8 @@ struct Inner {
     durable: u64,
     /// The partner's mirror must be copied whole before incremental commits mean anything.
     mirror_needs_resync: bool,
+    /// The link session in which the mirror was last brought up to date (0: none).
+    mirror_session: u64,
     /// Direct whole-stripe writes in flight: (start, end, seq of their Stripes record).
     direct: Vec<(u64, u64, u64)>,
     /// A group commit's records could not be written to the NVRAM: they are not in the log,
@@ -208,6 +275,9 @@ pub struct Journal {
     stop: AtomicBool,
     /// Set by [`Journal::halt`]: nothing is acknowledged any more.
     halted: AtomicBool,
+    /// The link session the mirror was last brought up to date in (0: none): "mirrored" is
+    /// only true in that session.
+    mirrored_session: AtomicU64,
     /// Unit tests: this many of the next group commits fail their NVRAM write (EIO).
     #[cfg(test)]
     fail_log_writes: AtomicU64,
@@ -379,6 +449,7 @@ impl Journal {
                 committing: false,
                 durable: 0,
                 mirror_needs_resync: true,
+                mirror_session: 0,
                 direct: Vec::new(),
                 log_failed: None,
                 unsent_slots: Vec::new(),
@@ -399,6 +470,7 @@ impl Journal {
             cp_kick: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             halted: AtomicBool::new(false),
+            mirrored_session: AtomicU64::new(0),
             #[cfg(test)]
             fail_log_writes: AtomicU64::new(0),
             cfg,
@@ -514,7 +586,24 @@ impl Journal {
 
     /// Mirroring state, for status.
     pub fn mirror_state(&self) -> MirrorState {
-        self.mirror_state.lock().unwrap().clone()
+        let st = self.mirror_state.lock().unwrap().clone();
+        if matches!(st, MirrorState::Mirrored) {
+            let session = self
+                .mirror
+                .read()
+                .unwrap()
+                .as_ref()
+                .and_then(|l| l.session());
+            if session != Some(self.mirrored_session.load(Ordering::Acquire)) {
+                // Reconnected (or down) since: until the log is copied again, the partner's
+                // mirror may lack what it had not flushed when the session ended.
+                return MirrorState::NotMirrored {
+                    since: SystemTime::now(),
+                    why: "interconnect session changed: mirror being resynchronised".into(),
+                };
+            }
+        }
+        st
     }
 
     /// Persistence of the local region and when its device cache is flushed, for status
@@ -573,37 +662,18 @@ impl Journal {
         let epoch = inner.app.header().epoch;
         let live = inner.app.live_ranges();
         let bytes = inner.region.bytes();
-        let seg = 1 << 20;
-        let mut batches = Vec::new();
-        let mut segments = Vec::new();
-        for r in &live {
-            let mut off = r.start;
-            while off < r.end {
-                let n = seg.min(r.end - off);
-                segments.push(LogSegment {
-                    region_offset: off as u64,
-                    bytes: bytes[off..off + n].to_vec(),
-                });
-                off += n;
-                if segments.len() == 4 {
-                    batches.push(LogRecords {
-                        epoch,
-                        first_seq: 0,
-                        last_seq: c.last_seq,
-                        segments: std::mem::take(&mut segments),
-                    });
-                }
-            }
-        }
-        if !segments.is_empty() {
-            batches.push(LogRecords {
-                epoch,
-                first_seq: 0,
-                last_seq: c.last_seq,
-                segments,
-            });
-        }
-        (c.last_seq, live, batches)
+        let segments = live
+            .iter()
+            .map(|r| LogSegment {
+                region_offset: r.start as u64,
+                bytes: bytes[r.clone()].to_vec(),
+            })
+            .collect();
+        (
+            c.last_seq,
+            live,
+            mirror_messages(epoch, 0, c.last_seq, segments),
+        )
     }
 
     /// Make `seq` durable: become the group-commit leader if nobody is, else wait for one.
@@ -620,7 +690,17 @@ impl Journal {
             .unwrap()
             .as_ref()
             .is_some_and(|l| l.is_up());
-        if up && self.inner.lock().unwrap().mirror_needs_resync {
+        let session = self
+            .mirror
+            .read()
+            .unwrap()
+            .as_ref()
+            .and_then(|l| l.session());
+        let stale = {
+            let g = self.inner.lock().unwrap();
+            g.mirror_needs_resync || session.is_some_and(|s| s != g.mirror_session)
+        };
+        if up && stale {
             self.commit_until(0, true)?;
         }
         Ok(())
@@ -641,8 +721,10 @@ impl Journal {
             g.committing = true;
             let epoch = g.app.header().epoch;
             let link = self.mirror.read().unwrap().clone();
-            let link = link.filter(|l| l.is_up());
-            let resync = link.is_some() && g.mirror_needs_resync;
+            let session = link.as_ref().and_then(|l| l.session()).unwrap_or(0);
+            let link = link.filter(|_| session != 0);
+            // A new session: the partner may have lost what it had not flushed. Everything.
+            let resync = link.is_some() && (g.mirror_needs_resync || g.mirror_session != session);
             let (c_last, ranges, batches) = if resync {
                 // The whole live region, trim slots included.
                 g.unsent_slots.clear();
@@ -666,15 +748,7 @@ impl Journal {
                         bytes: g.region.bytes()[r.clone()].to_vec(),
                     })
                     .collect();
-                let batches = segs
-                    .chunks(MAX_SEGMENTS)
-                    .map(|s| LogRecords {
-                        epoch: g.app.header().epoch,
-                        first_seq: c.first_seq,
-                        last_seq: c.last_seq,
-                        segments: s.to_vec(),
-                    })
-                    .collect();
+                let batches = mirror_messages(epoch, c.first_seq, c.last_seq, segs);
                 (c.last_seq, c.ranges, batches)
             };
             drop(g);
@@ -682,7 +756,7 @@ impl Journal {
             // then wait for its acknowledgement: the cost is the larger of the two, not the sum.
             let sent = link
                 .as_ref()
-                .is_some_and(|l| batches.into_iter().all(|b| l.send_records(b)));
+                .is_some_and(|l| batches.into_iter().all(|b| l.send_records(session, b)));
             // SAFETY: the region lives in `inner`, which lives as long as `self`.
             let persisted = unsafe {
                 if self.cfg.flush_every_commit {
@@ -694,7 +768,7 @@ impl Journal {
             #[cfg(test)]
             let persisted = persisted.and_then(|()| self.injected_log_failure());
             let mirrored = match (&link, &persisted) {
-                (Some(l), Ok(())) => sent && l.wait_ack(epoch, c_last, MIRROR_ACK_TIMEOUT),
+                (Some(l), Ok(())) => sent && l.wait_ack(session, epoch, c_last, MIRROR_ACK_TIMEOUT),
                 _ => false,
             };
             g = self.inner.lock().unwrap();
@@ -709,6 +783,8 @@ impl Journal {
             }
             if link.is_some() {
                 if mirrored {
+                    g.mirror_session = session;
+                    self.mirrored_session.store(session, Ordering::Release);
                     if resync {
                         g.mirror_needs_resync = false;
                         tracing::info!(up_to_seq = c_last, "NVRAM mirror resynchronised: mirrored");
@@ -1275,6 +1351,8 @@ mod tests {
         blackhole: AtomicBool,
         acked: Mutex<(u64, u64)>,
         cv: Condvar,
+        /// The session number: a reconnect is a new one.
+        session: AtomicU64,
     }
 
     impl LocalLink {
@@ -1286,16 +1364,19 @@ mod tests {
                 blackhole: AtomicBool::new(false),
                 acked: Mutex::new((0, 0)),
                 cv: Condvar::new(),
+                session: AtomicU64::new(1),
             })
         }
     }
 
     impl MirrorLink for LocalLink {
-        fn is_up(&self) -> bool {
-            self.up.load(Ordering::Acquire)
+        fn session(&self) -> Option<u64> {
+            self.up
+                .load(Ordering::Acquire)
+                .then(|| self.session.load(Ordering::Acquire))
         }
-        fn send_records(&self, records: LogRecords) -> bool {
-            if !self.is_up() {
+        fn send_records(&self, session: u64, records: LogRecords) -> bool {
+            if self.session() != Some(session) {
                 return false;
             }
             if self.blackhole.load(Ordering::Acquire) {
@@ -1311,9 +1392,9 @@ mod tests {
             self.cv.notify_all();
             true
         }
-        fn wait_ack(&self, epoch: u64, seq: u64, timeout: Duration) -> bool {
+        fn wait_ack(&self, session: u64, epoch: u64, seq: u64, timeout: Duration) -> bool {
             let a = self.acked.lock().unwrap();
-            let ok = |a: &(u64, u64)| a.0 == epoch && a.1 >= seq;
+            let ok = |a: &(u64, u64)| self.session() == Some(session) && a.0 == epoch && a.1 >= seq;
             let (a, _) = self
                 .cv
                 .wait_timeout_while(a, timeout, |a| !ok(a) && self.is_up())
@@ -1769,6 +1850,70 @@ mod tests {
             matches!(j.mirror_state(), MirrorState::NotMirrored { .. }),
             "seq 1 of the new log was taken as mirrored on the strength of the old log's acks"
         );
+    }
+
+    /// One group commit can hold several large writes in one contiguous range: its mirror
+    /// traffic is cut by bytes, not only by segment count (a 9 MiB segment used to make one
+    /// message over the interconnect's frame limit: never sent, the mirror dropped out under
+    /// sequential writes). Only the last message carries the commit's sequence number.
+    #[test]
+    fn mirror_messages_fit_the_frame_limit_and_only_the_last_vouches() {
+        use crate::core::interconnect::{Message, Session};
+        let big = LogSegment {
+            region_offset: 4096,
+            bytes: pattern(9 << 20, 1),
+        };
+        let small: Vec<LogSegment> = (0..100u64)
+            .map(|i| LogSegment {
+                region_offset: (16 << 20) + i * 8192,
+                bytes: pattern(4096, i),
+            })
+            .collect();
+        let input: Vec<LogSegment> = std::iter::once(big).chain(small).collect();
+        let msgs = mirror_messages(7, 3, 99, input.clone());
+        assert!(msgs.len() >= 4, "{}", msgs.len());
+        let key = b"0123456789abcdef-test-key";
+        let mut session = Session::new(key, [1; 16]).unwrap();
+        let mut peer = Session::new(key, [2; 16]).unwrap();
+        let hello = |n: u8, s: &Session| {
+            Message::Hello(crate::core::interconnect::Hello {
+                node_id: n,
+                software_version: 1,
+                capabilities: 0,
+                nonce: s.local_nonce(),
+            })
+        };
+        let h = peer.encode(&hello(1, &peer)).unwrap();
+        session.decode(&h).unwrap();
+        for (i, m) in msgs.iter().enumerate() {
+            let bytes: usize = m.segments.iter().map(|s| s.bytes.len()).sum();
+            assert!(bytes <= MIRROR_MESSAGE_BYTES && m.segments.len() <= MAX_SEGMENTS);
+            assert_eq!(m.last_seq, if i + 1 == msgs.len() { 99 } else { 0 });
+            assert_eq!((m.epoch, m.first_seq), (7, 3));
+            session
+                .encode(&Message::LogRecords(m.clone()))
+                .expect("fits a frame");
+        }
+        // Together they carry exactly the input, in order.
+        let mut flat: Vec<(u64, u8)> = Vec::new();
+        for s in msgs.iter().flat_map(|m| &m.segments) {
+            flat.extend(
+                s.bytes
+                    .iter()
+                    .enumerate()
+                    .map(|(k, b)| (s.region_offset + k as u64, *b)),
+            );
+        }
+        let want: Vec<(u64, u8)> = input
+            .iter()
+            .flat_map(|s| {
+                s.bytes
+                    .iter()
+                    .enumerate()
+                    .map(move |(k, b)| (s.region_offset + k as u64, *b))
+            })
+            .collect();
+        assert!(flat == want);
     }
 
     /// A halting node acknowledges nothing more, not even a write whose commit was under way:

@@ -60,8 +60,10 @@ struct Shared {
     conn: Mutex<Option<Conn>>,
     next_id: AtomicU64,
     up: AtomicBool,
-    /// The partner's latest acknowledgement: (log epoch, up to seq).
-    acked: Mutex<(u64, u64)>,
+    /// The id of the established connection (the session), 0 while down.
+    session: AtomicU64,
+    /// The partner's latest acknowledgement: (session it came in, log epoch, up to seq).
+    acked: Mutex<(u64, u64, u64)>,
     acked_cv: Condvar,
     stop: AtomicBool,
     /// Clock origin for the rate limiter.
@@ -119,7 +121,8 @@ impl Link {
             conn: Mutex::new(None),
             next_id: AtomicU64::new(1),
             up: AtomicBool::new(false),
-            acked: Mutex::new((0, 0)),
+            session: AtomicU64::new(0),
+            acked: Mutex::new((0, 0, 0)),
             acked_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -183,25 +186,37 @@ impl MirrorLink for Link {
     fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Acquire)
     }
-    fn send_records(&self, records: LogRecords) -> bool {
-        self.shared.send(&Message::LogRecords(records))
+    fn session(&self) -> Option<u64> {
+        Some(self.shared.session.load(Ordering::Acquire)).filter(|&s| s != 0)
     }
-    fn wait_ack(&self, epoch: u64, seq: u64, timeout: Duration) -> bool {
+    fn send_records(&self, session: u64, records: LogRecords) -> bool {
+        self.shared
+            .send_in(Some(session), &Message::LogRecords(records))
+    }
+    fn wait_ack(&self, session: u64, epoch: u64, seq: u64, timeout: Duration) -> bool {
         let s = &self.shared;
-        let ok = |a: &(u64, u64)| a.0 == epoch && a.1 >= seq;
+        let current = || s.session.load(Ordering::Acquire) == session;
+        let ok = |a: &(u64, u64, u64)| a.0 == session && a.1 == epoch && a.2 >= seq;
         let g = s.acked.lock().unwrap();
         let (g, _) = s
             .acked_cv
-            .wait_timeout_while(g, timeout, |a| !ok(a) && s.up.load(Ordering::Acquire))
+            .wait_timeout_while(g, timeout, |a| !ok(a) && current())
             .unwrap();
-        ok(&g)
+        ok(&g) && current()
     }
 }
 
 impl Shared {
     fn send(&self, msg: &Message) -> bool {
+        self.send_in(None, msg)
+    }
+
+    /// Send on the established connection; with `Some(session)`, only if it is that one.
+    fn send_in(&self, session: Option<u64>, msg: &Message) -> bool {
         let mut g = self.conn.lock().unwrap();
-        let Some(c) = g.as_mut() else { return false };
+        let Some(c) = g.as_mut().filter(|c| session.is_none_or(|s| s == c.id)) else {
+            return false;
+        };
         let frame = match c.session.encode(msg) {
             Ok(f) => f,
             Err(e) => {
@@ -229,6 +244,7 @@ impl Shared {
             if let Some(c) = g.take() {
                 let _ = c.stream.shutdown(Shutdown::Both);
             }
+            self.session.store(0, Ordering::Release);
             drop(g);
             if self.up.swap(false, Ordering::AcqRel) {
                 *self.down_since.lock().unwrap() = Some(SystemTime::now());
@@ -304,7 +320,9 @@ impl Shared {
                 session,
                 stream,
             });
+            self.session.store(id, Ordering::Release);
         }
+        self.acked_cv.notify_all();
         self.up.store(true, Ordering::Release);
         *self.down_since.lock().unwrap() = None;
         tracing::info!(
@@ -341,7 +359,9 @@ impl Shared {
                     }) => {
                         buf.drain(..consumed);
                         self.frames_in.fetch_add(1, Ordering::Relaxed);
-                        self.dispatch(message);
+                        if !self.dispatch(id, message) {
+                            return;
+                        }
                     }
                     Ok(Decoded::NeedMore { .. }) => break,
                     Err(e) => {
@@ -372,24 +392,40 @@ impl Shared {
         self.drop_conn(id, &why);
     }
 
-    fn dispatch(&self, msg: Message) {
+    /// Handle one frame of connection `id`; false when the connection was dropped.
+    fn dispatch(&self, id: u64, msg: Message) -> bool {
         match msg {
             Message::LogRecords(r) => match self.handler.on_log_records(&r) {
                 Ok(seq) => {
-                    self.send(&Message::LogAck {
-                        epoch: r.epoch,
-                        up_to_seq: seq,
-                    });
+                    // Every message is acknowledged, those a commit sends before its last
+                    // with 0: that advances nothing (the acknowledgement is a maximum; a
+                    // commit of a new epoch that waits for 0 is an empty log, one message).
+                    self.send_in(
+                        Some(id),
+                        &Message::LogAck {
+                            epoch: r.epoch,
+                            up_to_seq: seq,
+                        },
+                    );
                 }
-                Err(e) => tracing::error!(error = %e, "mirror update refused; not acknowledged"),
+                Err(e) => {
+                    // Not acknowledged, and the session ends: a later message of the same
+                    // commit must not be applied and acknowledged on top of the hole (its
+                    // acknowledgement would vouch for this one). The partner resyncs the
+                    // whole log in the next session.
+                    tracing::error!(error = %e, "mirror update refused; dropping the session");
+                    self.drop_conn(id, &format!("mirror update failed: {e}"));
+                    return false;
+                }
             },
             Message::LogAck { epoch, up_to_seq } => {
                 let mut a = self.acked.lock().unwrap();
-                // A new epoch (the partner's log was formatted again) starts counting afresh.
-                *a = if a.0 == epoch {
-                    (epoch, a.1.max(up_to_seq))
+                // A new session or a new epoch (the partner's log was formatted again) starts
+                // counting afresh: an acknowledgement proves nothing outside its session.
+                *a = if a.0 == id && a.1 == epoch {
+                    (id, epoch, a.2.max(up_to_seq))
                 } else {
-                    (epoch, up_to_seq)
+                    (id, epoch, up_to_seq)
                 };
                 self.acked_cv.notify_all();
             }
@@ -398,6 +434,7 @@ impl Shared {
             }
             other => self.handler.on_message(other),
         }
+        true
     }
 }
 
@@ -483,6 +520,20 @@ mod tests {
         msgs: Mutex<Vec<Message>>,
         ups: AtomicU64,
         downs: AtomicU64,
+        /// This many of the next mirror updates fail (a mirror write error).
+        fail_applies: AtomicU64,
+    }
+
+    impl Partner {
+        fn new(mirror: NvramRegion) -> Arc<Partner> {
+            Arc::new(Partner {
+                mirror: MirrorRegion::new(mirror),
+                msgs: Mutex::new(vec![]),
+                ups: AtomicU64::new(0),
+                downs: AtomicU64::new(0),
+                fail_applies: AtomicU64::new(0),
+            })
+        }
     }
 
     impl LinkHandler for Partner {
@@ -493,6 +544,13 @@ mod tests {
             self.downs.fetch_add(1, Ordering::Relaxed);
         }
         fn on_log_records(&self, r: &LogRecords) -> Result<u64, String> {
+            if self
+                .fail_applies
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err("injected mirror write failure".into());
+            }
             self.mirror.apply(r).map_err(|e| e.to_string())
         }
         fn on_message(&self, m: Message) {
@@ -544,15 +602,7 @@ mod tests {
         let region = |n: &str| NvramRegion::open(&dir.path().join(n), 2 << 20).unwrap();
         let (agg, _d) = mem_aggregate(4, 4096, 32);
         let agg = Arc::new(agg);
-        let mk_partner = || {
-            Arc::new(Partner {
-                mirror: MirrorRegion::new(region("mirror")),
-                msgs: Mutex::new(vec![]),
-                ups: AtomicU64::new(0),
-                downs: AtomicU64::new(0),
-            })
-        };
-        let partner = mk_partner();
+        let partner = Partner::new(region("mirror"));
         let l1 = Link::start(cfg(1, port, KEY), partner.clone()).unwrap();
         let l0 = Arc::new(Link::start(cfg(0, port, KEY), partner_stub()).unwrap());
         wait("link up", || {
@@ -605,12 +655,7 @@ mod tests {
         }
         assert!(matches!(j.mirror_state(), MirrorState::NotMirrored { .. }));
         // It comes back (its mirror file kept): the first commit resynchronises.
-        let partner2 = Arc::new(Partner {
-            mirror: MirrorRegion::new(region("mirror")),
-            msgs: Mutex::new(vec![]),
-            ups: AtomicU64::new(0),
-            downs: AtomicU64::new(0),
-        });
+        let partner2 = Partner::new(region("mirror"));
         drop(partner);
         let _l1 = Link::start(cfg(1, port, KEY), partner2.clone()).unwrap();
         wait("link back", || l0.is_up());
@@ -633,6 +678,119 @@ mod tests {
         let mut all = IoBuf::new(model.len());
         agg.read(0, &mut all).unwrap();
         assert!(all[..] == model[..]);
+    }
+
+    /// Check that `mirror`, replayed alone, gives back `model` on `agg`.
+    fn mirror_holds(agg: &crate::daemon::aggregate::Aggregate, mirror: &[u8], model: &[u8]) {
+        let uuid = uuid::Uuid::parse_str(&agg.status().uuid).unwrap();
+        scan(
+            mirror,
+            &Expect {
+                aggregate: uuid,
+                generation: LOG_GENERATION,
+            },
+        )
+        .unwrap();
+        replay_region(agg, mirror).unwrap();
+        let mut all = IoBuf::new(model.len());
+        agg.read(0, &mut all).unwrap();
+        assert!(all[..] == model[..], "the mirror lacks acknowledged writes");
+    }
+
+    /// The partner restarts with a mirror that lost what it had not flushed (here: nothing
+    /// left at all), and we write nothing meanwhile. The mirror was "in sync" in the old
+    /// session only: it is copied again, without waiting for a write, and not reported
+    /// mirrored before that. (It used to stay "mirrored" with an empty mirror until the next
+    /// write.)
+    #[test]
+    fn a_reconnect_resyncs_the_mirror_without_waiting_for_a_write() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let region = |n: &str| NvramRegion::open(&dir.path().join(n), 2 << 20).unwrap();
+        let (agg, _d) = mem_aggregate(4, 4096, 32);
+        let agg = Arc::new(agg);
+        let partner = Partner::new(region("mirror"));
+        let l1 = Link::start(cfg(1, port, KEY), partner.clone()).unwrap();
+        let l0 = Arc::new(Link::start(cfg(0, port, KEY), partner_stub()).unwrap());
+        wait("link up", || l0.is_up());
+        let (j, _) = Journal::open(agg.clone(), region("local"), JournalConfig::default()).unwrap();
+        j.set_mirror(Some(l0.clone()));
+        let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
+        for i in 0..20u64 {
+            let off = (i * 5 % 100) * 4096;
+            let d: Vec<u8> = (0..4096).map(|k| (k as u64 * 3 + i) as u8).collect();
+            j.write(off, &d, false).unwrap();
+            model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        }
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        drop(l1);
+        wait("link down", || !l0.is_up());
+        let partner2 = Partner::new(region("mirror2"));
+        let _l1 = Link::start(cfg(1, port, KEY), partner2.clone()).unwrap();
+        wait("link back", || l0.is_up());
+        // At once: not mirrored (the new session has not been brought up to date).
+        let st = j.mirror_state();
+        assert!(
+            matches!(st, MirrorState::NotMirrored { .. })
+                || partner2.mirror.snapshot()[..64] != [0; 64],
+            "reported mirrored in a new session before any copy: {st:?}"
+        );
+        wait("mirror resynchronised without a write", || {
+            j.mirror_state() == MirrorState::Mirrored
+        });
+        mirror_holds(&agg, &partner2.mirror.snapshot(), &model);
+    }
+
+    /// A commit that takes several messages (here a resync of 6 MiB of log) whose first
+    /// message the partner fails to apply: the session ends, nothing of it counts as
+    /// acknowledged, and the next session copies the whole log again. (The partner used to
+    /// go on applying and acknowledging the later messages, and the acknowledgement of the
+    /// last one counted for the whole commit: "mirrored" with a hole in the mirror.)
+    #[test]
+    fn a_failed_mirror_update_ends_the_session_and_proves_nothing() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let region = |n: &str| NvramRegion::open(&dir.path().join(n), 16 << 20).unwrap();
+        let (agg, _d) = mem_aggregate(4, 65536, 64);
+        let agg = Arc::new(agg);
+        let l0 = Arc::new(Link::start(cfg(0, port, KEY), partner_stub()).unwrap());
+        let (j, _) = Journal::open(
+            agg.clone(),
+            region("local"),
+            JournalConfig {
+                cp_interval: Duration::from_secs(600),
+                cp_fill_percent: 95,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        j.set_mirror(Some(l0.clone()));
+        // The partner is away: 6 MiB of partial-stripe writes, acknowledged locally.
+        let mut model = vec![0u8; agg.geometry().size_bytes() as usize];
+        for i in 0..96u64 {
+            let off = (i * 37 % 255) * 65536;
+            let d: Vec<u8> = (0..65536).map(|k| (k as u64 * 13 + i) as u8).collect();
+            j.write(off, &d, false).unwrap();
+            model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        }
+        assert!(matches!(j.mirror_state(), MirrorState::NotMirrored { .. }));
+        // It comes back, and its first mirror update fails.
+        let partner = Partner::new(region("mirror"));
+        partner.fail_applies.store(1, Ordering::SeqCst);
+        let _l1 = Link::start(cfg(1, port, KEY), partner.clone()).unwrap();
+        wait("mirror resynchronised", || {
+            j.mirror_state() == MirrorState::Mirrored
+        });
+        assert_eq!(
+            partner.fail_applies.load(Ordering::SeqCst),
+            0,
+            "the failure happened"
+        );
+        assert!(
+            partner.ups.load(Ordering::SeqCst) >= 2,
+            "the failed update ended its session"
+        );
+        mirror_holds(&agg, &partner.mirror.snapshot(), &model);
     }
 
     fn partner_stub() -> Arc<dyn LinkHandler> {
@@ -660,12 +818,7 @@ mod tests {
     fn forged_connections_are_rejected_and_change_nothing() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let port = free_port();
-        let partner = Arc::new(Partner {
-            mirror: MirrorRegion::new(NvramRegion::open(&dir.path().join("m"), 1 << 20).unwrap()),
-            msgs: Mutex::new(vec![]),
-            ups: AtomicU64::new(0),
-            downs: AtomicU64::new(0),
-        });
+        let partner = Partner::new(NvramRegion::open(&dir.path().join("m"), 1 << 20).unwrap());
         let l1 = Link::start(cfg(1, port, KEY), partner.clone()).unwrap();
         let l0 = Link::start(cfg(0, port, KEY), partner_stub()).unwrap();
         wait("link up", || l0.is_up() && l1.status().up);

@@ -157,7 +157,10 @@ fn sigkill_under_fio_verify_then_replay_loses_nothing() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(300..1500)));
+        // Kill at a random time after fio's writes began reaching the log (on a loaded machine
+        // fio may take longer than the shortest wait to connect: it then saves no state).
+        wait_for_writes(daemon.pid());
+        std::thread::sleep(Duration::from_millis(rng.gen_range(100..1300)));
         let killed = daemon.stop(libc::SIGKILL);
         assert_eq!(
             killed.status.code(),
@@ -519,4 +522,33 @@ fn logged_count(log: &str, key: &str) -> u64 {
 
 fn daemon_pid(d: &Daemon) -> i32 {
     d.pid()
+}
+
+/// Wait (up to 60 s) until process `pid` has written at least 64 KiB more than when asked:
+/// the client's writes are arriving (`/proc/PID/io`: bytes written by syscalls, and bytes sent
+/// to the block layer, which covers the log's O_DIRECT writes through io_uring).
+fn wait_for_writes(pid: i32) {
+    let written = || {
+        std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .ok()
+            .map(|t| {
+                t.lines()
+                    .filter_map(|l| {
+                        let (k, v) = l.split_once(": ")?;
+                        matches!(k, "wchar" | "write_bytes")
+                            .then(|| v.trim().parse::<u64>().ok())?
+                    })
+                    .sum::<u64>()
+            })
+            .unwrap_or(0)
+    };
+    let start = written();
+    let t0 = std::time::Instant::now();
+    while written() < start + (64 << 10) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no writes reached the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

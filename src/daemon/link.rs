@@ -75,6 +75,13 @@ struct Shared {
     pub frames_rejected: AtomicU64,
 }
 
+/// The acknowledgement a connection's reader has for its ack thread to send.
+#[derive(Default)]
+struct AckSlot {
+    pending: Mutex<Option<(u64, u64)>>,
+    cv: Condvar,
+}
+
 /// The running interconnect.
 pub struct Link {
     shared: Arc<Shared>,
@@ -310,6 +317,10 @@ impl Shared {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let reader = stream.try_clone()?;
+        // The reader decodes with its own copy of the session (receive state only), so it
+        // never waits for the writer's lock: a writer blocked on a full socket must not stop
+        // this side reading, or two writers sending large frames at once wait on each other.
+        let rx = session.clone();
         {
             let mut g = self.conn.lock().unwrap();
             if let Some(old) = g.take() {
@@ -331,14 +342,49 @@ impl Shared {
             "interconnect up"
         );
         self.handler.on_up(&peer);
+        let acks = Arc::new(AckSlot::default());
+        let s = self.clone();
+        let a = acks.clone();
+        std::thread::Builder::new()
+            .name("hapair-link-ack".into())
+            .spawn(move || s.ack_loop(id, a))?;
         let s = self.clone();
         std::thread::Builder::new()
             .name("hapair-link-rx".into())
-            .spawn(move || s.read_loop(id, reader, rest))?;
+            .spawn(move || s.read_loop(id, reader, rest, rx, acks))?;
         Ok(())
     }
 
-    fn read_loop(self: Arc<Self>, id: u64, mut stream: TcpStream, mut buf: Vec<u8>) {
+    /// Sends the latest mirror acknowledgement of connection `id` (acknowledgements are a
+    /// maximum: a newer one replaces one not yet sent). Off the reader thread, which must
+    /// never block on a send.
+    fn ack_loop(self: Arc<Self>, id: u64, slot: Arc<AckSlot>) {
+        loop {
+            let next = {
+                let g = slot.pending.lock().unwrap();
+                let (mut g, _) = slot
+                    .cv
+                    .wait_timeout_while(g, Duration::from_millis(200), |p| p.is_none())
+                    .unwrap();
+                g.take()
+            };
+            if self.session.load(Ordering::Acquire) != id || self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if let Some((epoch, up_to_seq)) = next {
+                self.send_in(Some(id), &Message::LogAck { epoch, up_to_seq });
+            }
+        }
+    }
+
+    fn read_loop(
+        self: Arc<Self>,
+        id: u64,
+        mut stream: TcpStream,
+        mut buf: Vec<u8>,
+        mut rx: Session,
+        acks: Arc<AckSlot>,
+    ) {
         let mut chunk = vec![0u8; 256 * 1024];
         let why = loop {
             if self.stop.load(Ordering::Acquire) {
@@ -346,20 +392,17 @@ impl Shared {
             }
             // Decode every whole frame buffered.
             loop {
-                let decoded = {
-                    let mut g = self.conn.lock().unwrap();
-                    let Some(c) = g.as_mut().filter(|c| c.id == id) else {
-                        return;
-                    };
-                    c.session.decode(&buf)
-                };
+                if self.session.load(Ordering::Acquire) != id {
+                    return; // replaced or dropped
+                }
+                let decoded = rx.decode(&buf);
                 match decoded {
                     Ok(Decoded::Frame {
                         message, consumed, ..
                     }) => {
                         buf.drain(..consumed);
                         self.frames_in.fetch_add(1, Ordering::Relaxed);
-                        if !self.dispatch(id, message) {
+                        if !self.dispatch(id, message, &acks) {
                             return;
                         }
                     }
@@ -393,20 +436,19 @@ impl Shared {
     }
 
     /// Handle one frame of connection `id`; false when the connection was dropped.
-    fn dispatch(&self, id: u64, msg: Message) -> bool {
+    fn dispatch(&self, id: u64, msg: Message, acks: &AckSlot) -> bool {
         match msg {
             Message::LogRecords(r) => match self.handler.on_log_records(&r) {
                 Ok(seq) => {
                     // Every message is acknowledged, those a commit sends before its last
                     // with 0: that advances nothing (the acknowledgement is a maximum; a
                     // commit of a new epoch that waits for 0 is an empty log, one message).
-                    self.send_in(
-                        Some(id),
-                        &Message::LogAck {
-                            epoch: r.epoch,
-                            up_to_seq: seq,
-                        },
-                    );
+                    let mut p = acks.pending.lock().unwrap();
+                    *p = match *p {
+                        Some((e, s)) if e == r.epoch => Some((e, s.max(seq))),
+                        _ => Some((r.epoch, seq)),
+                    };
+                    acks.cv.notify_one();
                 }
                 Err(e) => {
                     // Not acknowledged, and the session ends: a later message of the same
@@ -791,6 +833,59 @@ mod tests {
             "the failed update ended its session"
         );
         mirror_holds(&agg, &partner.mirror.snapshot(), &model);
+    }
+
+    /// Both nodes send large mirror frames at once (both resynchronising after a flap, say):
+    /// neither side's reader may wait for its own writer, which waits for the other side to
+    /// read. (The reader used to decode and acknowledge under the writer's lock: both links
+    /// stalled until the write timeout dropped them, and again after every reconnect.)
+    #[test]
+    fn both_sides_sending_large_frames_at_once_do_not_deadlock() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let region = |n: &str| NvramRegion::open(&dir.path().join(n), 8 << 20).unwrap();
+        let p0 = Partner::new(region("m0"));
+        let p1 = Partner::new(region("m1"));
+        let l1 = Arc::new(Link::start(cfg(1, port, KEY), p1.clone()).unwrap());
+        let l0 = Arc::new(Link::start(cfg(0, port, KEY), p0.clone()).unwrap());
+        wait("link up", || l0.is_up() && l1.is_up());
+        let (s0, s1) = (l0.session().unwrap(), l1.session().unwrap());
+        let blast = |l: Arc<Link>, session: u64, fill: u8| {
+            std::thread::spawn(move || {
+                (1..=8u64).all(|i| {
+                    l.send_records(
+                        session,
+                        LogRecords {
+                            epoch: 1,
+                            first_seq: i,
+                            last_seq: i,
+                            segments: vec![crate::core::interconnect::LogSegment {
+                                region_offset: 0,
+                                bytes: vec![fill.wrapping_add(i as u8); 4 << 20],
+                            }],
+                        },
+                    )
+                })
+            })
+        };
+        let (a, b) = (blast(l0.clone(), s0, 1), blast(l1.clone(), s1, 100));
+        assert!(
+            a.join().unwrap() && b.join().unwrap(),
+            "every send went out"
+        );
+        assert!(l0.wait_ack(s0, 1, 8, Duration::from_secs(10)));
+        assert!(l1.wait_ack(s1, 1, 8, Duration::from_secs(10)));
+        assert_eq!(
+            p0.downs.load(Ordering::SeqCst) + p1.downs.load(Ordering::SeqCst),
+            0
+        );
+        assert_eq!(
+            (l0.session(), l1.session()),
+            (Some(s0), Some(s1)),
+            "same sessions"
+        );
+        assert_eq!(p1.mirror.snapshot()[4096], 9, "the last frame applied");
+        assert_eq!(p0.mirror.snapshot()[4096], 108);
     }
 
     fn partner_stub() -> Arc<dyn LinkHandler> {

@@ -62,6 +62,8 @@ struct Shared {
     up: AtomicBool,
     /// The id of the established connection (the session), 0 while down.
     session: AtomicU64,
+    /// Handshakes in progress (accepting side).
+    handshakes: std::sync::atomic::AtomicUsize,
     /// The partner's latest acknowledgement: (session it came in, log epoch, up to seq).
     acked: Mutex<(u64, u64, u64)>,
     acked_cv: Condvar,
@@ -129,6 +131,7 @@ impl Link {
             next_id: AtomicU64::new(1),
             up: AtomicBool::new(false),
             session: AtomicU64::new(0),
+            handshakes: std::sync::atomic::AtomicUsize::new(0),
             acked: Mutex::new((0, 0, 0)),
             acked_cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -281,6 +284,29 @@ impl Shared {
             .encode(&Message::Hello(hello))
             .map_err(|e| io::Error::other(e.to_string()))?;
         stream.write_all(&frame)?;
+        // One deadline for the whole handshake: a peer (or anyone) trickling bytes cannot
+        // hold it, and with it the acceptor, for longer.
+        let deadline = Instant::now() + self.cfg.timeout * 2;
+        let read_some = |stream: &mut TcpStream, buf: &mut Vec<u8>| -> io::Result<()> {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake took too long",
+                ));
+            }
+            stream.set_read_timeout(Some(left))?;
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed during the handshake",
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            Ok(())
+        };
         let mut buf = Vec::new();
         let (peer, rest) = loop {
             match session.decode(&buf) {
@@ -292,17 +318,7 @@ impl Shared {
                 Ok(Decoded::Frame { .. }) => {
                     return Err(io::Error::other("first frame is not a Hello"))
                 }
-                Ok(Decoded::NeedMore { .. }) => {
-                    let mut chunk = [0u8; 4096];
-                    let n = stream.read(&mut chunk)?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "closed during Hello",
-                        ));
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
+                Ok(Decoded::NeedMore { .. }) => read_some(&mut stream, &mut buf)?,
                 Err(e) => {
                     self.frames_rejected.fetch_add(1, Ordering::Relaxed);
                     return Err(io::Error::other(format!("bad Hello: {e}")));
@@ -315,6 +331,31 @@ impl Shared {
                 peer.node_id
             )));
         }
+        // A Hello carries no proof of freshness (it is signed before the nonces are
+        // exchanged): one recorded earlier and replayed by someone without the key would get
+        // this far. The peer's next frame is signed with the nonce we just sent: only a holder
+        // of the key, now, can make it. Until it arrives the session in place stays.
+        let proof = session
+            .encode(&Message::Heartbeat {
+                seq: 0,
+                state: self.handler.summary(),
+            })
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        stream.write_all(&proof)?;
+        let mut buf = rest;
+        let rest = loop {
+            match session.decode(&buf) {
+                Ok(Decoded::Frame { consumed, .. }) => break buf[consumed..].to_vec(),
+                Ok(Decoded::NeedMore { .. }) => read_some(&mut stream, &mut buf)?,
+                Err(e) => {
+                    self.frames_rejected.fetch_add(1, Ordering::Relaxed);
+                    return Err(io::Error::other(format!(
+                        "peer did not prove the key after its Hello: {e}"
+                    )));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(self.cfg.timeout))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let reader = stream.try_clone()?;
         // The reader decodes with its own copy of the session (receive state only), so it
@@ -511,6 +552,10 @@ fn dial_loop(s: Arc<Shared>) {
     }
 }
 
+/// Handshakes run at once at most: each is bounded in time, and a connection beyond these is
+/// closed at once (someone opening many must not keep the partner out).
+const MAX_HANDSHAKES: usize = 4;
+
 fn accept_loop(s: Arc<Shared>, l: TcpListener) {
     for stream in l.incoming() {
         if s.stop.load(Ordering::Acquire) {
@@ -519,8 +564,23 @@ fn accept_loop(s: Arc<Shared>, l: TcpListener) {
         match stream {
             Ok(st) => {
                 let peer = st.peer_addr().ok();
-                if let Err(e) = s.establish(st) {
-                    tracing::warn!(peer = ?peer, error = %e, "interconnect handshake failed");
+                if s.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                    s.handshakes.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(peer = ?peer, "interconnect: too many handshakes at once; connection closed");
+                    continue;
+                }
+                let s2 = s.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("hapair-link-hs".into())
+                    .spawn(move || {
+                        if let Err(e) = s2.establish(st) {
+                            tracing::warn!(peer = ?peer, error = %e, "interconnect handshake failed");
+                        }
+                        s2.handshakes.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(e) = spawned {
+                    s.handshakes.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(error = %e, "interconnect: cannot start a handshake thread");
                 }
             }
             Err(e) => tracing::warn!(error = %e, "interconnect accept failed"),
@@ -957,6 +1017,56 @@ mod tests {
             std::fs::read(dir.path().join("m")).unwrap(),
             before,
             "the mirror is untouched"
+        );
+        // 4: a Hello under the right key, as one recorded earlier and replayed (a Hello is
+        // signed before any nonce is known, so any is as good as a recording), followed by
+        // silence or by a frame signed for some other session's nonce. No proof of the key
+        // for this session's nonce: the session in place stays. (It used to be replaced at
+        // the Hello: anyone who had seen one Hello could keep the interconnect down.)
+        let s0 = l0.session();
+        let mut replayer = Session::new(KEY, nonce()).unwrap();
+        let real_hello = replayer
+            .encode(&Message::Hello(Hello {
+                node_id: 0,
+                software_version: 1,
+                capabilities: 0,
+                nonce: replayer.local_nonce(),
+            }))
+            .unwrap();
+        let stale = {
+            // A frame signed for a session whose peer nonce is not this one.
+            let mut other = Session::new(KEY, nonce()).unwrap();
+            let h = other
+                .encode(&Message::Hello(Hello {
+                    node_id: 1,
+                    software_version: 1,
+                    capabilities: 0,
+                    nonce: other.local_nonce(),
+                }))
+                .unwrap();
+            replayer.decode(&h).unwrap();
+            replayer.encode(&Message::Ha(b"replayed".to_vec())).unwrap()
+        };
+        for tail in [Vec::new(), stale] {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(&real_hello).unwrap();
+            let _ = s.write_all(&tail);
+            std::thread::sleep(Duration::from_millis(1000));
+            assert_eq!(l0.session(), s0, "the real session was replaced");
+        }
+        assert_eq!(
+            partner.ups.load(Ordering::Relaxed),
+            1,
+            "no replayed session installed"
+        );
+        assert!(
+            !partner
+                .msgs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| *m == Message::Ha(b"replayed".to_vec())),
+            "a replayed frame was delivered"
         );
         assert!(l0.send(&Message::Ha(b"still here".to_vec())));
         wait("real message after forgeries", || {

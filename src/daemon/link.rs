@@ -906,8 +906,14 @@ mod tests {
         let region = |n: &str| NvramRegion::open(&dir.path().join(n), 8 << 20).unwrap();
         let p0 = Partner::new(region("m0"));
         let p1 = Partner::new(region("m1"));
-        let l1 = Arc::new(Link::start(cfg(1, port, KEY), p1.clone()).unwrap());
-        let l0 = Arc::new(Link::start(cfg(0, port, KEY), p0.clone()).unwrap());
+        // Silence timeout well above any pause a loaded test machine makes (a deadlock is
+        // not a pause: it lasts until the write timeout, five times this).
+        let patient = |n| LinkConfig {
+            timeout: Duration::from_secs(2),
+            ..cfg(n, port, KEY)
+        };
+        let l1 = Arc::new(Link::start(patient(1), p1.clone()).unwrap());
+        let l0 = Arc::new(Link::start(patient(0), p0.clone()).unwrap());
         wait("link up", || l0.is_up() && l1.is_up());
         let (s0, s1) = (l0.session().unwrap(), l1.session().unwrap());
         let blast = |l: Arc<Link>, session: u64, fill: u8| {

@@ -30,6 +30,51 @@ pub struct Side {
     pub servers: Vec<Served>,
 }
 
+/// A restore of our lost log from the partner's mirror, in progress.
+struct Restore {
+    bytes: Vec<u8>,
+    /// Byte ranges received (a copy is complete only when they cover the region: a
+    /// "done" that belongs to an earlier, timed-out request must not complete a later one).
+    received: Vec<std::ops::Range<usize>>,
+    done: bool,
+}
+
+impl Restore {
+    fn covered(&self) -> bool {
+        let mut r = self.received.clone();
+        r.sort_by_key(|x| x.start);
+        let mut end = 0;
+        for x in r {
+            if x.start > end {
+                return false;
+            }
+            end = end.max(x.end);
+        }
+        end >= self.bytes.len()
+    }
+}
+
+/// A copy of our log fetched from the partner's mirror must be this aggregate's log: one that
+/// is empty (the partner never had our log) or not ours would otherwise have the journal
+/// start an empty log and serve without the writes the lost one held.
+fn restored_log_usable(bytes: &[u8], agg: &Aggregate) -> Result<(), String> {
+    if bytes.len() < 64 || bytes[..64].iter().all(|&b| b == 0) {
+        return Err(
+            "is empty: not serving (the acknowledged writes of the lost log are nowhere)".into(),
+        );
+    }
+    let uuid = uuid::Uuid::parse_str(&agg.status().uuid).map_err(|e| e.to_string())?;
+    crate::core::nvlog::scan(
+        bytes,
+        &crate::core::nvlog::Expect {
+            aggregate: uuid,
+            generation: crate::daemon::journal::LOG_GENERATION,
+        },
+    )
+    .map(|_| ())
+    .map_err(|e| format!("is not a usable log of this aggregate: {e}"))
+}
+
 /// What a halt stops before it takes any side's lock (see [`PairNode::halt`]): weak, so a
 /// closed aggregate or a stopped server is not kept alive by being listed.
 #[derive(Default)]
@@ -81,13 +126,15 @@ pub struct PairNode {
     /// The partner's mailbox counter and when it last moved (fed by the monitor thread).
     partner_beat: Mutex<Option<(u64, Instant)>>,
     /// A restore of our lost log from the partner's mirror in progress: (bytes, done).
-    restore: Mutex<Option<(Vec<u8>, bool)>>,
+    restore: Mutex<Option<Restore>>,
     restore_cv: std::sync::Condvar,
     /// The mailbox driver's handle (set once the runtime started it).
     pub mailbox: Mutex<Option<crate::daemon::mailbox::MailboxHandle>>,
     /// How this pair fences, decided from the probe of every member at startup.
     pub fence_mode: FenceMode,
     halt_handles: Mutex<HaltHandles>,
+    /// Our mirror is being sent to the partner (it lost its log).
+    copy_in_flight: Arc<std::sync::atomic::AtomicBool>,
     /// Our nexus to every member, under PR fencing.
     pub pr: Option<Arc<PrFencer<PrDevice>>>,
 }
@@ -197,6 +244,7 @@ impl PairNode {
             fence_mode,
             pr,
             halt_handles: Mutex::new(HaltHandles::default()),
+            copy_in_flight: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }))
     }
 
@@ -380,7 +428,7 @@ impl PairNode {
         if !discard && unformatted && side.was_dirty {
             // The aggregate was not closed cleanly but there is no log: it was lost with this
             // node's NVRAM. Acknowledged writes may be only in the partner's mirror of it.
-            self.restore_from_partner(&mut region)?;
+            self.restore_from_partner(&mut region, &agg)?;
         }
         let cfg = JournalConfig {
             cp_interval: Duration::from_millis(self.own_cfg.cp_interval_ms),
@@ -412,7 +460,11 @@ impl PairNode {
     }
 
     /// Fetch the partner's mirror of our log into `region` over the interconnect.
-    fn restore_from_partner(&self, region: &mut NvramRegion) -> Result<(), String> {
+    fn restore_from_partner(
+        &self,
+        region: &mut NvramRegion,
+        agg: &Aggregate,
+    ) -> Result<(), String> {
         let lost =
             "local NVRAM log lost (the aggregate was not closed cleanly) and the partner's mirror";
         let t0 = Instant::now();
@@ -427,7 +479,20 @@ impl PairNode {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        *self.restore.lock().unwrap() = Some((vec![0u8; region.len()], false));
+        if self
+            .mailbox
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|mb| mb.unmirrored())
+        {
+            tracing::error!("{lost} lacks writes: the mailbox says this node acknowledged writes the partner's mirror did not get. Those are lost; restoring the rest");
+        }
+        *self.restore.lock().unwrap() = Some(Restore {
+            bytes: vec![0u8; region.len()],
+            received: Vec::new(),
+            done: false,
+        });
         if !link.send(&Message::MirrorFetch) {
             return Err(format!("{lost} could not be requested"));
         }
@@ -435,13 +500,15 @@ impl PairNode {
         let (mut g, _) = self
             .restore_cv
             .wait_timeout_while(g, Duration::from_secs(60), |r| {
-                r.as_ref().is_some_and(|(_, done)| !done)
+                r.as_ref().is_some_and(|r| !r.done)
             })
             .unwrap();
-        let (bytes, done) = g.take().ok_or("restore state vanished")?;
-        if !done {
+        let r = g.take().ok_or("restore state vanished")?;
+        if !r.done {
             return Err(format!("{lost} did not arrive within 60 s"));
         }
+        let bytes = r.bytes;
+        restored_log_usable(&bytes, agg).map_err(|e| format!("{lost} {e}"))?;
         region.bytes_mut().copy_from_slice(&bytes);
         region
             .persist(&[0..region.len()])
@@ -456,6 +523,18 @@ impl PairNode {
 
     /// Send our mirror of the partner's log back to it (it lost its own).
     fn send_mirror_copy(&self) {
+        // One copy at a time: each is the whole region, twice over in memory.
+        if self.copy_in_flight.swap(true, Ordering::AcqRel) {
+            tracing::warn!("partner asked for its log again while a copy is being sent: ignored");
+            return;
+        }
+        struct InFlight(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for InFlight {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let in_flight = InFlight(self.copy_in_flight.clone());
         let snap = match self.mirror.lock().unwrap().as_ref() {
             Some(m) => m.snapshot(),
             None => {
@@ -480,6 +559,7 @@ impl PairNode {
         // Off the interconnect's reader thread: it must keep reading while we send.
         let total = snap.len() as u64;
         std::thread::spawn(move || {
+            let _in_flight = in_flight;
             for batch in segments.chunks(4) {
                 if !link.send(&Message::MirrorCopy(LogRecords {
                     epoch: 0,
@@ -799,30 +879,40 @@ impl LinkHandler for PairNode {
             Message::MirrorFetch => self.send_mirror_copy(),
             Message::MirrorCopy(r) => {
                 let mut g = self.restore.lock().unwrap();
-                if let Some((buf, false)) = g.as_mut() {
-                    for s in &r.segments {
-                        let a = s.region_offset as usize;
-                        match a.checked_add(s.bytes.len()).filter(|&e| e <= buf.len()) {
-                            Some(e) => buf[a..e].copy_from_slice(&s.bytes),
-                            None => tracing::error!(
-                                offset = a,
-                                "mirror copy segment outside our log region: ignored"
-                            ),
+                match g.as_mut().filter(|x| !x.done) {
+                    Some(x) => {
+                        for s in &r.segments {
+                            let a = s.region_offset as usize;
+                            match a.checked_add(s.bytes.len()).filter(|&e| e <= x.bytes.len()) {
+                                Some(e) => {
+                                    x.bytes[a..e].copy_from_slice(&s.bytes);
+                                    x.received.push(a..e);
+                                }
+                                None => tracing::error!(
+                                    offset = a,
+                                    "mirror copy segment outside our log region: ignored"
+                                ),
+                            }
                         }
                     }
+                    None => tracing::warn!("mirror copy nobody asked for: ignored"),
                 }
             }
             Message::MirrorCopyDone { region_bytes } => {
                 let mut g = self.restore.lock().unwrap();
-                if let Some((buf, done)) = g.as_mut() {
-                    if region_bytes as usize == buf.len() {
-                        *done = true;
-                    } else {
+                if let Some(x) = g.as_mut() {
+                    if region_bytes as usize != x.bytes.len() {
                         tracing::error!(
                             region_bytes,
-                            ours = buf.len(),
+                            ours = x.bytes.len(),
                             "partner's mirror has another size than our log: not restored"
                         );
+                    } else if !x.covered() {
+                        tracing::error!(
+                            "mirror copy ended before all of it arrived (an earlier request's end?): waiting for the rest"
+                        );
+                    } else {
+                        x.done = true;
                     }
                 }
                 self.restore_cv.notify_all();
@@ -1551,6 +1641,67 @@ mod tests {
         stop.store(true, Ordering::Release);
         beater.join().unwrap();
         assert_eq!(PairExecutor::fence(&a, &da.handle, 2, msgwait), Ok(()));
+    }
+
+    /// A node that lost its NVRAM fetches its log from the partner's mirror. The copy counts
+    /// as complete only when every byte arrived (an end-of-copy that belonged to an earlier,
+    /// timed-out request must not complete a later one with holes), and it must be a log of
+    /// this aggregate (an empty mirror would have the journal start an empty log).
+    #[test]
+    fn a_restored_log_must_be_whole_and_this_aggregates() {
+        use crate::core::interconnect::LogSegment;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [ca, cb] = pair_configs(dir.path());
+        let a = PairNode::new(ca).unwrap();
+        let len = 4 << 20;
+        *a.restore.lock().unwrap() = Some(Restore {
+            bytes: vec![0; len],
+            received: Vec::new(),
+            done: false,
+        });
+        let copy = |offset: usize, n: usize| {
+            Message::MirrorCopy(LogRecords {
+                epoch: 0,
+                first_seq: 0,
+                last_seq: 0,
+                segments: vec![LogSegment {
+                    region_offset: offset as u64,
+                    bytes: vec![7; n],
+                }],
+            })
+        };
+        let done = Message::MirrorCopyDone {
+            region_bytes: len as u64,
+        };
+        let is_done = || a.restore.lock().unwrap().as_ref().unwrap().done;
+        a.on_message(copy(0, 1 << 20));
+        a.on_message(copy(2 << 20, 2 << 20));
+        a.on_message(done.clone());
+        assert!(!is_done(), "a MiB is missing");
+        a.on_message(copy(1 << 20, 1 << 20));
+        a.on_message(done);
+        assert!(is_done());
+        // What arrived is checked before it becomes our log.
+        let agg = {
+            let own = setup::open(&a.own_cfg, &a.config.io, &mut |_, _| {}).unwrap();
+            Arc::new(own)
+        };
+        let e = restored_log_usable(&vec![0; len], &agg).unwrap_err();
+        assert!(e.contains("empty"), "{e}");
+        let e = restored_log_usable(&vec![7; len], &agg).unwrap_err();
+        assert!(e.contains("not a usable log"), "{e}");
+        // A real log of this aggregate passes; one of the other aggregate does not.
+        let b = PairNode::new(cb).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        journal(&b, Whose::Own).write(0, &block(3), false).unwrap();
+        let b_log = std::fs::read(dir.path().join("b-aggr-b.log")).unwrap();
+        assert!(
+            restored_log_usable(&b_log, &agg).is_err(),
+            "aggr-b's log is not aggr-a's"
+        );
+        let b_agg = b.own.lock().unwrap().aggregate.clone().unwrap();
+        restored_log_usable(&b_log, &b_agg).unwrap();
     }
 
     /// A halt must not wait for the side lock (a final CP can hold it for seconds) before it

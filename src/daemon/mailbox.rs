@@ -222,7 +222,13 @@ struct Inner {
     last_majority_ms: AtomicU64,
     last_failure: Mutex<String>,
     stop: AtomicBool,
+    /// Called by the driver thread itself when the self-fence bound passes (see
+    /// [`MailboxHandle::set_self_fence_hook`]).
+    self_fence_hook: Mutex<Option<SelfFenceHook>>,
 }
+
+/// Stops this node's data plane (see [`MailboxHandle::set_self_fence_hook`]).
+pub type SelfFenceHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Handle on the mailbox driver: non-blocking for the HA loop, synchronous for steps.
 #[derive(Clone)]
@@ -267,6 +273,7 @@ impl MailboxDriver {
             last_majority_ms: AtomicU64::new(u64::MAX),
             last_failure: Mutex::new(String::new()),
             stop: AtomicBool::new(false),
+            self_fence_hook: Mutex::new(None),
         });
         let handle = MailboxHandle {
             inner: inner.clone(),
@@ -304,7 +311,22 @@ impl Drop for MailboxDriver {
 fn run(inner: Arc<Inner>, ha: HaHandle) {
     let mut written_version = None;
     let mut next_read = Instant::now();
+    let mut self_fenced = false;
     loop {
+        // The HA loop halts the node when the bound passes, on its tick: a loop that hangs
+        // (and so asks for no heartbeat: the bound passes) would leave the data plane
+        // writing while the partner takes the silence for a fence. This thread checks too.
+        match inner.self_fence_reason() {
+            Some(why) if !self_fenced => {
+                self_fenced = true;
+                if let Some(h) = inner.self_fence_hook.lock().unwrap().as_ref() {
+                    tracing::error!(node = %inner.cfg.node_name, "{why}: the mailbox driver stops the data plane");
+                    h(&why);
+                }
+            }
+            Some(_) => {}
+            None => self_fenced = false,
+        }
         let desired = {
             let mut g = inner.desired.lock().unwrap();
             loop {
@@ -338,6 +360,30 @@ fn run(inner: Arc<Inner>, ha: HaHandle) {
 impl Inner {
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    fn self_fence_reason(&self) -> Option<String> {
+        let last = self.last_majority_ms.load(Ordering::SeqCst);
+        if last == u64::MAX {
+            return None; // no heartbeat asked for yet: nothing served yet either
+        }
+        let now = self.now_ms();
+        let fence = SelfFence {
+            bound_ms: self.cfg.self_fence_bound_ms,
+            last_majority_write_ms: last,
+        };
+        if !fence.must_fence(now) {
+            return None;
+        }
+        let detail = self.last_failure.lock().unwrap().clone();
+        Some(format!(
+            "no heartbeat reached a majority of the {} mailbox members for {} ms (bound {} ms){}{}",
+            self.store.write_members(),
+            now.saturating_sub(last),
+            self.cfg.self_fence_bound_ms,
+            if detail.is_empty() { "" } else { "; last: " },
+            detail
+        ))
     }
 
     fn slot(&self, d: &Desired) -> Option<Slot> {
@@ -424,6 +470,14 @@ impl MailboxHandle {
     pub fn set_unmirrored_now(&self, on: bool) -> Result<usize, MailboxError> {
         let d = self.update(|d| d.unmirrored = on);
         self.majority_write(&d)
+    }
+
+    /// Have the driver thread call `hook` (once per episode) when no heartbeat reached a
+    /// majority for longer than the bound, whatever the HA loop does: it stops the data plane
+    /// (the node's halt), so that a hung HA loop cannot leave it writing past the time the
+    /// partner relies on.
+    pub fn set_self_fence_hook(&self, hook: Option<SelfFenceHook>) {
+        *self.inner.self_fence_hook.lock().unwrap() = hook;
     }
 
     /// Whether our slot says we acknowledge (or an earlier run acknowledged) writes the
@@ -526,26 +580,61 @@ impl MailboxSink for MailboxHandle {
     }
 
     fn self_fence_reason(&self) -> Option<String> {
-        let last = self.inner.last_majority_ms.load(Ordering::SeqCst);
-        if last == u64::MAX {
-            return None; // no heartbeat asked for yet: nothing served yet either
+        self.inner.self_fence_reason()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::ha::{self, MailboxSink};
+
+    fn driver(store: Arc<MemStore>, node: &str, partner: &str) -> (MailboxDriver, ha::HaInbox) {
+        let (h, inbox) = ha::channel(ha::INPUT_CAPACITY);
+        let d = MailboxDriver::spawn(
+            store,
+            MailboxConfig {
+                node_name: node.into(),
+                partner_name: partner.into(),
+                interval: Duration::from_millis(20),
+                self_fence_bound_ms: 150,
+            },
+            h,
+        )
+        .unwrap();
+        (d, inbox)
+    }
+
+    /// The HA loop asks for a heartbeat every interval; when it hangs, it asks for none, the
+    /// bound passes, and nothing would stop the data plane until the loop came back (or the
+    /// watchdog killed the process): the driver thread stops it itself.
+    #[test]
+    fn the_driver_stops_the_data_plane_when_the_ha_loop_hangs() {
+        let store = Arc::new(MemStore::new(3));
+        let (d, _inbox) = driver(store, "a", "b");
+        let fired = Arc::new(AtomicU64::new(0));
+        let f = fired.clone();
+        d.handle.set_self_fence_hook(Some(Box::new(move |why| {
+            assert!(why.contains("majority"), "{why}");
+            f.fetch_add(1, Ordering::SeqCst);
+        })));
+        // Not armed before the first heartbeat: nothing is served yet.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(fired.load(Ordering::SeqCst), 0);
+        // A live HA loop: no halt.
+        let mut sink = d.handle.clone();
+        for c in 1..=25 {
+            sink.beat(c, State::Normal, false);
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let now = self.inner.now_ms();
-        let fence = SelfFence {
-            bound_ms: self.inner.cfg.self_fence_bound_ms,
-            last_majority_write_ms: last,
-        };
-        if !fence.must_fence(now) {
-            return None;
+        assert_eq!(fired.load(Ordering::SeqCst), 0, "halted while beating");
+        // The loop hangs: within the bound and an interval or two, halted, once.
+        let t0 = Instant::now();
+        while fired.load(Ordering::SeqCst) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(2), "not halted");
+            std::thread::sleep(Duration::from_millis(5));
         }
-        let detail = self.inner.last_failure.lock().unwrap().clone();
-        Some(format!(
-            "no heartbeat reached a majority of the {} mailbox members for {} ms (bound {} ms){}{}",
-            self.inner.store.write_members(),
-            now - last,
-            self.inner.cfg.self_fence_bound_ms,
-            if detail.is_empty() { "" } else { "; last: " },
-            detail
-        ))
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(fired.load(Ordering::SeqCst), 1, "once per episode");
     }
 }

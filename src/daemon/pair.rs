@@ -1327,6 +1327,14 @@ impl PairRuntime {
             MailboxDriver::spawn(store, mcfg, handle.clone()).map_err(|e| e.to_string())?;
         let mailbox = driver.handle.clone();
         *node.mailbox.lock().unwrap() = Some(mailbox.clone());
+        {
+            let weak = Arc::downgrade(&node);
+            mailbox.set_self_fence_hook(Some(Box::new(move |_why| {
+                if let Some(n) = weak.upgrade() {
+                    n.halt();
+                }
+            })));
+        }
         let link = node.start_link(Arc::new(Inbound { ha: handle.clone() }))?;
         // HA messages leave through one sender thread: the loop never blocks on a socket.
         let (out_tx, out_rx) = sync_channel::<takeover::Message>(256);

@@ -361,3 +361,65 @@ fn raw_protocol_errors_are_clear() {
     ));
     let _ = &s.sock_b;
 }
+
+/// A watcher that does not read for a while still gets whole lines: the server blocks on a full
+/// socket instead of cutting a line at the point the buffer filled (and closing).
+#[test]
+fn a_slow_watcher_gets_whole_lines() {
+    let s = setup();
+    let mut c = UnixStream::connect(&s.sock_a).unwrap();
+    c.write_all(b"{\"v\":1,\"cmd\":\"watch\"}\n").unwrap();
+    // Status changes while the watcher does not read: each is a line of a few KiB, enough of
+    // them to fill the socket's buffers several times over.
+    let mut sent = 0;
+    let t0 = Instant::now();
+    while sent < 200 && t0.elapsed() < Duration::from_secs(30) {
+        s.pair.b.handle.own_mirror(sent % 2 == 1).unwrap();
+        // Until a saw it (one status change each).
+        let want = sent % 2 == 1;
+        let deadline = Instant::now() + T;
+        while s.pair.a.handle.snapshot().unwrap().status.mirror_current != want {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sent += 1;
+    }
+    // Now read everything there is.
+    c.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        all.last(),
+        Some(&b'\n'),
+        "the stream ends in the middle of a line"
+    );
+    let mut lines = 0;
+    for l in all.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_slice(l)
+            .unwrap_or_else(|e| panic!("line {lines} is not whole JSON: {e}"));
+        assert!(v["type"] == "status" || v["type"] == "error", "{v}");
+        lines += 1;
+    }
+    assert!(lines > 10, "{lines} lines");
+    // The watcher fell behind for real (the server had to wait for it): it was told so, in a
+    // whole line of its own, after every line queued for it.
+    let last = all[..all.len() - 1].rsplit(|b| *b == b'\n').next().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(last).unwrap();
+    assert_eq!(v["kind"], "unavailable", "{v}");
+}

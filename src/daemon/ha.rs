@@ -68,8 +68,9 @@ pub trait HaExecutor: Send {
 
     /// Stop serving everything *now*, synchronously, before returning: close client
     /// connections without answering, stop writing both aggregates, drop service IPs, abandon
-    /// running steps. Cannot fail: if the data plane cannot be stopped, exit the process with
-    /// [`EXIT_HALTED`] (systemd does not restart it; a restart would wait for giveback anyway).
+    /// running steps. Cannot fail, and does not end the process: the node stays up in
+    /// `TakenOver`, where a giveback can reach it (hapaird's executor waits a bounded time for
+    /// the aggregates to stop; a loop stuck longer is killed by the systemd watchdog).
     fn halt_self(&mut self);
 
     /// From now on acknowledge writes per `mode` (`LocalOnly` only while the partner is
@@ -86,10 +87,6 @@ pub trait HaExecutor: Send {
         let _ = refusal;
     }
 }
-
-/// Exit status of hapaird after a halt it could not carry out in-process (please-die, fenced
-/// out, self-fenced). Listed in the unit's `RestartPreventExitStatus=`.
-pub const EXIT_HALTED: i32 = 75;
 
 /// Where the loop sends mailbox actions: the mailbox driver
 /// ([`crate::daemon::mailbox::MailboxHandle`]). Non-blocking.

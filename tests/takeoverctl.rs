@@ -22,7 +22,7 @@ impl StatusProvider for Provider {
     fn fill(&self, s: &mut PairStatus) {
         s.nvram = Some(NvramView {
             persistence: "file /var/lib/hapair/nvram (fdatasync)".into(),
-            used_bytes: 1 << 20,
+            used_bytes: Some(1 << 20),
             capacity_bytes: 8 << 20,
             detail: String::new(),
         });
@@ -86,11 +86,27 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-fn is_clock(s: &str) -> bool {
-    s.len() == 8
-        && s.as_bytes()[2] == b':'
-        && s.as_bytes()[5] == b':'
-        && s.chars().filter(|c| c.is_ascii_digit()).count() == 6
+/// `2024-05-01 12:04:07Z` or `2024-05-01 12:04:07+02:00`: the date, the time and the zone.
+fn is_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| r.into_iter().all(|i| b[i].is_ascii_digit());
+    let zone = &s[19..];
+    s.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b' '
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && (zone == "Z"
+            || (zone.len() == 6
+                && (zone.starts_with('+') || zone.starts_with('-'))
+                && zone.as_bytes()[3] == b':'))
 }
 
 #[test]
@@ -152,7 +168,7 @@ fn takeover_refused_then_done_then_given_back_with_watch() {
     let msg = err.trim_end();
     let prefix = "cannot take over: partner log not mirrored since ";
     assert!(msg.starts_with(prefix), "{msg}");
-    assert!(is_clock(&msg[prefix.len()..prefix.len() + 8]), "{msg}");
+    assert!(is_timestamp(&msg[prefix.len()..]), "{msg}");
     let o = ctl(&s.sock_a, &["takeover", "--of", "b", "--check-only"]);
     assert_eq!(o.status.code(), Some(1));
     let o = ctl(&s.sock_a, &["status"]);
@@ -251,12 +267,20 @@ fn takeover_at_the_node_to_be_taken_over() {
     let s = setup();
     let o = ctl(&s.sock_b, &["takeover"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let out = text(&o).0;
     assert!(
-        text(&o).0.contains("takeover complete: b is TakenOver"),
-        "{:?}",
-        text(&o)
+        out.contains("takeover complete: b is TakenOver, a serves its aggregates"),
+        "{out}"
     );
-    assert!(s.pair.a.wait_state(State::InTakeover, T));
+    // Done means a serves: no waiting for it here.
+    assert_eq!(s.pair.a.state(), State::InTakeover);
+    // With b's shutdown, phase by phase; status keeps it.
+    assert!(
+        out.contains("shutdown took ") && out.contains("StopAccepting") && out.contains("FinalCp"),
+        "{out}"
+    );
+    let st = text(&ctl(&s.sock_b, &["status"])).0;
+    assert!(st.contains("last shutdown: shutdown at "), "{st}");
     // Giveback at the wrong node is refused with the reason.
     let o = ctl(&s.sock_b, &["giveback"]);
     assert_eq!(o.status.code(), Some(1));

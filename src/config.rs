@@ -39,7 +39,7 @@
 //! control_socket = "/run/hapair/hapaird.sock"
 //! heartbeat_ms = 200
 //! interconnect_timeout_ms = 1000
-//! mailbox_timeout_ms = 3000
+//! mailbox_timeout_ms = 3000         # at least 4 x heartbeat_ms (self-fence after half of it)
 //! countdown_ms = 30000
 //! auto_giveback = false
 //! holddown_ms = 300000            # no operator takeover this soon after a giveback
@@ -332,7 +332,10 @@ impl Config {
                 format!("{} MiB is more than 64 GiB", self.io.arena_mib),
             ));
         }
-        let mut seen_paths = std::collections::HashMap::new();
+        // Members and logs by the file they name: `/dev/disk/by-id/...` and `/dev/sdb` are the
+        // same disk. Paths that do not exist (yet) are compared as written.
+        let mut seen_paths: std::collections::HashMap<PathBuf, (String, PathBuf)> =
+            std::collections::HashMap::new();
         for (i, a) in self.aggregate.iter().enumerate() {
             let key = |k: &str| format!("aggregate[{i}] ({}).{k}", a.name);
             if !name_ok(&a.name, 63) {
@@ -368,21 +371,48 @@ impl Config {
                     format!("{} is not in 10..=600000", a.cp_interval_ms),
                 ));
             }
-            if let Some(n) = &a.nvram {
-                if a.members().contains(n) {
+            for p in a.members() {
+                if let Some((other, as_written)) =
+                    seen_paths.insert(same_file(&p), (a.name.clone(), p.clone()))
+                {
                     return Err(bad(
-                        key("nvram"),
-                        format!("{} is also a member", n.display()),
+                        key("data/parity"),
+                        format!(
+                            "{} is listed twice (also in {other}{})",
+                            p.display(),
+                            also_as(&p, &as_written)
+                        ),
                     ));
                 }
             }
-            for p in a.members() {
-                if let Some(other) = seen_paths.insert(p.clone(), a.name.clone()) {
-                    return Err(bad(
-                        key("data/parity"),
-                        format!("{} is listed twice (also in {other})", p.display()),
-                    ));
-                }
+        }
+        // A log must be nobody else's log and no member: two aggregates' logs (this node's own
+        // and its mirror of the partner's) in one file overwrite each other.
+        let mut seen_logs: std::collections::HashMap<PathBuf, (String, PathBuf)> =
+            std::collections::HashMap::new();
+        for (i, a) in self.aggregate.iter().enumerate() {
+            let Some(n) = &a.nvram else { continue };
+            let key = format!("aggregate[{i}] ({}).nvram", a.name);
+            let id = same_file(n);
+            if let Some((member_of, as_written)) = seen_paths.get(&id) {
+                return Err(bad(
+                    key,
+                    format!(
+                        "{} is also a member of {member_of}{}",
+                        n.display(),
+                        also_as(n, as_written)
+                    ),
+                ));
+            }
+            if let Some((other, as_written)) = seen_logs.insert(id, (a.name.clone(), n.clone())) {
+                return Err(bad(
+                    key,
+                    format!(
+                        "{} is also the nvram of {other}{}: every aggregate needs its own log file",
+                        n.display(),
+                        also_as(n, &as_written)
+                    ),
+                ));
             }
         }
         for (i, e) in self.export.iter().enumerate() {
@@ -398,6 +428,43 @@ impl Config {
                     key("aggregate"),
                     format!("no aggregate named {:?}", e.aggregate),
                 ));
+            }
+            // Each export has its own listener: a second one on the same address fails to bind,
+            // at the latest when a takeover serves both aggregates' exports on one node.
+            if let Some(l) = e.listen {
+                if let Some((j, f)) = self.export[..i]
+                    .iter()
+                    .enumerate()
+                    .find(|(_, f)| f.listen.is_some_and(|m| listen_overlap(l, m)))
+                {
+                    return Err(bad(
+                        key("listen"),
+                        format!(
+                            "{l} is also the address of export[{j}] ({}){}",
+                            f.name,
+                            match f.listen {
+                                Some(m) if m != l => format!(" ({m})"),
+                                _ => String::new(),
+                            }
+                        ),
+                    ));
+                }
+            }
+            if let Some(u) = &e.unix {
+                if let Some((j, f)) = self.export[..i].iter().enumerate().find(|(_, f)| {
+                    f.unix
+                        .as_ref()
+                        .is_some_and(|v| same_file(v) == same_file(u))
+                }) {
+                    return Err(bad(
+                        key("unix"),
+                        format!(
+                            "{} is also the socket of export[{j}] ({})",
+                            u.display(),
+                            f.name
+                        ),
+                    ));
+                }
             }
             if e.listen.is_none() && e.unix.is_none() {
                 return Err(bad(
@@ -462,10 +529,28 @@ impl Config {
                         .into(),
                 ));
             }
-            if p.mailbox_timeout_ms < 2 * p.heartbeat_ms {
+            // The node fences itself after half of mailbox_timeout_ms without a heartbeat on a
+            // majority of members (the partner waits the whole of it before a takeover). That
+            // half must span at least two heartbeat writes, or one slow mailbox write halts a
+            // healthy node; and the partner needs a few reads to see the counter stop.
+            if p.mailbox_timeout_ms < 4 * p.heartbeat_ms {
                 return Err(bad(
                     "pair.mailbox_timeout_ms".into(),
-                    "at least twice heartbeat_ms".into(),
+                    format!(
+                        "{} is less than 4 x heartbeat_ms ({}): the self-fence bound (half of it) must span at least two mailbox heartbeats",
+                        p.mailbox_timeout_ms,
+                        4 * p.heartbeat_ms
+                    ),
+                ));
+            }
+            if !(1..=crate::core::control::MAX_COUNTDOWN_MS).contains(&p.countdown_ms) {
+                return Err(bad(
+                    "pair.countdown_ms".into(),
+                    format!(
+                        "{} is not in 1..={}: the node taken over needs time for its graceful shutdown",
+                        p.countdown_ms,
+                        crate::core::control::MAX_COUNTDOWN_MS
+                    ),
                 ));
             }
             for (i, a) in self.aggregate.iter().enumerate() {
@@ -502,6 +587,29 @@ impl Config {
     pub fn aggregate(&self, name: &str) -> Option<&AggregateConfig> {
         self.aggregate.iter().find(|a| a.name == name)
     }
+}
+
+/// What a path names, for comparing configured paths: the canonical path when it exists
+/// (symbolic links such as `/dev/disk/by-id/...` resolved), else the path as written.
+fn same_file(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// " (as /dev/sdb)" when a clash was written differently the other time.
+fn also_as(p: &Path, other: &Path) -> String {
+    if p == other {
+        String::new()
+    } else {
+        format!(" as {}", other.display())
+    }
+}
+
+/// Two listen addresses that cannot both be bound: equal, or one port on the wildcard
+/// address and a specific address of the same family.
+fn listen_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 #[cfg(test)]
@@ -585,5 +693,122 @@ listen = "127.0.0.1:10809"
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot read"), "{e}");
+    }
+
+    const PAIR: &str = r#"
+node = "a"
+[pair]
+partner = "b"
+partner_interconnect = ["192.0.2.2:7700"]
+key_file = "/k"
+heartbeat_ms = 200
+mailbox_timeout_ms = 3000
+countdown_ms = 30000
+[[aggregate]]
+name = "x"
+home = "a"
+data = ["/d0"]
+parity = "/p0"
+nvram = "/n0"
+[[aggregate]]
+name = "y"
+home = "b"
+data = ["/d1"]
+parity = "/p1"
+nvram = "/n1"
+[[export]]
+name = "x"
+aggregate = "x"
+listen = "192.0.2.10:10809"
+[[export]]
+name = "y"
+aggregate = "y"
+listen = "192.0.2.11:10809"
+"#;
+
+    fn refused(text: &str) -> String {
+        Config::parse(text, Path::new("/etc/hapair/a.toml"))
+            .err()
+            .unwrap_or_else(|| panic!("accepted:\n{text}"))
+            .to_string()
+    }
+
+    #[test]
+    fn pair_timers_that_check_config_refuses() {
+        Config::parse(PAIR, Path::new("t.toml")).unwrap();
+        let e = refused(&PAIR.replace("countdown_ms = 30000", "countdown_ms = 0"));
+        assert!(
+            e.starts_with("/etc/hapair/a.toml: pair.countdown_ms: 0 is not in 1..="),
+            "{e}"
+        );
+        // 4 x heartbeat is the least: 799 is refused, 800 taken.
+        let e = refused(&PAIR.replace("mailbox_timeout_ms = 3000", "mailbox_timeout_ms = 799"));
+        assert!(
+            e.starts_with("/etc/hapair/a.toml: pair.mailbox_timeout_ms: 799 is less than 4 x heartbeat_ms (800)"),
+            "{e}"
+        );
+        Config::parse(
+            &PAIR.replace("mailbox_timeout_ms = 3000", "mailbox_timeout_ms = 800"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn one_file_is_one_log_or_one_member() {
+        // The same log file for this node's own log and its mirror of the partner's.
+        let e = refused(&PAIR.replace("nvram = \"/n1\"", "nvram = \"/n0\""));
+        assert!(
+            e.contains("aggregate[1] (y).nvram: /n0 is also the nvram of x"),
+            "{e}"
+        );
+        // A log on a member, of either aggregate.
+        let e = refused(&PAIR.replace("nvram = \"/n1\"", "nvram = \"/d0\""));
+        assert!(
+            e.contains("aggregate[1] (y).nvram: /d0 is also a member of x"),
+            "{e}"
+        );
+        // Through a symbolic link (as /dev/disk/by-id/... names /dev/sdb): the same file.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("sdb");
+        std::fs::write(&disk, b"").unwrap();
+        let by_id = dir.path().join("by-id-wwn-0x5000");
+        std::os::unix::fs::symlink(&disk, &by_id).unwrap();
+        let t = PAIR
+            .replace("\"/d0\"", &format!("{:?}", disk.display().to_string()))
+            .replace("\"/d1\"", &format!("{:?}", by_id.display().to_string()));
+        let e = refused(&t);
+        assert!(
+            e.contains("aggregate[1] (y).data/parity:")
+                && e.contains("is listed twice (also in x as"),
+            "{e}"
+        );
+        let t = PAIR
+            .replace("\"/d0\"", &format!("{:?}", disk.display().to_string()))
+            .replace("\"/n1\"", &format!("{:?}", by_id.display().to_string()));
+        let e = refused(&t);
+        assert!(
+            e.contains("aggregate[1] (y).nvram:") && e.contains("is also a member of x"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn two_exports_cannot_listen_on_one_address() {
+        let e = refused(&PAIR.replace("192.0.2.11:10809", "192.0.2.10:10809"));
+        assert!(
+            e.contains(
+                "export[1] (y).listen: 192.0.2.10:10809 is also the address of export[0] (x)"
+            ),
+            "{e}"
+        );
+        let e = refused(&PAIR.replace("192.0.2.11:10809", "0.0.0.0:10809"));
+        assert!(e.contains("export[1] (y).listen"), "{e}");
+        // Another port on the same address is fine.
+        Config::parse(
+            &PAIR.replace("192.0.2.11:10809", "192.0.2.10:10810"),
+            Path::new("t.toml"),
+        )
+        .unwrap();
     }
 }

@@ -511,3 +511,193 @@ fn watch_streams_changes() {
     );
     let _ = TAKEOVER;
 }
+
+/// Run an operator command on its own thread; its reply arrives on the returned channel.
+fn ask(
+    h: &hapair::daemon::ha::HaHandle,
+    req: OpRequest,
+    opts: OpOptions,
+) -> std::sync::mpsc::Receiver<hapair::daemon::ha::OpReply> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = h.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(h.operator(req, opts).unwrap());
+    });
+    rx
+}
+
+fn held() -> StepPlan {
+    StepPlan {
+        hold: true,
+        ..StepPlan::default()
+    }
+}
+
+#[test]
+fn takeover_asked_here_completes_when_the_partner_serves_with_the_shutdown_timings() {
+    let (p, _store) = pair();
+    // a fences and opens b's aggregate but has not served it yet.
+    p.a.rec.plan(Step::ServePartnerExports, held());
+    let rx = ask(&p.b.handle, OpRequest::TakeoverSelf, wait());
+    assert!(p.b.wait_state(State::TakenOver, T));
+    assert!(p
+        .a
+        .rec
+        .wait_for(T, |r| *r == Record::Began(Step::ServePartnerExports)));
+    // b is down, a not serving yet: not done.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        rx.try_recv().is_err(),
+        "completed before the partner served"
+    );
+    p.a.rec.release(Step::ServePartnerExports);
+    let r = rx.recv_timeout(T).unwrap();
+    let Outcome::Completed { state, report } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert_eq!(state, State::TakenOver);
+    assert_eq!(p.a.state(), State::InTakeover);
+    // The report is b's graceful shutdown, phase by phase.
+    let report = report.expect("shutdown report");
+    assert_eq!(report.kind, "shutdown");
+    let phases: Vec<String> = report.phases.into_iter().map(|p| p.step).collect();
+    assert_eq!(phases, SHUTDOWN.map(|s| format!("{s:?}")));
+    assert!(report.total_ms.is_some());
+    // And the status of the node taken over keeps it.
+    assert!(p
+        .b
+        .handle
+        .snapshot()
+        .unwrap()
+        .status
+        .last_shutdown
+        .is_some());
+}
+
+#[test]
+fn takeover_asked_here_fails_with_the_partners_refusal_after_the_shutdown() {
+    let store = MemStore::new(3);
+    let p = Pair::start(Arc::new(store), |c| c.takeover.countdown_ms = 10_000);
+    assert!(p.wait_normal(T));
+    // b shuts down, but its final CP fails and meanwhile a's mirror of its log fell behind:
+    // a cannot take over without losing writes, and must say so to b's operator.
+    p.b.rec.plan(Step::DrainInFlight, held());
+    p.b.rec.plan(
+        Step::FinalCp,
+        StepPlan {
+            fail: Some(StepError::Failed("member 1: EIO".into())),
+            ..StepPlan::default()
+        },
+    );
+    let rx = ask(&p.b.handle, OpRequest::TakeoverSelf, wait());
+    assert!(p
+        .b
+        .rec
+        .wait_for(T, |r| *r == Record::Began(Step::DrainInFlight)));
+    p.b.handle.own_mirror(false).unwrap();
+    let deadline = Instant::now() + T;
+    while p.a.handle.snapshot().unwrap().status.mirror_current {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.b.rec.release(Step::DrainInFlight);
+    let r = rx.recv_timeout(T).unwrap();
+    let Outcome::Refused { refusal, .. } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert_eq!(refusal.request, RequestKind::TakeoverOfSelf);
+    assert!(
+        matches!(
+            refusal.reasons[..],
+            [RefusalReason::MirrorNotCurrent { .. }]
+        ),
+        "{refusal:?}"
+    );
+    assert_eq!(p.a.state(), State::Normal);
+    assert_eq!(p.b.state(), State::TakenOver);
+}
+
+#[test]
+fn giveback_completes_when_the_home_node_serves_again() {
+    let (p, _store) = pair();
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: false,
+                },
+                wait(),
+            )
+            .unwrap();
+    assert!(matches!(r.outcome, Outcome::Completed { .. }), "{r:?}");
+    assert!(p.b.wait_state(State::TakenOver, T));
+    // b resumes up to its last step and stays there.
+    p.b.rec.plan(Step::ServeOwnExports, held());
+    let rx = ask(&p.a.handle, OpRequest::Giveback, wait());
+    assert!(p
+        .b
+        .rec
+        .wait_for(T, |r| *r == Record::Began(Step::ServeOwnExports)));
+    assert!(p.a.wait_state(State::Normal, T), "a is done with its part");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        rx.try_recv().is_err(),
+        "completed while b was still resuming"
+    );
+    p.b.rec.release(Step::ServeOwnExports);
+    let r = rx.recv_timeout(T).unwrap();
+    let Outcome::Completed { state, report } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert_eq!(state, State::Normal);
+    assert_eq!(report.unwrap().kind, "giveback");
+    assert_eq!(r.snapshot.status.partner_state, Some(State::Normal));
+    assert_eq!(p.b.state(), State::Normal);
+}
+
+#[test]
+fn a_step_that_keeps_failing_is_named_when_the_wait_ends() {
+    let (p, _store) = pair();
+    p.a.rec.plan(
+        Step::OpenPartnerAggregate,
+        StepPlan {
+            fail: Some(StepError::Failed("member 3: EIO".into())),
+            ..StepPlan::default()
+        },
+    );
+    let r =
+        p.a.handle
+            .operator(
+                OpRequest::TakeoverPartner {
+                    countdown_ms: None,
+                    immediate: true,
+                },
+                OpOptions {
+                    timeout: Duration::from_millis(800),
+                    ..wait()
+                },
+            )
+            .unwrap();
+    let Outcome::TimedOut { state, detail } = r.outcome else {
+        panic!("{:?}", r.outcome)
+    };
+    assert_eq!(state, State::TakingOver);
+    assert!(
+        detail.starts_with("in step OpenPartnerAggregate for ")
+            && detail.contains(" failed attempts, last error: member 3: EIO"),
+        "{detail}"
+    );
+    // The status shows the same, and the retries are one alarm with a count.
+    let st = p.a.handle.snapshot().unwrap().status;
+    let cur = st.running.unwrap().current.unwrap();
+    assert_eq!(cur.step, Step::OpenPartnerAggregate);
+    assert!(cur.failures >= 3, "{cur:?}");
+    let failed: Vec<_> = st
+        .alarms
+        .iter()
+        .filter(|e| matches!(e.alarm, Alarm::StepFailed { .. }))
+        .collect();
+    assert_eq!(failed.len(), 1, "{:?}", st.alarms);
+    assert!(failed[0].count >= 3);
+}

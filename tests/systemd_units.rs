@@ -1,5 +1,5 @@
 //! The systemd unit: `systemd-analyze verify` finds nothing to say about it, its sandboxing
-//! keeps the exposure score low, and the restart policy matches the daemon's exit status.
+//! keeps the exposure score low, and the restart policy and watchdog match the daemon.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -82,17 +82,33 @@ fn restart_policy_and_privileges_match_the_daemon() {
     };
     assert_eq!(get("Type"), ["notify"]);
     assert_eq!(get("Restart"), ["on-failure"]);
-    assert_eq!(
-        get("RestartPreventExitStatus"),
-        [hapair::daemon::ha::EXIT_HALTED.to_string()]
-    );
-    // The watchdog must kill a hung loop before the partner's default mailbox timeout.
-    let wd: u64 = get("WatchdogSec")[0].trim_end_matches('s').parse().unwrap();
-    let mailbox_timeout_ms =
-        hapair::core::takeover::Config::new(hapair::core::takeover::NodeId::A).mailbox_timeout_ms;
+    // hapaird has no exit status of its own for a halt (it stays up, taken over): the unit
+    // must not pretend otherwise.
+    assert_eq!(get("RestartPreventExitStatus"), Vec::<String>::new());
+    assert!(!t.contains("exits 75"), "the unit claims an exit status");
+    let cfg = hapair::config::Config::parse(
+        "node = \"a\"\n[pair]\npartner = \"b\"\npartner_interconnect = [\"192.0.2.2:7700\"]\nkey_file = \"/k\"\n\
+         [[aggregate]]\nname = \"x\"\nhome = \"a\"\ndata = [\"/d0\"]\nparity = \"/p0\"\nnvram = \"/n0\"\n\
+         [[aggregate]]\nname = \"y\"\nhome = \"b\"\ndata = [\"/d1\"]\nparity = \"/p1\"\nnvram = \"/n1\"\n",
+        std::path::Path::new("unit-test.toml"),
+    )
+    .unwrap();
+    let pair = cfg.pair.clone().unwrap();
+    // The watchdog must kill a hung loop well before the partner's mailbox timeout, as the
+    // daemon configures it by default (the [pair] default, not the state machine's).
+    let wd = &get("WatchdogSec")[0];
+    let wd_ms: u64 = match wd.strip_suffix("ms") {
+        Some(ms) => ms.parse().unwrap(),
+        None => wd.trim_end_matches('s').parse::<u64>().unwrap() * 1000,
+    };
     assert!(
-        wd * 1000 * 2 <= mailbox_timeout_ms,
-        "WatchdogSec {wd}s vs mailbox timeout {mailbox_timeout_ms} ms"
+        wd_ms * 2 <= pair.mailbox_timeout_ms,
+        "WatchdogSec {wd} vs default mailbox_timeout_ms {}",
+        pair.mailbox_timeout_ms
+    );
+    assert!(
+        t.contains(&format!("{} ms by", pair.mailbox_timeout_ms)),
+        "the unit's comment names the default mailbox timeout"
     );
     let caps: Vec<String> = get("CapabilityBoundingSet")[0]
         .split_whitespace()
@@ -111,15 +127,8 @@ fn restart_policy_and_privileges_match_the_daemon() {
     assert!(get("ExecStopPost")[0]
         .ends_with("hapaird release-addresses --config /etc/hapair/hapaird.toml"));
     // The control socket's default lives in the unit's RuntimeDirectory.
-    let cfg = hapair::config::Config::parse(
-        "node = \"a\"\n[pair]\npartner = \"b\"\npartner_interconnect = [\"192.0.2.2:7700\"]\nkey_file = \"/k\"\n\
-         [[aggregate]]\nname = \"x\"\nhome = \"a\"\ndata = [\"/d0\"]\nparity = \"/p0\"\nnvram = \"/n0\"\n\
-         [[aggregate]]\nname = \"y\"\nhome = \"b\"\ndata = [\"/d1\"]\nparity = \"/p1\"\nnvram = \"/n1\"\n",
-        std::path::Path::new("unit-test.toml"),
-    )
-    .unwrap();
     assert_eq!(
-        cfg.pair.unwrap().control_socket,
+        pair.control_socket,
         std::path::PathBuf::from("/run/hapair/hapaird.sock")
     );
     assert_eq!(get("RuntimeDirectory"), ["hapair"]);

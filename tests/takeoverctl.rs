@@ -22,7 +22,7 @@ impl StatusProvider for Provider {
     fn fill(&self, s: &mut PairStatus) {
         s.nvram = Some(NvramView {
             persistence: "file /var/lib/hapair/nvram (fdatasync)".into(),
-            used_bytes: 1 << 20,
+            used_bytes: Some(1 << 20),
             capacity_bytes: 8 << 20,
             detail: String::new(),
         });
@@ -86,11 +86,27 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
-fn is_clock(s: &str) -> bool {
-    s.len() == 8
-        && s.as_bytes()[2] == b':'
-        && s.as_bytes()[5] == b':'
-        && s.chars().filter(|c| c.is_ascii_digit()).count() == 6
+/// `2024-05-01 12:04:07Z` or `2024-05-01 12:04:07+02:00`: the date, the time and the zone.
+fn is_timestamp(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| r.into_iter().all(|i| b[i].is_ascii_digit());
+    let zone = &s[19..];
+    s.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b' '
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && (zone == "Z"
+            || (zone.len() == 6
+                && (zone.starts_with('+') || zone.starts_with('-'))
+                && zone.as_bytes()[3] == b':'))
 }
 
 #[test]
@@ -152,7 +168,7 @@ fn takeover_refused_then_done_then_given_back_with_watch() {
     let msg = err.trim_end();
     let prefix = "cannot take over: partner log not mirrored since ";
     assert!(msg.starts_with(prefix), "{msg}");
-    assert!(is_clock(&msg[prefix.len()..prefix.len() + 8]), "{msg}");
+    assert!(is_timestamp(&msg[prefix.len()..]), "{msg}");
     let o = ctl(&s.sock_a, &["takeover", "--of", "b", "--check-only"]);
     assert_eq!(o.status.code(), Some(1));
     let o = ctl(&s.sock_a, &["status"]);
@@ -251,12 +267,20 @@ fn takeover_at_the_node_to_be_taken_over() {
     let s = setup();
     let o = ctl(&s.sock_b, &["takeover"]);
     assert_eq!(o.status.code(), Some(0), "{:?}", text(&o));
+    let out = text(&o).0;
     assert!(
-        text(&o).0.contains("takeover complete: b is TakenOver"),
-        "{:?}",
-        text(&o)
+        out.contains("takeover complete: b is TakenOver, a serves its aggregates"),
+        "{out}"
     );
-    assert!(s.pair.a.wait_state(State::InTakeover, T));
+    // Done means a serves: no waiting for it here.
+    assert_eq!(s.pair.a.state(), State::InTakeover);
+    // With b's shutdown, phase by phase; status keeps it.
+    assert!(
+        out.contains("shutdown took ") && out.contains("StopAccepting") && out.contains("FinalCp"),
+        "{out}"
+    );
+    let st = text(&ctl(&s.sock_b, &["status"])).0;
+    assert!(st.contains("last shutdown: shutdown at "), "{st}");
     // Giveback at the wrong node is refused with the reason.
     let o = ctl(&s.sock_b, &["giveback"]);
     assert_eq!(o.status.code(), Some(1));
@@ -360,4 +384,66 @@ fn raw_protocol_errors_are_clear() {
         Err(hapair::daemon::control::ControlError::InUse { .. })
     ));
     let _ = &s.sock_b;
+}
+
+/// A watcher that does not read for a while still gets whole lines: the server blocks on a full
+/// socket instead of cutting a line at the point the buffer filled (and closing).
+#[test]
+fn a_slow_watcher_gets_whole_lines() {
+    let s = setup();
+    let mut c = UnixStream::connect(&s.sock_a).unwrap();
+    c.write_all(b"{\"v\":1,\"cmd\":\"watch\"}\n").unwrap();
+    // Status changes while the watcher does not read: each is a line of a few KiB, enough of
+    // them to fill the socket's buffers several times over.
+    let mut sent = 0;
+    let t0 = Instant::now();
+    while sent < 200 && t0.elapsed() < Duration::from_secs(30) {
+        s.pair.b.handle.own_mirror(sent % 2 == 1).unwrap();
+        // Until a saw it (one status change each).
+        let want = sent % 2 == 1;
+        let deadline = Instant::now() + T;
+        while s.pair.a.handle.snapshot().unwrap().status.mirror_current != want {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        sent += 1;
+    }
+    // Now read everything there is.
+    c.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => all.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        all.last(),
+        Some(&b'\n'),
+        "the stream ends in the middle of a line"
+    );
+    let mut lines = 0;
+    for l in all.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_slice(l)
+            .unwrap_or_else(|e| panic!("line {lines} is not whole JSON: {e}"));
+        assert!(v["type"] == "status" || v["type"] == "error", "{v}");
+        lines += 1;
+    }
+    assert!(lines > 10, "{lines} lines");
+    // The watcher fell behind for real (the server had to wait for it): it was told so, in a
+    // whole line of its own, after every line queued for it.
+    let last = all[..all.len() - 1].rsplit(|b| *b == b'\n').next().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(last).unwrap();
+    assert_eq!(v["kind"], "unavailable", "{v}");
 }

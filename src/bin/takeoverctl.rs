@@ -5,7 +5,7 @@
 //! - 0: done (status shown; takeover/giveback completed, or started with `--no-wait`; check
 //!   passed)
 //! - 1: refused; the reasons are printed ("cannot take over: partner log not mirrored since
-//!   12:04:07")
+//!   2024-05-01 12:04:07+02:00")
 //! - 2: usage error (bad arguments, unknown node, value out of range)
 //! - 3: hapaird unreachable (no socket, connection refused, daemon stopping)
 //! - 4: failed: started but did not complete (e.g. fence failed, this node was fenced)
@@ -281,14 +281,23 @@ fn watch_line(s: &PairStatus) -> String {
             )
         })
         .collect();
-    let running = s.running.as_ref().and_then(|p| {
-        s.ha.running
-            .as_ref()
-            .map(|_| format!(" [{}: {} phases done]", p.kind, p.phases.len()))
+    let running = s.running.as_ref().map(|p| {
+        let step = p.current.as_ref().map_or(String::new(), |c| {
+            let mut t = format!(", in {}", c.step);
+            if c.failures > 0 {
+                t += &format!(" ({} failed attempts", c.failures);
+                if let Some(e) = &c.last_error {
+                    t += &format!(", last: {e}");
+                }
+                t += ")";
+            }
+            t
+        });
+        format!(" [{}: {} phases done{step}]", p.kind, p.phases.len())
     });
     format!(
         "{} {} | mirror: {}{} | {}",
-        control::clock(s.now_unix_ms, off),
+        control::timestamp(s.now_unix_ms, off),
         states.join(", "),
         s.mirror.summary,
         running.unwrap_or_default(),
@@ -343,6 +352,20 @@ fn operate(
         Outcome::Completed { state, report } => {
             if !json {
                 match report {
+                    // Asked at the node taken over: it shut down and the partner serves.
+                    Some(r) if r.kind == "shutdown" => {
+                        let total = r.total_ms.map_or("?".into(), control::duration);
+                        let phases: Vec<String> = r
+                            .phases
+                            .iter()
+                            .map(|p| format!("{} {}", p.step, control::duration(p.elapsed_ms)))
+                            .collect();
+                        println!(
+                            "{what} complete: {} is {state:?}, {} serves its aggregates",
+                            status.node, status.partner
+                        );
+                        println!("shutdown took {total}: {}", phases.join(", "));
+                    }
                     Some(r) => {
                         let total = r.total_ms.map_or("?".into(), control::duration);
                         let phases: Vec<String> = r
@@ -353,7 +376,10 @@ fn operate(
                         println!(
                             "{} complete at {} in {total}: {}",
                             r.kind,
-                            control::clock(r.finished_unix_ms.unwrap_or(status.now_unix_ms), off),
+                            control::timestamp(
+                                r.finished_unix_ms.unwrap_or(status.now_unix_ms),
+                                off
+                            ),
                             phases.join(", ")
                         );
                     }
@@ -367,8 +393,13 @@ fn operate(
             eprintln!("{what} failed: {} is {state:?}: {detail}", status.node);
             EXIT_FAILED
         }
-        Outcome::TimedOut { state } => {
-            eprintln!("{what} still in progress ({} is {state:?}) when the wait ended; see `takeoverctl status`", status.node);
+        Outcome::TimedOut { state, detail } => {
+            let detail = if detail.is_empty() {
+                String::new()
+            } else {
+                format!(": {detail}")
+            };
+            eprintln!("{what} still in progress ({} is {state:?}{detail}) when the wait ended; see `takeoverctl status`", status.node);
             EXIT_TIMED_OUT
         }
     };

@@ -21,7 +21,7 @@
 
 use crate::core::takeover::{
     AckMode, Alarm, NodeId, ProcedureKind, ProcedureReport, Refusal, RefusalReason, RequestKind,
-    State, Status,
+    State, Status, StepError,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -285,7 +285,13 @@ pub enum Outcome {
     /// Started but ended somewhere else (fence failed, fenced out, partner gone).
     Failed { state: State, detail: String },
     /// Still running when the wait ended; follow it with `status` or `watch`.
-    TimedOut { state: State },
+    TimedOut {
+        state: State,
+        /// Where it stands: the step it is in (with failed attempts and the last error) or
+        /// what it waits for.
+        #[serde(default)]
+        detail: String,
+    },
 }
 
 /// Which aggregate has which home node (from the configuration).
@@ -345,7 +351,8 @@ pub struct MirrorView {
     pub partner_log_mirrored: bool,
     /// When it stopped being current (None: current, or never was since start).
     pub not_mirrored_since_unix_ms: Option<u64>,
-    /// "mirrored" / "not mirrored since HH:MM:SS" / "never mirrored since start".
+    /// "mirrored" / "not mirrored since 2024-05-01 12:04:07+02:00" / "never mirrored since
+    /// start".
     pub summary: String,
     /// How this node acknowledges writes right now.
     pub ack_mode: AckMode,
@@ -380,7 +387,9 @@ pub struct NvramView {
     /// How the log is made persistent, e.g. "dax /dev/pmem0 (cache flush)" or
     /// "file /var/lib/hapair/nvram (fdatasync)".
     pub persistence: String,
-    pub used_bytes: u64,
+    /// None: the node does not know (it is not printed as 0).
+    #[serde(default)]
+    pub used_bytes: Option<u64>,
     pub capacity_bytes: u64,
     #[serde(default)]
     pub detail: String,
@@ -394,6 +403,17 @@ pub struct PhaseView {
     pub failures: u32,
 }
 
+/// The step a procedure is in (running), or was in when a halt cut it short (finished).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningStepView {
+    pub step: String,
+    /// Since its first attempt began (until the procedure ended, if it did).
+    pub elapsed_ms: u64,
+    /// Failed attempts so far.
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
 /// A takeover, giveback, shutdown or resume with its per-phase timings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcedureView {
@@ -403,6 +423,8 @@ pub struct ProcedureView {
     pub total_ms: Option<u64>,
     pub fenced: bool,
     pub phases: Vec<PhaseView>,
+    #[serde(default)]
+    pub current: Option<RunningStepView>,
 }
 
 /// A refusal with readable reasons.
@@ -417,9 +439,19 @@ pub struct RefusalView {
 /// An alarm with readable text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlarmView {
+    /// When it was (last) raised.
     pub at_unix_ms: u64,
     pub alarm: Alarm,
     pub text: String,
+    /// How often it was raised (repeats share one entry) and when first.
+    #[serde(default = "one")]
+    pub count: u32,
+    #[serde(default)]
+    pub first_at_unix_ms: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Everything `takeoverctl status` shows. The HA part comes from [`PairStatus::from_snapshot`];
@@ -442,10 +474,19 @@ pub struct PairStatus {
     pub running: Option<ProcedureView>,
     pub last_takeover: Option<ProcedureView>,
     pub last_giveback: Option<ProcedureView>,
+    /// This node's last graceful shutdown for a takeover, with its phase timings.
+    #[serde(default)]
+    pub last_shutdown: Option<ProcedureView>,
+    /// The partner was heard on the interconnect within its timeout.
+    #[serde(default)]
+    pub partner_reachable: bool,
     /// Newest last.
     pub refusals: Vec<RefusalView>,
-    /// Newest last.
+    /// Newest last; a repeated alarm is one entry with a count.
     pub alarms: Vec<AlarmView>,
+    /// Alarm conditions that still hold (the headline names them).
+    #[serde(default)]
+    pub open_alarms: Vec<AlarmView>,
     pub auto_giveback: bool,
     pub holddown_until_unix_ms: Option<u64>,
     pub mailbox_access: bool,
@@ -456,11 +497,53 @@ pub struct PairStatus {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// `HH:MM:SS` of a Unix ms time shifted by `utc_offset_s` (the local zone's offset).
-pub fn clock(unix_ms: u64, utc_offset_s: i64) -> String {
+/// A wall-clock time for people: `2024-05-01 12:04:07+02:00` (local date and time with the
+/// zone's offset `utc_offset_s`), or `2024-05-01 10:04:07Z` when the offset is 0. A bare
+/// `HH:MM:SS` leaves the day and the zone to guess, across midnight or between machines.
+pub fn timestamp(unix_ms: u64, utc_offset_s: i64) -> String {
     let s = (unix_ms / 1000) as i64 + utc_offset_s;
-    let d = s.rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02}", d / 3600, d / 60 % 60, d % 60)
+    let (y, m, d) = civil_from_days(s.div_euclid(86_400));
+    let t = s.rem_euclid(86_400);
+    let zone = if utc_offset_s == 0 {
+        "Z".to_string()
+    } else {
+        let a = utc_offset_s.abs();
+        format!(
+            "{}{:02}:{:02}",
+            if utc_offset_s < 0 { '-' } else { '+' },
+            a / 3600,
+            a / 60 % 60
+        )
+    };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}{zone}",
+        t / 3600,
+        t / 60 % 60,
+        t % 60
+    )
+}
+
+/// (year, month, day) of a count of days since 1970-01-01 (proleptic Gregorian calendar;
+/// Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// A step error for people.
+pub fn step_error_text(e: &StepError) -> String {
+    match e {
+        StepError::ReservationConflict => "reservation conflict (this node was fenced)".into(),
+        StepError::Failed(why) => why.clone(),
+    }
 }
 
 /// A duration for people: "850 ms", "4.2 s", "3 min 5 s".
@@ -530,7 +613,7 @@ pub fn describe_reason(
     utc_offset_s: i64,
     local_clock: bool,
 ) -> String {
-    let at = |t: u64| clock(snap.unix_ms(t), utc_offset_s);
+    let at = |t: u64| timestamp(snap.unix_ms(t), utc_offset_s);
     let partner = &snap.partner_name;
     match r {
         RefusalReason::MirrorNotCurrent { since_ms } => match (since_ms, local_clock) {
@@ -608,7 +691,7 @@ fn describe_alarm(a: &Alarm, snap: &HaSnapshot, off: i64) -> String {
     match a {
         Alarm::InterconnectDown { since_ms } => format!(
             "interconnect to {partner} down since {} while its mailbox heartbeat lives: no takeover",
-            clock(snap.unix_ms(*since_ms), off)
+            timestamp(snap.unix_ms(*since_ms), off)
         ),
         Alarm::MailboxAccessLost => "mailbox unreadable on a majority of members".into(),
         Alarm::PartnerDownCannotTakeOver { reasons } => format!(
@@ -619,7 +702,9 @@ fn describe_alarm(a: &Alarm, snap: &HaSnapshot, off: i64) -> String {
                 .collect::<Vec<_>>()
                 .join("; ")
         ),
-        Alarm::StepFailed { step, error } => format!("step {step:?} failed: {error:?}"),
+        Alarm::StepFailed { step, error } => {
+            format!("step {step:?} failed: {}", step_error_text(error))
+        }
         Alarm::IllegalTransition { from, to } => format!("BUG: illegal transition {from:?} -> {to:?}"),
         Alarm::FencedOut => format!("fenced out by {partner}: halted"),
         Alarm::SelfFenced { reason } => format!("self-fenced: {reason}"),
@@ -655,6 +740,15 @@ pub fn procedure_view(p: &ProcedureReport, snap: &HaSnapshot) -> ProcedureView {
                 failures: ph.failures,
             })
             .collect(),
+        current: p.current.as_ref().map(|c| RunningStepView {
+            step: format!("{:?}", c.step),
+            elapsed_ms: p
+                .finished_ms
+                .unwrap_or(snap.status.now_ms)
+                .saturating_sub(c.started_ms),
+            failures: c.failures,
+            last_error: c.last_error.as_ref().map(step_error_text),
+        }),
     }
 }
 
@@ -701,7 +795,7 @@ impl PairStatus {
         let summary = if st.mirror_current {
             "mirrored".to_string()
         } else if let Some(t) = st.mirror_not_current_since_ms {
-            format!("not mirrored since {}", clock(snap.unix_ms(t), off))
+            format!("not mirrored since {}", timestamp(snap.unix_ms(t), off))
         } else {
             "never mirrored since start".to_string()
         };
@@ -757,10 +851,27 @@ impl PairStatus {
         let alarms = st
             .alarms
             .iter()
-            .map(|(t, a)| AlarmView {
-                at_unix_ms: snap.unix_ms(*t),
-                alarm: a.clone(),
-                text: describe_alarm(a, snap, off),
+            .map(|e| AlarmView {
+                at_unix_ms: snap.unix_ms(e.last_ms),
+                alarm: e.alarm.clone(),
+                text: describe_alarm(&e.alarm, snap, off),
+                count: e.count,
+                first_at_unix_ms: Some(snap.unix_ms(e.first_ms)),
+            })
+            .collect();
+        let open_alarms = st
+            .open_alarms
+            .iter()
+            .map(|a| {
+                // When it was raised, if the history still has it.
+                let e = st.alarms.iter().rev().find(|e| e.alarm == *a);
+                AlarmView {
+                    at_unix_ms: snap.unix_ms(e.map_or(st.now_ms, |e| e.last_ms)),
+                    alarm: a.clone(),
+                    text: describe_alarm(a, snap, off),
+                    count: e.map_or(1, |e| e.count),
+                    first_at_unix_ms: e.map(|e| snap.unix_ms(e.first_ms)),
+                }
             })
             .collect();
         let mut s = PairStatus {
@@ -777,8 +888,11 @@ impl PairStatus {
             running: st.running.as_ref().map(|p| procedure_view(p, snap)),
             last_takeover: st.last_takeover.as_ref().map(|p| procedure_view(p, snap)),
             last_giveback: st.last_giveback.as_ref().map(|p| procedure_view(p, snap)),
+            last_shutdown: st.last_shutdown.as_ref().map(|p| procedure_view(p, snap)),
+            partner_reachable: partner_alive,
             refusals,
             alarms,
+            open_alarms,
             auto_giveback: st.auto_giveback,
             holddown_until_unix_ms: st.holddown_until_ms.map(|t| snap.unix_ms(t)),
             mailbox_access: st.mailbox_access,
@@ -790,7 +904,9 @@ impl PairStatus {
     }
 }
 
-/// The one-line verdict: the truth at a glance.
+/// The one-line verdict: the truth at a glance. "OK" only when the partner is reachable on
+/// the interconnect, no alarm condition holds, both serve and the partner's log is mirrored;
+/// an unreachable partner and every open alarm are named after the state.
 pub fn headline(s: &PairStatus) -> String {
     let me = &s.node;
     let p = &s.partner;
@@ -800,6 +916,29 @@ pub fn headline(s: &PairStatus) -> String {
         .filter(|a| a.served_by.is_none())
         .map(|a| a.name.as_str())
         .collect();
+    let mut alarms: Vec<String> = Vec::new();
+    let open_has = |f: &dyn Fn(&Alarm) -> bool| s.open_alarms.iter().any(|a| f(&a.alarm));
+    if !s.partner_reachable && !open_has(&|a| matches!(a, Alarm::InterconnectDown { .. })) {
+        let heard = s
+            .nodes
+            .iter()
+            .find(|n| !n.local)
+            .and_then(|n| n.interconnect_heard_ms_ago);
+        alarms.push(match heard {
+            Some(ago) => format!("{p} not heard on the interconnect for {}", duration(ago)),
+            None => format!("{p} never heard on the interconnect"),
+        });
+    }
+    if !s.mailbox_access && !open_has(&|a| *a == Alarm::MailboxAccessLost) {
+        alarms.push("mailbox unreadable".into());
+    }
+    for a in &s.open_alarms {
+        alarms.push(if a.count > 1 {
+            format!("{} ({} times)", a.text, a.count)
+        } else {
+            a.text.clone()
+        });
+    }
     let base = match (s.ha.state, s.ha.partner_state) {
         (State::InTakeover, _) => {
             format!("TAKEOVER: {me} serves {p}'s aggregates; {p} waits for giveback")
@@ -816,9 +955,15 @@ pub fn headline(s: &PairStatus) -> String {
         (State::GivingBack, _) => format!("GIVEBACK IN PROGRESS: {me} returns {p}'s aggregates"),
         (State::Booting, _) => format!("BOOTING: {me} reads the mailbox"),
         (State::Resuming, _) => format!("RESUMING: {me} brings its aggregates up"),
-        (State::Normal, Some(State::Normal)) if s.mirror.partner_log_mirrored => {
+        (State::Normal, Some(State::Normal))
+            if s.mirror.partner_log_mirrored && alarms.is_empty() =>
+        {
             "OK: both nodes serve their own aggregates; partner log mirrored".to_string()
         }
+        (State::Normal, _) if !s.partner_reachable => format!(
+            "DEGRADED: {me} serves its own aggregates; {p} unreachable; partner log {}",
+            s.mirror.summary
+        ),
         (State::Normal, Some(State::InTakeover)) => format!("TAKEN OVER BY {p}"),
         (State::Normal, Some(ps)) => {
             format!("DEGRADED: {p} is {ps:?}; partner log {}", s.mirror.summary)
@@ -827,24 +972,27 @@ pub fn headline(s: &PairStatus) -> String {
             format!("DEGRADED: {p} not heard; partner log {}", s.mirror.summary)
         }
     };
-    if unserved.is_empty() {
-        base
-    } else {
-        format!("{base} -- NOT SERVED: {}", unserved.join(", "))
+    let mut line = base;
+    if !unserved.is_empty() {
+        line = format!("{line} -- NOT SERVED: {}", unserved.join(", "));
     }
+    if !alarms.is_empty() {
+        line = format!("{line} -- ALARM: {}", alarms.join("; "));
+    }
+    line
 }
 
 /// The table `takeoverctl status` prints.
 pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     let off = utc_offset_s;
-    let c = |t: u64| clock(t, off);
+    let c = |t: u64| timestamp(t, off);
     let mut o = String::new();
     let _ = writeln!(o, "{}", s.headline);
     let _ = writeln!(o, "(status of {} at {})", s.node, c(s.now_unix_ms));
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "{:<10} {:<8} {:<18} {:<9} {:<22} MAILBOX HEARTBEAT",
+        "{:<10} {:<8} {:<18} {:<25} {:<22} MAILBOX HEARTBEAT",
         "NODE", "ROLE", "STATE", "SINCE", "INTERCONNECT"
     );
     for n in &s.nodes {
@@ -874,7 +1022,7 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
         let role = if n.local { "local" } else { "partner" };
         let _ = writeln!(
             o,
-            "{:<10} {:<8} {:<18} {:<9} {:<22} {}",
+            "{:<10} {:<8} {:<18} {:<25} {:<22} {}",
             n.name, role, state, since, ic, mb
         );
     }
@@ -890,14 +1038,17 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     );
     match &s.nvram {
         Some(n) => {
-            let pct = (n.used_bytes * 100)
-                .checked_div(n.capacity_bytes)
-                .unwrap_or(0);
-            let _ = writeln!(
-                o,
-                "NVRAM: {} -- {}% of {} bytes used {}",
-                n.persistence, pct, n.capacity_bytes, n.detail
-            );
+            let used = match n.used_bytes {
+                Some(u) => format!(
+                    "{}% of {} bytes used",
+                    (u.saturating_mul(100))
+                        .checked_div(n.capacity_bytes)
+                        .unwrap_or(0),
+                    n.capacity_bytes
+                ),
+                None => format!("{} bytes (use not reported)", n.capacity_bytes),
+            };
+            let _ = writeln!(o, "NVRAM: {} -- {used} {}", n.persistence, n.detail);
         }
         None => {
             let _ = writeln!(o, "NVRAM: (not reported)");
@@ -970,6 +1121,21 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
                 };
                 let _ = writeln!(o, "    {:<22} {}{}", ph.step, duration(ph.elapsed_ms), f);
             }
+            if let Some(r) = &p.current {
+                let what = if p.finished_unix_ms.is_some() {
+                    "interrupted after"
+                } else {
+                    "running for"
+                };
+                let mut l = format!("    {:<22} {what} {}", r.step, duration(r.elapsed_ms));
+                if r.failures > 0 {
+                    l += &format!(", {} failed attempts", r.failures);
+                }
+                if let Some(e) = &r.last_error {
+                    l += &format!(", last error: {e}");
+                }
+                let _ = writeln!(o, "{l}");
+            }
         }
     };
     if s.running.is_some() {
@@ -977,6 +1143,9 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     }
     proc_line("last takeover", &s.last_takeover, &mut o);
     proc_line("last giveback", &s.last_giveback, &mut o);
+    if s.last_shutdown.is_some() {
+        proc_line("last shutdown", &s.last_shutdown, &mut o);
+    }
     if let Some(h) = s.holddown_until_unix_ms.filter(|h| *h > s.now_unix_ms) {
         let _ = writeln!(o, "hold-down until {} (operator takeovers refused)", c(h));
     }
@@ -1000,7 +1169,20 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     } else {
         let _ = writeln!(o, "alarms (newest last):");
         for a in &s.alarms {
-            let _ = writeln!(o, "  {} {}", c(a.at_unix_ms), a.text);
+            match (a.count, a.first_at_unix_ms) {
+                (n, Some(first)) if n > 1 => {
+                    let _ = writeln!(
+                        o,
+                        "  {} {} ({n} times since {})",
+                        c(a.at_unix_ms),
+                        a.text,
+                        c(first)
+                    );
+                }
+                _ => {
+                    let _ = writeln!(o, "  {} {}", c(a.at_unix_ms), a.text);
+                }
+            }
         }
     }
     o
@@ -1147,18 +1329,18 @@ mod tests {
             Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)),
         );
         let s = PairStatus::from_snapshot(&snap(&n), 0);
-        assert_eq!(s.mirror.summary, "not mirrored since 12:04:07");
+        assert_eq!(s.mirror.summary, "not mirrored since 1970-01-01 12:04:07Z");
         let r = s.refusals.last().unwrap();
         assert!(
             r.text
-                .contains(&"partner log not mirrored since 12:04:07".to_string()),
+                .contains(&"partner log not mirrored since 1970-01-01 12:04:07Z".to_string()),
             "{:?}",
             r.text
         );
         let table = render_status(&s, 0);
         assert!(table.contains("cannot take over: "), "{table}");
         assert!(
-            table.contains("partner log mirror: not mirrored since 12:04:07"),
+            table.contains("partner log mirror: not mirrored since 1970-01-01 12:04:07Z"),
             "{table}"
         );
         assert!(table.starts_with("DEGRADED: beta is Normal"), "{table}");
@@ -1185,10 +1367,115 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_carry_the_date_and_the_zone() {
+        assert_eq!(
+            timestamp(12 * 3_600_000 + 4 * 60_000 + 7_000, 0),
+            "1970-01-01 12:04:07Z"
+        );
+        assert_eq!(timestamp(0, 3600), "1970-01-01 01:00:00+01:00");
+        assert_eq!(timestamp(0, -3600), "1969-12-31 23:00:00-01:00");
+        assert_eq!(timestamp(0, 5 * 3600 + 1800), "1970-01-01 05:30:00+05:30");
+        // 2024-02-29 23:59:59 UTC (a leap day), and the next second.
+        assert_eq!(timestamp(1_709_251_199_000, 0), "2024-02-29 23:59:59Z");
+        assert_eq!(timestamp(1_709_251_200_999, 0), "2024-03-01 00:00:00Z");
+        assert_eq!(timestamp(951_782_400_000, 0), "2000-02-29 00:00:00Z");
+    }
+
+    /// A pair where both nodes serve and a's mirror of b's log is current, as seen from a at
+    /// `t`, with b last heard at `heard`.
+    fn normal_pair(heard: u64, t: u64) -> Node {
+        let mut n = Node::new(Config::new(NodeId::A), 0).unwrap();
+        n.step(
+            0,
+            Event::MailboxRead(Some(crate::core::takeover::MailboxView {
+                partner_slot: None,
+                please_die_for_me: false,
+                please_die_for_partner: false,
+            })),
+        );
+        n.step(1, Event::StepDone(crate::core::takeover::Step::RegisterOwn));
+        n.step(1, Event::MailboxChecked { please_die: false });
+        for st in [
+            crate::core::takeover::Step::OpenOwnAggregate,
+            crate::core::takeover::Step::ReplayOwnLog,
+            crate::core::takeover::Step::TakeOwnIps,
+            crate::core::takeover::Step::ServeOwnExports,
+        ] {
+            n.step(1, Event::StepDone(st));
+        }
+        n.step(
+            heard,
+            Event::Message(crate::core::takeover::Message::Heartbeat {
+                state: State::Normal,
+                protocol_version: 1,
+                mirror_in_sync: true,
+            }),
+        );
+        n.step(t, Event::Tick);
+        n
+    }
+
+    #[test]
+    fn the_headline_is_ok_only_with_the_partner_reachable_and_no_open_alarm() {
+        let s = PairStatus::from_snapshot(&snap(&normal_pair(1_000, 2_000)), 0);
+        assert!(s.partner_reachable);
+        assert!(s.headline.starts_with("OK: "), "{}", s.headline);
+
+        // b silent on the interconnect past the timeout: not OK, and the headline says so,
+        // whatever b's last heartbeat said (before the state machine's next tick, too).
+        let n = normal_pair(1_000, 2_000);
+        let mut sn = snap(&n);
+        sn.status.now_ms = 7_000; // the HA loop shows the present
+        let s = PairStatus::from_snapshot(&sn, 0);
+        assert!(!s.partner_reachable);
+        assert!(
+            s.headline
+                .starts_with("DEGRADED: alpha serves its own aggregates; beta unreachable"),
+            "{}",
+            s.headline
+        );
+        assert!(
+            s.headline
+                .contains("ALARM: beta not heard on the interconnect for 6.0 s"),
+            "{}",
+            s.headline
+        );
+        // The tick raised the interconnect alarm (its mailbox lives): its text instead.
+        let s = PairStatus::from_snapshot(&snap(&normal_pair(1_000, 7_000)), 0);
+        assert!(
+            s.headline.contains(
+                "ALARM: interconnect to beta down since 1970-01-01 12:00:01Z while its mailbox"
+            ),
+            "{}",
+            s.headline
+        );
+
+        // Reachable, but an alarm condition holds (the mailbox cannot be read): not OK.
+        let mut n = normal_pair(1_000, 2_000);
+        n.step(2_000, Event::MailboxRead(None));
+        let s = PairStatus::from_snapshot(&snap(&n), 0);
+        assert_eq!(s.open_alarms.len(), 1, "{:?}", s.open_alarms);
+        assert!(!s.headline.starts_with("OK"), "{}", s.headline);
+        assert!(
+            s.headline
+                .ends_with("ALARM: mailbox unreadable on a majority of members"),
+            "{}",
+            s.headline
+        );
+        // Readable again: the condition is closed, the history keeps it, OK again.
+        let mv = crate::core::takeover::MailboxView {
+            partner_slot: None,
+            please_die_for_me: false,
+            please_die_for_partner: false,
+        };
+        n.step(2_100, Event::MailboxRead(Some(mv)));
+        let s = PairStatus::from_snapshot(&snap(&n), 0);
+        assert!(s.headline.starts_with("OK: "), "{}", s.headline);
+        assert_eq!(s.alarms.len(), 1);
+    }
+
+    #[test]
     fn clock_and_duration_formatting() {
-        assert_eq!(clock(12 * 3_600_000 + 4 * 60_000 + 7_000, 0), "12:04:07");
-        assert_eq!(clock(0, 3600), "01:00:00");
-        assert_eq!(clock(0, -3600), "23:00:00");
         assert_eq!(duration(850), "850 ms");
         assert_eq!(duration(4_200), "4.2 s");
         assert_eq!(duration(185_000), "3 min 5 s");

@@ -607,6 +607,37 @@ pub struct ProcedureReport {
     pub phases: Vec<PhaseTiming>,
     /// Takeover only: did a fence complete before serving.
     pub fenced: bool,
+    /// The step running when the report was taken: for a running procedure, the one it is
+    /// in (a step that keeps failing shows here with its attempts and last error); for a
+    /// finished one, the step a halt interrupted (None when every step ran).
+    #[serde(default)]
+    pub current: Option<RunningStep>,
+}
+
+/// The step a procedure is in, with its failed attempts so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningStep {
+    pub step: Step,
+    /// When its first attempt began.
+    pub started_ms: u64,
+    /// Failed attempts so far (the step is retried every `step_retry_ms`).
+    pub failures: u32,
+    /// The error of the latest failed attempt.
+    pub last_error: Option<StepError>,
+}
+
+/// One entry of the alarm history. A repeat of an alarm already in the history (the same
+/// step failing the same way on every retry, say) updates that entry instead of pushing the
+/// others out of the bounded ring.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlarmEntry {
+    /// When it was first raised.
+    pub first_ms: u64,
+    /// When it was last raised (the entry's place in the history, newest last).
+    pub last_ms: u64,
+    /// How many times it was raised.
+    pub count: u32,
+    pub alarm: Alarm,
 }
 
 /// A state transition, as kept in the bounded history.
@@ -636,8 +667,17 @@ pub struct Status {
     pub running: Option<ProcedureReport>,
     pub last_takeover: Option<ProcedureReport>,
     pub last_giveback: Option<ProcedureReport>,
+    /// This node's last graceful shutdown (it was taken over), with its phase timings; a
+    /// shutdown cut short by a halt shows the step it was in.
+    #[serde(default)]
+    pub last_shutdown: Option<ProcedureReport>,
     pub refusals: Vec<Refusal>,
-    pub alarms: Vec<(u64, Alarm)>,
+    /// Newest last; repeats coalesced (see [`AlarmEntry`]).
+    pub alarms: Vec<AlarmEntry>,
+    /// Conditions raised as alarms that still hold now (interconnect down, mailbox
+    /// unreadable, partner down and not taken over, the running step failing).
+    #[serde(default)]
+    pub open_alarms: Vec<Alarm>,
     pub auto_giveback: bool,
     pub holddown_until_ms: Option<u64>,
     pub transitions: Vec<Transition>,
@@ -649,6 +689,8 @@ struct Procedure {
     started_ms: u64,
     queue: VecDeque<Step>,
     current: Option<(Step, u64, u32)>,
+    /// The error of the current step's latest failed attempt.
+    last_error: Option<StepError>,
     retry_at_ms: Option<u64>,
     done: Vec<PhaseTiming>,
 }
@@ -660,6 +702,7 @@ impl Procedure {
             started_ms,
             queue: steps.iter().copied().collect(),
             current: None,
+            last_error: None,
             retry_at_ms: None,
             done: Vec::new(),
         }
@@ -680,6 +723,14 @@ impl Procedure {
             finished_ms,
             phases: self.done.clone(),
             fenced,
+            current: self
+                .current
+                .map(|(step, started_ms, failures)| RunningStep {
+                    step,
+                    started_ms,
+                    failures,
+                    last_error: self.last_error.clone(),
+                }),
         }
     }
 }
@@ -739,8 +790,9 @@ pub struct Node {
     // Reporting.
     last_takeover: Option<ProcedureReport>,
     last_giveback: Option<ProcedureReport>,
+    last_shutdown: Option<ProcedureReport>,
     refusals: VecDeque<Refusal>,
-    alarms: VecDeque<(u64, Alarm)>,
+    alarms: VecDeque<AlarmEntry>,
     transitions: VecDeque<Transition>,
     interconnect_alarm_raised: bool,
     hard_refusal_raised: bool,
@@ -794,6 +846,7 @@ impl Node {
             ack_mode: AckMode::Mirrored,
             last_takeover: None,
             last_giveback: None,
+            last_shutdown: None,
             refusals: VecDeque::new(),
             alarms: VecDeque::new(),
             transitions: VecDeque::new(),
@@ -938,8 +991,10 @@ impl Node {
             running: self.proc.as_ref().map(|p| p.report(None, self.fenced)),
             last_takeover: self.last_takeover.clone(),
             last_giveback: self.last_giveback.clone(),
+            last_shutdown: self.last_shutdown.clone(),
             refusals: self.refusals.iter().cloned().collect(),
             alarms: self.alarms.iter().cloned().collect(),
+            open_alarms: self.open_alarms(),
             auto_giveback: self.auto_giveback,
             holddown_until_ms: self.holddown_until_ms,
             transitions: self.transitions.iter().cloned().collect(),
@@ -1008,10 +1063,64 @@ impl Node {
 
     fn raise(&mut self, alarm: Alarm) {
         tracing::warn!(node = ?self.cfg.node, ?alarm, "takeover alarm");
+        // A repeat (a step failing the same way on every retry) moves its entry to the end
+        // with a count, rather than pushing other alarms out of the ring.
+        if let Some(i) = self.alarms.iter().position(|e| e.alarm == alarm) {
+            let mut e = self.alarms.remove(i).expect("position is in range");
+            e.count = e.count.saturating_add(1);
+            e.last_ms = self.now_ms;
+            self.alarms.push_back(e);
+            return;
+        }
         if self.alarms.len() == MAX_ALARMS {
             self.alarms.pop_front();
         }
-        self.alarms.push_back((self.now_ms, alarm));
+        self.alarms.push_back(AlarmEntry {
+            first_ms: self.now_ms,
+            last_ms: self.now_ms,
+            count: 1,
+            alarm,
+        });
+    }
+
+    /// The alarm conditions that still hold (see [`Status::open_alarms`]).
+    fn open_alarms(&self) -> Vec<Alarm> {
+        let latest = |pred: &dyn Fn(&Alarm) -> bool| {
+            self.alarms
+                .iter()
+                .rev()
+                .find(|e| pred(&e.alarm))
+                .map(|e| e.alarm.clone())
+        };
+        let mut open = Vec::new();
+        if self.interconnect_alarm_raised {
+            open.push(
+                latest(&|a| matches!(a, Alarm::InterconnectDown { .. })).unwrap_or(
+                    Alarm::InterconnectDown {
+                        since_ms: self.partner_last_heard_ms.unwrap_or(self.boot_ms),
+                    },
+                ),
+            );
+        }
+        if !self.mailbox_access {
+            open.push(Alarm::MailboxAccessLost);
+        }
+        if self.hard_refusal_raised {
+            if let Some(a) = latest(&|a| matches!(a, Alarm::PartnerDownCannotTakeOver { .. })) {
+                open.push(a);
+            }
+        }
+        if let Some(p) = &self.proc {
+            if let (Some((step, _, failures)), Some(error)) = (p.current, &p.last_error) {
+                if failures > 0 {
+                    open.push(Alarm::StepFailed {
+                        step,
+                        error: error.clone(),
+                    });
+                }
+            }
+        }
+        open
     }
 
     fn alarm(&mut self, alarm: Alarm, out: &mut Vec<Action>) {
@@ -1084,6 +1193,7 @@ impl Node {
                     return;
                 }
                 p.current = Some((step, self.now_ms, 0));
+                p.last_error = None;
                 out.push(Action::Begin(step));
             }
             None => {
@@ -1105,6 +1215,7 @@ impl Node {
                     final_cp_ok,
                     elapsed_ms: self.now_ms - p.started_ms,
                 }));
+                self.last_shutdown = Some(report);
                 self.transition(State::TakenOver, "graceful shutdown complete");
                 self.send_heartbeat(out);
             }
@@ -1149,6 +1260,7 @@ impl Node {
         match p.current {
             Some((s, started, failures)) if s == step => {
                 p.current = None;
+                p.last_error = None;
                 p.retry_at_ms = None;
                 p.done.push(PhaseTiming {
                     step,
@@ -1223,6 +1335,7 @@ impl Node {
                 let now = self.now_ms;
                 let p = self.proc.as_mut().expect("running");
                 let (s, started, failures) = p.current.take().expect("running");
+                p.last_error = None;
                 p.done.push(PhaseTiming {
                     step: s,
                     started_ms: started,
@@ -1259,6 +1372,7 @@ impl Node {
                 if let Some((_, _, failures)) = p.current.as_mut() {
                     *failures += 1;
                 }
+                p.last_error = Some(error);
                 p.retry_at_ms = Some(at);
             }
         }
@@ -1282,7 +1396,12 @@ impl Node {
             return;
         }
         out.push(Action::HaltSelf);
-        self.proc = None;
+        if let Some(p) = self.proc.take() {
+            if p.kind == ProcedureKind::Shutdown {
+                // Forced down mid-shutdown: keep what ran, and the step it was in.
+                self.last_shutdown = Some(p.report(Some(self.now_ms), false));
+            }
+        }
         self.fenced = false;
         self.awaiting_resume = false;
         self.countdown_deadline_ms = None;
@@ -1562,6 +1681,15 @@ impl Node {
             }
             Message::PleaseShutdown { countdown_ms } => self.on_please_shutdown(countdown_ms, out),
             Message::Refused { request, reasons } => {
+                if request == RequestKind::TakeoverOfPartner
+                    && matches!(self.state, State::ShuttingDown | State::TakenOver)
+                {
+                    // We shut down for a takeover the partner then did not make (its mirror
+                    // of our log fell behind): record it; an operator here waits for it. We
+                    // stay down, as before: the partner or a restart brings the aggregate back.
+                    self.refuse(RequestKind::TakeoverOfSelf, reasons, out);
+                    return;
+                }
                 let ours = matches!(
                     (self.state, request),
                     (State::TakeoverRequested, RequestKind::PleaseTakeover)
@@ -1644,6 +1772,11 @@ impl Node {
             since_ms: self.mirror_not_current_since_ms,
         }];
         self.countdown_deadline_ms = None;
+        // The partner's operator may be waiting for this takeover: tell it why not.
+        out.push(Action::Send(Message::Refused {
+            request: RequestKind::TakeoverOfPartner,
+            reasons: reasons.clone(),
+        }));
         self.refuse(RequestKind::TakeoverOfPartner, reasons.clone(), out);
         self.alarm(Alarm::PartnerDownCannotTakeOver { reasons }, out);
         self.transition(
@@ -1863,13 +1996,14 @@ impl Node {
                 // (*please shutdown* lost, say, and it served on): forcing would replay a stale
                 // log over them. Refused, as a hard takeover would be.
                 self.countdown_deadline_ms = None;
-                self.refuse(
-                    RequestKind::TakeoverOfPartner,
-                    vec![RefusalReason::MirrorNotCurrent {
-                        since_ms: self.mirror_not_current_since_ms,
-                    }],
-                    out,
-                );
+                let reasons = vec![RefusalReason::MirrorNotCurrent {
+                    since_ms: self.mirror_not_current_since_ms,
+                }];
+                out.push(Action::Send(Message::Refused {
+                    request: RequestKind::TakeoverOfPartner,
+                    reasons: reasons.clone(),
+                }));
+                self.refuse(RequestKind::TakeoverOfPartner, reasons, out);
                 self.transition(
                     State::Normal,
                     "countdown ran out with the mirror not current: no forced takeover",
@@ -2361,7 +2495,7 @@ mod tests {
                 .n
                 .alarms
                 .iter()
-                .all(|(_, a)| !matches!(a, Alarm::IllegalTransition { .. })));
+                .all(|e| !matches!(e.alarm, Alarm::IllegalTransition { .. })));
         }
         let legal: BTreeSet<_> = LEGAL.iter().copied().collect();
         let missing: Vec<_> = legal.difference(&seen).collect();
@@ -2631,7 +2765,7 @@ mod tests {
         let alarms: Vec<_> =
             h.n.alarms
                 .iter()
-                .filter(|(_, a)| matches!(a, Alarm::InterconnectDown { .. }))
+                .filter(|e| matches!(e.alarm, Alarm::InterconnectDown { .. }))
                 .collect();
         assert_eq!(alarms.len(), 1, "raised once, not per tick");
         // Now the mailbox stops too.
@@ -3403,5 +3537,162 @@ mod tests {
         assert!(c.validate().is_ok());
         c.interconnect_timeout_ms = c.heartbeat_interval_ms;
         assert!(Node::new(c, 0).is_err());
+    }
+
+    // ---- what the operator sees ------------------------------------------------------
+
+    const SHUTDOWN_STEPS: [Step; 7] = [
+        Step::StopAccepting,
+        Step::DrainInFlight,
+        Step::FinalCp,
+        Step::ReleaseServiceIps,
+        Step::CloseClients,
+        Step::MarkCleanShutdown,
+        Step::StopHeartbeats,
+    ];
+
+    #[test]
+    fn the_node_taken_over_keeps_its_shutdown_timings() {
+        let mut h = H::booted(NodeId::B);
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
+        assert_eq!(h.n.state(), State::ShuttingDown);
+        h.run(&SHUTDOWN_STEPS);
+        assert_eq!(h.n.state(), State::TakenOver);
+        let r = h.n.status().last_shutdown.expect("shutdown report kept");
+        assert_eq!(r.kind, ProcedureKind::Shutdown);
+        assert!(r.finished_ms.is_some());
+        assert_eq!(
+            r.phases.iter().map(|p| p.step).collect::<Vec<_>>(),
+            SHUTDOWN_STEPS
+        );
+        assert!(r.phases.iter().all(|p| p.elapsed_ms() == 10));
+        assert_eq!(r.current, None);
+    }
+
+    #[test]
+    fn a_shutdown_cut_short_by_a_forced_takeover_keeps_what_ran() {
+        let mut h = H::booted(NodeId::B);
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
+        h.run(&SHUTDOWN_STEPS[..1]);
+        h.t += 5_000;
+        let a = h.msg(Message::Takeover);
+        assert!(a.contains(&Action::HaltSelf));
+        let r =
+            h.n.status()
+                .last_shutdown
+                .expect("partial shutdown report kept");
+        assert_eq!(r.phases.len(), 1);
+        let cur = r.current.expect("the step it was in");
+        assert_eq!(cur.step, Step::DrainInFlight);
+        assert_eq!(r.finished_ms, Some(h.t));
+    }
+
+    #[test]
+    fn a_step_that_keeps_failing_shows_in_the_running_report_and_one_alarm() {
+        let mut h = H::booted(NodeId::A);
+        // Something else first: it must survive in the ring.
+        h.at(1_000, Event::MailboxRead(None));
+        h.at(
+            1_100,
+            Event::MailboxRead(Some(h.view(5, State::Normal, false))),
+        );
+        h.ev(Event::Operator(OperatorCmd::TakeoverOfWith {
+            node: NodeId::B,
+            countdown_ms: None,
+            immediate: true,
+        }));
+        assert_eq!(h.n.state(), State::TakingOver);
+        h.done(Step::Fence);
+        let err = StepError::Failed("open: member 2: EIO".into());
+        for i in 0..(MAX_ALARMS as u64 + 4) {
+            h.t = 2_000 + i * 1_000;
+            h.ev(Event::StepFailed {
+                step: Step::OpenPartnerAggregate,
+                error: err.clone(),
+            });
+            h.ev(Event::Tick); // retry
+        }
+        let st = h.n.status();
+        let cur = st.running.unwrap().current.expect("running step");
+        assert_eq!(cur.step, Step::OpenPartnerAggregate);
+        assert_eq!(cur.failures, MAX_ALARMS as u32 + 4);
+        assert_eq!(cur.last_error, Some(err.clone()));
+        let failed: Vec<&AlarmEntry> = st
+            .alarms
+            .iter()
+            .filter(|e| matches!(e.alarm, Alarm::StepFailed { .. }))
+            .collect();
+        assert_eq!(failed.len(), 1, "{:?}", st.alarms);
+        assert_eq!(failed[0].count, MAX_ALARMS as u32 + 4);
+        assert_eq!(failed[0].first_ms, 2_000);
+        assert_eq!(failed[0].last_ms, h.t);
+        assert!(
+            st.alarms
+                .iter()
+                .any(|e| e.alarm == Alarm::MailboxAccessLost),
+            "older alarms not pushed out: {:?}",
+            st.alarms
+        );
+        assert_eq!(st.alarms.last().unwrap().alarm, failed[0].alarm);
+        assert_eq!(
+            st.open_alarms,
+            vec![Alarm::StepFailed {
+                step: Step::OpenPartnerAggregate,
+                error: err
+            }]
+        );
+        // It completes: nothing open any more.
+        h.done(Step::OpenPartnerAggregate);
+        assert!(h.n.status().open_alarms.is_empty());
+    }
+
+    #[test]
+    fn a_takeover_refused_after_the_shutdown_is_reported_to_the_node_shut_down() {
+        // a refuses once b has shut down (its final CP failed, a's mirror of b's log is stale)
+        // and tells b why; b's operator, waiting for the takeover it asked for, sees it.
+        let mut a = awaiting_with_stale_mirror();
+        let out = a.msg(Message::ShutdownComplete {
+            final_cp_ok: false,
+            elapsed_ms: 10,
+        });
+        let sent = out
+            .iter()
+            .find_map(|x| match x {
+                Action::Send(m @ Message::Refused { .. }) => Some(m.clone()),
+                _ => None,
+            })
+            .expect("refusal sent to the partner");
+        let mut b = H::booted(NodeId::B);
+        b.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
+        b.run(&SHUTDOWN_STEPS);
+        assert_eq!(b.n.state(), State::TakenOver);
+        let out = b.msg(sent);
+        assert_eq!(b.n.state(), State::TakenOver, "stays down");
+        let r = out
+            .iter()
+            .find_map(|x| match x {
+                Action::ReportRefusal(r) => Some(r.clone()),
+                _ => None,
+            })
+            .expect("refusal reported");
+        assert_eq!(r.request, RequestKind::TakeoverOfSelf);
+        assert!(matches!(
+            r.reasons[..],
+            [RefusalReason::MirrorNotCurrent { .. }]
+        ));
+        // A stray one in Normal is ignored, as before.
+        let mut c = H::booted(NodeId::B);
+        let out = c.msg(Message::Refused {
+            request: RequestKind::TakeoverOfPartner,
+            reasons: vec![],
+        });
+        assert!(out.iter().all(|x| !matches!(x, Action::ReportRefusal(_))));
+        assert_eq!(c.n.state(), State::Normal);
     }
 }

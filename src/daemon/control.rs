@@ -13,7 +13,8 @@ use crate::core::control::{
 use crate::daemon::ha::{HaCallError, HaHandle, OpOptions};
 use crate::io::clock;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -66,6 +67,8 @@ impl Default for ControlOptions {
 pub enum ControlError {
     #[error("control socket {path}: another daemon is listening there")]
     InUse { path: PathBuf },
+    #[error("control socket {path}: a {kind} is in the way (only a stale socket is replaced): move it or set pair.control_socket")]
+    NotASocket { path: PathBuf, kind: &'static str },
     #[error("control socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -91,23 +94,50 @@ struct Shared {
 }
 
 impl ControlServer {
-    /// Listen on `path` (a stale socket left by a dead daemon is replaced).
+    /// Listen on `path`. A stale socket left by a dead daemon is replaced; anything else at
+    /// the path (a file, a directory, a symbolic link) is refused, never removed: a typo in
+    /// `control_socket` must not delete a file.
     pub fn start(
         path: &Path,
         ha: HaHandle,
         provider: Arc<dyn StatusProvider>,
         opts: ControlOptions,
     ) -> Result<ControlServer, ControlError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ControlError::InUse {
+                        path: path.to_path_buf(),
+                    });
+                }
+                std::fs::remove_file(path).map_err(|source| ControlError::Bind {
                     path: path.to_path_buf(),
+                    source,
+                })?;
+            }
+            Ok(m) => {
+                let t = m.file_type();
+                let kind = if t.is_dir() {
+                    "directory"
+                } else if t.is_symlink() {
+                    "symbolic link"
+                } else if t.is_file() {
+                    "regular file"
+                } else {
+                    "non-socket file"
+                };
+                return Err(ControlError::NotASocket {
+                    path: path.to_path_buf(),
+                    kind,
                 });
             }
-            std::fs::remove_file(path).map_err(|source| ControlError::Bind {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(ControlError::Bind {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         }
         let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
             path: path.to_path_buf(),
@@ -367,12 +397,17 @@ fn dispatch(req: Request, sh: &Shared) -> Reply {
     }
 }
 
+/// Stream status lines until the client goes away. Every line is written whole: the writer
+/// blocks (up to `idle_timeout`: a watcher that stops reading that long is dropped) and the
+/// reader is polled for the client's end of stream. Not O_NONBLOCK on the reader: that flag
+/// belongs to the open file description `w` shares, and a full socket buffer would then cut a
+/// line in half.
 fn watch(w: &mut UnixStream, r: &UnixStream, sh: &Shared) -> std::io::Result<()> {
     let rx = match sh.ha.watch() {
         Ok(rx) => rx,
         Err(e) => return w.write_all(&encode_reply(&call_error(e))),
     };
-    r.set_nonblocking(true)?;
+    w.set_write_timeout(Some(sh.opts.idle_timeout))?;
     loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(snap) => {
@@ -383,12 +418,20 @@ fn watch(w: &mut UnixStream, r: &UnixStream, sh: &Shared) -> std::io::Result<()>
             }
             Err(RecvTimeoutError::Timeout) => {
                 // Did the client go away? (Anything it sends while watching is ignored.)
-                let mut b = [0u8; 256];
-                match (&*r).read(&mut b) {
-                    Ok(0) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                if crate::io::net::wait_readable(r.as_raw_fd(), Duration::ZERO)? {
+                    let mut b = [0u8; 256];
+                    match (&*r).read(&mut b) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock
+                                    | std::io::ErrorKind::TimedOut
+                                    | std::io::ErrorKind::Interrupted
+                            ) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 if sh.stop.load(Ordering::SeqCst) {
                     return Ok(());
@@ -402,5 +445,69 @@ fn watch(w: &mut UnixStream, r: &UnixStream, sh: &Shared) -> std::io::Result<()>
                 return w.write_all(&encode_reply(&reply));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(path: &Path) -> Result<ControlServer, ControlError> {
+        let (handle, _inbox) = crate::daemon::ha::channel(4);
+        ControlServer::start(
+            path,
+            handle,
+            Arc::new(NoProvider),
+            ControlOptions::default(),
+        )
+    }
+
+    #[test]
+    fn only_a_stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        // A regular file where the socket should go: refused, and left alone.
+        let file = dir.path().join("hapaird.sock");
+        std::fs::write(&file, b"precious").unwrap();
+        let e = start(&file).err().expect("refused");
+        assert!(
+            matches!(
+                e,
+                ControlError::NotASocket {
+                    kind: "regular file",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("hapaird.sock"), "{e}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+        // A directory, and a symbolic link to a socket: refused too.
+        let d = dir.path().join("d.sock");
+        std::fs::create_dir(&d).unwrap();
+        assert!(matches!(
+            start(&d),
+            Err(ControlError::NotASocket {
+                kind: "directory",
+                ..
+            })
+        ));
+        // A stale socket (nobody listening) is replaced.
+        let stale = dir.path().join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert!(stale.exists());
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&stale, &link).unwrap();
+        assert!(matches!(
+            start(&link),
+            Err(ControlError::NotASocket {
+                kind: "symbolic link",
+                ..
+            })
+        ));
+        let server = start(&stale).expect("stale socket replaced");
+        // A live one is not.
+        assert!(matches!(start(&stale), Err(ControlError::InUse { .. })));
+        server.stop();
+        assert!(!stale.exists());
     }
 }

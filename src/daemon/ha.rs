@@ -68,8 +68,9 @@ pub trait HaExecutor: Send {
 
     /// Stop serving everything *now*, synchronously, before returning: close client
     /// connections without answering, stop writing both aggregates, drop service IPs, abandon
-    /// running steps. Cannot fail: if the data plane cannot be stopped, exit the process with
-    /// [`EXIT_HALTED`] (systemd does not restart it; a restart would wait for giveback anyway).
+    /// running steps. Cannot fail, and does not end the process: the node stays up in
+    /// `TakenOver`, where a giveback can reach it (hapaird's executor waits a bounded time for
+    /// the aggregates to stop; a loop stuck longer is killed by the systemd watchdog).
     fn halt_self(&mut self);
 
     /// From now on acknowledge writes per `mode` (`LocalOnly` only while the partner is
@@ -86,10 +87,6 @@ pub trait HaExecutor: Send {
         let _ = refusal;
     }
 }
-
-/// Exit status of hapaird after a halt it could not carry out in-process (please-die, fenced
-/// out, self-fenced). Listed in the unit's `RestartPreventExitStatus=`.
-pub const EXIT_HALTED: i32 = 75;
 
 /// Where the loop sends mailbox actions: the mailbox driver
 /// ([`crate::daemon::mailbox::MailboxHandle`]). Non-blocking.
@@ -457,10 +454,11 @@ struct WatchKey {
     mirror_current: bool,
     mailbox_access: bool,
     ack_mode: AckMode,
-    running: Option<(Step, usize)>,
+    running: Option<(Step, usize, u32)>,
     refusal: Option<(u64, RequestKind)>,
-    alarm: Option<u64>,
+    alarm: Option<(u64, u32)>,
     alarms: usize,
+    open_alarms: usize,
     last_takeover: Option<(u64, Option<u64>)>,
     last_giveback: Option<(u64, Option<u64>)>,
     serves: (bool, bool),
@@ -630,6 +628,7 @@ impl HaLoop {
             let p = self.pending.remove(i);
             let outcome = Outcome::TimedOut {
                 state: self.node.state(),
+                detail: self.progress(p.req),
             };
             let _ = p.reply.send(OpReply {
                 outcome,
@@ -865,10 +864,19 @@ impl HaLoop {
                 format!("{:?} -> {:?}: {}", t.from, t.to, t.reason)
             })
         };
+        let partner_reachable = st.partner_last_heard_ms.is_some_and(|t| {
+            self.now_ms().saturating_sub(t) < self.cfg.takeover.interconnect_timeout_ms
+        });
+        let partner_is = |s: State| partner_reachable && st.partner_state == Some(s);
         let progress = match (op.req, state) {
             (OpRequest::TakeoverSelf, State::TakeoverRequested) => Progress::Waiting,
             (OpRequest::TakeoverSelf, State::ShuttingDown) => Progress::Accepted,
-            (OpRequest::TakeoverSelf, State::TakenOver) => Progress::Completed(None),
+            // Down here is half of it: done once the partner serves our aggregate (it may
+            // still refuse: that arrives as a refusal, above). The report is our shutdown's.
+            (OpRequest::TakeoverSelf, State::TakenOver) if partner_is(State::InTakeover) => {
+                Progress::Completed(st.last_shutdown.clone())
+            }
+            (OpRequest::TakeoverSelf, State::TakenOver) => Progress::Accepted,
             (OpRequest::TakeoverPartner { .. }, State::AwaitingShutdown | State::TakingOver) => {
                 Progress::Accepted
             }
@@ -876,7 +884,12 @@ impl HaLoop {
                 Progress::Completed(st.last_takeover.clone())
             }
             (OpRequest::Giveback, State::GivingBack) => Progress::Accepted,
-            (OpRequest::Giveback, State::Normal) => Progress::Completed(st.last_giveback.clone()),
+            // The state machine is Normal once the partner confirmed it resumes; the operator
+            // hears "done" once it serves again (its heartbeat says Normal after `Resumed`).
+            (OpRequest::Giveback, State::Normal) if partner_is(State::Normal) => {
+                Progress::Completed(st.last_giveback.clone())
+            }
+            (OpRequest::Giveback, State::Normal) => Progress::Accepted,
             _ => Progress::Failed(reason()),
         };
         let outcome = match progress {
@@ -894,6 +907,52 @@ impl HaLoop {
         };
         self.answer_ref(op, outcome);
         true
+    }
+
+    /// Where a pending command stands, for a reply that ends the wait before it completed.
+    fn progress(&self, req: OpRequest) -> String {
+        let st = self.node.status();
+        let now = self.now_ms();
+        let partner = &self.cfg.partner_name;
+        let heard = match st.partner_last_heard_ms {
+            Some(t) if now.saturating_sub(t) < self.cfg.takeover.interconnect_timeout_ms => {
+                format!("{partner} is {:?}", st.partner_state)
+            }
+            Some(t) => format!(
+                "{partner} not heard for {} ms (last state {:?})",
+                now.saturating_sub(t),
+                st.partner_state
+            ),
+            None => format!("{partner} never heard"),
+        };
+        if let Some(c) = st.running.as_ref().and_then(|p| p.current.as_ref()) {
+            let mut d = format!(
+                "in step {:?} for {} ms",
+                c.step,
+                now.saturating_sub(c.started_ms)
+            );
+            if c.failures > 0 {
+                d += &format!(", {} failed attempts", c.failures);
+            }
+            if let Some(e) = &c.last_error {
+                d += &format!(", last error: {}", crate::core::control::step_error_text(e));
+            }
+            return format!("{d}; {heard}");
+        }
+        let waiting = match (req, st.state) {
+            (OpRequest::TakeoverSelf, State::TakenOver) => {
+                format!("shut down; waiting for {partner} to serve this node's aggregates")
+            }
+            (OpRequest::TakeoverSelf, _) => format!("waiting for {partner} to answer"),
+            (OpRequest::TakeoverPartner { .. }, State::AwaitingShutdown) => {
+                format!("waiting for {partner} to shut down (countdown)")
+            }
+            (OpRequest::Giveback, State::GivingBack | State::Normal) => {
+                format!("given back; waiting for {partner} to serve again")
+            }
+            _ => "waiting".to_string(),
+        };
+        format!("{waiting}; {heard}")
     }
 
     fn answer(&mut self, op: PendingOp, outcome: Outcome) {
@@ -927,11 +986,13 @@ impl HaLoop {
                 (
                     self.node.running_step().unwrap_or(Step::Fence),
                     p.phases.len(),
+                    p.current.as_ref().map_or(0, |c| c.failures),
                 )
             }),
             refusal: st.refusals.last().map(|r| (r.at_ms, r.request)),
-            alarm: st.alarms.last().map(|(t, _)| *t),
+            alarm: st.alarms.last().map(|e| (e.last_ms, e.count)),
             alarms: st.alarms.len(),
+            open_alarms: st.open_alarms.len(),
             last_takeover: st
                 .last_takeover
                 .as_ref()

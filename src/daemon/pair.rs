@@ -1217,7 +1217,9 @@ impl StatusProvider for PairNode {
             .unwrap_or_default();
         st.nvram = Some(NvramView {
             persistence,
-            used_bytes: 0,
+            // The journal does not report how much of its region is in use: say nothing
+            // rather than "0%".
+            used_bytes: None,
             capacity_bytes: self.own_cfg.nvram_mib << 20,
             detail: format!(
                 "own log mirror: {mirror}; fencing: {}",

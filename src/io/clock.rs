@@ -1,5 +1,5 @@
-//! Wall-clock helpers: the local time zone's offset (for printing `HH:MM:SS` as operators read
-//! their watches) and Unix milliseconds.
+//! Wall-clock helpers: the local time zone's offset (for printing local times with their date and
+//! offset, as operators read their watches) and Unix milliseconds.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

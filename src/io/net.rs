@@ -17,8 +17,10 @@ pub enum Listener {
     Unix(UnixListener, PathBuf),
 }
 
-/// Wait until `fd` is readable or `timeout` passes. Returns true when readable.
-fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
+/// Wait until `fd` is readable (or at end of stream) or `timeout` passes. Returns true when
+/// readable. Leaves the file's flags alone: a zero timeout polls without O_NONBLOCK, which
+/// would also apply to every other descriptor of the same open file.
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,

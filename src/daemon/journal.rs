@@ -537,6 +537,14 @@ impl Journal {
         self.kick_cp();
     }
 
+    /// Bytes of the log region in use (records not yet trimmed by a CP, and the header), and
+    /// the region's size.
+    pub fn usage(&self) -> (u64, u64) {
+        let free = self.inner.lock().unwrap().app.free_bytes();
+        let total = self.region_bytes as u64;
+        (total.saturating_sub(free as u64), total)
+    }
+
     /// Whether [`Journal::halt`] was called.
     pub fn is_halted(&self) -> bool {
         self.halted.load(Ordering::SeqCst)
@@ -1914,6 +1922,23 @@ mod tests {
             })
             .collect();
         assert!(flat == want);
+    }
+
+    /// Status shows how much of the log is in use: it grows with writes and a CP gives the
+    /// space back.
+    #[test]
+    fn usage_grows_with_writes_and_a_cp_gives_it_back() {
+        let (_dir, _agg, _disks, j) = slow_journal(4, 32);
+        let (empty, total) = j.usage();
+        assert_eq!(total, REGION);
+        for i in 0..8u64 {
+            j.write(i * 8192, &pattern(8192, i), false).unwrap();
+        }
+        let (used, _) = j.usage();
+        assert!(used >= empty + 8 * 8192, "{empty} -> {used}");
+        j.checkpoint().unwrap();
+        let (after, _) = j.usage();
+        assert!(after < empty + 8192, "a CP trims: {used} -> {after}");
     }
 
     /// A halting node acknowledges nothing more, not even a write whose commit was under way:

@@ -1217,9 +1217,8 @@ impl StatusProvider for PairNode {
             .unwrap_or_default();
         st.nvram = Some(NvramView {
             persistence,
-            // The journal does not report how much of its region is in use: say nothing
-            // rather than "0%".
-            used_bytes: None,
+            // Not open (taken over, booting): unknown, not "0%".
+            used_bytes: own.journal.as_ref().map(|j| j.usage().0),
             capacity_bytes: self.own_cfg.nvram_mib << 20,
             detail: format!(
                 "own log mirror: {mirror}; fencing: {}",

@@ -433,6 +433,27 @@ impl Aggregate {
         align: u64,
         max_request_bytes: u32,
     ) -> Result<(Aggregate, bool), AggregateError> {
+        Self::assemble_with(
+            paths,
+            factory,
+            arena,
+            align,
+            max_request_bytes,
+            &mut |_, _| Ok(()),
+        )
+    }
+
+    /// [`Aggregate::assemble`], calling `before_dirty(was_dirty, uuid)` after the labels were read
+    /// and before they are marked dirty: what depends on "closed cleanly" (a log that is then
+    /// stale) must be settled durably before a crash could leave the labels dirty without it.
+    pub fn assemble_with(
+        paths: Vec<String>,
+        factory: EngineFactory,
+        arena: Arc<BufArena>,
+        align: u64,
+        max_request_bytes: u32,
+        before_dirty: &mut dyn FnMut(bool, [u8; 16]) -> Result<(), String>,
+    ) -> Result<(Aggregate, bool), AggregateError> {
         let labels = Self::read_labels(&factory, &paths, &arena)?;
         let name_guess = labels
             .iter()
@@ -487,6 +508,7 @@ impl Aggregate {
         if failure_is_new {
             tracing::error!(aggregate = %agg.name, member = ?failed_member, "member unusable at assembly: serving degraded");
         }
+        before_dirty(was_dirty, reference.aggregate_uuid).map_err(AggregateError::Invalid)?;
         agg.set_clean_state(CleanState::Dirty)?;
         Ok((agg, was_dirty))
     }
@@ -594,13 +616,24 @@ impl Aggregate {
     /// on its next batch): with a mailbox-only fence the partner starts writing these disks
     /// a bounded time after telling us to die, and we must be off them by then.
     pub fn halt(&self, why: &str, wait: Duration) -> bool {
+        self.begin_halt(why);
+        self.wait_halted(wait)
+    }
+
+    /// The first half of [`Aggregate::halt`]: nothing more is submitted (returns at once).
+    pub fn begin_halt(&self, why: &str) {
         self.halted.store(true, Ordering::SeqCst);
-        {
-            let mut st = self.state.write().unwrap();
-            if st.offline.is_none() {
-                st.offline = Some(format!("halted: {why}"));
-            }
+        let mut st = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if st.offline.is_none() {
+            st.offline = Some(format!("halted: {why}"));
         }
+    }
+
+    /// The second half of [`Aggregate::halt`]: wait for the batches already submitted.
+    pub fn wait_halted(&self, wait: Duration) -> bool {
         let end = Instant::now() + wait;
         loop {
             let n = self.in_flight.load(Ordering::SeqCst);
@@ -1471,7 +1504,14 @@ impl Aggregate {
     /// Flush and mark the labels clean: the aggregate was closed in order.
     pub fn close(&self) -> Result<(), AggregateError> {
         self.flush()?;
-        self.set_clean_state(CleanState::Clean)
+        self.set_clean_state(CleanState::Clean)?;
+        // Closed is closed: a request still running after a drain's deadline must not write
+        // under a clean label (nothing would repair the parity of a stripe it tore).
+        let mut st = self.state.write().unwrap();
+        if st.offline.is_none() {
+            st.offline = Some("closed".into());
+        }
+        Ok(())
     }
 }
 

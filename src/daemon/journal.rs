@@ -275,6 +275,9 @@ pub struct Journal {
     stop: AtomicBool,
     /// Set by [`Journal::halt`]: nothing is acknowledged any more.
     halted: AtomicBool,
+    /// A final CP failed: the CP thread makes no more CPs but keeps the partner's mirror of
+    /// this log current (a takeover can then replay it).
+    mirror_only: AtomicBool,
     /// The link session the mirror was last brought up to date in (0: none): "mirrored" is
     /// only true in that session.
     mirrored_session: AtomicU64,
@@ -288,6 +291,22 @@ pub struct Journal {
 
 fn aggregate_uuid(agg: &Aggregate) -> uuid::Uuid {
     uuid::Uuid::parse_str(&agg.status().uuid).expect("aggregate uuid")
+}
+
+/// Make `region` an empty log of `aggregate`, durably: what it held is forgotten (a new
+/// epoch: older records are not this log's). Unlike a zeroed region, which says "log lost",
+/// this says "nothing to replay".
+pub fn format_empty(region: &mut NvramRegion, aggregate: uuid::Uuid) -> Result<(), JournalError> {
+    let mut app = LogAppender::format(
+        region.bytes_mut(),
+        aggregate,
+        LOG_GENERATION,
+        rand::random(),
+    )
+    .map_err(|e| JournalError::Log(e.to_string()))?;
+    let c = app.commit();
+    region.persist(&c.ranges)?;
+    Ok(())
 }
 
 /// Replay a log region onto an aggregate: newest data per byte wins, parity of every touched
@@ -470,6 +489,7 @@ impl Journal {
             cp_kick: (Mutex::new(false), Condvar::new()),
             stop: AtomicBool::new(false),
             halted: AtomicBool::new(false),
+            mirror_only: AtomicBool::new(false),
             mirrored_session: AtomicU64::new(0),
             #[cfg(test)]
             fail_log_writes: AtomicU64::new(0),
@@ -526,8 +546,9 @@ impl Journal {
     /// acknowledged after that could be missing there. The CP thread stops too.
     pub fn halt(&self, why: &str) {
         self.halted.store(true, Ordering::SeqCst);
-        {
-            let mut g = self.inner.lock().unwrap();
+        // Never waits for the log lock (held across a mailbox write, which may be what is
+        // failing): the flag above is checked before every acknowledgement anyway.
+        if let Ok(mut g) = self.inner.try_lock() {
             if g.log_failed.is_none() {
                 g.log_failed = Some(format!("halted: {why}"));
             }
@@ -543,6 +564,16 @@ impl Journal {
         let free = self.inner.lock().unwrap().app.free_bytes();
         let total = self.region_bytes as u64;
         (total.saturating_sub(free as u64), total)
+    }
+
+    /// Whether the log may still acknowledge: not halted, no failed write.
+    fn log_ok(&self, g: &Inner) -> Result<(), JournalError> {
+        if self.halted.load(Ordering::SeqCst) {
+            return Err(JournalError::Log(
+                "not acknowledged: the node is halting (taken over)".into(),
+            ));
+        }
+        log_failed(g)
     }
 
     /// Whether [`Journal::halt`] was called.
@@ -720,7 +751,7 @@ impl Journal {
             if g.durable >= seq && !force {
                 return Ok(());
             }
-            log_failed(&g)?;
+            self.log_ok(&g)?;
             if g.committing {
                 g = self.progress.wait(g).unwrap();
                 continue;
@@ -934,7 +965,7 @@ impl Journal {
                     return Ok(None);
                 }
                 Err(e) if e.is_full() => {
-                    log_failed(&g)?;
+                    self.log_ok(&g)?;
                     g = self.wait_for_space(g, &mut waited)
                 }
                 Err(e) => return Err(JournalError::Log(e.to_string())),
@@ -1011,7 +1042,7 @@ impl Journal {
                         break seq;
                     }
                     Err(e) if e.is_full() => {
-                        log_failed(&g)?;
+                        self.log_ok(&g)?;
                         g = self.wait_for_space(g, &mut waited)
                     }
                     Err(e) => return Err(JournalError::Log(e.to_string())),
@@ -1180,7 +1211,16 @@ impl Journal {
     /// Stop the CP thread after a final CP: used by graceful shutdown and giveback.
     pub fn close(&self) -> Result<u64, JournalError> {
         let r = self.checkpoint();
-        self.stop.store(true, Ordering::Release);
+        match &r {
+            Ok(_) => self.stop.store(true, Ordering::Release),
+            Err(e) => {
+                // The log holds writes the members lack. Its CP thread goes on keeping the
+                // partner's mirror of it current (no more CPs): the partner, which refuses to
+                // take over from a stale mirror, then can. A retried close or a halt ends it.
+                tracing::error!(error = %e, "final CP failed: the log stays, mirrored to the partner");
+                self.mirror_only.store(true, Ordering::Release);
+            }
+        }
         self.kick_cp();
         r
     }
@@ -1209,6 +1249,9 @@ fn cp_thread(j: std::sync::Weak<Journal>) {
             tracing::warn!(error = %e, "mirror resync failed");
         }
         journal.sync_unmirrored_flag();
+        if journal.mirror_only.load(Ordering::Acquire) {
+            continue;
+        }
         if !kicked && last_cp.elapsed() < journal.cfg.cp_interval {
             continue;
         }
@@ -1327,6 +1370,13 @@ impl MirrorRegion {
         }
         r.write_back(&ranges)?;
         Ok(recs.last_seq)
+    }
+
+    /// Forget what the mirror holds, durably (an empty log of `aggregate` in its place): the
+    /// partner's aggregate was closed cleanly, so the log has nothing the members lack and
+    /// may hold older data.
+    pub fn discard(&self, aggregate: uuid::Uuid) -> Result<(), JournalError> {
+        format_empty(&mut self.region.lock().unwrap(), aggregate)
     }
 
     /// Give the region back (a takeover turns the mirror into the partner aggregate's log).
@@ -1939,6 +1989,42 @@ mod tests {
         j.checkpoint().unwrap();
         let (after, _) = j.usage();
         assert!(after < empty + 8192, "a CP trims: {used} -> {after}");
+    }
+
+    /// A final CP that fails leaves the log holding writes the members lack; the partner
+    /// refuses to take over from a stale mirror, so the log goes on keeping the mirror
+    /// current (no more CPs). It used to stop everything: the mirror never caught up and
+    /// nobody could serve the aggregate until an operator restarted the node.
+    #[test]
+    fn a_failed_final_cp_keeps_the_mirror_current() {
+        let (dir, _agg, disks, j) = slow_journal(4, 32);
+        let link = LocalLink::new(dir.path());
+        link.up.store(false, Ordering::SeqCst);
+        j.set_mirror(Some(link.clone()));
+        for i in 0..6u64 {
+            j.write(i * 8192, &pattern(8192, i), false).unwrap(); // local only: link down
+        }
+        disks.failed.lock().unwrap().extend([0, 1]);
+        assert!(j.close().is_err(), "two members gone: the final CP fails");
+        link.up.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while j.mirror_state() != MirrorState::Mirrored {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                j.mirror_state()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The mirror alone has every write.
+        let snap = link.mirror.snapshot();
+        let (agg2, _) = mem_aggregate(4, 4096, 32);
+        replay_region(&agg2, &snap).unwrap();
+        for i in 0..6u64 {
+            let mut b = IoBuf::new(8192);
+            agg2.read(i * 8192, &mut b).unwrap();
+            assert!(b[..] == pattern(8192, i)[..], "write {i}");
+        }
     }
 
     /// A halting node acknowledges nothing more, not even a write whose commit was under way:

@@ -386,13 +386,20 @@ impl Shared {
         let acks = Arc::new(AckSlot::default());
         let s = self.clone();
         let a = acks.clone();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("hapair-link-ack".into())
-            .spawn(move || s.ack_loop(id, a))?;
-        let s = self.clone();
-        std::thread::Builder::new()
-            .name("hapair-link-rx".into())
-            .spawn(move || s.read_loop(id, reader, rest, rx, acks))?;
+            .spawn(move || s.ack_loop(id, a))
+            .and_then(|_| {
+                let s = self.clone();
+                std::thread::Builder::new()
+                    .name("hapair-link-rx".into())
+                    .spawn(move || s.read_loop(id, reader, rest, rx, acks))
+            });
+        if let Err(e) = spawned {
+            // Installed but unread: nothing would ever notice it dead. Down, and redialled.
+            self.drop_conn(id, &format!("cannot start the link's threads: {e}"));
+            return Err(e);
+        }
         Ok(())
     }
 

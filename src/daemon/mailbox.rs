@@ -252,10 +252,12 @@ impl MailboxDriver {
         let own_index = slot_index(&cfg.node_name, &cfg.partner_name);
         // "Unmirrored" outlives the process that set it: its log may still hold writes the
         // partner's mirror lacks, and only the journal that resyncs the mirror clears it.
-        let unmirrored = store
-            .read_slot(own_index)
-            .newest
-            .is_some_and(|s| s.unmirrored);
+        let own = store.read_slot(own_index);
+        let members = store.members();
+        // Unknown (no majority of members read) counts as set: the journal clears it once
+        // the mirror is resynced, and a clear flag would have our first heartbeat erase it.
+        let unmirrored = own.newest.as_ref().is_some_and(|s| s.unmirrored)
+            || (own.valid + own.empty) * 2 <= members;
         if unmirrored {
             tracing::warn!(node = %cfg.node_name, "mailbox: an earlier run acknowledged writes the partner's mirror lacks; the flag stays until the mirror is resynced");
         }

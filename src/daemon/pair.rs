@@ -28,6 +28,11 @@ pub struct Side {
     pub was_dirty: bool,
     pub journal: Option<Arc<Journal>>,
     pub servers: Vec<Served>,
+    /// The journal's final CP succeeded: the members hold its whole log (the aggregate may
+    /// be closed cleanly). Only then.
+    pub log_settled: bool,
+    /// The aggregate was closed cleanly (what a retried close finds).
+    pub closed_clean: bool,
 }
 
 /// A restore of our lost log from the partner's mirror, in progress.
@@ -73,6 +78,18 @@ fn restored_log_usable(bytes: &[u8], agg: &Aggregate) -> Result<(), String> {
     )
     .map(|_| ())
     .map_err(|e| format!("is not a usable log of this aggregate: {e}"))
+}
+
+/// How this process left its own log when it let the journal go.
+#[derive(Debug, Clone, Copy)]
+enum OwnLogLeft {
+    /// A final CP put it on the members.
+    Settled,
+    /// Halted while open: whether it was fully mirrored then, and in which link session.
+    Open {
+        mirrored: bool,
+        session: Option<u64>,
+    },
 }
 
 /// What a halt stops before it takes any side's lock (see [`PairNode::halt`]): weak, so a
@@ -135,6 +152,10 @@ pub struct PairNode {
     halt_handles: Mutex<HaltHandles>,
     /// Our mirror is being sent to the partner (it lost its log).
     copy_in_flight: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by [`PairNode::halt`], cleared by the next `RegisterOwn` (a resume): data-plane
+    /// steps fail meanwhile.
+    halted: std::sync::atomic::AtomicBool,
+    own_log_left: Mutex<Option<OwnLogLeft>>,
     /// Our nexus to every member, under PR fencing.
     pub pr: Option<Arc<PrFencer<PrDevice>>>,
 }
@@ -245,6 +266,8 @@ impl PairNode {
             pr,
             halt_handles: Mutex::new(HaltHandles::default()),
             copy_in_flight: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            halted: std::sync::atomic::AtomicBool::new(false),
+            own_log_left: Mutex::new(None),
         }))
     }
 
@@ -331,6 +354,9 @@ impl PairNode {
     }
 
     fn step_inner(&self, step: Step) -> Result<(), String> {
+        if self.halted.load(Ordering::SeqCst) {
+            return Err("this node halted: no data-plane step until it resumes".into());
+        }
         match step {
             // Our own graceful shutdown.
             Step::StopAccepting | Step::DrainInFlight => self.drain(Whose::Own),
@@ -374,8 +400,37 @@ impl PairNode {
         }
         let cfg = self.agg_cfg(whose);
         let mut p = crate::daemon::node::progress_printer(format!("parity resync of {}", cfg.name));
+        // Only an aggregate left open (dirty) can need its log: every write a log acknowledged
+        // came after an open, which marks the labels dirty, and a clean close comes only after
+        // a final CP put the log on the members. The log of a clean aggregate is stale (the
+        // partner may have served it and closed it since: its old records would overwrite
+        // newer data). It is forgotten durably here, before the labels go dirty: a crash in
+        // between must not leave dirty labels over a stale log.
+        let mut discard_stale = |was_dirty: bool, uuid: [u8; 16]| -> Result<(), String> {
+            if was_dirty {
+                return Ok(());
+            }
+            let uuid = uuid::Uuid::from_bytes(uuid);
+            match whose {
+                Whose::Own => {
+                    let path = cfg.nvram.clone().expect("validated");
+                    let mut r =
+                        NvramRegion::open(&path, cfg.nvram_mib << 20).map_err(|e| e.to_string())?;
+                    tracing::info!(aggregate = %cfg.name, "closed cleanly: its log holds nothing to replay and starts empty");
+                    crate::daemon::journal::format_empty(&mut r, uuid).map_err(|e| e.to_string())
+                }
+                Whose::Partner => match self.mirror.lock().unwrap().as_ref() {
+                    Some(m) => {
+                        tracing::info!(aggregate = %cfg.name, "partner aggregate closed cleanly: its log mirror is not replayed");
+                        m.discard(uuid).map_err(|e| e.to_string())
+                    }
+                    None => Ok(()),
+                },
+            }
+        };
         let (agg, dirty) =
-            setup::open_with_state(cfg, &self.config.io, &mut p).map_err(|e| e.to_string())?;
+            setup::open_with_state_and(cfg, &self.config.io, &mut p, &mut discard_stale)
+                .map_err(|e| e.to_string())?;
         // A write of ours refused with a reservation conflict: the partner fenced us.
         if let Some(h) = self.ha.lock().unwrap().clone() {
             agg.set_on_fenced(Box::new(move |why| {
@@ -391,6 +446,8 @@ impl PairNode {
         }
         side.aggregate = Some(agg);
         side.was_dirty = dirty;
+        side.log_settled = false;
+        side.closed_clean = false;
         Ok(())
     }
 
@@ -404,20 +461,9 @@ impl PairNode {
         let agg = side.aggregate.clone().ok_or("own aggregate not open")?;
         let path = self.own_cfg.nvram.clone().expect("validated");
         let bytes = self.own_cfg.nvram_mib << 20;
-        // Only an aggregate left open (dirty) can need its log: every write the log
-        // acknowledged came after an open, which marks the labels dirty, and a clean close
-        // comes only after a final CP put the log on the members. A clean aggregate whose log
-        // still holds records had them written there by someone else: the partner, which
-        // replayed its mirror of this log in a takeover, served, and closed the aggregate at
-        // giveback. Replaying this copy would put old data over what the partner wrote since.
-        let stale = !discard && !side.was_dirty;
-        if stale {
-            tracing::info!(
-                aggregate = %self.own_cfg.name,
-                "aggregate closed cleanly: its log holds nothing to replay and starts empty"
-            );
-        }
-        if discard || stale {
+        // (A log that was stale because the aggregate had been closed cleanly, by us or by the
+        // partner at giveback, was made an empty log when the aggregate was opened.)
+        if discard {
             // Zero the header: the replay below then finds an unformatted log.
             let mut r = NvramRegion::open(&path, bytes).map_err(|e| e.to_string())?;
             r.bytes_mut()[..4096].fill(0);
@@ -450,6 +496,7 @@ impl PairNode {
         }
         self.register_journal(&j);
         side.journal = Some(j);
+        *self.own_log_left.lock().unwrap() = None;
         Ok(())
     }
 
@@ -594,18 +641,9 @@ impl PairNode {
             .unwrap()
             .take()
             .ok_or("no mirror region")?;
-        let mut region = mirror.into_region();
-        if !side.was_dirty {
-            // Closed cleanly (a final CP put its log on the members): what the mirror holds is
-            // at best already there and at worst older than it (writes the partner
-            // acknowledged while our mirror was behind, then wrote with that CP). Not replayed.
-            tracing::info!(
-                aggregate = %self.partner_cfg.name,
-                "partner aggregate closed cleanly: its log mirror is not replayed"
-            );
-            region.bytes_mut()[..4096].fill(0);
-            region.persist(&[0..4096]).map_err(|e| e.to_string())?;
-        }
+        // (Had the partner's aggregate been closed cleanly, the mirror was emptied when it
+        // was opened: what it held was at best on the members already, at worst older.)
+        let region = mirror.into_region();
         let cfg = JournalConfig {
             cp_interval: Duration::from_millis(self.partner_cfg.cp_interval_ms),
             flush_every_commit: self.partner_cfg.nvram_flush
@@ -707,12 +745,30 @@ impl PairNode {
         // log's writes on it.
         if let Some(j) = &side.journal {
             j.close().map_err(|e| e.to_string())?;
+            side.log_settled = true;
         }
         side.journal = None;
-        if let Some(a) = &side.aggregate {
+        if let Some(a) = side.aggregate.clone() {
+            if !side.log_settled {
+                // Opened, but its log never replayed (the replay or the restore failed, or
+                // was never reached): a clean label would have the log forgotten as stale.
+                // Left dirty: the next open replays it.
+                side.aggregate = None;
+                return Err(format!(
+                    "aggregate {} not closed cleanly: its log was never replayed",
+                    a.name()
+                ));
+            }
             a.close().map_err(|e| e.to_string())?;
+            side.closed_clean = true;
+            if whose == Whose::Own {
+                *self.own_log_left.lock().unwrap() = Some(OwnLogLeft::Settled);
+            }
         }
         side.aggregate = None;
+        if !side.closed_clean {
+            return Err("nothing was open: no final CP made".into());
+        }
         Ok(())
     }
 
@@ -800,23 +856,46 @@ impl PairNode {
     /// unanswered, so that no client gets an error for a request that the next server will
     /// take again; then nothing is acknowledged any more, and no member is written.
     pub fn halt(&self) {
+        // Until a resume registers us again, no data-plane step runs (a halt by the mailbox
+        // driver comes before the state machine knows; its steps in flight must fail).
+        self.halted.store(true, Ordering::SeqCst);
         let (servers, journals, aggregates) = {
-            let h = self.halt_handles.lock().unwrap();
+            let h = self
+                .halt_handles
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             (h.servers.clone(), h.journals.clone(), h.aggregates.clone())
         };
         for s in &servers {
             s.abort();
         }
+        let aggregates: Vec<Arc<Aggregate>> = aggregates.iter().filter_map(Weak::upgrade).collect();
+        for a in &aggregates {
+            a.begin_halt("this node halts");
+        }
         for j in journals.iter().filter_map(Weak::upgrade) {
             j.halt("this node halts");
         }
-        for a in aggregates.iter().filter_map(Weak::upgrade) {
-            a.halt("this node halts", Duration::from_secs(2));
+        for a in &aggregates {
+            if !a.wait_halted(Duration::from_secs(2)) {
+                tracing::error!(aggregate = %a.name(), "halt: member I/O still in flight after 2 s (a hung device?)");
+            }
         }
         for whose in [Whose::Own, Whose::Partner] {
-            let mut side = self.side(whose).lock().unwrap();
+            let mut side = self
+                .side(whose)
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             for s in side.servers.drain(..) {
                 s.server.shutdown();
+            }
+            if whose == Whose::Own {
+                if let Some(j) = &side.journal {
+                    *self.own_log_left.lock().unwrap() = Some(OwnLogLeft::Open {
+                        mirrored: j.fully_mirrored(),
+                        session: self.link_session(),
+                    });
+                }
             }
             side.journal = None;
             side.aggregate = None;
@@ -825,21 +904,40 @@ impl PairNode {
         }
     }
 
+    fn link_session(&self) -> Option<u64> {
+        self.link
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|l| MirrorLink::session(&**l))
+    }
+
     /// Is every write we acknowledged in the partner's mirror?
     pub fn own_mirrored(&self) -> bool {
         let side = self.own.lock().unwrap();
-        match &side.journal {
-            Some(j) => j.fully_mirrored(),
-            // No journal open (booting, resuming, taken over): what the log acknowledged is
-            // in the partner's mirror unless the mailbox says otherwise (set before the first
-            // write acknowledged unmirrored, kept across restarts, cleared only by a journal
-            // that resynced the mirror). Without a mailbox nothing says so: not mirrored.
-            None => self
-                .mailbox
-                .lock()
-                .unwrap()
-                .as_ref()
-                .is_some_and(|mb| !mb.unmirrored()),
+        if let Some(j) = &side.journal {
+            return j.fully_mirrored();
+        }
+        // No journal open (booting, resuming, taken over). What the mailbox says first: set
+        // before the first write acknowledged unmirrored, kept across restarts, cleared only
+        // by a journal that resynced the mirror. Without a mailbox nothing says so.
+        let flag_clear = self
+            .mailbox
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|mb| !mb.unmirrored());
+        match *self.own_log_left.lock().unwrap() {
+            // Its final CP put the whole log on the members.
+            Some(OwnLogLeft::Settled) => true,
+            // Halted with the log open: as mirrored as it was then, and only while the
+            // session it was mirrored in lasts (a partner that reconnected since may have
+            // lost what it had not flushed).
+            Some(OwnLogLeft::Open { mirrored, session }) => {
+                mirrored && flag_clear && session.is_some() && session == self.link_session()
+            }
+            // Not opened by this process.
+            None => flag_clear,
         }
     }
 
@@ -1070,7 +1168,11 @@ impl HaExecutor for PairExecutor {
                     .as_ref()
                     .map_or(Ok(()), |pr| pr.register_own().map_err(fence_step_error))
                 {
-                    Ok(()) => StepOutcome::Done,
+                    Ok(()) => {
+                        // A resume begins: the data plane may run again.
+                        node.halted.store(false, Ordering::SeqCst);
+                        StepOutcome::Done
+                    }
                     Err(e) => StepOutcome::Failed(e),
                 },
                 Step::RecheckMailbox | Step::MarkCleanShutdown => {
@@ -1568,6 +1670,66 @@ mod tests {
         );
     }
 
+    /// A final CP (or a stop) of an aggregate whose log was never replayed must not mark it
+    /// clean: the log would then be forgotten as stale at the next open. (It was: the
+    /// aggregate closed cleanly with no journal open, e.g. a resume stuck on its replay and
+    /// stopped.)
+    #[test]
+    fn an_aggregate_whose_log_was_not_replayed_stays_dirty() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [_, cb] = pair_configs(dir.path());
+        let b = PairNode::new(cb.clone()).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        journal(&b, Whose::Own)
+            .write(65536, &block(5), false)
+            .unwrap();
+        drop(b); // killed: the write is in its log only
+        let b = PairNode::new(cb.clone()).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        let e = b.run_step(Step::FinalCp).unwrap_err();
+        assert!(e.contains("never replayed"), "{e}");
+        drop(b);
+        let b = PairNode::new(cb).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        assert!(b.own.lock().unwrap().was_dirty, "left dirty");
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        assert_eq!(read_block(&journal(&b, Whose::Own), 65536), 5);
+    }
+
+    /// The decision "clean, so the log is stale" is made durable before the labels go dirty:
+    /// b restarted after a's giveback and died between opening its aggregate and starting its
+    /// log; at the next start the labels are dirty (its own open), and its old log must not
+    /// be replayed over a's writes.
+    #[test]
+    fn a_stale_log_is_forgotten_before_the_labels_go_dirty() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [ca, cb] = pair_configs(dir.path());
+        let b = PairNode::new(cb.clone()).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        journal(&b, Whose::Own)
+            .write(65536, &block(1), false)
+            .unwrap();
+        drop(b);
+        let a = PairNode::new(ca).unwrap();
+        a.run_step(Step::OpenPartnerAggregate).unwrap();
+        a.run_step(Step::ReplayPartnerLog).unwrap();
+        journal(&a, Whose::Partner)
+            .write(65536, &block(2), false)
+            .unwrap();
+        a.run_step(Step::CpPartnerAggregate).unwrap();
+        a.run_step(Step::ClosePartnerAggregate).unwrap();
+        let b = PairNode::new(cb.clone()).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        drop(b); // dies before its log step
+        let b = PairNode::new(cb).unwrap();
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        assert!(b.own.lock().unwrap().was_dirty, "its own open marked it");
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        assert_eq!(read_block(&journal(&b, Whose::Own), 65536), 2);
+    }
+
     /// b's mirror at a holds an older write of a block that b then overwrote while a's
     /// mirror was behind, before b's successful final CP. a's graceful takeover must not
     /// replay that mirror over the members.
@@ -1743,5 +1905,8 @@ mod tests {
         drop(held);
         halting.join().unwrap();
         assert!(a.own.lock().unwrap().journal.is_none());
+        // No data-plane step runs again before a resume registers the node.
+        let e = a.run_step(Step::OpenOwnAggregate).unwrap_err();
+        assert!(e.contains("halted"), "{e}");
     }
 }

@@ -131,6 +131,16 @@ pub fn open_with_state(
     io: &IoConfig,
     progress: Progress,
 ) -> Result<(Aggregate, bool), SetupError> {
+    open_with_state_and(cfg, io, progress, &mut |_, _| Ok(()))
+}
+
+/// [`open_with_state`], with `before_dirty` as for [`Aggregate::assemble_with`].
+pub fn open_with_state_and(
+    cfg: &AggregateConfig,
+    io: &IoConfig,
+    progress: Progress,
+    before_dirty: &mut dyn FnMut(bool, [u8; 16]) -> Result<(), String>,
+) -> Result<(Aggregate, bool), SetupError> {
     let members = open_members(cfg)?;
     for m in members.iter().filter(|m| !m.direct) {
         tracing::warn!(member = %m.path.display(), "filesystem refuses O_DIRECT: member opened buffered");
@@ -147,8 +157,14 @@ pub fn open_with_state(
     let arena = BufArena::new(io.arena_mib << 20);
     let files = Arc::new(members.into_iter().map(|m| m.file).collect::<Vec<_>>());
     let factory = engine_factory(files, io, arena.clone());
-    let (agg, dirty) =
-        Aggregate::assemble(paths, factory, arena, align, io.max_request_kib * 1024)?;
+    let (agg, dirty) = Aggregate::assemble_with(
+        paths,
+        factory,
+        arena,
+        align,
+        io.max_request_kib * 1024,
+        before_dirty,
+    )?;
     // With an NVRAM log, every stripe written since the last clean point is named by a log
     // record, and replay rewrites it with its parity recomputed: no full resync is needed.
     let log_covers = cfg

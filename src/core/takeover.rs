@@ -796,6 +796,8 @@ pub struct Node {
     transitions: VecDeque<Transition>,
     interconnect_alarm_raised: bool,
     hard_refusal_raised: bool,
+    /// The partner waits taken over, nobody serves its aggregate, and we cannot take it.
+    orphan_refusal_raised: bool,
     mailbox_alarm_raised: bool,
 }
 
@@ -852,6 +854,7 @@ impl Node {
             transitions: VecDeque::new(),
             interconnect_alarm_raised: false,
             hard_refusal_raised: false,
+            orphan_refusal_raised: false,
             mailbox_alarm_raised: false,
         })
     }
@@ -1105,7 +1108,7 @@ impl Node {
         if !self.mailbox_access {
             open.push(Alarm::MailboxAccessLost);
         }
-        if self.hard_refusal_raised {
+        if self.hard_refusal_raised || self.orphan_refusal_raised {
             if let Some(a) = latest(&|a| matches!(a, Alarm::PartnerDownCannotTakeOver { .. })) {
                 open.push(a);
             }
@@ -2038,10 +2041,19 @@ impl Node {
             || self.partner_state != Some(State::TakenOver)
             || !self.interconnect_alive()
         {
+            self.orphan_refusal_raised = false;
             return;
         }
-        if self.takeover_refusals(true, true).is_empty() {
+        let reasons = self.takeover_refusals(true, true);
+        if reasons.is_empty() {
+            self.orphan_refusal_raised = false;
             self.begin_takeover(TakeoverKind::Orphaned, out);
+        } else if !self.orphan_refusal_raised {
+            // Nobody serves the partner's aggregate: say why, once (an operator must act,
+            // e.g. restart hapaird on the partner so that it resumes with its own log).
+            self.orphan_refusal_raised = true;
+            self.refuse(RequestKind::TakeoverOfPartner, reasons.clone(), out);
+            self.alarm(Alarm::PartnerDownCannotTakeOver { reasons }, out);
         }
     }
 
@@ -2971,6 +2983,20 @@ mod tests {
             !a.contains(&Action::Begin(Step::Fence)) && !b.contains(&Action::Begin(Step::Fence))
         );
         assert_eq!(h.n.state(), State::Normal);
+        // ... which says, once, that nobody serves the partner's aggregate and why.
+        let orphan_alarms = |a: &[Action]| {
+            a.iter()
+                .filter(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. })))
+                .count()
+        };
+        h.hb(State::TakenOver, false);
+        h.t += 100;
+        let c = h.ev(Event::Tick);
+        assert_eq!(orphan_alarms(&c), 1, "{c:?}");
+        assert_eq!(h.last_refusal().request, RequestKind::TakeoverOfPartner);
+        h.hb(State::TakenOver, false);
+        h.t += 100;
+        assert_eq!(orphan_alarms(&h.ev(Event::Tick)), 0, "once");
 
         // Same, told by the heartbeat alone.
         let mut h = awaiting_with_stale_mirror();

@@ -64,6 +64,9 @@ struct Shared {
     session: AtomicU64,
     /// Handshakes in progress (accepting side).
     handshakes: std::sync::atomic::AtomicUsize,
+    /// Held while a mirror update is applied, and while a session is replaced: an old
+    /// session's update still being applied must not land after the new session's resync.
+    apply_lock: Mutex<()>,
     /// The partner's latest acknowledgement: (session it came in, log epoch, up to seq).
     acked: Mutex<(u64, u64, u64)>,
     acked_cv: Condvar,
@@ -132,6 +135,7 @@ impl Link {
             up: AtomicBool::new(false),
             session: AtomicU64::new(0),
             handshakes: std::sync::atomic::AtomicUsize::new(0),
+            apply_lock: Mutex::new(()),
             acked: Mutex::new((0, 0, 0)),
             acked_cv: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -363,6 +367,7 @@ impl Shared {
         // this side reading, or two writers sending large frames at once wait on each other.
         let rx = session.clone();
         {
+            let _applying = self.apply_lock.lock().unwrap();
             let mut g = self.conn.lock().unwrap();
             if let Some(old) = g.take() {
                 let _ = old.stream.shutdown(Shutdown::Both);
@@ -486,7 +491,13 @@ impl Shared {
     /// Handle one frame of connection `id`; false when the connection was dropped.
     fn dispatch(&self, id: u64, msg: Message, acks: &AckSlot) -> bool {
         match msg {
-            Message::LogRecords(r) => match self.handler.on_log_records(&r) {
+            Message::LogRecords(r) => match {
+                let _applying = self.apply_lock.lock().unwrap();
+                if self.session.load(Ordering::Acquire) != id {
+                    return false; // replaced meanwhile: the new session resyncs
+                }
+                self.handler.on_log_records(&r)
+            } {
                 Ok(seq) => {
                     // Every message is acknowledged, those a commit sends before its last
                     // with 0: that advances nothing (the acknowledgement is a maximum; a

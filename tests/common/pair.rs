@@ -193,6 +193,8 @@ impl Pair {
             match s.read(&mut b) {
                 Ok(1) if b[0] != b'\n' => line.push(b[0]),
                 Ok(_) => break,
+                // A signal to this process (a child exiting) interrupts the read: read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => panic!(
                     "no reply from {node} to {req}: {e}\n--- a.log\n{}\n--- b.log\n{}",
                     tail(&self.log("a")),

@@ -5,7 +5,8 @@
 //!   configurations on two sets of loop devices: **write-through** (no NVRAM log: a write is
 //!   acknowledged once on the members) and **NVRAM** (a single node's NVRAM log, a file in
 //!   `HAPAIR_BENCH_NVRAM_DIR`, default /var/tmp: ext4, written with O_DIRECT; no partner, so no mirror:
-//!   `cargo bench --bench mirror` measures that);
+//!   `cargo bench --bench mirror` measures that), and **NVRAM in RAM** (the log a file on tmpfs,
+//!   `HAPAIR_BENCH_RAM_DIR`, default /dev/shm: acknowledged from RAM, as nbdkit cache=none is);
 //! - `nbdkit file` serving one loop device of the same size on the same backing filesystem,
 //!   with the page cache (`cache=default`, the plugin's default) and with `cache=none` (the
 //!   plugin drops pages it read or wrote; nbdkit 1.32's file plugin has no O_DIRECT mode);
@@ -15,7 +16,7 @@
 //! Environment: `HAPAIR_BENCH_MEMBER_MIB` (1024), `HAPAIR_BENCH_SECS` per run (6, after a 1 s
 //! ramp), `HAPAIR_BENCH_ROUNDS` (3), `HAPAIR_BENCH_WORKLOADS` (all: randread1, randread32,
 //! randwrite1, randwrite32, seqread, seqwrite), `HAPAIR_BENCH_CONTENDERS` (all: hapaird,
-//! hapaird-nvram, nbdkit, nbdkit-nocache, raw), `HAPAIR_BENCH_WORKERS` (hapaird `io.workers`, default the
+//! hapaird-nvram, hapaird-ram, nbdkit, nbdkit-nocache, raw), `HAPAIR_BENCH_WORKERS` (hapaird `io.workers`, default the
 //! daemon's), `HAPAIR_BENCH_DIR` (/var/tmp). Results go to stdout and `bench/RESULTS.md` (or `HAPAIR_BENCH_OUT`)
 //! (a hand-written "## Notes" section there is kept).
 
@@ -97,6 +98,7 @@ const WORKS: [Work; 6] = [
 enum Who {
     Hapaird,
     HapairdNvram,
+    HapairdRam,
     Nbdkit,
     NbdkitNoCache,
     Raw,
@@ -107,6 +109,7 @@ impl Who {
         match self {
             Who::Hapaird => "hapaird",
             Who::HapairdNvram => "hapaird-nvram",
+            Who::HapairdRam => "hapaird-ram",
             Who::Nbdkit => "nbdkit",
             Who::NbdkitNoCache => "nbdkit-nocache",
             Who::Raw => "raw",
@@ -116,6 +119,7 @@ impl Who {
         match self {
             Who::Hapaird => "hapaird write-through (no NVRAM)",
             Who::HapairdNvram => "hapaird NVRAM log (no partner)",
+            Who::HapairdRam => "hapaird NVRAM log in RAM (tmpfs, no partner)",
             Who::Nbdkit => "nbdkit file",
             Who::NbdkitNoCache => "nbdkit file cache=none",
             Who::Raw => "raw io_uring (4 data devs)",
@@ -240,6 +244,7 @@ fn bench() -> Result<(), String> {
     let all_who = [
         Who::Hapaird,
         Who::HapairdNvram,
+        Who::HapairdRam,
         Who::Nbdkit,
         Who::NbdkitNoCache,
         Who::Raw,
@@ -269,8 +274,25 @@ fn bench() -> Result<(), String> {
     let member_bytes = member_mib << 20;
     let export_bytes = 4 * (member_bytes - DATA_OFFSET_BYTES);
 
-    let nv_on = whos.contains(&Who::HapairdNvram);
-    let nloops = if nv_on { 10 } else { 5 };
+    // hapaird instances, each on its own 5 loop devices: write-through always (the raw rows
+    // use its data devices), then those asked for; (who, NVRAM file).
+    let ram_dir = std::env::var("HAPAIR_BENCH_RAM_DIR").unwrap_or_else(|_| "/dev/shm".into());
+    let mut instances: Vec<(Who, Option<std::path::PathBuf>)> = vec![(Who::Hapaird, None)];
+    let nvdir = tempfile::Builder::new()
+        .prefix("hapair-bench-nbd-nvram.")
+        .tempdir_in(&nvram_dir)
+        .map_err(|e| e.to_string())?;
+    let ramdir = tempfile::Builder::new()
+        .prefix("hapair-bench-nbd-ram.")
+        .tempdir_in(&ram_dir)
+        .map_err(|e| format!("{ram_dir}: {e}"))?;
+    if whos.contains(&Who::HapairdNvram) {
+        instances.push((Who::HapairdNvram, Some(nvdir.path().join("bench0.nvlog"))));
+    }
+    if whos.contains(&Who::HapairdRam) {
+        instances.push((Who::HapairdRam, Some(ramdir.path().join("bench1.nvlog"))));
+    }
+    let nloops = 5 * instances.len();
     progress!(
         "creating {nloops} loop devices of {member_mib} MiB and one of {} MiB (filled) in {}",
         export_bytes >> 20,
@@ -279,10 +301,6 @@ fn bench() -> Result<(), String> {
     let loops: Vec<LoopDev> = (0..nloops)
         .map(|i| LoopDev::new(dir.path(), &format!("m{i}.img"), member_bytes, true))
         .collect();
-    let nvdir = tempfile::Builder::new()
-        .prefix("hapair-bench-nbd-nvram.")
-        .tempdir_in(&nvram_dir)
-        .map_err(|e| e.to_string())?;
     check_interrupt()?;
     let solo = LoopDev::new(dir.path(), "solo.img", export_bytes, true);
     check_interrupt()?;
@@ -291,23 +309,16 @@ fn bench() -> Result<(), String> {
         .as_ref()
         .map(|w| format!("workers = {w}\n"))
         .unwrap_or_default();
-    // [0]: write-through on loops 0..5; [1]: NVRAM log on loops 5..10.
+    // Instance i on loops 5i..5i+5.
     let mut hports = Vec::new();
     let mut configs = Vec::new();
     let mut hlogs = Vec::new();
-    for (i, nv) in [(0usize, false), (1, true)] {
-        if nv && !nv_on {
-            continue;
-        }
+    for (i, (who, nvram)) in instances.iter().enumerate() {
         let port = free_port();
         let m = &loops[i * 5..i * 5 + 5];
-        let nv_lines = if nv {
-            format!(
-                "nvram = \"{}\"\nnvram_mib = {nvram_mib}\n",
-                nvdir.path().join("bench0.nvlog").display()
-            )
-        } else {
-            String::new()
+        let nv_lines = match nvram {
+            Some(p) => format!("nvram = \"{}\"\nnvram_mib = {nvram_mib}\n", p.display()),
+            None => String::new(),
         };
         let toml = format!(
             "node = \"a\"\n\n[io]\nengine = \"io_uring\"\n{workers_line}\n[[aggregate]]\nname = \"{EXPORT}\"\nhome = \"a\"\n\
@@ -317,10 +328,7 @@ fn bench() -> Result<(), String> {
         );
         let config = dir.path().join(format!("hapaird{i}.toml"));
         std::fs::write(&config, &toml).map_err(|e| e.to_string())?;
-        progress!(
-            "hapaird format {} (zeroes every member)",
-            if nv { "NVRAM" } else { "write-through" }
-        );
+        progress!("hapaird format for {} (zeroes every member)", who.label());
         let st = Command::new(hapaird)
             .args(["format", "--force", "--config"])
             .arg(&config)
@@ -351,14 +359,7 @@ fn bench() -> Result<(), String> {
             )
             .spawn()
             .map_err(|e| format!("hapaird run: {e}"))?;
-        let mut g = ChildGuard::new(
-            if i == 0 {
-                "hapaird write-through"
-            } else {
-                "hapaird NVRAM"
-            },
-            child,
-        );
+        let mut g = ChildGuard::new(instances[i].0.label(), child);
         wait_port(hports[i], &mut g, Duration::from_secs(30))?;
         Ok(g)
     };
@@ -428,8 +429,10 @@ fn bench() -> Result<(), String> {
                 // nbdkit opens the device buffered: start it from a cold, clean page cache.
                 solo.flush_buffers();
                 let r = match who {
-                    Who::Hapaird => nbd_fio(hports[0], w, secs),
-                    Who::HapairdNvram => nbd_fio(hports[1], w, secs),
+                    Who::Hapaird | Who::HapairdNvram | Who::HapairdRam => {
+                        let i = instances.iter().position(|(x, _)| *x == who).expect("started");
+                        nbd_fio(hports[i], w, secs)
+                    }
                     Who::Nbdkit => nbd_fio(kport, w, secs),
                     Who::NbdkitNoCache => nbd_fio(kport_nc, w, secs),
                     Who::Raw => raw_fio(&loops[..4], w, secs),
@@ -450,6 +453,7 @@ fn bench() -> Result<(), String> {
     let mut exits = Vec::new();
     let mut warnings: Vec<String> = Vec::new();
     let mut nvram_line = String::new();
+    let mut ram_line = String::new();
     for (i, g) in hguards.iter_mut().enumerate() {
         let st = g.stop();
         exits.push(match st {
@@ -464,7 +468,11 @@ fn bench() -> Result<(), String> {
                 .map(|l| format!("{}: {l}", g.name)),
         );
         if let Some(l) = text.lines().find(|l| l.contains("NVRAM:")) {
-            nvram_line = l[l.find("NVRAM:").unwrap()..].chars().take(100).collect();
+            let line: String = l[l.find("NVRAM:").unwrap()..].chars().take(100).collect();
+            match instances[i].0 {
+                Who::HapairdRam => ram_line = line,
+                _ => nvram_line = line,
+            }
         }
     }
     let hapaird_exit = exits.join("; ");
@@ -491,6 +499,11 @@ fn bench() -> Result<(), String> {
         (
             "NVRAM / nbdkit cache=none",
             Who::HapairdNvram,
+            Who::NbdkitNoCache,
+        ),
+        (
+            "NVRAM in RAM / nbdkit cache=none",
+            Who::HapairdRam,
             Who::NbdkitNoCache,
         ),
         ("write-through / raw", Who::Hapaird, Who::Raw),
@@ -583,7 +596,12 @@ fn bench() -> Result<(), String> {
          is acknowledged once written to the log's device (O_DIRECT; the device cache is flushed on the client's \
          FLUSH or FUA, which fio does not send here, and before every CP), except whole aligned stripes (the 1 MiB \
          rows), which go to the members directly after a small flushed Stripes record; CPs write the log to the \
-         members in the background. \
+         members in the background.\n\
+         - **hapaird NVRAM log in RAM (tmpfs, no partner)**: the same again on its own 5 loop devices, the log a \
+         {nvram_mib} MiB file in {ram_dir} ({ram_line}): a write is acknowledged once it is in the log in RAM (it \
+         survives a crash of hapaird, not a power loss; in a pair the partner's mirror holds it too, so it survives \
+         the loss of one machine). That is what nbdkit cache=none gives at acknowledgement (below); it is not what \
+         the two rows before give. \
          After the run: {hapaird_exit}.\n\
          - **nbdkit file**: `nbdkit --exit-with-parent -f -p PORT -i 127.0.0.1 file /dev/loopN` over one loop device \
          (direct I/O to its backing file) of the same size as the export, backing file fully written first. nbdkit \
@@ -591,8 +609,10 @@ fn bench() -> Result<(), String> {
          is dropped (`blockdev --flushbufs`) before and after every run, so each run starts cold and a run's dirty \
          pages are written back outside the measured window.\n\
          - **nbdkit file cache=none**: the same with `cache=none` (nbdkit 1.32's way to stay out of the page cache: \
-         fadvise DONTNEED after reads, sync_file_range + DONTNEED after writes; there is no O_DIRECT option). This is \
-         the like-for-like comparison with hapaird, which never acknowledges from RAM.\n\
+         fadvise DONTNEED after reads, sync_file_range + DONTNEED after writes; there is no O_DIRECT option). Its \
+         writes are acknowledged from the page cache with their write-back started, not finished: its QD1 write \
+         latency is below that of a direct write to the device itself (raw row). So at acknowledgement a write is in \
+         RAM, as with hapaird's log in RAM; hapaird's write-through and disk-file NVRAM rows wait for the device.\n\
          - **raw**: fio `--ioengine=io_uring --direct=1` straight on the aggregate's 4 data loop devices (their data \
          area), same block size and iodepth, files round-robin. No parity: the ceiling the disks give.\n\n\
          All NBD clients are fio 3.33's `nbd` engine (libnbd, one TCP connection on 127.0.0.1).\n\n\
@@ -618,5 +638,6 @@ fn bench() -> Result<(), String> {
     drop(solo);
     drop(loops);
     drop(nvdir);
+    drop(ramdir);
     Ok(())
 }

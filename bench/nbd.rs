@@ -430,7 +430,10 @@ fn bench() -> Result<(), String> {
                 solo.flush_buffers();
                 let r = match who {
                     Who::Hapaird | Who::HapairdNvram | Who::HapairdRam => {
-                        let i = instances.iter().position(|(x, _)| *x == who).expect("started");
+                        let i = instances
+                            .iter()
+                            .position(|(x, _)| *x == who)
+                            .expect("started");
                         nbd_fio(hports[i], w, secs)
                     }
                     Who::Nbdkit => nbd_fio(kport, w, secs),

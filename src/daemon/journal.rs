@@ -623,24 +623,27 @@ impl Journal {
         drop(g);
     }
 
+    /// The interconnect session established now, if there is a link and it is up.
+    fn link_session(&self) -> Option<u64> {
+        self.mirror
+            .read()
+            .unwrap()
+            .as_ref()
+            .and_then(|l| l.session())
+    }
+
     /// Mirroring state, for status.
     pub fn mirror_state(&self) -> MirrorState {
         let st = self.mirror_state.lock().unwrap().clone();
-        if matches!(st, MirrorState::Mirrored) {
-            let session = self
-                .mirror
-                .read()
-                .unwrap()
-                .as_ref()
-                .and_then(|l| l.session());
-            if session != Some(self.mirrored_session.load(Ordering::Acquire)) {
-                // Reconnected (or down) since: until the log is copied again, the partner's
-                // mirror may lack what it had not flushed when the session ended.
-                return MirrorState::NotMirrored {
-                    since: SystemTime::now(),
-                    why: "interconnect session changed: mirror being resynchronised".into(),
-                };
-            }
+        if matches!(st, MirrorState::Mirrored)
+            && self.link_session() != Some(self.mirrored_session.load(Ordering::Acquire))
+        {
+            // Reconnected (or down) since: until the log is copied again, the partner's
+            // mirror may lack what it had not flushed when the session ended.
+            return MirrorState::NotMirrored {
+                since: SystemTime::now(),
+                why: "interconnect session changed: mirror being resynchronised".into(),
+            };
         }
         st
     }
@@ -723,23 +726,14 @@ impl Journal {
     /// With the partner reachable and its mirror out of date, copy the log to it now rather
     /// than at the next write: the pair reports "mirrored" as soon as it is true.
     pub fn ensure_mirrored(&self) -> Result<(), JournalError> {
-        let up = self
-            .mirror
-            .read()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|l| l.is_up());
-        let session = self
-            .mirror
-            .read()
-            .unwrap()
-            .as_ref()
-            .and_then(|l| l.session());
+        let Some(session) = self.link_session() else {
+            return Ok(());
+        };
         let stale = {
             let g = self.inner.lock().unwrap();
-            g.mirror_needs_resync || session.is_some_and(|s| s != g.mirror_session)
+            g.mirror_needs_resync || session != g.mirror_session
         };
-        if up && stale {
+        if stale {
             self.commit_until(0, true)?;
         }
         Ok(())

@@ -491,34 +491,37 @@ impl Shared {
     /// Handle one frame of connection `id`; false when the connection was dropped.
     fn dispatch(&self, id: u64, msg: Message, acks: &AckSlot) -> bool {
         match msg {
-            Message::LogRecords(r) => match {
-                let _applying = self.apply_lock.lock().unwrap();
-                if self.session.load(Ordering::Acquire) != id {
-                    return false; // replaced meanwhile: the new session resyncs
+            Message::LogRecords(r) => {
+                let applied = {
+                    let _applying = self.apply_lock.lock().unwrap();
+                    if self.session.load(Ordering::Acquire) != id {
+                        return false; // replaced meanwhile: the new session resyncs
+                    }
+                    self.handler.on_log_records(&r)
+                };
+                match applied {
+                    Ok(seq) => {
+                        // Every message is acknowledged, those a commit sends before its last
+                        // with 0: that advances nothing (the acknowledgement is a maximum; a
+                        // commit of a new epoch that waits for 0 is an empty log, one message).
+                        let mut p = acks.pending.lock().unwrap();
+                        *p = match *p {
+                            Some((e, s)) if e == r.epoch => Some((e, s.max(seq))),
+                            _ => Some((r.epoch, seq)),
+                        };
+                        acks.cv.notify_one();
+                    }
+                    Err(e) => {
+                        // Not acknowledged, and the session ends: a later message of the same
+                        // commit must not be applied and acknowledged on top of the hole (its
+                        // acknowledgement would vouch for this one). The partner resyncs the
+                        // whole log in the next session.
+                        tracing::error!(error = %e, "mirror update refused; dropping the session");
+                        self.drop_conn(id, &format!("mirror update failed: {e}"));
+                        return false;
+                    }
                 }
-                self.handler.on_log_records(&r)
-            } {
-                Ok(seq) => {
-                    // Every message is acknowledged, those a commit sends before its last
-                    // with 0: that advances nothing (the acknowledgement is a maximum; a
-                    // commit of a new epoch that waits for 0 is an empty log, one message).
-                    let mut p = acks.pending.lock().unwrap();
-                    *p = match *p {
-                        Some((e, s)) if e == r.epoch => Some((e, s.max(seq))),
-                        _ => Some((r.epoch, seq)),
-                    };
-                    acks.cv.notify_one();
-                }
-                Err(e) => {
-                    // Not acknowledged, and the session ends: a later message of the same
-                    // commit must not be applied and acknowledged on top of the hole (its
-                    // acknowledgement would vouch for this one). The partner resyncs the
-                    // whole log in the next session.
-                    tracing::error!(error = %e, "mirror update refused; dropping the session");
-                    self.drop_conn(id, &format!("mirror update failed: {e}"));
-                    return false;
-                }
-            },
+            }
             Message::LogAck { epoch, up_to_seq } => {
                 let mut a = self.acked.lock().unwrap();
                 // A new session or a new epoch (the partner's log was formatted again) starts

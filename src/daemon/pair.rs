@@ -1626,6 +1626,38 @@ mod tests {
         b
     }
 
+    /// A node of `cfg` serving its own aggregate (opened, its log replayed).
+    fn serving(cfg: &Config) -> Arc<PairNode> {
+        let n = PairNode::new(cfg.clone()).unwrap();
+        n.run_step(Step::OpenOwnAggregate).unwrap();
+        n.run_step(Step::ReplayOwnLog).unwrap();
+        n
+    }
+
+    /// The node of `cfg` writes `fill` at `BLOCK_AT` and is killed: the write is in its log
+    /// only, its aggregate dirty.
+    fn killed_after_a_write(cfg: &Config, fill: u8) {
+        let n = serving(cfg);
+        journal(&n, Whose::Own)
+            .write(BLOCK_AT, &block(fill), false)
+            .unwrap();
+    }
+
+    /// The node of `cfg` takes its partner over (its mirror replayed), writes `fill` at
+    /// `BLOCK_AT` and gives the aggregate back (final CP, clean close).
+    fn takes_over_writes_and_gives_back(cfg: &Config, fill: u8) {
+        let a = PairNode::new(cfg.clone()).unwrap();
+        a.run_step(Step::OpenPartnerAggregate).unwrap();
+        a.run_step(Step::ReplayPartnerLog).unwrap();
+        journal(&a, Whose::Partner)
+            .write(BLOCK_AT, &block(fill), false)
+            .unwrap();
+        a.run_step(Step::CpPartnerAggregate).unwrap();
+        a.run_step(Step::ClosePartnerAggregate).unwrap();
+    }
+
+    const BLOCK_AT: u64 = 65536;
+
     fn read_block(j: &Journal, offset: u64) -> u8 {
         let mut b = IoBuf::new(4096);
         j.read(offset, &mut b).unwrap();
@@ -1644,27 +1676,14 @@ mod tests {
     fn a_cleanly_closed_aggregate_does_not_replay_its_stale_log() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let [ca, cb] = pair_configs(dir.path());
-        let b = PairNode::new(cb.clone()).unwrap();
-        b.run_step(Step::OpenOwnAggregate).unwrap();
-        b.run_step(Step::ReplayOwnLog).unwrap();
-        journal(&b, Whose::Own)
-            .write(65536, &block(1), false)
-            .unwrap();
-        drop(b); // killed: the write is in its log only
-        let a = PairNode::new(ca).unwrap();
-        a.run_step(Step::OpenPartnerAggregate).unwrap();
-        a.run_step(Step::ReplayPartnerLog).unwrap();
-        let j = journal(&a, Whose::Partner);
-        j.write(65536, &block(2), false).unwrap();
-        drop(j);
-        a.run_step(Step::CpPartnerAggregate).unwrap();
-        a.run_step(Step::ClosePartnerAggregate).unwrap();
+        killed_after_a_write(&cb, 1);
+        takes_over_writes_and_gives_back(&ca, 2);
         let b = PairNode::new(cb).unwrap();
         b.run_step(Step::OpenOwnAggregate).unwrap();
         assert!(!b.own.lock().unwrap().was_dirty);
         b.run_step(Step::ReplayOwnLog).unwrap();
         assert_eq!(
-            read_block(&journal(&b, Whose::Own), 65536),
+            read_block(&journal(&b, Whose::Own), BLOCK_AT),
             2,
             "the partner's write survives"
         );
@@ -1678,13 +1697,7 @@ mod tests {
     fn an_aggregate_whose_log_was_not_replayed_stays_dirty() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let [_, cb] = pair_configs(dir.path());
-        let b = PairNode::new(cb.clone()).unwrap();
-        b.run_step(Step::OpenOwnAggregate).unwrap();
-        b.run_step(Step::ReplayOwnLog).unwrap();
-        journal(&b, Whose::Own)
-            .write(65536, &block(5), false)
-            .unwrap();
-        drop(b); // killed: the write is in its log only
+        killed_after_a_write(&cb, 5);
         let b = PairNode::new(cb.clone()).unwrap();
         b.run_step(Step::OpenOwnAggregate).unwrap();
         let e = b.run_step(Step::FinalCp).unwrap_err();
@@ -1694,7 +1707,7 @@ mod tests {
         b.run_step(Step::OpenOwnAggregate).unwrap();
         assert!(b.own.lock().unwrap().was_dirty, "left dirty");
         b.run_step(Step::ReplayOwnLog).unwrap();
-        assert_eq!(read_block(&journal(&b, Whose::Own), 65536), 5);
+        assert_eq!(read_block(&journal(&b, Whose::Own), BLOCK_AT), 5);
     }
 
     /// The decision "clean, so the log is stale" is made durable before the labels go dirty:
@@ -1705,21 +1718,8 @@ mod tests {
     fn a_stale_log_is_forgotten_before_the_labels_go_dirty() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let [ca, cb] = pair_configs(dir.path());
-        let b = PairNode::new(cb.clone()).unwrap();
-        b.run_step(Step::OpenOwnAggregate).unwrap();
-        b.run_step(Step::ReplayOwnLog).unwrap();
-        journal(&b, Whose::Own)
-            .write(65536, &block(1), false)
-            .unwrap();
-        drop(b);
-        let a = PairNode::new(ca).unwrap();
-        a.run_step(Step::OpenPartnerAggregate).unwrap();
-        a.run_step(Step::ReplayPartnerLog).unwrap();
-        journal(&a, Whose::Partner)
-            .write(65536, &block(2), false)
-            .unwrap();
-        a.run_step(Step::CpPartnerAggregate).unwrap();
-        a.run_step(Step::ClosePartnerAggregate).unwrap();
+        killed_after_a_write(&cb, 1);
+        takes_over_writes_and_gives_back(&ca, 2);
         let b = PairNode::new(cb.clone()).unwrap();
         b.run_step(Step::OpenOwnAggregate).unwrap();
         drop(b); // dies before its log step
@@ -1727,7 +1727,7 @@ mod tests {
         b.run_step(Step::OpenOwnAggregate).unwrap();
         assert!(b.own.lock().unwrap().was_dirty, "its own open marked it");
         b.run_step(Step::ReplayOwnLog).unwrap();
-        assert_eq!(read_block(&journal(&b, Whose::Own), 65536), 2);
+        assert_eq!(read_block(&journal(&b, Whose::Own), BLOCK_AT), 2);
     }
 
     /// b's mirror at a holds an older write of a block that b then overwrote while a's
@@ -1737,11 +1737,9 @@ mod tests {
     fn a_takeover_after_a_final_cp_does_not_replay_the_mirror() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let [ca, cb] = pair_configs(dir.path());
-        let b = PairNode::new(cb).unwrap();
-        b.run_step(Step::OpenOwnAggregate).unwrap();
-        b.run_step(Step::ReplayOwnLog).unwrap();
+        let b = serving(&cb);
         journal(&b, Whose::Own)
-            .write(65536, &block(1), false)
+            .write(BLOCK_AT, &block(1), false)
             .unwrap();
         // The mirror at a: b's log as it was then.
         std::fs::copy(
@@ -1750,7 +1748,7 @@ mod tests {
         )
         .unwrap();
         journal(&b, Whose::Own)
-            .write(65536, &block(2), false)
+            .write(BLOCK_AT, &block(2), false)
             .unwrap();
         b.run_step(Step::FinalCp).unwrap();
         drop(b);
@@ -1758,7 +1756,7 @@ mod tests {
         a.run_step(Step::OpenPartnerAggregate).unwrap();
         assert!(!a.partner.lock().unwrap().was_dirty);
         a.run_step(Step::ReplayPartnerLog).unwrap();
-        assert_eq!(read_block(&journal(&a, Whose::Partner), 65536), 2);
+        assert_eq!(read_block(&journal(&a, Whose::Partner), BLOCK_AT), 2);
     }
 
     /// A fence by mailbox alone trusts the self-fence bound only for a partner whose heartbeat
@@ -1862,9 +1860,7 @@ mod tests {
         let e = restored_log_usable(&vec![7; len], &agg).unwrap_err();
         assert!(e.contains("not a usable log"), "{e}");
         // A real log of this aggregate passes; one of the other aggregate does not.
-        let b = PairNode::new(cb).unwrap();
-        b.run_step(Step::OpenOwnAggregate).unwrap();
-        b.run_step(Step::ReplayOwnLog).unwrap();
+        let b = serving(&cb);
         journal(&b, Whose::Own).write(0, &block(3), false).unwrap();
         let b_log = std::fs::read(dir.path().join("b-aggr-b.log")).unwrap();
         assert!(
@@ -1882,9 +1878,7 @@ mod tests {
     fn a_halt_stops_io_while_a_side_lock_is_held() {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let [ca, _] = pair_configs(dir.path());
-        let a = PairNode::new(ca).unwrap();
-        a.run_step(Step::OpenOwnAggregate).unwrap();
-        a.run_step(Step::ReplayOwnLog).unwrap();
+        let a = serving(&ca);
         let j = journal(&a, Whose::Own);
         let agg = a.own.lock().unwrap().aggregate.clone().unwrap();
         j.write(0, &block(1), false).unwrap();

@@ -2218,6 +2218,30 @@ mod tests {
             }))
         }
 
+        /// The last refusal was `request`, for a mirror not current since `since_ms`, and
+        /// `actions` raised the alarm that the partner's aggregate goes unserved.
+        fn refused_for_a_stale_mirror(
+            &self,
+            actions: &[Action],
+            request: RequestKind,
+            since_ms: u64,
+        ) {
+            let r = self.last_refusal();
+            assert_eq!(r.request, request);
+            assert_eq!(
+                r.reasons,
+                vec![RefusalReason::MirrorNotCurrent {
+                    since_ms: Some(since_ms)
+                }]
+            );
+            assert!(
+                actions
+                    .iter()
+                    .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))),
+                "{actions:?}"
+            );
+        }
+
         fn msg(&mut self, m: Message) -> Vec<Action> {
             self.ev(Event::Message(m))
         }
@@ -2836,17 +2860,7 @@ mod tests {
         );
         let a = h.at(20_000, Event::Tick);
         assert_eq!(h.n.state(), State::Normal);
-        let r = h.last_refusal();
-        assert_eq!(r.request, RequestKind::HardTakeover);
-        assert_eq!(
-            r.reasons,
-            vec![RefusalReason::MirrorNotCurrent {
-                since_ms: Some(500)
-            }]
-        );
-        assert!(a
-            .iter()
-            .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+        h.refused_for_a_stale_mirror(&a, RequestKind::HardTakeover, 500);
         // Raised once per episode.
         let a = h.at(21_000, Event::Tick);
         assert!(!a.iter().any(|x| matches!(x, Action::Alarm(_))));
@@ -2879,17 +2893,7 @@ mod tests {
             State::Normal,
             "no takeover from a stale mirror"
         );
-        let r = h.last_refusal();
-        assert_eq!(r.request, RequestKind::HardTakeover);
-        assert_eq!(
-            r.reasons,
-            vec![RefusalReason::MirrorNotCurrent {
-                since_ms: Some(2_000)
-            }]
-        );
-        assert!(a
-            .iter()
-            .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+        h.refused_for_a_stale_mirror(&a, RequestKind::HardTakeover, 2_000);
     }
 
     fn heartbeat_in_sync(a: &[Action]) -> Option<bool> {
@@ -2963,17 +2967,7 @@ mod tests {
         });
         assert!(!a.contains(&Action::Begin(Step::Fence)), "{a:?}");
         assert_eq!(h.n.state(), State::Normal);
-        let r = h.last_refusal();
-        assert_eq!(r.request, RequestKind::TakeoverOfPartner);
-        assert_eq!(
-            r.reasons,
-            vec![RefusalReason::MirrorNotCurrent {
-                since_ms: Some(500)
-            }]
-        );
-        assert!(a
-            .iter()
-            .any(|x| matches!(x, Action::Alarm(Alarm::PartnerDownCannotTakeOver { .. }))));
+        h.refused_for_a_stale_mirror(&a, RequestKind::TakeoverOfPartner, 500);
         // The partner's TakenOver heartbeat (its log not settled) does not start one either,
         // nor does the orphaned-partner check afterwards.
         let a = h.hb(State::TakenOver, false);

@@ -183,6 +183,17 @@ fn error_exit(kind: ErrorKind, message: &str) -> ExitCode {
     fail(code, message)
 }
 
+/// A procedure's total time and its phases, each "Step 12 ms", for the operator.
+fn timings(r: &control::ProcedureView) -> (String, Vec<String>) {
+    let total = r.total_ms.map_or("?".into(), control::duration);
+    let phases = r
+        .phases
+        .iter()
+        .map(|p| format!("{} {}", p.step, control::duration(p.elapsed_ms)))
+        .collect();
+    (total, phases)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -354,12 +365,7 @@ fn operate(
                 match report {
                     // Asked at the node taken over: it shut down and the partner serves.
                     Some(r) if r.kind == "shutdown" => {
-                        let total = r.total_ms.map_or("?".into(), control::duration);
-                        let phases: Vec<String> = r
-                            .phases
-                            .iter()
-                            .map(|p| format!("{} {}", p.step, control::duration(p.elapsed_ms)))
-                            .collect();
+                        let (total, phases) = timings(&r);
                         println!(
                             "{what} complete: {} is {state:?}, {} serves its aggregates",
                             status.node, status.partner
@@ -367,12 +373,7 @@ fn operate(
                         println!("shutdown took {total}: {}", phases.join(", "));
                     }
                     Some(r) => {
-                        let total = r.total_ms.map_or("?".into(), control::duration);
-                        let phases: Vec<String> = r
-                            .phases
-                            .iter()
-                            .map(|p| format!("{} {}", p.step, control::duration(p.elapsed_ms)))
-                            .collect();
+                        let (total, phases) = timings(&r);
                         println!(
                             "{} complete at {} in {total}: {}",
                             r.kind,

@@ -2072,6 +2072,22 @@ pub(crate) mod tests {
         assert_eq!(agg.failed_member(), None, "a halt fails no member");
     }
 
+    /// Closed is closed: a request still running after a drain's deadline must not write
+    /// under the clean label (nothing would repair the parity of a stripe it tore).
+    #[test]
+    fn a_closed_aggregate_refuses_writes() {
+        let (agg, disks) = mem_aggregate(3, 4096, 8);
+        agg.write(0, &pattern(4096, 1, 0), false).unwrap();
+        agg.close().unwrap();
+        let before = disks.data.lock().unwrap().clone();
+        let r = agg.write(4096, &pattern(4096, 2, 0), false);
+        assert!(matches!(r, Err(AggregateError::Offline { .. })), "{r:?}");
+        assert!(
+            *disks.data.lock().unwrap() == before,
+            "nothing written after the close"
+        );
+    }
+
     #[test]
     fn dirty_close_is_detected_and_resynced() {
         let (agg, disks) = mem_aggregate(3, 4096, 8);

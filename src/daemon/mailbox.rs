@@ -607,6 +607,24 @@ mod tests {
         (d, inbox)
     }
 
+    /// Whether an earlier run left "unmirrored" in our slot is unknown when a majority of
+    /// members cannot be read at start: it counts as set (the journal clears it once the
+    /// mirror is resynced); counted as clear, the first heartbeat would have erased it.
+    #[test]
+    fn an_unreadable_own_slot_at_start_counts_as_unmirrored() {
+        let store = Arc::new(MemStore::new(3));
+        let (d, _inbox) = driver(store.clone(), "a", "b");
+        assert!(
+            !d.handle.unmirrored(),
+            "an empty mailbox: nothing was unmirrored"
+        );
+        d.stop();
+        store.set_broken(0, true);
+        store.set_broken(1, true);
+        let (d, _inbox) = driver(store, "a", "b");
+        assert!(d.handle.unmirrored());
+    }
+
     /// The HA loop asks for a heartbeat every interval; when it hangs, it asks for none, the
     /// bound passes, and nothing would stop the data plane until the loop came back (or the
     /// watchdog killed the process): the driver thread stops it itself.

@@ -1287,25 +1287,7 @@ mod tests {
 
     #[test]
     fn status_tells_mirror_refusals_and_takeover_at_a_glance() {
-        let mut n = Node::new(Config::new(NodeId::A), 0).unwrap();
-        n.step(
-            0,
-            Event::MailboxRead(Some(crate::core::takeover::MailboxView {
-                partner_slot: None,
-                please_die_for_me: false,
-                please_die_for_partner: false,
-            })),
-        );
-        n.step(1, Event::StepDone(crate::core::takeover::Step::RegisterOwn));
-        n.step(1, Event::MailboxChecked { please_die: false });
-        for st in [
-            crate::core::takeover::Step::OpenOwnAggregate,
-            crate::core::takeover::Step::ReplayOwnLog,
-            crate::core::takeover::Step::TakeOwnIps,
-            crate::core::takeover::Step::ServeOwnExports,
-        ] {
-            n.step(1, Event::StepDone(st));
-        }
+        let mut n = resumed_node();
         n.step(
             1,
             Event::PartnerDisks {
@@ -1381,9 +1363,8 @@ mod tests {
         assert_eq!(timestamp(951_782_400_000, 0), "2000-02-29 00:00:00Z");
     }
 
-    /// A pair where both nodes serve and a's mirror of b's log is current, as seen from a at
-    /// `t`, with b last heard at `heard`.
-    fn normal_pair(heard: u64, t: u64) -> Node {
+    /// Node a after its boot: resumed, serving its own aggregate (at t = 1 ms).
+    fn resumed_node() -> Node {
         let mut n = Node::new(Config::new(NodeId::A), 0).unwrap();
         n.step(
             0,
@@ -1403,6 +1384,13 @@ mod tests {
         ] {
             n.step(1, Event::StepDone(st));
         }
+        n
+    }
+
+    /// A pair where both nodes serve and a's mirror of b's log is current, as seen from a at
+    /// `t`, with b last heard at `heard`.
+    fn normal_pair(heard: u64, t: u64) -> Node {
+        let mut n = resumed_node();
         n.step(
             heard,
             Event::Message(crate::core::takeover::Message::Heartbeat {

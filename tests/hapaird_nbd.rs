@@ -209,10 +209,21 @@ fn demo_runs_a_pair_and_stops_cleanly() {
         std::io::BufReader::new(&s).read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap()
     };
-    // Until b's log is mirrored here a takeover is refused, and says why.
+    // Until b serves with its log mirrored here a takeover is refused, and says why. (While b
+    // boots, its log is mirrored if the mailbox says so; once b opens it, a new mirror session
+    // copies it first: "mirrored" before b is Normal can go back to "not yet".)
     let end = Instant::now() + Duration::from_secs(30);
-    while ask(r#"{"v":1,"cmd":"status"}"#)["status"]["mirror"]["partner_log_mirrored"] != true {
-        assert!(Instant::now() < end, "b's log never mirrored on a");
+    loop {
+        let st = ask(r#"{"v":1,"cmd":"status"}"#);
+        if st["status"]["nodes"][1]["state"] == "Normal"
+            && st["status"]["mirror"]["partner_log_mirrored"] == true
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "b never served with its log mirrored on a: {st}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let reply = ask(r#"{"v":1,"cmd":"takeover","of":"b"}"#);

@@ -1285,6 +1285,12 @@ impl Node {
         if step == Step::FinalCp {
             self.own_log_settled = true;
         }
+        if matches!(step, Step::ReplayOwnLog | Step::DiscardOwnLog) {
+            // The log is open from here: whether it is mirrored is the journal's to say (what
+            // was said before it opened, from the mailbox flag, no longer holds: a new log
+            // session copies the whole log to the partner first).
+            self.own_mirror_in_sync = false;
+        }
         if step == Step::RecheckMailbox {
             // RecheckMailbox completes through MailboxChecked, which carries the flag.
             return;
@@ -2184,6 +2190,8 @@ mod tests {
             assert_eq!(h.n.state(), State::Resuming);
             h.finish_resume();
             assert_eq!(h.n.state(), State::Normal);
+            // The journal opened by the resume reports its mirror current.
+            h.ev(Event::OwnMirror { in_sync: true });
             h.hb(State::Normal, true);
             h
         }
@@ -2940,6 +2948,36 @@ mod tests {
         ]);
         assert_eq!(h.n.state(), State::TakenOver);
         assert_eq!(heartbeat_in_sync(&a), Some(false), "{a:?}");
+    }
+
+    #[test]
+    fn what_was_said_of_the_log_before_it_opened_does_not_outlive_the_opening() {
+        // Booting with the mailbox flag clear: the log on disk is in the partner's mirror, and
+        // the heartbeat says so (a crash now may be taken over from the mirror). Once the log
+        // is opened, a new mirror session copies it first: until the journal says it is
+        // mirrored, the heartbeat does not (it used to carry the boot-time "in sync" until the
+        // monitor's next report, and a partner took the flap for a current mirror).
+        let mut h = H {
+            n: Node::new(cfg(NodeId::A), 0).unwrap(),
+            t: 0,
+        };
+        h.ev(Event::OwnMirror { in_sync: true });
+        h.ev(Event::MailboxRead(Some(h.view(1, State::Normal, false))));
+        assert_eq!(h.n.state(), State::Resuming);
+        h.run(&[
+            Step::RegisterOwn,
+            Step::RecheckMailbox,
+            Step::OpenOwnAggregate,
+        ]);
+        let a = h.at(h.t + 1_000, Event::Tick);
+        assert_eq!(heartbeat_in_sync(&a), Some(true), "{a:?}");
+        h.run(&[Step::ReplayOwnLog, Step::TakeOwnIps, Step::ServeOwnExports]);
+        assert_eq!(h.n.state(), State::Normal);
+        let a = h.at(h.t + 1_000, Event::Tick);
+        assert_eq!(heartbeat_in_sync(&a), Some(false), "{a:?}");
+        h.ev(Event::OwnMirror { in_sync: true });
+        let a = h.at(h.t + 1_000, Event::Tick);
+        assert_eq!(heartbeat_in_sync(&a), Some(true), "{a:?}");
     }
 
     /// A at `AwaitingShutdown` for B, whose mailbox slot then says it acknowledges writes our

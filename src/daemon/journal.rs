@@ -271,7 +271,7 @@ pub struct Journal {
     /// acknowledge writes its mirror lacks (true) or no longer do (false).
     unmirrored_hook: RwLock<Option<UnmirroredHook>>,
     unmirrored_flag: AtomicBool,
-    cp_kick: (Mutex<bool>, Condvar),
+    cp_kick: (Mutex<Kick>, Condvar),
     stop: AtomicBool,
     /// Set by [`Journal::halt`]: nothing is acknowledged any more.
     halted: AtomicBool,
@@ -486,7 +486,7 @@ impl Journal {
             cp_lock: Mutex::new(()),
             unmirrored_hook: RwLock::new(None),
             unmirrored_flag: AtomicBool::new(false),
-            cp_kick: (Mutex::new(false), Condvar::new()),
+            cp_kick: (Mutex::new(Kick::default()), Condvar::new()),
             stop: AtomicBool::new(false),
             halted: AtomicBool::new(false),
             mirror_only: AtomicBool::new(false),
@@ -523,6 +523,9 @@ impl Journal {
         } else {
             MirrorState::NoPartner
         };
+        if has {
+            self.kick_mirror();
+        }
     }
 
     /// Install the hook that records "unmirrored" where the partner reads it (the disk
@@ -1112,7 +1115,16 @@ impl Journal {
 
     fn kick_cp(&self) {
         let (m, cv) = &self.cp_kick;
-        *m.lock().unwrap() = true;
+        m.lock().unwrap().cp = true;
+        cv.notify_one();
+    }
+
+    /// Resynchronise the partner's mirror now rather than at the CP thread's next tick (a
+    /// link attached, or a new interconnect session): the time the partner cannot take over
+    /// from its mirror is the copy, not the copy and a wait.
+    pub fn kick_mirror(&self) {
+        let (m, cv) = &self.cp_kick;
+        m.lock().unwrap().mirror = true;
         cv.notify_one();
     }
 
@@ -1220,6 +1232,15 @@ impl Journal {
     }
 }
 
+/// What the CP thread was woken for.
+#[derive(Default)]
+struct Kick {
+    /// Run a consistency point.
+    cp: bool,
+    /// Resynchronise the mirror (it always checks; this only wakes it early).
+    mirror: bool,
+}
+
 fn cp_thread(j: std::sync::Weak<Journal>) {
     let mut last_cp = Instant::now();
     loop {
@@ -1233,8 +1254,10 @@ fn cp_thread(j: std::sync::Weak<Journal>) {
         let kicked = {
             let (m, cv) = &journal.cp_kick;
             let g = m.lock().unwrap();
-            let (mut g, _) = cv.wait_timeout_while(g, tick, |k| !*k).unwrap();
-            std::mem::take(&mut *g)
+            let (mut g, _) = cv
+                .wait_timeout_while(g, tick, |k| !k.cp && !k.mirror)
+                .unwrap();
+            std::mem::take(&mut *g).cp
         };
         if journal.stop.load(Ordering::Acquire) {
             return;

@@ -156,6 +156,10 @@ pub struct PairNode {
     /// steps fail meanwhile.
     halted: std::sync::atomic::AtomicBool,
     own_log_left: Mutex<Option<OwnLogLeft>>,
+    /// Held while "own log mirrored" is computed and sent to the HA loop, and while the own
+    /// journal is opened: a value computed without the journal (what the mailbox flag says)
+    /// never reaches the HA loop after the step that opened it (from then the journal says).
+    own_mirror_report: Mutex<()>,
     /// Our nexus to every member, under PR fencing.
     pub pr: Option<Arc<PrFencer<PrDevice>>>,
 }
@@ -268,6 +272,7 @@ impl PairNode {
             copy_in_flight: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             halted: std::sync::atomic::AtomicBool::new(false),
             own_log_left: Mutex::new(None),
+            own_mirror_report: Mutex::new(()),
         }))
     }
 
@@ -454,6 +459,7 @@ impl PairNode {
     /// Our journal: replay our log (normal boot) or start it empty (after a giveback, when the
     /// partner replayed it and put it on the members).
     fn open_own_journal(&self, discard: bool) -> Result<(), String> {
+        let _report = self.own_mirror_report.lock().unwrap();
         let mut side = self.own.lock().unwrap();
         if side.journal.is_some() {
             return Ok(());
@@ -941,6 +947,12 @@ impl PairNode {
         }
     }
 
+    /// Tell the HA loop whether our log is mirrored (see `own_mirror_report`).
+    pub fn report_own_mirrored(&self, ha: &crate::daemon::ha::HaHandle) {
+        let _report = self.own_mirror_report.lock().unwrap();
+        let _ = ha.own_mirror(self.own_mirrored());
+    }
+
     /// Mirror records applied since start (status).
     pub fn mirror_records_applied(&self) -> u64 {
         self.mirror_applied.load(Ordering::Relaxed)
@@ -951,6 +963,13 @@ impl LinkHandler for PairNode {
     fn on_up(&self, _peer: &Hello) {
         if let Some(h) = self.ha.lock().unwrap().clone() {
             h.on_link(true);
+        }
+        // A new session: our log is copied to the partner now, not at the CP thread's next
+        // tick. (Not waiting for a side lock a CP may hold: the tick comes anyway.)
+        if let Ok(side) = self.own.try_lock() {
+            if let Some(j) = &side.journal {
+                j.kick_mirror();
+            }
         }
     }
     fn on_down(&self, _why: &str) {
@@ -1505,7 +1524,7 @@ impl PairRuntime {
                                 *pb = Some((c, Instant::now()));
                             }
                         }
-                        let _ = h.own_mirror(node.own_mirrored());
+                        node.report_own_mirrored(&h);
                         let expected = node.partner_cfg.members().len() as u32;
                         let visible = node
                             .partner_cfg

@@ -111,12 +111,17 @@ impl Pair {
         pair
     }
 
-    /// Wait until `node` reports its partner's log mirrored (a takeover is refused before).
+    /// Wait until `node` reports its partner serving with its log mirrored (a takeover is
+    /// refused before). Not "mirrored" alone: what a booting partner says of its log, from
+    /// its mailbox flag, holds only until it opens the log and copies it in a new session.
     pub fn wait_mirrored(&self, node: &str, secs: u64) {
         let end = Instant::now() + Duration::from_secs(secs);
         loop {
             let st = self.ctl(node, r#"{"v":1,"cmd":"status"}"#);
-            if st["status"]["mirror"]["partner_log_mirrored"] == true {
+            let partner_normal = st["status"]["nodes"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|n| n["local"] == false && n["state"] == "Normal"));
+            if partner_normal && st["status"]["mirror"]["partner_log_mirrored"] == true {
                 return;
             }
             assert!(

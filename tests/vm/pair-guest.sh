@@ -186,7 +186,9 @@ done
 grep -q "fencing: SCSI-3 PR (Write Exclusive) on 4 members" $W/a.log || fail "startup log of a does not say PR"
 for n in a b; do
     end=$((SECONDS + 60))
-    until [ "$(status $n | jq -r '.status.mirror.partner_log_mirrored')" = true ]; do
+    # The partner Normal too: what a booting partner says of its log holds only until it
+    # opens the log and copies it to us in a new session.
+    until [ "$(status $n | jq -r '[.status.mirror.partner_log_mirrored, (.status.nodes[] | select(.local == false) | .state)] | @tsv')" = "$(printf 'true\tNormal')" ]; do
         [ $SECONDS -lt $end ] || fail "node $n: partner log not mirrored after 60 s"
         sleep 0.5
     done

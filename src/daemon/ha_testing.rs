@@ -104,6 +104,9 @@ pub struct RecordingExecutor {
     link: Option<HaHandle>,
     link_up: Arc<AtomicBool>,
     mailbox: Option<MailboxHandle>,
+    /// This node's own handle: once a step opened its log, the log reports itself mirrored
+    /// (as the daemon's journal does once its first session copied it).
+    own: Option<HaHandle>,
 }
 
 impl RecordingExecutor {
@@ -118,7 +121,14 @@ impl RecordingExecutor {
             link,
             link_up,
             mailbox,
+            own: None,
         }
+    }
+
+    /// Report "own log mirrored" to `own` after each step that opens the log.
+    pub fn reporting_own_log_to(mut self, own: HaHandle) -> Self {
+        self.own = Some(own);
+        self
     }
 }
 
@@ -148,6 +158,7 @@ impl HaExecutor for RecordingExecutor {
             .unwrap_or_default();
         let rec = self.rec.clone();
         let mailbox = self.mailbox.clone();
+        let own = self.own.clone();
         std::thread::spawn(move || {
             std::thread::sleep(plan.delay);
             if plan.hold {
@@ -180,8 +191,12 @@ impl HaExecutor for RecordingExecutor {
                 StepOutcome::Failed(e) => Err(e.clone()),
                 _ => Ok(()),
             };
+            let opened_log = r.is_ok() && matches!(step, Step::ReplayOwnLog | Step::DiscardOwnLog);
             rec.push(Record::Completed(step, r));
             done.finish(outcome);
+            if let (true, Some(own)) = (opened_log, own) {
+                let _ = own.own_mirror(true);
+            }
         });
     }
 
@@ -270,7 +285,8 @@ impl TestNode {
         .expect("mailbox driver");
         let mailbox = driver.handle.clone();
         let exec =
-            RecordingExecutor::new(rec.clone(), link, link_up.clone(), Some(mailbox.clone()));
+            RecordingExecutor::new(rec.clone(), link, link_up.clone(), Some(mailbox.clone()))
+                .reporting_own_log_to(handle.clone());
         let name = cfg.node_name.clone();
         let thread = ha::HaLoop::spawn(cfg, inbox, Box::new(exec), Box::new(mailbox.clone()), None)
             .expect("spawn loop");

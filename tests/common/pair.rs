@@ -118,9 +118,10 @@ impl Pair {
         let end = Instant::now() + Duration::from_secs(secs);
         loop {
             let st = self.ctl(node, r#"{"v":1,"cmd":"status"}"#);
-            let partner_normal = st["status"]["nodes"]
-                .as_array()
-                .is_some_and(|v| v.iter().any(|n| n["local"] == false && n["state"] == "Normal"));
+            let partner_normal = st["status"]["nodes"].as_array().is_some_and(|v| {
+                v.iter()
+                    .any(|n| n["local"] == false && n["state"] == "Normal")
+            });
             if partner_normal && st["status"]["mirror"]["partner_log_mirrored"] == true {
                 return;
             }

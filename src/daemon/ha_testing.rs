@@ -105,8 +105,10 @@ pub struct RecordingExecutor {
     link_up: Arc<AtomicBool>,
     mailbox: Option<MailboxHandle>,
     /// This node's own handle: once a step opened its log, the log reports itself mirrored
-    /// (as the daemon's journal does once its first session copied it).
+    /// (as the daemon's journal does once its first session copied it), after that step's
+    /// completion and before the next one's.
     own: Option<HaHandle>,
+    own_report_pending: Arc<AtomicBool>,
 }
 
 impl RecordingExecutor {
@@ -122,6 +124,7 @@ impl RecordingExecutor {
             link_up,
             mailbox,
             own: None,
+            own_report_pending: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -159,6 +162,7 @@ impl HaExecutor for RecordingExecutor {
         let rec = self.rec.clone();
         let mailbox = self.mailbox.clone();
         let own = self.own.clone();
+        let pending = self.own_report_pending.clone();
         std::thread::spawn(move || {
             std::thread::sleep(plan.delay);
             if plan.hold {
@@ -193,9 +197,21 @@ impl HaExecutor for RecordingExecutor {
             };
             let opened_log = r.is_ok() && matches!(step, Step::ReplayOwnLog | Step::DiscardOwnLog);
             rec.push(Record::Completed(step, r));
-            done.finish(outcome);
-            if let (true, Some(own)) = (opened_log, own) {
-                let _ = own.own_mirror(true);
+            let report = |own: &Option<HaHandle>| {
+                if let Some(own) = own
+                    .as_ref()
+                    .filter(|_| pending.swap(false, Ordering::SeqCst))
+                {
+                    let _ = own.own_mirror(true);
+                }
+            };
+            if opened_log {
+                pending.store(true, Ordering::SeqCst);
+                done.finish(outcome);
+                report(&own);
+            } else {
+                report(&own);
+                done.finish(outcome);
             }
         });
     }

@@ -54,7 +54,23 @@ fn node_fences_itself_when_its_slot_cannot_reach_a_majority() {
     let t0 = Instant::now();
     loops[0].shrink(64 << 10);
     loops[1].shrink(64 << 10);
-    assert!(a.rec.wait_for(T, |r| *r == Record::Halted), "self-fenced");
+    assert!(
+        a.rec.wait_for(T, |r| *r == Record::Halted),
+        "not self-fenced: {:?}; member sizes {:?}; {:?}",
+        a.handle.snapshot().map(|s| s.status.state),
+        loops
+            .iter()
+            .map(|l| std::fs::read_to_string(format!(
+                "/sys/block/{}/size",
+                l.dev.file_name().unwrap().to_string_lossy()
+            )))
+            .collect::<Vec<_>>(),
+        a.rec
+            .records()
+            .iter()
+            .filter(|r| !matches!(r, Record::Sent(_)))
+            .collect::<Vec<_>>()
+    );
     let took = t0.elapsed();
     // The bound (250 ms) counts from the last slot write that reached a majority, which may
     // be up to one heartbeat (40 ms) before the disks went.

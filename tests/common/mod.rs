@@ -71,18 +71,39 @@ impl LoopDev {
     /// Shrink the backing file and tell the loop driver: reads past the new end come back
     /// short and writes fail with ENOSPC, as a failing disk would.
     pub fn shrink(&self, bytes: u64) {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.backing)
-            .unwrap();
-        f.set_len(bytes).unwrap();
-        drop(f);
-        let st = Command::new("losetup")
-            .arg("-c")
-            .arg(&self.dev)
-            .status()
-            .unwrap();
-        assert!(st.success(), "losetup -c failed");
+        // A write through the device in flight between the truncation and the capacity
+        // change lands in the backing file and extends it again (the device then keeps the
+        // block it wrote): repeat until the device has the new size.
+        let name = self.dev.file_name().unwrap().to_string_lossy().into_owned();
+        let sectors = || -> u64 {
+            std::fs::read_to_string(format!("/sys/block/{name}/size"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        for _ in 0..100 {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.backing)
+                .unwrap();
+            f.set_len(bytes).unwrap();
+            drop(f);
+            let st = Command::new("losetup")
+                .arg("-c")
+                .arg(&self.dev)
+                .status()
+                .unwrap();
+            assert!(st.success(), "losetup -c failed");
+            if sectors() == bytes / 512 {
+                return;
+            }
+        }
+        panic!(
+            "{}: still {} sectors after shrinking to {bytes} bytes",
+            self.dev.display(),
+            sectors()
+        );
     }
 }
 

@@ -92,6 +92,26 @@ enum OwnLogLeft {
     },
 }
 
+impl OwnLogLeft {
+    /// Whether the partner's mirror holds every write of a log no journal has open now, left
+    /// as `left` (None: not opened by this process), with the mailbox's "unmirrored" flag
+    /// clear or not, and the link session now.
+    fn mirrored(left: Option<OwnLogLeft>, flag_clear: bool, session_now: Option<u64>) -> bool {
+        match left {
+            // Its final CP put the whole log on the members.
+            Some(OwnLogLeft::Settled) => true,
+            // Halted with the log open: as mirrored as it was then, and only while the
+            // session it was mirrored in lasts (a partner that reconnected since may have
+            // lost what it had not flushed).
+            Some(OwnLogLeft::Open { mirrored, session }) => {
+                mirrored && flag_clear && session.is_some() && session == session_now
+            }
+            // Not opened by this process.
+            None => flag_clear,
+        }
+    }
+}
+
 /// What a halt stops before it takes any side's lock (see [`PairNode::halt`]): weak, so a
 /// closed aggregate or a stopped server is not kept alive by being listed.
 #[derive(Default)]
@@ -933,18 +953,8 @@ impl PairNode {
             .unwrap()
             .as_ref()
             .is_some_and(|mb| !mb.unmirrored());
-        match *self.own_log_left.lock().unwrap() {
-            // Its final CP put the whole log on the members.
-            Some(OwnLogLeft::Settled) => true,
-            // Halted with the log open: as mirrored as it was then, and only while the
-            // session it was mirrored in lasts (a partner that reconnected since may have
-            // lost what it had not flushed).
-            Some(OwnLogLeft::Open { mirrored, session }) => {
-                mirrored && flag_clear && session.is_some() && session == self.link_session()
-            }
-            // Not opened by this process.
-            None => flag_clear,
-        }
+        let left = *self.own_log_left.lock().unwrap();
+        OwnLogLeft::mirrored(left, flag_clear, self.link_session())
     }
 
     /// Tell the HA loop whether our log is mirrored (see `own_mirror_report`).
@@ -1747,6 +1757,40 @@ mod tests {
         assert!(b.own.lock().unwrap().was_dirty, "its own open marked it");
         b.run_step(Step::ReplayOwnLog).unwrap();
         assert_eq!(read_block(&journal(&b, Whose::Own), BLOCK_AT), 2);
+    }
+
+    /// After a halt, the log a node leaves open counts as mirrored only as it was at the halt,
+    /// while the mailbox flag is clear, and within the interconnect session it was mirrored
+    /// in: a partner that reconnected since may have lost what it had not yet flushed.
+    #[test]
+    fn a_halted_log_counts_as_mirrored_only_within_its_session() {
+        let open = |mirrored, session| Some(OwnLogLeft::Open { mirrored, session });
+        assert!(OwnLogLeft::mirrored(open(true, Some(7)), true, Some(7)));
+        assert!(
+            !OwnLogLeft::mirrored(open(true, Some(7)), true, Some(8)),
+            "new session"
+        );
+        assert!(
+            !OwnLogLeft::mirrored(open(true, Some(7)), true, None),
+            "link down"
+        );
+        assert!(
+            !OwnLogLeft::mirrored(open(true, None), true, None),
+            "never linked"
+        );
+        assert!(
+            !OwnLogLeft::mirrored(open(false, Some(7)), true, Some(7)),
+            "behind at the halt"
+        );
+        assert!(
+            !OwnLogLeft::mirrored(open(true, Some(7)), false, Some(7)),
+            "flag set"
+        );
+        // A final CP settles it whatever the link does; a log not opened here is what the
+        // mailbox says.
+        assert!(OwnLogLeft::mirrored(Some(OwnLogLeft::Settled), false, None));
+        assert!(OwnLogLeft::mirrored(None, true, None));
+        assert!(!OwnLogLeft::mirrored(None, false, Some(3)));
     }
 
     /// b's mirror at a holds an older write of a block that b then overwrote while a's

@@ -57,6 +57,18 @@ fn began(recs: &[Record]) -> Vec<Step> {
         .collect()
 }
 
+/// Wait until `n` has heard its partner in `state` (an operator request checks that view).
+fn wait_partner_state(n: &hapair::daemon::ha_testing::TestNode, state: State) {
+    let deadline = Instant::now() + T;
+    while n.handle.snapshot().unwrap().status.partner_state != Some(state) {
+        assert!(
+            Instant::now() < deadline,
+            "never heard the partner {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn takeover_from_the_partner_then_giveback() {
     let (p, _store) = pair();
@@ -113,6 +125,7 @@ fn takeover_from_the_partner_then_giveback() {
         std::thread::sleep(Duration::from_millis(5));
     }
 
+    wait_partner_state(&p.a, State::TakenOver);
     let r = p.a.handle.operator(OpRequest::Giveback, wait()).unwrap();
     let Outcome::Completed { state, report } = r.outcome else {
         panic!("{:?}", r.outcome)
@@ -186,6 +199,7 @@ fn takeover_asked_at_the_node_to_be_taken_over() {
         st.last_takeover.unwrap().kind,
         ProcedureKind::Takeover(TakeoverKind::Graceful)
     );
+    wait_partner_state(&p.a, State::TakenOver);
     // Not waiting: the reply comes as soon as the giveback started.
     let r =
         p.a.handle
@@ -632,14 +646,36 @@ fn giveback_completes_when_the_home_node_serves_again() {
             .unwrap();
     assert!(matches!(r.outcome, Outcome::Completed { .. }), "{r:?}");
     assert!(p.b.wait_state(State::TakenOver, T));
+    // Giveback needs a to know b waits for it (b's heartbeat says TakenOver).
+    wait_partner_state(&p.a, State::TakenOver);
     // b resumes up to its last step and stays there.
     p.b.rec.plan(Step::ServeOwnExports, held());
+    let serves_before =
+        p.b.rec
+            .count(|r| *r == Record::Began(Step::ServeOwnExports));
     let rx = ask(&p.a.handle, OpRequest::Giveback, wait());
-    assert!(p
+    let deadline = Instant::now() + T;
+    while p
         .b
         .rec
-        .wait_for(T, |r| *r == Record::Began(Step::ServeOwnExports)));
-    assert!(p.a.wait_state(State::Normal, T), "a is done with its part");
+        .count(|r| *r == Record::Began(Step::ServeOwnExports))
+        == serves_before
+    {
+        assert!(Instant::now() < deadline, "b never began serving again");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        p.a.wait_state(State::Normal, T),
+        "a is done with its part: {:?} {:?}",
+        p.a.handle
+            .snapshot()
+            .map(|s| (s.status.state, s.status.partner_state, s.status.running)),
+        p.a.rec
+            .records()
+            .iter()
+            .filter(|r| !matches!(r, Record::Sent(_)))
+            .collect::<Vec<_>>()
+    );
     std::thread::sleep(Duration::from_millis(200));
     assert!(
         rx.try_recv().is_err(),

@@ -121,7 +121,7 @@ fn status_table_and_json() {
     );
     assert!(out.contains("partner log mirror: mirrored"), "{out}");
     assert!(
-        out.contains("NVRAM: file /var/lib/hapair/nvram (fdatasync) -- 12% of"),
+        out.contains("NVRAM: file /var/lib/hapair/nvram (fdatasync) -- 12% of 8 MiB used\n"),
         "{out}"
     );
     let row = out.lines().find(|l| l.starts_with("aggr-b")).expect(&out);
@@ -220,6 +220,12 @@ fn takeover_refused_then_done_then_given_back_with_watch() {
     );
     assert!(
         out.contains("in local NVRAM only (partner fenced)"),
+        "{out}"
+    );
+    // b acknowledges nothing while taken over, whatever its ack mode was.
+    let out = text(&ctl(&s.sock_b, &["status"])).0;
+    assert!(
+        out.contains("writes acknowledged: none (this node serves nothing)"),
         "{out}"
     );
     // Takeover again: refused (already taken over).

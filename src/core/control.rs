@@ -982,6 +982,18 @@ pub fn headline(s: &PairStatus) -> String {
     line
 }
 
+/// A size for people: whole MiB or GiB when it is one, else bytes.
+fn bytes(n: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if n >= 1 << 30 && n % (1 << 30) == 0 {
+        format!("{} GiB", n >> 30)
+    } else if n >= MIB && n % MIB == 0 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
 /// The table `takeoverctl status` prints.
 pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     let off = utc_offset_s;
@@ -1027,11 +1039,16 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
         );
     }
     let _ = writeln!(o);
+    let serves_nothing = s
+        .nodes
+        .iter()
+        .any(|n| n.local && matches!(n.state, Some(State::TakenOver | State::Booting)));
     let _ = writeln!(
         o,
         "partner log mirror: {}    writes acknowledged: {}",
         s.mirror.summary,
         match s.mirror.ack_mode {
+            _ if serves_nothing => "none (this node serves nothing)",
             AckMode::Mirrored => "in both NVRAMs",
             AckMode::LocalOnly => "in local NVRAM only (partner fenced)",
         }
@@ -1040,15 +1057,18 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
         Some(n) => {
             let used = match n.used_bytes {
                 Some(u) => format!(
-                    "{}% of {} bytes used",
+                    "{}% of {} used",
                     (u.saturating_mul(100))
                         .checked_div(n.capacity_bytes)
                         .unwrap_or(0),
-                    n.capacity_bytes
+                    bytes(n.capacity_bytes)
                 ),
-                None => format!("{} bytes (use not reported)", n.capacity_bytes),
+                None => format!("{} (use not reported)", bytes(n.capacity_bytes)),
             };
-            let _ = writeln!(o, "NVRAM: {} -- {used} {}", n.persistence, n.detail);
+            let _ = writeln!(o, "NVRAM: {} -- {used}", n.persistence);
+            if !n.detail.is_empty() {
+                let _ = writeln!(o, "    {}", n.detail);
+            }
         }
         None => {
             let _ = writeln!(o, "NVRAM: (not reported)");
@@ -1070,10 +1090,12 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
         } else {
             ""
         };
+        // The partner's aggregates' state is the partner's to report.
+        let state = if a.state.is_empty() { "-" } else { &a.state };
         let _ = writeln!(
             o,
             "{:<16} {:<10} {:<10} {}{}",
-            a.name, a.home, by, a.state, note
+            a.name, a.home, by, state, note
         );
     }
     if !s.exports.is_empty() {
@@ -1346,6 +1368,15 @@ mod tests {
             .contains("unknown unit"));
         assert!(parse_duration_ms("s").is_err());
         assert!(parse_duration_ms("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(bytes(32 << 20), "32 MiB");
+        assert_eq!(bytes(2 << 30), "2 GiB");
+        assert_eq!(bytes(1536 << 20), "1536 MiB");
+        assert_eq!(bytes(4096), "4096 bytes");
+        assert_eq!(bytes((1 << 20) + 1), "1048577 bytes");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::core::takeover::Step;
 use crate::daemon::aggregate::Aggregate;
 use crate::daemon::backend::Backend;
 use crate::daemon::identity::{IdentityConfig, IdentityManager, ServiceAddr};
-use crate::daemon::journal::{Journal, JournalConfig, MirrorLink, MirrorRegion};
+use crate::daemon::journal::{Journal, JournalConfig, MirrorLink, MirrorRegion, MirrorState};
 use crate::daemon::link::{Link, LinkConfig, LinkHandler};
 use crate::daemon::nbd_server::{AbortHandle, Export, NbdServer, ServerConfig};
 use crate::daemon::node::Served;
@@ -1341,11 +1341,22 @@ impl StatusProvider for PairNode {
             .as_ref()
             .map(|j| j.persistence().trim_start_matches("NVRAM: ").to_string())
             .unwrap_or_else(|| "own log not open".into());
-        let mirror = own
-            .journal
-            .as_ref()
-            .map(|j| format!("{:?}", j.mirror_state()))
-            .unwrap_or_default();
+        let mirror = own.journal.as_ref().map_or_else(
+            || "not open".to_string(),
+            |j| match j.mirror_state() {
+                MirrorState::Mirrored => "mirrored".to_string(),
+                MirrorState::NoPartner => "no partner link".to_string(),
+                MirrorState::NotMirrored { since, why } => {
+                    let ms = since
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    format!(
+                        "NOT mirrored since {}: {why}",
+                        crate::core::control::timestamp(ms, 0)
+                    )
+                }
+            },
+        );
         st.nvram = Some(NvramView {
             persistence,
             // Not open (taken over, booting): unknown, not "0%".

@@ -84,6 +84,8 @@ fn graceful_takeover_from_either_side_and_giveback_lose_nothing() {
     // Giveback.
     let r = p.ctl("a", r#"{"v":1,"cmd":"giveback"}"#);
     assert_eq!(outcome(&r), "completed", "{r}");
+    // b resumed with its log mirrored here, and a's report says so.
+    assert_eq!(r["status"]["mirror"]["partner_log_mirrored"], true, "{r}");
     eprintln!(
         "giveback: {} ms: {}",
         r["outcome"]["report"]["total_ms"],

@@ -1240,12 +1240,14 @@ impl Node {
                 }));
             }
             ProcedureKind::Resume { after_giveback } => {
+                self.transition(State::Normal, "own aggregate serving");
+                // The heartbeat first: the partner completes its giveback on "resumed" and
+                // reports what it knows then, our state and our log's mirror included.
+                self.send_heartbeat(out);
                 if after_giveback {
                     self.holddown_until_ms = Some(self.now_ms + self.cfg.holddown_ms);
                     out.push(Action::Send(Message::Resumed));
                 }
-                self.transition(State::Normal, "own aggregate serving");
-                self.send_heartbeat(out);
                 if self.continue_takeover {
                     self.continue_takeover = false;
                     self.begin_takeover(TakeoverKind::Continued, out);
@@ -2978,6 +2980,47 @@ mod tests {
         h.ev(Event::OwnMirror { in_sync: true });
         let a = h.at(h.t + 1_000, Event::Tick);
         assert_eq!(heartbeat_in_sync(&a), Some(true), "{a:?}");
+    }
+
+    #[test]
+    fn a_node_given_back_beats_before_it_says_resumed() {
+        // The partner completes its giveback on "resumed" and reports what it knows then: our
+        // heartbeat (Normal, the log mirrored) must be ahead of it, or the report says the
+        // log is not mirrored and the node not yet serving.
+        let mut h = H::booted(NodeId::B);
+        h.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
+        h.run(&SHUTDOWN);
+        assert_eq!(h.n.state(), State::TakenOver);
+        h.msg(Message::Giveback { epoch: 7 });
+        h.run(&[
+            Step::RegisterOwn,
+            Step::RecheckMailbox,
+            Step::OpenOwnAggregate,
+            Step::DiscardOwnLog,
+            Step::TakeOwnIps,
+        ]);
+        h.ev(Event::OwnMirror { in_sync: true });
+        let a = h.run(&[Step::ServeOwnExports]);
+        assert_eq!(h.n.state(), State::Normal);
+        let beat = a.iter().position(|x| {
+            matches!(
+                x,
+                Action::Send(Message::Heartbeat {
+                    state: State::Normal,
+                    mirror_in_sync: true,
+                    ..
+                })
+            )
+        });
+        let resumed = a
+            .iter()
+            .position(|x| matches!(x, Action::Send(Message::Resumed)));
+        assert!(
+            beat.is_some() && resumed.is_some() && beat < resumed,
+            "{a:?}"
+        );
     }
 
     /// A at `AwaitingShutdown` for B, whose mailbox slot then says it acknowledges writes our

@@ -957,6 +957,22 @@ impl PairNode {
         OwnLogLeft::mirrored(left, flag_clear, self.link_session())
     }
 
+    /// Wait up to `limit` for our open log to be mirrored, while the interconnect is up.
+    fn wait_own_mirrored(&self, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        loop {
+            let j = self.own.lock().unwrap().journal.clone();
+            let Some(j) = j else { return false };
+            if j.fully_mirrored() {
+                return true;
+            }
+            if self.link_session().is_none() || t0.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Tell the HA loop whether our log is mirrored (see `own_mirror_report`).
     pub fn report_own_mirrored(&self, ha: &crate::daemon::ha::HaHandle) {
         let _report = self.own_mirror_report.lock().unwrap();
@@ -1085,6 +1101,10 @@ pub struct PairExecutor {
     epoch: u64,
     /// How long a fence by mailbox alone waits for the partner to stop (twice the bound).
     msgwait: Duration,
+    /// The loop's own handle: the steps after the log opened report its mirror state before
+    /// they complete, so that the node is Normal with the journal's word, not the monitor's
+    /// next one.
+    ha: crate::daemon::ha::HaHandle,
 }
 
 impl PairExecutor {
@@ -1172,6 +1192,7 @@ impl HaExecutor for PairExecutor {
         let mailbox = self.mailbox.clone();
         let epoch = self.epoch;
         let msgwait = self.msgwait;
+        let ha = self.ha.clone();
         std::thread::spawn(move || {
             let t0 = Instant::now();
             let outcome = match step {
@@ -1217,6 +1238,15 @@ impl HaExecutor for PairExecutor {
                     }
                 }
             };
+            if matches!(step, Step::TakeOwnIps | Step::ServeOwnExports) {
+                if step == Step::ServeOwnExports {
+                    // Resume with the log mirrored where the partner is there to take it (the
+                    // copy of a freshly opened log takes milliseconds): the partner's status
+                    // then says so when our resume completes, and a takeover can follow.
+                    node.wait_own_mirrored(Duration::from_millis(500));
+                }
+                node.report_own_mirrored(&ha);
+            }
             if matches!(
                 step,
                 Step::Fence
@@ -1504,6 +1534,7 @@ impl PairRuntime {
             outbox: out_tx,
             epoch: crate::io::clock::unix_ms(),
             msgwait: Duration::from_millis(2 * hc.self_fence_bound_ms),
+            ha: handle.clone(),
         };
         let notifier = crate::io::sdnotify::Notifier::from_env().ok().flatten();
         let watchdog = match (notifier, crate::io::sdnotify::watchdog_interval_from_env()) {

@@ -254,13 +254,13 @@ fn start_setup(
         };
         let text = format!(
             "node = \"{node}\"\n{io}[pair]\npartner = \"{partner}\"\ninterconnect_listen = \"127.0.0.1:{ic}\"\n\
-             partner_interconnect = [\"127.0.0.1:{ic}\"]\nkey_file = {}\ncontrol_socket = {}\n{}{}{}{}",
+             partner_interconnect = [\"127.0.0.1:{ic}\"]\nkey_file = {}\ncontrol_socket = {}\n{}{}{}\
+             [[export]]\nname = \"{EXPORT}-b\"\naggregate = \"{k}-b\"\nlisten = \"127.0.0.1:{port_b}\"\n",
             q(&key),
             q(&sock),
             aggregate_toml(&format!("{k}-a"), "a", &loops[first..first + 5], &nvdir.join(format!("{k}-{node}-aggr-a.{la}")), nvram_mib),
             export(&format!("{k}-a"), port),
             aggregate_toml(&format!("{k}-b"), "b", &loops[first + 5..first + 8], &nvdir.join(format!("{k}-{node}-aggr-b.{lb}")), nvram_mib),
-            format!("[[export]]\nname = \"{EXPORT}-b\"\naggregate = \"{k}-b\"\nlisten = \"127.0.0.1:{port_b}\"\n"),
         );
         let cfg = dir.join(format!("{k}-{node}.toml"));
         std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
@@ -461,7 +461,10 @@ fn bench() -> Result<(), String> {
     let mut loops: Vec<LoopDev> = Vec::new();
     let mut setups: Vec<Setup> = Vec::new();
     // Loop devices are dropped after the setups (declared first, dropped last).
-    let result = (|| -> Result<(Vec<Vec<Vec<FioResult>>>, Vec<String>), String> {
+    // Per workload, per contender, per round: the fio results; and the runs whose mirror was
+    // not current.
+    type Runs = (Vec<Vec<Vec<FioResult>>>, Vec<String>);
+    let result = (|| -> Result<Runs, String> {
         for who in WHOS {
             progress!(
                 "starting {} ({} loop devices of {member_mib} MiB, format, daemons)",

@@ -410,20 +410,20 @@ fn bench() -> Result<(), String> {
                 // Rotate the order each round so that no contender always follows the same one.
                 let ci = (k + round + wi) % whos.len();
                 let who = whos[ci];
-                for i in 0..hguards.len() {
-                    if !hguards[i].alive() {
+                for (i, g) in hguards.iter_mut().enumerate() {
+                    if !g.alive() {
                         // Seen twice on the shared dev VM: hapaird exited 0 while idle between
                         // runs, i.e. something outside this bench signalled it. Restart it and
                         // say so.
-                        let st = hguards[i].stop();
+                        let st = g.stop();
                         let why = format!(
                             "before run {} {} was gone ({st:?}); restarted",
                             done + 1,
-                            hguards[i].name
+                            g.name
                         );
                         progress!("{why}");
                         restarts.push(why);
-                        hguards[i] = start_hapaird(i)?;
+                        *g = start_hapaird(i)?;
                     }
                 }
                 // nbdkit opens the device buffered: start it from a cold, clean page cache.

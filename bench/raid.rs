@@ -73,7 +73,9 @@ fn run_engine(agg: &Aggregate, work: Work, callers: usize, secs: u64) -> Result<
     let start = Instant::now();
     let measure_from = start + RAMP;
     let end = measure_from + Duration::from_secs(secs);
-    let results: Vec<Result<(u64, u64, Vec<u32>), String>> = std::thread::scope(|s| {
+    // Per caller: operations, bytes and latency samples (µs) in the measured window.
+    type CallerResult = Result<(u64, u64, Vec<u32>), String>;
+    let results: Vec<CallerResult> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..callers)
             .map(|t| {
                 let cursor = &cursor;

@@ -808,7 +808,7 @@ mod tests {
         assert!(r.unwrap_err().is_unit_attention());
         assert_eq!((calls, seen), (3, 2));
         let mut calls = 0;
-        let r = retry_unit_attention(
+        let r: Result<(), _> = retry_unit_attention(
             3,
             |_| {},
             || {
@@ -824,7 +824,7 @@ mod tests {
                 }
             },
         );
-        let e: SgError = r.map(|()| ()).unwrap_err();
+        let e: SgError = r.unwrap_err();
         assert!(e.is_reservation_conflict());
         assert_eq!(calls, 2);
     }

@@ -139,7 +139,9 @@ fn takeover_from_the_partner_then_giveback() {
             "CpPartnerAggregate",
             "ReleasePartnerIps",
             "ClosePartnerAggregate",
-            "ReleaseFence"
+            "ReleaseFence",
+            // b bringing its aggregate up: the giveback is done when b serves.
+            "PartnerResume"
         ]
     );
     assert!(p.b.wait_state(State::Normal, T));
@@ -687,7 +689,18 @@ fn giveback_completes_when_the_home_node_serves_again() {
         panic!("{:?}", r.outcome)
     };
     assert_eq!(state, State::Normal);
-    assert_eq!(report.unwrap().kind, "giveback");
+    let report = report.unwrap();
+    assert_eq!(report.kind, "giveback");
+    // The report's finish is b serving, not b starting to resume: its last phase covers the
+    // 200 ms b was held in its last step.
+    let last = report.phases.last().unwrap();
+    assert_eq!(last.step, "PartnerResume", "{report:?}");
+    assert!(last.elapsed_ms >= 200, "{report:?}");
+    assert_eq!(
+        report.total_ms,
+        Some(report.finished_unix_ms.unwrap() - report.started_unix_ms)
+    );
+    assert!(report.total_ms.unwrap() >= report.phases.iter().map(|p| p.elapsed_ms).sum());
     assert_eq!(r.snapshot.status.partner_state, Some(State::Normal));
     assert_eq!(p.b.state(), State::Normal);
 }

@@ -725,32 +725,60 @@ pub fn procedure_view(p: &ProcedureReport, snap: &HaSnapshot) -> ProcedureView {
             }
         }
     };
+    let mut phases: Vec<PhaseView> = p
+        .phases
+        .iter()
+        .map(|ph| PhaseView {
+            step: format!("{:?}", ph.step),
+            elapsed_ms: ph.elapsed_ms(),
+            failures: ph.failures,
+        })
+        .collect();
+    let mut current = p.current.as_ref().map(|c| RunningStepView {
+        step: format!("{:?}", c.step),
+        elapsed_ms: p
+            .finished_ms
+            .unwrap_or(snap.status.now_ms)
+            .saturating_sub(c.started_ms),
+        failures: c.failures,
+        last_error: c.last_error.as_ref().map(step_error_text),
+    });
+    // A giveback's last phase is the partner bringing its aggregate up: a phase once it
+    // serves, the running step while it resumes, the interrupted one if it never served.
+    if let Some(r) = &p.partner_resume {
+        let elapsed_ms = p
+            .finished_ms
+            .unwrap_or(snap.status.now_ms)
+            .saturating_sub(r.started_ms);
+        match (&r.abandoned, p.finished_ms) {
+            (None, Some(_)) => phases.push(PhaseView {
+                step: PARTNER_RESUME_PHASE.into(),
+                elapsed_ms,
+                failures: 0,
+            }),
+            (why, _) => {
+                current = Some(RunningStepView {
+                    step: PARTNER_RESUME_PHASE.into(),
+                    elapsed_ms,
+                    failures: 0,
+                    last_error: why.clone(),
+                })
+            }
+        }
+    }
     ProcedureView {
         kind,
         started_unix_ms: snap.unix_ms(p.started_ms),
         finished_unix_ms: p.finished_ms.map(|t| snap.unix_ms(t)),
         total_ms: p.finished_ms.map(|t| t.saturating_sub(p.started_ms)),
         fenced: p.fenced,
-        phases: p
-            .phases
-            .iter()
-            .map(|ph| PhaseView {
-                step: format!("{:?}", ph.step),
-                elapsed_ms: ph.elapsed_ms(),
-                failures: ph.failures,
-            })
-            .collect(),
-        current: p.current.as_ref().map(|c| RunningStepView {
-            step: format!("{:?}", c.step),
-            elapsed_ms: p
-                .finished_ms
-                .unwrap_or(snap.status.now_ms)
-                .saturating_sub(c.started_ms),
-            failures: c.failures,
-            last_error: c.last_error.as_ref().map(step_error_text),
-        }),
+        phases,
+        current,
     }
 }
+
+/// The name of a giveback's last phase: from the *giveback* message until the partner serves.
+pub const PARTNER_RESUME_PHASE: &str = "PartnerResume";
 
 fn serving_own(s: State) -> bool {
     matches!(

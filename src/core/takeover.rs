@@ -612,6 +612,23 @@ pub struct ProcedureReport {
     /// finished one, the step a halt interrupted (None when every step ran).
     #[serde(default)]
     pub current: Option<RunningStep>,
+    /// Giveback only: after its last step (the *giveback* message) the giveback waits for the
+    /// partner to serve again; it finishes (`finished_ms`) when the partner's heartbeat says
+    /// `Normal` or it sends *resumed*, not when it starts resuming.
+    #[serde(default)]
+    pub partner_resume: Option<PartnerResume>,
+}
+
+/// The last part of a giveback: the partner bringing its aggregate up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartnerResume {
+    /// When the partner was told to resume (our last step done).
+    pub started_ms: u64,
+    /// When it confirmed it resumes (its heartbeat said `Resuming` or `Normal`).
+    pub confirmed_ms: Option<u64>,
+    /// Why the wait ended without the partner serving (it went down, or this node halted);
+    /// None: it served at the report's `finished_ms`, or the wait goes on.
+    pub abandoned: Option<String>,
 }
 
 /// The step a procedure is in, with its failed attempts so far.
@@ -731,6 +748,7 @@ impl Procedure {
                     failures,
                     last_error: self.last_error.clone(),
                 }),
+            partner_resume: None,
         }
     }
 }
@@ -1230,7 +1248,15 @@ impl Node {
                 self.send_please_die(out);
             }
             ProcedureKind::Giveback => {
-                // Stay in GivingBack, re-sending Giveback, until the partner confirms.
+                // Stay in GivingBack, re-sending Giveback, until the partner confirms. The
+                // giveback itself is done when the partner serves again.
+                let mut report = report;
+                report.finished_ms = None;
+                report.partner_resume = Some(PartnerResume {
+                    started_ms: self.now_ms,
+                    confirmed_ms: None,
+                    abandoned: None,
+                });
                 self.last_giveback = Some(report);
                 self.fenced = false;
                 self.awaiting_resume = true;
@@ -1415,6 +1441,7 @@ impl Node {
         }
         self.fenced = false;
         self.awaiting_resume = false;
+        self.end_giveback_report(Some(&format!("this node halted ({reason})")));
         self.countdown_deadline_ms = None;
         self.request_deadline_ms = None;
         self.transition(State::TakenOver, reason);
@@ -1570,6 +1597,9 @@ impl Node {
         self.fenced = false;
         self.fence_failures = 0;
         self.awaiting_resume = false;
+        self.end_giveback_report(Some(&format!(
+            "{kind:?} takeover of the partner began before it served"
+        )));
         self.transition(State::TakingOver, &format!("{kind:?} takeover begins"));
         let mut steps = Vec::with_capacity(5);
         if !self.cfg.unsafe_skip_fence {
@@ -1673,6 +1703,9 @@ impl Node {
                 if self.awaiting_resume && matches!(state, State::Resuming | State::Normal) {
                     self.giveback_confirmed(out);
                 }
+                if state == State::Normal {
+                    self.end_giveback_report(None);
+                }
             }
             Message::PleaseTakeover => {
                 let reasons = self.takeover_refusals(true, true);
@@ -1764,6 +1797,7 @@ impl Node {
                 if self.awaiting_resume {
                     self.giveback_confirmed(out);
                 }
+                self.end_giveback_report(None);
             }
         }
     }
@@ -1800,10 +1834,33 @@ impl Node {
         self.awaiting_resume = false;
         self.last_giveback_done_ms = Some(self.now_ms);
         self.holddown_until_ms = Some(self.now_ms + self.cfg.holddown_ms);
-        if let Some(g) = self.last_giveback.as_mut() {
-            g.finished_ms = Some(self.now_ms);
+        let now = self.now_ms;
+        if let Some(r) = self
+            .last_giveback
+            .as_mut()
+            .and_then(|g| g.partner_resume.as_mut())
+        {
+            r.confirmed_ms.get_or_insert(now);
         }
         self.transition(State::Normal, "giveback complete: partner resumes");
+    }
+
+    /// The giveback waiting for the partner to serve again ends: it served (`abandoned`
+    /// None), or it never will in this giveback (why). A no-op when no giveback waits.
+    fn end_giveback_report(&mut self, abandoned: Option<&str>) {
+        let now = self.now_ms;
+        let Some(g) = self.last_giveback.as_mut() else {
+            return;
+        };
+        let Some(r) = g.partner_resume.as_mut() else {
+            return;
+        };
+        if g.finished_ms.is_some() {
+            return;
+        }
+        g.finished_ms = Some(now);
+        r.abandoned = abandoned.map(str::to_string);
+        tracing::info!(node = ?self.cfg.node, elapsed_ms = now - g.started_ms, ?abandoned, "giveback report finished");
     }
 
     fn on_please_shutdown(&mut self, _countdown_ms: u64, out: &mut Vec<Action>) {
@@ -3465,6 +3522,77 @@ mod tests {
         h.ev(Event::Operator(OperatorCmd::SetAutoGiveback(true)));
         h.ev(Event::Tick);
         assert_eq!(h.n.state(), State::GivingBack);
+    }
+
+    /// The giveback is done when the partner serves again, not when it starts resuming: its
+    /// report's finish and total run to the partner's Normal heartbeat (or *resumed*).
+    #[test]
+    fn giveback_report_finishes_when_the_partner_serves_again() {
+        let mut h = H::in_takeover(NodeId::A);
+        h.hb(State::TakenOver, true);
+        h.ev(Event::Operator(OperatorCmd::Giveback));
+        assert_eq!(h.n.state(), State::GivingBack);
+        let started = h.t;
+        h.run(&[
+            Step::DrainPartnerExports,
+            Step::CpPartnerAggregate,
+            Step::ReleasePartnerIps,
+            Step::ClosePartnerAggregate,
+            Step::ReleaseFence,
+        ]);
+        let sent = h.t;
+        let g = h.n.status().last_giveback.unwrap();
+        assert_eq!(
+            g.finished_ms, None,
+            "steps done, the partner not serving yet"
+        );
+        // The partner starts resuming: we stop re-sending giveback, the giveback goes on.
+        h.t += 100;
+        h.hb(State::Resuming, true);
+        assert_eq!(h.n.state(), State::Normal);
+        let g = h.n.status().last_giveback.unwrap();
+        assert_eq!(
+            g.finished_ms, None,
+            "finished while the partner was resuming"
+        );
+        let r = g.partner_resume.unwrap();
+        assert_eq!((r.started_ms, r.confirmed_ms), (sent, Some(sent + 100)));
+        // It serves 2.5 s later.
+        h.t += 2_500;
+        h.hb(State::Normal, true);
+        let g = h.n.status().last_giveback.unwrap();
+        assert_eq!(g.finished_ms, Some(sent + 2_600));
+        assert_eq!(g.started_ms, started);
+        assert_eq!(g.partner_resume.as_ref().unwrap().abandoned, None);
+        // Later heartbeats do not move it.
+        h.t += 1_000;
+        h.hb(State::Normal, true);
+        h.msg(Message::Resumed);
+        assert_eq!(
+            h.n.status().last_giveback.unwrap().finished_ms,
+            Some(sent + 2_600)
+        );
+
+        // A partner that dies while resuming never serves: the giveback ends with the
+        // takeover that follows, and says so.
+        let mut h = H::in_takeover(NodeId::A);
+        h.hb(State::TakenOver, true);
+        h.ev(Event::Operator(OperatorCmd::Giveback));
+        h.run(&[
+            Step::DrainPartnerExports,
+            Step::CpPartnerAggregate,
+            Step::ReleasePartnerIps,
+            Step::ClosePartnerAggregate,
+            Step::ReleaseFence,
+        ]);
+        h.hb(State::Resuming, true);
+        let t = h.t;
+        h.at(t + 11_000, Event::Tick);
+        assert_eq!(h.n.state(), State::TakingOver);
+        let g = h.n.status().last_giveback.unwrap();
+        assert_eq!(g.finished_ms, Some(t + 11_000));
+        let why = g.partner_resume.unwrap().abandoned.unwrap();
+        assert!(why.contains("Hard takeover"), "{why}");
     }
 
     #[test]

@@ -233,6 +233,101 @@ pub struct PairConfig {
     pub fence_preempt: crate::core::fence::PreemptAction,
 }
 
+impl PairConfig {
+    /// How long this node may go without writing its mailbox slot to a majority of members
+    /// before it halts itself: half of `mailbox_timeout_ms` (the partner waits the whole of it
+    /// before a takeover).
+    pub fn self_fence_bound_ms(&self) -> u64 {
+        self.mailbox_timeout_ms / 2
+    }
+
+    /// Check systemd's watchdog (`WatchdogSec=` of the unit; `$WATCHDOG_USEC` in the daemon)
+    /// against the pair's timers. The HA loop pings it every `WatchdogSec / 2`, on its tick.
+    /// - Longer than the self-fence bound: a node whose HA loop hangs stops its mailbox
+    ///   heartbeat (and cannot self-fence: that runs on the loop's tick), but systemd kills it
+    ///   only after the partner may already have taken over while it still serves.
+    /// - Shorter than twice `heartbeat_ms`: the pings, sent on the loop's tick
+    ///   (`heartbeat_ms / 4`), leave no room for one slow turn of the loop, and systemd kills
+    ///   a healthy node (a takeover for nothing).
+    ///
+    /// `0` (no watchdog) passes. The error names both values and the fix.
+    pub fn check_watchdog(&self, watchdog_usec: u64) -> Result<(), String> {
+        if watchdog_usec == 0 {
+            return Ok(());
+        }
+        let wd_ms = watchdog_usec.div_ceil(1000);
+        let bound = self.self_fence_bound_ms();
+        if wd_ms > bound {
+            return Err(format!(
+                "systemd WatchdogSec={wd_ms}ms (WATCHDOG_USEC={watchdog_usec}) is longer than this node's self-fence bound of {bound} ms (half of pair.mailbox_timeout_ms = {} ms): a node whose HA loop hangs would be killed only after its partner may have taken it over. Set WatchdogSec={bound}ms or less in the unit (systemctl edit hapaird), or raise pair.mailbox_timeout_ms to at least {} on both nodes",
+                self.mailbox_timeout_ms,
+                2 * wd_ms
+            ));
+        }
+        let least = 2 * self.heartbeat_ms;
+        if wd_ms < least {
+            return Err(format!(
+                "systemd WatchdogSec={wd_ms}ms (WATCHDOG_USEC={watchdog_usec}) is shorter than 2 x pair.heartbeat_ms ({least} ms): the HA loop pings the watchdog on its tick and systemd would kill a healthy node. Set WatchdogSec={least}ms or more in the unit (at most {bound}ms, half of pair.mailbox_timeout_ms), or lower pair.heartbeat_ms"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A systemd time span (systemd.time(7)) in microseconds: `1500ms`, `2s`, `1min 30s`, `1.5s`,
+/// a bare number of seconds; `infinity` and `0` are None (no watchdog).
+pub fn parse_systemd_timespan_usec(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t == "infinity" {
+        return Ok(None);
+    }
+    if t.is_empty() {
+        return Err("empty time span".into());
+    }
+    let mut total: f64 = 0.0;
+    let mut rest = t;
+    while !rest.is_empty() {
+        rest = rest.trim_start();
+        let n_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..n_len]
+            .parse()
+            .map_err(|_| format!("bad time span {t:?}: expected a number at {rest:?}"))?;
+        rest = rest[n_len..].trim_start();
+        let u_len = rest
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(rest.len());
+        let mult = match &rest[..u_len] {
+            "us" | "usec" => 1.0,
+            "ms" | "msec" => 1e3,
+            "" | "s" | "sec" | "second" | "seconds" => 1e6,
+            "m" | "min" | "minute" | "minutes" => 60e6,
+            "h" | "hr" | "hour" | "hours" => 3600e6,
+            u => return Err(format!("bad time span {t:?}: unknown unit {u:?}")),
+        };
+        rest = &rest[u_len..];
+        total += n * mult;
+    }
+    let usec = total.round() as u64;
+    Ok((usec > 0).then_some(usec))
+}
+
+/// The `WatchdogSec=` of a unit file's text (the last assignment wins, as in systemd; drop-ins
+/// are not read): Ok(None) when absent, empty, `0` or `infinity`.
+pub fn unit_watchdog_usec(unit_text: &str) -> Result<Option<u64>, String> {
+    let mut last = None;
+    for line in unit_text.lines() {
+        if let Some(v) = line.trim().strip_prefix("WatchdogSec=") {
+            last = Some(v.trim().to_string());
+        }
+    }
+    match last.as_deref() {
+        None | Some("") => Ok(None),
+        Some(v) => parse_systemd_timespan_usec(v).map_err(|e| format!("WatchdogSec: {e}")),
+    }
+}
+
 fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/hapair/hapaird.sock")
 }
@@ -731,6 +826,53 @@ listen = "192.0.2.11:10809"
             .err()
             .unwrap_or_else(|| panic!("accepted:\n{text}"))
             .to_string()
+    }
+
+    #[test]
+    fn the_watchdog_must_fit_between_heartbeat_and_self_fence_bound() {
+        let cfg = Config::parse(PAIR, Path::new("/etc/hapair/a.toml")).unwrap();
+        let p = cfg.pair.unwrap();
+        assert_eq!((p.heartbeat_ms, p.mailbox_timeout_ms), (200, 3000));
+        // 400 ms ..= 1500 ms fit; 0 is no watchdog.
+        for usec in [0, 400_000, 1_000_000, 1_500_000] {
+            assert_eq!(p.check_watchdog(usec), Ok(()), "{usec}");
+        }
+        let e = p.check_watchdog(1_500_001).unwrap_err();
+        assert!(
+            e.contains("WatchdogSec=1501ms") && e.contains("1500 ms"),
+            "{e}"
+        );
+        assert!(
+            e.contains("raise pair.mailbox_timeout_ms to at least 3002"),
+            "{e}"
+        );
+        let e = p.check_watchdog(399_000).unwrap_err();
+        assert!(
+            e.contains("WatchdogSec=399ms") && e.contains("2 x pair.heartbeat_ms"),
+            "{e}"
+        );
+        assert!(p.check_watchdog(100_000).unwrap_err().contains("(400 ms)"));
+    }
+
+    #[test]
+    fn systemd_time_spans_and_unit_watchdog() {
+        let us = |t: &str| parse_systemd_timespan_usec(t).unwrap();
+        assert_eq!(us("1500ms"), Some(1_500_000));
+        assert_eq!(us("2s"), Some(2_000_000));
+        assert_eq!(us("2"), Some(2_000_000));
+        assert_eq!(us("1.5s"), Some(1_500_000));
+        assert_eq!(us("1min 30s"), Some(90_000_000));
+        assert_eq!(us("250us"), Some(250));
+        assert_eq!(us("0"), None);
+        assert_eq!(us("infinity"), None);
+        assert!(parse_systemd_timespan_usec("3 parsecs").is_err());
+        assert_eq!(
+            unit_watchdog_usec("[Service]\nWatchdogSec=5s\nWatchdogSec=1500ms\n"),
+            Ok(Some(1_500_000)),
+            "the last one wins"
+        );
+        assert_eq!(unit_watchdog_usec("[Service]\nType=notify\n"), Ok(None));
+        assert_eq!(unit_watchdog_usec("WatchdogSec=\n"), Ok(None));
     }
 
     #[test]

@@ -133,3 +133,95 @@ fn restart_policy_and_privileges_match_the_daemon() {
     );
     assert_eq!(get("RuntimeDirectory"), ["hapair"]);
 }
+
+/// A pair configuration whose files need not exist (`hapaird run` refuses before it opens
+/// anything when the watchdog does not fit).
+fn pair_config(dir: &Path, heartbeat_ms: u64, mailbox_timeout_ms: u64) -> PathBuf {
+    let p = dir.join("a.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "node = \"a\"\n[pair]\npartner = \"b\"\npartner_interconnect = [\"192.0.2.2:7700\"]\nkey_file = \"{k}\"\n\
+             control_socket = \"{s}\"\nheartbeat_ms = {heartbeat_ms}\ninterconnect_timeout_ms = {ic}\nmailbox_timeout_ms = {mailbox_timeout_ms}\n\
+             [[aggregate]]\nname = \"x\"\nhome = \"a\"\ndata = [\"{d}/d0\"]\nparity = \"{d}/p0\"\nnvram = \"{d}/n0\"\n\
+             [[aggregate]]\nname = \"y\"\nhome = \"b\"\ndata = [\"{d}/d1\"]\nparity = \"{d}/p1\"\nnvram = \"{d}/n1\"\n\
+             [[export]]\nname = \"x\"\naggregate = \"x\"\nlisten = \"127.0.0.1:0\"\n",
+            k = dir.join("key").display(),
+            s = dir.join("a.sock").display(),
+            d = dir.display(),
+            ic = 2 * heartbeat_ms,
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn hapaird(args: &[&str], cfg: &Path, watchdog_usec: Option<&str>) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hapaird"));
+    c.args(args).arg("--config").arg(cfg);
+    c.env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
+    c.env_remove("NOTIFY_SOCKET");
+    if let Some(u) = watchdog_usec {
+        c.env("WATCHDOG_USEC", u);
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn hapaird_refuses_a_watchdog_that_does_not_fit_the_mailbox_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = pair_config(dir.path(), 200, 3000);
+    // WatchdogSec=5s against a self-fence bound of 1.5 s: refused at start, naming both and
+    // the fix.
+    let (ok, _, err) = hapaird(&["run"], &cfg, Some("5000000"));
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("WatchdogSec=5000ms")
+            && err.contains("self-fence bound of 1500 ms")
+            && err.contains("pair.mailbox_timeout_ms = 3000 ms")
+            && err.contains("Set WatchdogSec=1500ms or less"),
+        "{err}"
+    );
+    // Too short for the heartbeat: refused too.
+    let (ok, _, err) = hapaird(&["run"], &cfg, Some("300000"));
+    assert!(!ok);
+    assert!(
+        err.contains("WatchdogSec=300ms") && err.contains("2 x pair.heartbeat_ms (400 ms)"),
+        "{err}"
+    );
+    // A fitting one passes the check (and the start then fails on the missing files).
+    let (ok, _, err) = hapaird(&["run"], &cfg, Some("1500000"));
+    assert!(!ok);
+    assert!(!err.contains("WatchdogSec"), "{err}");
+
+    // check-config: the same from the environment, or from the unit file.
+    let (ok, out, err) = hapaird(&["check-config"], &cfg, Some("5000000"));
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("WatchdogSec=5000ms") && err.contains("$WATCHDOG_USEC"),
+        "{err}"
+    );
+    let unit = dir.path().join("hapaird.service");
+    std::fs::write(
+        &unit,
+        unit_text().replace("WatchdogSec=1500ms", "WatchdogSec=4s"),
+    )
+    .unwrap();
+    let u = unit.to_str().unwrap();
+    let (ok, _, err) = hapaird(&["check-config", "--unit", u], &cfg, None);
+    assert!(!ok);
+    assert!(
+        err.contains("WatchdogSec=4000ms") && err.contains("hapaird.service"),
+        "{err}"
+    );
+    // The shipped unit fits the default timers.
+    std::fs::write(&unit, unit_text()).unwrap();
+    let (ok, out, err) = hapaird(&["check-config", "--unit", u], &cfg, None);
+    assert!(ok, "{err}");
+    assert!(out.contains("watchdog 1500 ms"), "{out}");
+}

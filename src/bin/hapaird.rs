@@ -43,11 +43,17 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Check a configuration file and print what it describes.
+    /// Check a configuration file and print what it describes. In a pair, systemd's
+    /// watchdog is checked against the pair's timers too: the `WatchdogSec=` of `--unit`, else
+    /// `$WATCHDOG_USEC` if set (as `hapaird run` sees it under systemd).
     CheckConfig {
         /// Node configuration file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// The systemd unit that runs hapaird (e.g. /etc/systemd/system/hapaird.service), for
+        /// its WatchdogSec= (drop-ins are not read).
+        #[arg(long, value_name = "FILE")]
+        unit: Option<PathBuf>,
     },
     /// Bring up a pair of nodes on file-backed members in DIR (each home to one aggregate, an
     /// interconnect and service addresses on loopback), print the export URIs, and write
@@ -345,6 +351,56 @@ fn demo(dir: &Path, member_mib: u64, port: u16) -> Result<()> {
     Ok(())
 }
 
+fn check_config(config: &Path, unit: Option<&Path>) -> Result<()> {
+    let c = Config::load(config)?;
+    // The watchdog the daemon would run with: the unit's, else the environment's.
+    let watchdog = match unit {
+        Some(u) => {
+            let text = std::fs::read_to_string(u)
+                .with_context(|| format!("reading unit {}", u.display()))?;
+            hapair::config::unit_watchdog_usec(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", u.display()))?
+                .map(|usec| (usec, format!("WatchdogSec= of {}", u.display())))
+        }
+        None => std::env::var("WATCHDOG_USEC")
+            .ok()
+            .map(|v| {
+                v.parse::<u64>()
+                    .with_context(|| format!("WATCHDOG_USEC={v:?} is not a number"))
+            })
+            .transpose()?
+            .filter(|u| *u > 0)
+            .map(|usec| (usec, "$WATCHDOG_USEC".to_string())),
+    };
+    if let (Some(p), Some((usec, from))) = (&c.pair, &watchdog) {
+        p.check_watchdog(*usec)
+            .map_err(|e| anyhow::anyhow!("{}: {e} (watchdog from {from})", config.display()))?;
+    }
+    println!(
+        "{}: ok: node {}, {} aggregate(s), {} export(s)",
+        config.display(),
+        c.node,
+        c.aggregate.len(),
+        c.export.len()
+    );
+    if let Some(p) = &c.pair {
+        match &watchdog {
+            Some((usec, from)) => println!(
+                "watchdog {} ms ({from}) fits: at least 2 x heartbeat_ms ({} ms), at most the self-fence bound ({} ms, half of mailbox_timeout_ms)",
+                usec.div_ceil(1000),
+                2 * p.heartbeat_ms,
+                p.self_fence_bound_ms()
+            ),
+            None => println!(
+                "watchdog not checked: give --unit FILE (WatchdogSec= must lie in {}..={} ms)",
+                2 * p.heartbeat_ms,
+                p.self_fence_bound_ms()
+            ),
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     init_logging();
@@ -377,17 +433,7 @@ fn main() {
                 Ok(())
             })
         }
-        Cmd::CheckConfig { config } => Config::load(&config)
-            .map(|c| {
-                println!(
-                    "{}: ok: node {}, {} aggregate(s), {} export(s)",
-                    config.display(),
-                    c.node,
-                    c.aggregate.len(),
-                    c.export.len()
-                );
-            })
-            .map_err(Into::into),
+        Cmd::CheckConfig { config, unit } => check_config(&config, unit.as_deref()),
         Cmd::Demo {
             dir,
             member_mib,

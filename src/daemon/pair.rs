@@ -1431,6 +1431,14 @@ impl PairRuntime {
     /// Bring the node up in its pair. The HA state machine then boots the node's own aggregate
     /// (or waits for giveback, if it finds itself taken over).
     pub fn start(config: Config) -> Result<PairRuntime, String> {
+        // systemd's watchdog must kill a hung node before its partner may take it over, and
+        // must not kill a healthy one: refuse to start rather than serve with either.
+        if let (Some(p), Some(usec)) = (
+            config.pair.as_ref(),
+            crate::io::sdnotify::watchdog_usec_from_env(),
+        ) {
+            p.check_watchdog(usec)?;
+        }
         let node = PairNode::new(config)?;
         let pair = node.pair.clone();
         // A daemon that is starting serves nothing: addresses a crashed predecessor left on the
@@ -1450,7 +1458,7 @@ impl PairRuntime {
         t.unsafe_skip_fence = pair.unsafe_skip_fence;
         t.step_retry_ms = 500;
         hc.tick = Duration::from_millis((pair.heartbeat_ms / 4).max(5));
-        hc.self_fence_bound_ms = pair.mailbox_timeout_ms / 2;
+        hc.self_fence_bound_ms = pair.self_fence_bound_ms();
         let home_id = |h: &str| {
             if ha::node_id(&node.config.node, &pair.partner) == NodeId::A {
                 if h == node.config.node {

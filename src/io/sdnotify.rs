@@ -112,13 +112,19 @@ impl Notifier {
 /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, if it is set and meant for this
 /// process (`$WATCHDOG_PID` absent or ours), as sd_watchdog_enabled(3) says.
 pub fn watchdog_interval_from_env() -> Option<Duration> {
+    watchdog_usec_from_env().map(|usec| Duration::from_micros(usec / 2))
+}
+
+/// `$WATCHDOG_USEC` (the unit's `WatchdogSec=`), if it is set, not 0 and meant for this
+/// process (`$WATCHDOG_PID` absent or ours).
+pub fn watchdog_usec_from_env() -> Option<u64> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
         if pid.parse::<u32>().ok()? != std::process::id() {
             return None;
         }
     }
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+    (usec > 0).then_some(usec)
 }
 
 /// The notifier and the `WATCHDOG=1` interval when systemd runs us with `WatchdogSec=`, for

@@ -453,3 +453,144 @@ fn a_slow_watcher_gets_whole_lines() {
     let v: serde_json::Value = serde_json::from_slice(last).unwrap();
     assert_eq!(v["kind"], "unavailable", "{v}");
 }
+
+/// `status --json` of `sock`, polled until `pred` holds.
+fn status_until(
+    sock: &Path,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + T;
+    loop {
+        let o = ctl(sock, &["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "waiting for {what}: {v:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cut_interconnect(s: &Setup, cut: bool) {
+    s.pair
+        .a
+        .link_up
+        .store(!cut, std::sync::atomic::Ordering::SeqCst);
+    s.pair
+        .b
+        .link_up
+        .store(!cut, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+fn alarms_are_acknowledged_by_id_or_all_and_a_live_one_stays_in_the_headline() {
+    let s = setup();
+    let open_ic = |v: &serde_json::Value| {
+        v["open_alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["alarm"].get("InterconnectDown").is_some())
+    };
+    // The interconnect goes down while the mailbox lives: an alarm, #1.
+    cut_interconnect(&s, true);
+    let v = status_until(&s.sock_a, "the interconnect alarm", open_ic);
+    let id = v["open_alarms"][0]["id"].as_u64().unwrap();
+    let (out, _) = text(&ctl(&s.sock_a, &["status"]));
+    assert!(
+        out.lines()
+            .next()
+            .unwrap()
+            .contains("ALARM: interconnect to b down"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("#{id} ")) && out.contains("[HOLDS, not acknowledged]"),
+        "{out}"
+    );
+
+    // Unknown ids: exit 2, nothing acknowledged, the known ids named.
+    let o = ctl(&s.sock_a, &["alarm", "ack", &id.to_string(), "99"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("no alarm 99 on a (its alarms: {id})")),
+        "{err}"
+    );
+    let o = ctl(&s.sock_a, &["alarm", "ack"]);
+    assert_eq!(o.status.code(), Some(2), "an id or --all is required");
+    let o = ctl(&s.sock_a, &["alarm", "ack", "x1"]);
+    assert_eq!(o.status.code(), Some(2));
+
+    // Acknowledged while it holds: it stays in the headline, marked.
+    let o = ctl(&s.sock_a, &["alarm", "ack", &format!("#{id}")]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(out.contains(&format!("a: acknowledged #{id}")), "{out}");
+    assert!(
+        out.contains(&format!("#{id} still holds: interconnect to b down")),
+        "{out}"
+    );
+    let (out, _) = text(&ctl(&s.sock_a, &["status"]));
+    let head = out.lines().next().unwrap();
+    assert!(
+        head.contains("ALARM: interconnect to b down") && head.contains("(acknowledged)"),
+        "{head}"
+    );
+    assert!(out.contains("[HOLDS, acknowledged "), "{out}");
+    // Again: already acknowledged, still exit 0.
+    let o = ctl(&s.sock_a, &["alarm", "ack", &id.to_string()]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(text(&o).0.contains(&format!("already acknowledged: #{id}")));
+
+    // It clears: no alarm left, nothing to acknowledge.
+    cut_interconnect(&s, false);
+    let v = status_until(&s.sock_a, "the interconnect back", |v| {
+        !open_ic(v) && v["partner_reachable"] == true
+    });
+    let h = v["headline"].as_str().unwrap();
+    assert!(
+        !h.contains("ALARM") && !h.contains("not acknowledged"),
+        "{h}"
+    );
+    assert!(v["alarms"][0]["acknowledged_at_unix_ms"].is_u64(), "{v:#}");
+
+    // It recurs: a new alarm, not acknowledged; once cleared the headline counts it until
+    // `--all` acknowledges it.
+    cut_interconnect(&s, true);
+    let v = status_until(&s.sock_a, "the interconnect alarm again", open_ic);
+    let id2 = v["open_alarms"][0]["id"].as_u64().unwrap();
+    assert!(id2 > id);
+    assert!(
+        v["open_alarms"][0]["acknowledged_at_unix_ms"].is_null(),
+        "{v:#}"
+    );
+    cut_interconnect(&s, false);
+    let v = status_until(&s.sock_a, "the interconnect back again", |v| {
+        !open_ic(v) && v["partner_reachable"] == true
+    });
+    let h = v["headline"].as_str().unwrap();
+    assert!(
+        h.ends_with("-- 1 past alarm not acknowledged (takeoverctl alarm ack)"),
+        "{h}"
+    );
+    let o = ctl(&s.sock_a, &["alarm", "ack", "--all", "--json"]);
+    assert_eq!(o.status.code(), Some(0));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["type"], "acknowledged");
+    assert_eq!(r["acknowledged"], serde_json::json!([id2]));
+    assert!(
+        !r["status"]["headline"]
+            .as_str()
+            .unwrap()
+            .contains("not acknowledged"),
+        "{r:#}"
+    );
+    let o = ctl(&s.sock_a, &["alarm", "ack", "--all"]);
+    assert!(
+        text(&o).0.contains("a: no alarm to acknowledge"),
+        "{:?}",
+        text(&o)
+    );
+}

@@ -2,11 +2,11 @@
 //! socket (newline-delimited JSON, see `hapair::core::control`).
 //!
 //! Exit status, for scripts:
-//! - 0: done (status shown; takeover/giveback completed, or started with `--no-wait`; check
-//!   passed)
+//! - 0: done (status shown; takeover/giveback completed, or started with `--no-wait`; alarms
+//!   acknowledged; check passed)
 //! - 1: refused; the reasons are printed ("cannot take over: partner log not mirrored since
 //!   2024-05-01 12:04:07+02:00")
-//! - 2: usage error (bad arguments, unknown node, value out of range)
+//! - 2: usage error (bad arguments, unknown node or alarm id, value out of range)
 //! - 3: hapaird unreachable (no socket, connection refused, daemon stopping)
 //! - 4: failed: started but did not complete (e.g. fence failed, this node was fenced)
 //! - 5: timed out: still in progress when `--timeout` ended (follow with `status`/`watch`)
@@ -37,7 +37,7 @@ const EXIT_BUSY: u8 = 7;
 /// Longest reply line accepted from the daemon.
 const MAX_REPLY_BYTES: u64 = 4 << 20;
 
-/// Operate the hapair HA pair: status, takeover, giveback.
+/// Operate the hapair HA pair: status, takeover, giveback, alarm acknowledgement.
 ///
 /// Exit status: 0 ok, 1 refused (reasons printed), 2 usage, 3 hapaird unreachable, 4 failed
 /// after starting, 5 timed out while still in progress, 6 protocol error, 7 daemon busy.
@@ -103,6 +103,37 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Alarms of this node (`status` lists them with their ids).
+    Alarm {
+        #[command(subcommand)]
+        cmd: AlarmCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AlarmCmd {
+    /// Acknowledge alarms: you have seen them. An acknowledged alarm whose condition still
+    /// holds stays in the headline, marked acknowledged; one that clears and comes back is
+    /// raised again under a new id. An unknown id acknowledges nothing (exit 2).
+    Ack {
+        /// Alarm ids as `status` shows them (#3 or 3).
+        #[arg(value_name = "ID", value_parser = parse_alarm_id, required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<u64>,
+        /// Every alarm not acknowledged yet.
+        #[arg(long)]
+        all: bool,
+        /// Print the reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_alarm_id(text: &str) -> Result<u64, String> {
+    text.trim_start_matches('#')
+        .parse::<u64>()
+        .ok()
+        .filter(|i| *i > 0)
+        .ok_or_else(|| format!("{text:?} is not an alarm id (a number as `status` shows it)"))
 }
 
 fn offset() -> i64 {
@@ -175,7 +206,7 @@ use std::io::Read;
 
 fn error_exit(kind: ErrorKind, message: &str) -> ExitCode {
     let code = match kind {
-        ErrorKind::UnknownNode | ErrorKind::InvalidArgument => EXIT_USAGE,
+        ErrorKind::UnknownNode | ErrorKind::UnknownAlarm | ErrorKind::InvalidArgument => EXIT_USAGE,
         ErrorKind::Busy => EXIT_BUSY,
         ErrorKind::Unavailable => EXIT_UNREACHABLE,
         ErrorKind::Malformed | ErrorKind::TooLong | ErrorKind::UnsupportedVersion => EXIT_PROTOCOL,
@@ -255,6 +286,29 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             };
             operate(&cli.socket, req, timeout, json)
         }
+        Cmd::Alarm {
+            cmd: AlarmCmd::Ack { ids, all, json },
+        } => {
+            let mut c = Conn::open(&cli.socket, Some(Duration::from_secs(30)))?;
+            c.send(&Request::AckAlarms { ids, all })?;
+            let (raw, reply) = c.recv()?;
+            match reply {
+                Reply::Acknowledged {
+                    acknowledged,
+                    already,
+                    status,
+                } => {
+                    if json {
+                        println!("{raw}");
+                    } else {
+                        print!("{}", ack_report(&acknowledged, &already, &status));
+                    }
+                    Ok(ExitCode::from(EXIT_OK))
+                }
+                Reply::Error { kind, message } => Err(error_exit(kind, &message)),
+                other => Err(fail(EXIT_PROTOCOL, format!("unexpected reply {other:?}"))),
+            }
+        }
         Cmd::Watch { json } => {
             let mut c = Conn::open(&cli.socket, None)?;
             c.send(&Request::Watch)?;
@@ -277,6 +331,39 @@ fn run(cli: Cli) -> Result<ExitCode, ExitCode> {
             }
         }
     }
+}
+
+/// What an acknowledgement did, for people: which alarms, and which of them still hold.
+fn ack_report(acknowledged: &[u64], already: &[u64], s: &PairStatus) -> String {
+    let ids = |v: &[u64]| {
+        v.iter()
+            .map(|i| format!("#{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut o = String::new();
+    if acknowledged.is_empty() && already.is_empty() {
+        o += &format!("{}: no alarm to acknowledge\n", s.node);
+    }
+    if !acknowledged.is_empty() {
+        o += &format!("{}: acknowledged {}\n", s.node, ids(acknowledged));
+    }
+    if !already.is_empty() {
+        o += &format!("already acknowledged: {}\n", ids(already));
+    }
+    for a in &s.alarms {
+        let named =
+            a.id.is_some_and(|i| acknowledged.contains(&i) || already.contains(&i));
+        if named && a.open {
+            o += &format!(
+                "#{} still holds: {} (it stays in the headline until it clears)\n",
+                a.id.unwrap_or_default(),
+                a.text
+            );
+        }
+    }
+    o += &format!("{}\n", s.headline);
+    o
 }
 
 fn watch_line(s: &PairStatus) -> String {

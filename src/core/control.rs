@@ -10,6 +10,8 @@
 //! > {"v":1,"cmd":"takeover","of":"b","countdown_ms":30000,"immediate":false,"check_only":false}
 //! < {"v":1,"type":"outcome","outcome":{"result":"completed",...},"status":{...}}
 //! > {"v":1,"cmd":"giveback"}
+//! > {"v":1,"cmd":"ack_alarms","ids":[3,5]}     (or "all":true)
+//! < {"v":1,"type":"acknowledged","acknowledged":[3],"already":[5],"status":{...}}
 //! > {"v":1,"cmd":"watch"}
 //! < {"v":1,"type":"status","status":{...}}      (first the current status, then every change)
 //! > {"v":1,"cmd":"statsu"}
@@ -72,7 +74,18 @@ pub enum Request {
     },
     /// Stream the status on every change.
     Watch,
+    /// Acknowledge alarms: these ids, or every unacknowledged one (`all`). An unknown id
+    /// refuses the whole request (`unknown_alarm`).
+    AckAlarms {
+        #[serde(default)]
+        ids: Vec<u64>,
+        #[serde(default)]
+        all: bool,
+    },
 }
+
+/// Most alarm ids one acknowledgement may name.
+pub const MAX_ACK_IDS: usize = 64;
 
 fn yes() -> bool {
     true
@@ -90,6 +103,8 @@ pub enum ErrorKind {
     UnsupportedVersion,
     /// A node name that is neither this node nor its partner.
     UnknownNode,
+    /// An alarm id that is not in this node's alarm history.
+    UnknownAlarm,
     /// A value out of range.
     InvalidArgument,
     /// The HA loop's queue is full or too many clients are connected; retry.
@@ -171,6 +186,20 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
             check_wait(*timeout_ms)?;
         }
         Request::Giveback { timeout_ms, .. } => check_wait(*timeout_ms)?,
+        Request::AckAlarms { ids, all } => {
+            if ids.is_empty() != *all {
+                return Err(ProtocolError::new(
+                    ErrorKind::InvalidArgument,
+                    "ack_alarms takes alarm ids or all, one of the two",
+                ));
+            }
+            if ids.len() > MAX_ACK_IDS {
+                return Err(ProtocolError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("at most {MAX_ACK_IDS} alarm ids at once"),
+                ));
+            }
+        }
         Request::Status | Request::Watch => {}
     }
     Ok(req)
@@ -211,6 +240,12 @@ pub enum Reply {
     Error {
         kind: ErrorKind,
         message: String,
+    },
+    /// Alarms acknowledged now, and those named that already were.
+    Acknowledged {
+        acknowledged: Vec<u64>,
+        already: Vec<u64>,
+        status: Box<PairStatus>,
     },
 }
 
@@ -439,6 +474,15 @@ pub struct RefusalView {
 /// An alarm with readable text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlarmView {
+    /// Its id for `takeoverctl alarm ack` (None: not in the history).
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// Its condition holds now (acknowledged or not, it is in the headline).
+    #[serde(default)]
+    pub open: bool,
+    /// When the operator acknowledged it.
+    #[serde(default)]
+    pub acknowledged_at_unix_ms: Option<u64>,
     /// When it was (last) raised.
     pub at_unix_ms: u64,
     pub alarm: Alarm,
@@ -880,6 +924,9 @@ impl PairStatus {
             .alarms
             .iter()
             .map(|e| AlarmView {
+                id: Some(e.id),
+                open: st.open_alarms.contains(&e.alarm),
+                acknowledged_at_unix_ms: e.acked_ms.map(|t| snap.unix_ms(t)),
                 at_unix_ms: snap.unix_ms(e.last_ms),
                 alarm: e.alarm.clone(),
                 text: describe_alarm(&e.alarm, snap, off),
@@ -894,6 +941,9 @@ impl PairStatus {
                 // When it was raised, if the history still has it.
                 let e = st.alarms.iter().rev().find(|e| e.alarm == *a);
                 AlarmView {
+                    id: e.map(|e| e.id),
+                    open: true,
+                    acknowledged_at_unix_ms: e.and_then(|e| e.acked_ms).map(|t| snap.unix_ms(t)),
                     at_unix_ms: snap.unix_ms(e.map_or(st.now_ms, |e| e.last_ms)),
                     alarm: a.clone(),
                     text: describe_alarm(a, snap, off),
@@ -960,13 +1010,23 @@ pub fn headline(s: &PairStatus) -> String {
     if !s.mailbox_access && !open_has(&|a| *a == Alarm::MailboxAccessLost) {
         alarms.push("mailbox unreadable".into());
     }
+    // Acknowledged or not, a condition that holds is named: an acknowledgement says the
+    // operator saw it, not that it went away.
     for a in &s.open_alarms {
-        alarms.push(if a.count > 1 {
-            format!("{} ({} times)", a.text, a.count)
-        } else {
-            a.text.clone()
-        });
+        let mut t = a.text.clone();
+        if a.count > 1 {
+            t += &format!(" ({} times)", a.count);
+        }
+        if a.acknowledged_at_unix_ms.is_some() {
+            t += " (acknowledged)";
+        }
+        alarms.push(t);
     }
+    let unacked_past = s
+        .alarms
+        .iter()
+        .filter(|a| !a.open && a.acknowledged_at_unix_ms.is_none())
+        .count();
     let base = match (s.ha.state, s.ha.partner_state) {
         (State::InTakeover, _) => {
             format!("TAKEOVER: {me} serves {p}'s aggregates; {p} waits for giveback")
@@ -1006,6 +1066,12 @@ pub fn headline(s: &PairStatus) -> String {
     }
     if !alarms.is_empty() {
         line = format!("{line} -- ALARM: {}", alarms.join("; "));
+    }
+    if unacked_past > 0 {
+        line = format!(
+            "{line} -- {unacked_past} past alarm{} not acknowledged (takeoverctl alarm ack)",
+            if unacked_past == 1 { "" } else { "s" }
+        );
     }
     line
 }
@@ -1217,22 +1283,28 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
     if s.alarms.is_empty() {
         let _ = writeln!(o, "alarms: none");
     } else {
-        let _ = writeln!(o, "alarms (newest last):");
+        let _ = writeln!(
+            o,
+            "alarms (newest last; `takeoverctl alarm ack ID` once seen):"
+        );
         for a in &s.alarms {
-            match (a.count, a.first_at_unix_ms) {
-                (n, Some(first)) if n > 1 => {
-                    let _ = writeln!(
-                        o,
-                        "  {} {} ({n} times since {})",
-                        c(a.at_unix_ms),
-                        a.text,
-                        c(first)
-                    );
-                }
-                _ => {
-                    let _ = writeln!(o, "  {} {}", c(a.at_unix_ms), a.text);
-                }
-            }
+            let id = a.id.map_or("-".to_string(), |i| format!("#{i}"));
+            let times = match (a.count, a.first_at_unix_ms) {
+                (n, Some(first)) if n > 1 => format!(" ({n} times since {})", c(first)),
+                _ => String::new(),
+            };
+            let state = match (a.open, a.acknowledged_at_unix_ms) {
+                (true, None) => "HOLDS, not acknowledged".to_string(),
+                (true, Some(t)) => format!("HOLDS, acknowledged {}", c(t)),
+                (false, None) => "cleared, not acknowledged".to_string(),
+                (false, Some(t)) => format!("cleared, acknowledged {}", c(t)),
+            };
+            let _ = writeln!(
+                o,
+                "  {id:>4} {} {}{times} [{state}]",
+                c(a.at_unix_ms),
+                a.text
+            );
         }
     }
     o
@@ -1519,6 +1591,103 @@ mod tests {
         let s = PairStatus::from_snapshot(&snap(&n), 0);
         assert!(s.headline.starts_with("OK: "), "{}", s.headline);
         assert_eq!(s.alarms.len(), 1);
+    }
+
+    /// Acknowledging says "seen", never "gone": an acknowledged alarm that holds stays in the
+    /// headline, marked; a cleared one not acknowledged is counted until it is.
+    #[test]
+    fn the_headline_keeps_acknowledged_alarms_that_hold_and_counts_unacknowledged_past_ones() {
+        let mut n = normal_pair(1_000, 2_000);
+        n.step(2_000, Event::MailboxRead(None));
+        let id = n.status().alarms[0].id;
+        n.step(2_050, Event::Operator(OperatorCmd::AckAlarm(Some(id))));
+        let s = PairStatus::from_snapshot(&snap(&n), 0);
+        assert!(!s.headline.starts_with("OK"), "{}", s.headline);
+        assert!(
+            s.headline
+                .ends_with("ALARM: mailbox unreadable on a majority of members (acknowledged)"),
+            "{}",
+            s.headline
+        );
+        let v = &s.open_alarms[0];
+        assert_eq!(v.id, Some(id));
+        assert!(v.open && v.acknowledged_at_unix_ms == Some(12 * 3_600_000 + 2_050));
+        let table = render_status(&s, 0);
+        assert!(
+            table.contains(&format!(
+                "#{id} 1970-01-01 12:00:02Z mailbox unreadable on a majority of members [HOLDS, acknowledged 1970-01-01 12:00:02Z]"
+            )),
+            "{table}"
+        );
+        // Cleared: OK, nothing left to acknowledge.
+        let mv = crate::core::takeover::MailboxView {
+            partner_slot: None,
+            please_die_for_me: false,
+            please_die_for_partner: false,
+        };
+        n.step(2_100, Event::MailboxRead(Some(mv)));
+        let s = PairStatus::from_snapshot(&snap(&n), 0);
+        assert_eq!(
+            s.headline,
+            "OK: both nodes serve their own aggregates; partner log mirrored"
+        );
+        assert!(render_status(&s, 0).contains("[cleared, acknowledged"));
+        // Lost and back again without an acknowledgement: OK, but the headline counts it.
+        n.step(3_000, Event::MailboxRead(None));
+        n.step(3_100, Event::MailboxRead(Some(mv)));
+        let s = PairStatus::from_snapshot(&snap(&n), 0);
+        assert_eq!(
+            s.headline,
+            "OK: both nodes serve their own aggregates; partner log mirrored -- 1 past alarm not acknowledged (takeoverctl alarm ack)"
+        );
+        let new_id = s.alarms.last().unwrap().id.unwrap();
+        assert!(new_id > id);
+        n.step(3_200, Event::Operator(OperatorCmd::AckAlarm(None)));
+        let s = PairStatus::from_snapshot(&snap(&n), 0);
+        assert_eq!(
+            s.headline,
+            "OK: both nodes serve their own aggregates; partner log mirrored"
+        );
+    }
+
+    #[test]
+    fn ack_requests_take_ids_or_all() {
+        let req = |l: &str| parse_request(l.as_bytes());
+        assert_eq!(
+            req(r#"{"v":1,"cmd":"ack_alarms","ids":[3,5]}"#),
+            Ok(Request::AckAlarms {
+                ids: vec![3, 5],
+                all: false
+            })
+        );
+        assert_eq!(
+            req(r#"{"v":1,"cmd":"ack_alarms","all":true}"#),
+            Ok(Request::AckAlarms {
+                ids: vec![],
+                all: true
+            })
+        );
+        for bad in [
+            r#"{"v":1,"cmd":"ack_alarms"}"#,
+            r#"{"v":1,"cmd":"ack_alarms","ids":[3],"all":true}"#,
+        ] {
+            assert_eq!(
+                req(bad).unwrap_err().kind,
+                ErrorKind::InvalidArgument,
+                "{bad}"
+            );
+        }
+        let many = format!(
+            r#"{{"v":1,"cmd":"ack_alarms","ids":[{}]}}"#,
+            vec!["1"; MAX_ACK_IDS + 1].join(",")
+        );
+        assert_eq!(req(&many).unwrap_err().kind, ErrorKind::InvalidArgument);
+        let r = Reply::Acknowledged {
+            acknowledged: vec![3],
+            already: vec![],
+            status: Box::new(PairStatus::from_snapshot(&snap(&resumed_node()), 0)),
+        };
+        assert_eq!(parse_reply(&encode_reply(&r)), Ok(r));
     }
 
     #[test]

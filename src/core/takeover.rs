@@ -443,6 +443,10 @@ pub enum OperatorCmd {
     Giveback,
     /// Turn automatic giveback on or off.
     SetAutoGiveback(bool),
+    /// `takeoverctl alarm ack ID` / `--all` (None): the operator has seen the alarm. It stays
+    /// in the history, and in the headline while its condition holds; if the condition
+    /// clears and comes back, it is raised again under a new id.
+    AckAlarm(Option<u64>),
     /// `takeoverctl takeover --of NODE [--countdown DUR] [--immediate]`: like `TakeoverOf`,
     /// with this countdown instead of the configured one (`None`: configured), or with no
     /// graceful shutdown at all (`immediate`: the partner is told *takeover* and fenced now).
@@ -648,6 +652,16 @@ pub struct RunningStep {
 /// others out of the bounded ring.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlarmEntry {
+    /// Names it for `takeoverctl alarm ack` (counts from 1 since the daemon started; an
+    /// alarm raised again after its acknowledgement gets a new one).
+    #[serde(default)]
+    pub id: u64,
+    /// When the operator acknowledged it.
+    #[serde(default)]
+    pub acked_ms: Option<u64>,
+    /// Its condition still holds (it is one of [`Status::open_alarms`]).
+    #[serde(default)]
+    pub open: bool,
     /// When it was first raised.
     pub first_ms: u64,
     /// When it was last raised (the entry's place in the history, newest last).
@@ -811,6 +825,7 @@ pub struct Node {
     last_shutdown: Option<ProcedureReport>,
     refusals: VecDeque<Refusal>,
     alarms: VecDeque<AlarmEntry>,
+    next_alarm_id: u64,
     transitions: VecDeque<Transition>,
     interconnect_alarm_raised: bool,
     hard_refusal_raised: bool,
@@ -869,6 +884,7 @@ impl Node {
             last_shutdown: None,
             refusals: VecDeque::new(),
             alarms: VecDeque::new(),
+            next_alarm_id: 1,
             transitions: VecDeque::new(),
             interconnect_alarm_raised: false,
             hard_refusal_raised: false,
@@ -1055,6 +1071,7 @@ impl Node {
             }
         }
         self.update_ack_mode(&mut out);
+        self.refresh_open_alarms();
         out
     }
 
@@ -1090,18 +1107,68 @@ impl Node {
             let mut e = self.alarms.remove(i).expect("position is in range");
             e.count = e.count.saturating_add(1);
             e.last_ms = self.now_ms;
+            // `open` is as of the end of the previous step: acknowledged while it held, it
+            // stays acknowledged (a retry failing the same way); acknowledged, then cleared,
+            // and now back: a new alarm for the operator.
+            if e.acked_ms.is_some() && !e.open {
+                e.id = self.next_alarm_id;
+                self.next_alarm_id += 1;
+                e.acked_ms = None;
+                e.count = 1;
+                e.first_ms = self.now_ms;
+            }
             self.alarms.push_back(e);
             return;
         }
         if self.alarms.len() == MAX_ALARMS {
-            self.alarms.pop_front();
+            // Make room with the oldest acknowledged alarm that no longer holds, else the
+            // oldest that no longer holds: a live condition keeps its entry (and its id).
+            let i = self
+                .alarms
+                .iter()
+                .position(|e| e.acked_ms.is_some() && !e.open)
+                .or_else(|| self.alarms.iter().position(|e| !e.open))
+                .unwrap_or(0);
+            self.alarms.remove(i);
         }
+        let id = self.next_alarm_id;
+        self.next_alarm_id += 1;
         self.alarms.push_back(AlarmEntry {
+            id,
+            acked_ms: None,
+            open: false,
             first_ms: self.now_ms,
             last_ms: self.now_ms,
             count: 1,
             alarm,
         });
+    }
+
+    /// Mark which history entries are open alarms now (see [`AlarmEntry::open`]).
+    fn refresh_open_alarms(&mut self) {
+        let open = self.open_alarms();
+        for e in &mut self.alarms {
+            e.open = open.contains(&e.alarm);
+        }
+    }
+
+    /// Acknowledge alarm `id` (None: every unacknowledged one).
+    fn ack_alarm(&mut self, id: Option<u64>) {
+        let now = self.now_ms;
+        for e in &mut self.alarms {
+            if e.acked_ms.is_none() && id.is_none_or(|i| i == e.id) {
+                e.acked_ms = Some(now);
+                tracing::info!(node = ?self.cfg.node, id = e.id, alarm = ?e.alarm, open = e.open, "alarm acknowledged");
+            }
+        }
+    }
+
+    /// The ids of `ids` that name no alarm in the history (acknowledged ones included).
+    pub fn unknown_alarm_ids(&self, ids: &[u64]) -> Vec<u64> {
+        ids.iter()
+            .copied()
+            .filter(|i| !self.alarms.iter().any(|e| e.id == *i))
+            .collect()
     }
 
     /// The alarm conditions that still hold (see [`Status::open_alarms`]).
@@ -1548,6 +1615,7 @@ impl Node {
             } => self.operator_takeover_of(node, countdown_ms, immediate, out),
             OperatorCmd::Giveback => self.try_giveback(false, out),
             OperatorCmd::SetAutoGiveback(on) => self.auto_giveback = on,
+            OperatorCmd::AckAlarm(id) => self.ack_alarm(id),
         }
     }
 
@@ -3818,6 +3886,91 @@ mod tests {
         let cur = r.current.expect("the step it was in");
         assert_eq!(cur.step, Step::DrainInFlight);
         assert_eq!(r.finished_ms, Some(h.t));
+    }
+
+    /// An acknowledged alarm stays open while its condition holds, stays acknowledged across
+    /// repeats of the same condition, and is raised again (new id) when it clears and recurs.
+    #[test]
+    fn acknowledged_alarms_stay_visible_while_they_hold_and_return_when_they_recur() {
+        let mut h = H::booted(NodeId::A);
+        let entry = |h: &H, a: &Alarm| -> AlarmEntry {
+            h.n.status()
+                .alarms
+                .into_iter()
+                .rev()
+                .find(|e| e.alarm == *a)
+                .expect("in the history")
+        };
+        let lost = Alarm::MailboxAccessLost;
+        h.at(1_000, Event::MailboxRead(None));
+        let e = entry(&h, &lost);
+        assert!(e.open && e.acked_ms.is_none(), "{e:?}");
+        let first_id = e.id;
+        assert_eq!(h.n.unknown_alarm_ids(&[first_id, 99]), vec![99]);
+        // Acknowledged while it holds: still open, still listed as open.
+        h.at(
+            1_500,
+            Event::Operator(OperatorCmd::AckAlarm(Some(first_id))),
+        );
+        let e = entry(&h, &lost);
+        assert_eq!((e.open, e.acked_ms), (true, Some(1_500)));
+        assert_eq!(h.n.status().open_alarms, vec![lost.clone()]);
+        // Still unreadable: no new raise; the acknowledgement stands.
+        h.at(2_000, Event::MailboxRead(None));
+        assert_eq!(entry(&h, &lost).acked_ms, Some(1_500));
+        // It clears: no longer open, still acknowledged, same id.
+        h.at(
+            3_000,
+            Event::MailboxRead(Some(h.view(5, State::Normal, false))),
+        );
+        let e = entry(&h, &lost);
+        assert_eq!((e.id, e.open, e.acked_ms), (first_id, false, Some(1_500)));
+        assert!(h.n.status().open_alarms.is_empty());
+        // It comes back: raised again, not acknowledged, under a new id.
+        h.at(4_000, Event::MailboxRead(None));
+        let e = entry(&h, &lost);
+        assert!(e.open && e.acked_ms.is_none() && e.id > first_id, "{e:?}");
+        assert_eq!((e.first_ms, e.count), (4_000, 1));
+        assert_eq!(
+            h.n.unknown_alarm_ids(&[first_id]),
+            vec![first_id],
+            "old id gone"
+        );
+
+        // A step failing on every retry, acknowledged: later failures do not un-acknowledge
+        // it; --all takes every one not acknowledged.
+        h.at(
+            4_100,
+            Event::MailboxRead(Some(h.view(6, State::Normal, false))),
+        );
+        h.ev(Event::Operator(OperatorCmd::TakeoverOfWith {
+            node: NodeId::B,
+            countdown_ms: None,
+            immediate: true,
+        }));
+        h.done(Step::Fence);
+        let err = StepError::Failed("open: member 2: EIO".into());
+        let failed = Alarm::StepFailed {
+            step: Step::OpenPartnerAggregate,
+            error: err.clone(),
+        };
+        let fail = |h: &mut H, t: u64| {
+            h.at(
+                t,
+                Event::StepFailed {
+                    step: Step::OpenPartnerAggregate,
+                    error: err.clone(),
+                },
+            );
+            h.ev(Event::Tick);
+        };
+        fail(&mut h, 5_000);
+        h.at(5_100, Event::Operator(OperatorCmd::AckAlarm(None)));
+        assert!(h.n.status().alarms.iter().all(|e| e.acked_ms.is_some()));
+        fail(&mut h, 6_000);
+        fail(&mut h, 7_000);
+        let e = entry(&h, &failed);
+        assert_eq!((e.open, e.acked_ms, e.count), (true, Some(5_100), 3));
     }
 
     #[test]

@@ -334,6 +334,22 @@ fn dispatch(req: Request, sh: &Shared) -> Reply {
             }
         }
         Request::Watch => unreachable!("handled by serve"),
+        Request::AckAlarms { ids, all } => {
+            return match sh.ha.ack_alarms((!all).then_some(ids)) {
+                Ok(Ok(r)) => Reply::Acknowledged {
+                    acknowledged: r.acknowledged,
+                    already: r.already,
+                    status: Box::new(status_of(&r.snapshot, sh)),
+                },
+                Ok(Err(e)) => Reply::Error {
+                    kind: ErrorKind::UnknownAlarm,
+                    message: format!(
+                        "{e}; nothing acknowledged (`takeoverctl status` lists the alarms)"
+                    ),
+                },
+                Err(e) => call_error(e),
+            }
+        }
         Request::Takeover {
             of,
             countdown_ms,

@@ -198,6 +198,32 @@ pub struct OpReply {
     pub snapshot: HaSnapshot,
 }
 
+/// The answer to an alarm acknowledgement.
+#[derive(Debug, Clone)]
+pub struct AckReply {
+    /// Acknowledged by this request.
+    pub acknowledged: Vec<u64>,
+    /// Named, and acknowledged before.
+    pub already: Vec<u64>,
+    pub snapshot: HaSnapshot,
+}
+
+/// An acknowledgement naming ids the history does not hold: nothing was acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no alarm {} on {node} (its alarms: {})", list(unknown), if known.is_empty() { "none".to_string() } else { list(known) })]
+pub struct UnknownAlarms {
+    pub node: String,
+    pub unknown: Vec<u64>,
+    pub known: Vec<u64>,
+}
+
+fn list(ids: &[u64]) -> String {
+    ids.iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Inputs of the loop. Use [`HaHandle`] to send them.
 pub enum Input {
     /// A message from the partner.
@@ -212,6 +238,11 @@ pub enum Input {
     },
     /// A status snapshot.
     Status { reply: Sender<HaSnapshot> },
+    /// Acknowledge these alarms (None: every unacknowledged one).
+    AckAlarms {
+        ids: Option<Vec<u64>>,
+        reply: Sender<Result<AckReply, UnknownAlarms>>,
+    },
     /// Subscribe to snapshots on every change (the current one first).
     Watch { tx: SyncSender<HaSnapshot> },
     /// Our health.
@@ -347,6 +378,20 @@ impl HaHandle {
         })
     }
 
+    /// Acknowledge alarms `ids` (None: all). Unknown ids acknowledge nothing.
+    pub fn ack_alarms(
+        &self,
+        ids: Option<Vec<u64>>,
+    ) -> Result<Result<AckReply, UnknownAlarms>, HaCallError> {
+        let (reply, rx) = mpsc::channel();
+        self.try_send(Input::AckAlarms { ids, reply })?;
+        let limit = Duration::from_secs(5);
+        rx.recv_timeout(limit).map_err(|e| match e {
+            RecvTimeoutError::Timeout => HaCallError::Timeout(limit),
+            RecvTimeoutError::Disconnected => HaCallError::Closed,
+        })
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Result<HaSnapshot, HaCallError> {
         let (reply, rx) = mpsc::channel();
@@ -459,6 +504,7 @@ struct WatchKey {
     alarm: Option<(u64, u32)>,
     alarms: usize,
     open_alarms: usize,
+    acked_alarms: usize,
     last_takeover: Option<(u64, Option<u64>)>,
     last_giveback: Option<(u64, Option<u64>)>,
     serves: (bool, bool),
@@ -571,6 +617,10 @@ impl HaLoop {
             Input::Operator { req, opts, reply } => self.operator(req, opts, reply),
             Input::Status { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Input::AckAlarms { ids, reply } => {
+                let r = self.ack_alarms(ids);
+                let _ = reply.send(r);
             }
             Input::Watch { tx } => {
                 if self.watchers.len() >= MAX_WATCHERS {
@@ -739,6 +789,47 @@ impl HaLoop {
     }
 
     // ---- operator commands -------------------------------------------------------------
+
+    fn ack_alarms(&mut self, ids: Option<Vec<u64>>) -> Result<AckReply, UnknownAlarms> {
+        let history = self.node.status().alarms;
+        let (acknowledged, already) = match ids {
+            Some(mut ids) => {
+                ids.sort_unstable();
+                ids.dedup();
+                let unknown = self.node.unknown_alarm_ids(&ids);
+                if !unknown.is_empty() {
+                    return Err(UnknownAlarms {
+                        node: self.cfg.node_name.clone(),
+                        unknown,
+                        known: history.iter().map(|e| e.id).collect(),
+                    });
+                }
+                let (already, now): (Vec<u64>, Vec<u64>) = ids
+                    .into_iter()
+                    .partition(|i| history.iter().any(|e| e.id == *i && e.acked_ms.is_some()));
+                for id in &now {
+                    let a = self.feed(Event::Operator(OperatorCmd::AckAlarm(Some(*id))));
+                    self.settle(&a);
+                }
+                (now, already)
+            }
+            None => {
+                let now: Vec<u64> = history
+                    .iter()
+                    .filter(|e| e.acked_ms.is_none())
+                    .map(|e| e.id)
+                    .collect();
+                let a = self.feed(Event::Operator(OperatorCmd::AckAlarm(None)));
+                self.settle(&a);
+                (now, Vec::new())
+            }
+        };
+        Ok(AckReply {
+            acknowledged,
+            already,
+            snapshot: self.snapshot(),
+        })
+    }
 
     fn operator(&mut self, req: OpRequest, opts: OpOptions, reply: Sender<OpReply>) {
         let kind = request_kind(req);
@@ -993,6 +1084,7 @@ impl HaLoop {
             alarm: st.alarms.last().map(|e| (e.last_ms, e.count)),
             alarms: st.alarms.len(),
             open_alarms: st.open_alarms.len(),
+            acked_alarms: st.alarms.iter().filter(|e| e.acked_ms.is_some()).count(),
             last_takeover: st
                 .last_takeover
                 .as_ref()

@@ -122,6 +122,16 @@ fn operator_takeover_completes_then_giveback_completes() {
     assert_eq!(sim.state(NodeId::B), Some(State::Normal));
     assert_eq!(sim.ip_holder(NodeId::A), Some(NodeId::A));
     assert_eq!(sim.stats.givebacks, 1);
+    // The giveback finished once A served again (here B first hears of A's resume when it
+    // already serves).
+    let a = sim.node(NodeId::A).unwrap().status();
+    let gb = sim.node(NodeId::B).unwrap().status().last_giveback.unwrap();
+    assert!(
+        gb.finished_ms.unwrap() >= a.state_since_ms
+            && gb.partner_resume.as_ref().unwrap().abandoned.is_none(),
+        "A serving since {}: {gb:?}",
+        a.state_since_ms
+    );
     let acked = sim.stats.writes_acked;
     settle(&mut sim, 8_000);
     assert!(

@@ -983,8 +983,10 @@ impl PairStatus {
 }
 
 /// The one-line verdict: the truth at a glance. "OK" only when the partner is reachable on
-/// the interconnect, no alarm condition holds, both serve and the partner's log is mirrored;
-/// an unreachable partner and every open alarm are named after the state.
+/// the interconnect, no alarm condition holds (acknowledged or not), both serve and the
+/// partner's log is mirrored; an unreachable partner and every open alarm are named after the
+/// state (an acknowledged one marked so), then the count of cleared alarms the operator has
+/// not acknowledged.
 pub fn headline(s: &PairStatus) -> String {
     let me = &s.node;
     let p = &s.partner;

@@ -1425,6 +1425,81 @@ mod tests {
     }
 
     #[test]
+    fn checkpoint_records_say_which_records_a_cp_in_flight_writes() {
+        let (mut region, mut log) = fresh(1);
+        append_acked(&mut region, &mut log, 3, 100);
+        assert_eq!(scan(&region, &EXPECT).unwrap().checkpoint_in_flight(), None);
+        // A CP of 1..=3 starts (its record is seq 4), a write arrives meanwhile (seq 5).
+        assert_eq!(log.append_checkpoint(&mut region, 3).unwrap(), 4);
+        append_acked(&mut region, &mut log, 1, 100);
+        let r = scan(&region, &EXPECT).unwrap();
+        assert_eq!(r.checkpoints, vec![CheckpointRecord { seq: 4, upto: 3 }]);
+        assert_eq!(
+            seqs(&r),
+            vec![1, 2, 3, 5],
+            "a checkpoint record is no write"
+        );
+        assert_eq!(r.checkpoint_in_flight(), Some(3));
+        // The CP completes: its own record stays (seq 4 > 3) but names nothing in flight.
+        log.trim(&mut region, 3).unwrap();
+        log.trim_persisted();
+        let r = scan(&region, &EXPECT).unwrap();
+        assert_eq!(r.checkpoints.len(), 1);
+        assert_eq!(r.checkpoint_in_flight(), None);
+    }
+
+    #[test]
+    fn a_version_1_log_replays_and_may_have_had_a_cp_in_flight_anywhere() {
+        let (mut region, mut log) = fresh(1);
+        append_acked(&mut region, &mut log, 3, 100);
+        let mut h = RegionHeader::decode(region[..64].try_into().unwrap()).unwrap();
+        assert_eq!(h.version, LOG_VERSION);
+        h.version = 1;
+        region[..64].copy_from_slice(&h.encode());
+        let r = scan(&region, &EXPECT).unwrap();
+        assert_eq!(seqs(&r), vec![1, 2, 3]);
+        assert_eq!(
+            r.checkpoint_in_flight(),
+            Some(3),
+            "it does not say: all of it"
+        );
+        // A version this code does not know is refused, not guessed at.
+        h.version = LOG_VERSION + 1;
+        region[..64].copy_from_slice(&h.encode());
+        assert_eq!(
+            scan(&region, &EXPECT).unwrap_err(),
+            ReplayError::HeaderCorrupt(FormatError::BadVersion(LOG_VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn a_ring_full_of_client_records_still_takes_a_checkpoint_record() {
+        let (mut region, mut log) = fresh(1);
+        log.set_reserve(CHECKPOINT_RESERVE);
+        let mut n = 0;
+        loop {
+            match log.append(&mut region, 0, &[1; 300]) {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    assert!(e.is_full(), "{e:?}");
+                    break;
+                }
+            }
+        }
+        assert!(n > 10);
+        let c = log.commit();
+        log.mark_acked(c.last_seq).unwrap();
+        let seq = log.append_checkpoint(&mut region, c.last_seq).unwrap();
+        assert_eq!(seq, c.last_seq + 1);
+        assert!(log.append(&mut region, 0, &[1; 300]).unwrap_err().is_full());
+        log.commit();
+        assert_eq!(
+            scan(&region, &EXPECT).unwrap().checkpoint_in_flight(),
+            Some(c.last_seq)
+        );
+    }
+
+    #[test]
     fn row_empty() {
         let (region, _log) = fresh(1);
         let r = scan(&region, &EXPECT).unwrap();
@@ -1732,7 +1807,7 @@ mod tests {
         };
         assert_eq!(TrimSlot::decode(&s.encode()).unwrap(), s);
         let mut b = h.encode();
-        b[8] = 2;
+        b[8] ^= 4;
         assert!(matches!(
             RegionHeader::decode(&b),
             Err(FormatError::BadChecksum { .. })

@@ -128,25 +128,30 @@ pub enum JournalError {
     #[error("NVRAM log: {0}")]
     Log(String),
     /// The RAID write hole: see [`write_hole`].
-    #[error(
-        "aggregate {aggregate}: a consistency point was writing {stripes} partly written stripe(s) in place \
-         when the NVRAM log stopped, and member {member} ({path}) is missing: {bytes} bytes of it that \
-         no logged write covers cannot be rebuilt from those stripes' parity (it may be torn), first \
-         aggregate bytes {first_offset}..{first_end}; {when}. Refusing to replay rather than \
-         serve wrong data: bring the member back (a replay with every member present repairs \
-         the parity), or restore these ranges from a backup"
-    )]
-    WriteHole {
-        aggregate: String,
-        member: usize,
-        path: String,
-        stripes: usize,
-        bytes: u64,
-        first_offset: u64,
-        first_end: u64,
-        /// Whether the member was missing before replay or failed during it.
-        when: &'static str,
-    },
+    #[error(transparent)]
+    WriteHole(Box<WriteHoleError>),
+}
+
+/// A replay refused because of the RAID write hole (see [`write_hole`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "aggregate {aggregate}: a consistency point was writing {stripes} partly written stripe(s) in place \
+     when the NVRAM log stopped, and member {member} ({path}) is missing ({when}): {bytes} bytes of it \
+     that no logged write covers cannot be rebuilt from those stripes' parity (a crash may have torn \
+     it), first aggregate bytes {first_offset}..{first_end}. Refusing to replay rather than serve \
+     wrong data; the log is kept as it is. Those ranges need restoring from the member's disk or a \
+     backup"
+)]
+pub struct WriteHoleError {
+    pub aggregate: String,
+    pub member: usize,
+    pub path: String,
+    pub stripes: usize,
+    pub bytes: u64,
+    pub first_offset: u64,
+    pub first_end: u64,
+    /// Whether the member was missing before replay or failed during it.
+    pub when: &'static str,
 }
 
 /// Journal settings.
@@ -477,7 +482,7 @@ fn write_hole_check(
     let at = |s: u64, c: u64| s * geo.stripe_bytes() + f as u64 * geo.chunk_bytes + c;
     let mut stripes: Vec<u64> = hole.iter().map(|h| h.0).collect();
     stripes.dedup();
-    let e = JournalError::WriteHole {
+    let e = JournalError::WriteHole(Box::new(WriteHoleError {
         aggregate: agg.name().to_string(),
         member: f,
         path: agg.status().members.get(f).cloned().unwrap_or_default(),
@@ -486,7 +491,7 @@ fn write_hole_check(
         first_offset: at(stripe, lo),
         first_end: at(stripe, hi),
         when,
-    };
+    }));
     tracing::error!(aggregate = %agg.name(), member = f, stripes = stripes.len(), "{e}");
     Err(e)
 }
@@ -2341,6 +2346,53 @@ mod tests {
         });
     }
 
+    /// `write_hole` row by row: which blocks of a missing member a CP in flight leaves
+    /// unrecoverable.
+    #[test]
+    fn write_hole_names_unwritten_blocks_of_stripes_a_cp_in_flight_wrote_partly() {
+        use crate::core::nvlog::{scan, Expect, LogAppender};
+        let agg = uuid::Uuid::from_bytes([3; 16]);
+        let geo = Geometry::new(4, 4096, 4096 * 16).unwrap();
+        let sb = geo.stripe_bytes();
+        let mut region = vec![0u8; 1 << 16];
+        let mut log = LogAppender::format(&mut region, agg, 1, 9).unwrap();
+        let replay = |region: &[u8]| {
+            scan(
+                region,
+                &Expect {
+                    aggregate: agg,
+                    generation: 1,
+                },
+            )
+            .unwrap()
+        };
+        // Member 0, columns 0..1024 of stripe 0; a whole stripe 1; member 2, columns
+        // 2048..3072 of stripe 2.
+        log.append(&mut region, 0, &[1; 1024]).unwrap();
+        log.append(&mut region, sb, &vec![2; sb as usize]).unwrap();
+        log.append(&mut region, 2 * sb + 2 * 4096 + 2048, &[3; 1024])
+            .unwrap();
+        log.commit();
+        assert_eq!(
+            write_hole(&geo, 1, &replay(&region)),
+            vec![],
+            "no CP in flight"
+        );
+        log.append_checkpoint(&mut region, 3).unwrap();
+        // Written after the CP started: member 1, columns 512..1024 of stripe 0.
+        log.append(&mut region, 4096 + 512, &[4; 512]).unwrap();
+        log.commit();
+        let r = replay(&region);
+        assert_eq!(
+            write_hole(&geo, 1, &r),
+            vec![(0, 0, 512), (2, 2048, 3072)],
+            "what the log covers of member 1 replays from the log; the whole stripe is logged"
+        );
+        assert_eq!(write_hole(&geo, 0, &r), vec![(2, 2048, 3072)]);
+        assert_eq!(write_hole(&geo, 2, &r), vec![(0, 0, 1024)]);
+        assert_eq!(write_hole(&geo, 4, &r), vec![], "the parity member");
+    }
+
     /// Five loop devices with direct I/O over backing files in a directory of /var/tmp (4 data
     /// members and parity), detached on drop; their aggregate (64 KiB chunks) logs to an
     /// NVRAM file there.
@@ -2352,11 +2404,8 @@ mod tests {
     impl LoopRig {
         fn new() -> LoopRig {
             // SAFETY: geteuid has no preconditions.
-            assert_eq!(
-                unsafe { libc::geteuid() },
-                0,
-                "this test needs root (loop devices)"
-            );
+            let euid = unsafe { libc::geteuid() };
+            assert_eq!(euid, 0, "this test needs root (loop devices)");
             let dir = tempfile::tempdir_in("/var/tmp").unwrap();
             let mut rig = LoopRig {
                 devs: Vec::new(),
@@ -2508,15 +2557,16 @@ mod tests {
             Err(e) => {
                 let msg = e.to_string();
                 match e {
-                    JournalError::WriteHole {
-                        aggregate,
-                        member,
-                        stripes,
-                        bytes,
-                        first_offset,
-                        first_end,
-                        ..
-                    } => {
+                    JournalError::WriteHole(h) => {
+                        let WriteHoleError {
+                            aggregate,
+                            member,
+                            stripes,
+                            bytes,
+                            first_offset,
+                            first_end,
+                            ..
+                        } = *h;
                         assert_eq!(aggregate, "hole0");
                         assert_eq!((member, stripes, bytes), (1, 1, 8192));
                         // Member 1's first 8 KiB of stripe 3: the columns member 0's write changed.
@@ -2534,7 +2584,7 @@ mod tests {
                 let e = Journal::open(agg, rig.region(), slow_cp())
                     .err()
                     .expect("refuses again");
-                assert!(matches!(e, JournalError::WriteHole { .. }), "{e}");
+                assert!(matches!(e, JournalError::WriteHole(_)), "{e}");
             }
         }
     }

@@ -943,6 +943,10 @@ pub struct Replay {
     pub report: ReplayReport,
     /// Region offset just past the last record of the chain.
     pub tail_offset: usize,
+    /// Region offset where the chain starts (the trim slot's head).
+    pub head_offset: usize,
+    /// Ring bytes the chain occupies.
+    pub chain_bytes: usize,
 }
 
 impl Replay {
@@ -1188,7 +1192,52 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
         checkpoints,
         report,
         tail_offset,
+        head_offset: head as usize,
+        chain_bytes: walked,
     })
+}
+
+/// Before a replay writes the records of a scanned log to the members in place: append, right
+/// after the chain, a [`RecordKind::Checkpoint`] record naming all of them, so that a crash
+/// during the replay leaves a log that says so (see [`Replay::checkpoint_in_flight`]). Returns
+/// the bytes written (to be made durable before the replay writes), or `None` when there is
+/// nothing to replay or no room right at the tail (the ring is full, or only a pad would
+/// make room: the caller goes on without, and says so).
+pub fn append_replay_checkpoint(region: &mut [u8], replay: &Replay) -> Option<Range<usize>> {
+    let trimmed = replay.report.trimmed_seq;
+    let last = replay.report.last_seq;
+    if last <= trimmed || region.len() != replay.header.region_bytes as usize {
+        return None;
+    }
+    let footprint = record_footprint(CHECKPOINT_PAYLOAD);
+    let (tail, head, ring_end) = (replay.tail_offset, replay.head_offset, region.len());
+    let ring_bytes = ring_end - DATA_START;
+    let fits = if replay.chain_bytes >= ring_bytes {
+        false
+    } else if tail >= head {
+        tail + footprint <= ring_end
+    } else {
+        tail + footprint <= head
+    };
+    if !fits {
+        return None;
+    }
+    let payload = last.to_le_bytes();
+    let hdr = RecordHeader {
+        kind: RecordKind::Checkpoint,
+        acked_delta: 0,
+        seq: last + 1,
+        aggregate: replay.header.aggregate,
+        generation: replay.header.generation,
+        epoch: replay.header.epoch,
+        offset: 0,
+        length: CHECKPOINT_PAYLOAD as u32,
+    };
+    put(region, tail, &hdr.encode(&payload));
+    let body = tail + RecordHeader::BYTES;
+    region[body..body + CHECKPOINT_PAYLOAD].copy_from_slice(&payload);
+    region[body + CHECKPOINT_PAYLOAD..tail + footprint].fill(0);
+    Some(tail..tail + footprint)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -344,6 +344,16 @@ pub fn format_empty(region: &mut NvramRegion, aggregate: uuid::Uuid) -> Result<(
 /// column recomputed from the data (the write hole). Returns what was done; the region is left
 /// as it was (the caller formats it afresh).
 pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, JournalError> {
+    replay_marked(agg, region, None)
+}
+
+/// [`replay_region`] of a log to which [`mark_replay`] appended record `own_mark`: this
+/// replay's own Checkpoint record says nothing about the state the members were left in.
+fn replay_marked(
+    agg: &Aggregate,
+    region: &[u8],
+    own_mark: Option<u64>,
+) -> Result<ReplaySummary, JournalError> {
     let expect = Expect {
         aggregate: aggregate_uuid(agg),
         generation: LOG_GENERATION,
@@ -357,7 +367,8 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
             aggregate: agg.name().to_string(),
             source,
         }),
-        Ok(replay) => {
+        Ok(mut replay) => {
+            replay.checkpoints.retain(|c| Some(c.seq) != own_mark);
             let failed_before = agg.failed_member();
             if let Some(f) = failed_before {
                 write_hole_check(agg, f, &replay, "it was missing before the replay")?;
@@ -496,6 +507,33 @@ fn write_hole_check(
     Err(e)
 }
 
+/// A replay writes the log's stripes in place just as a CP does: say so in the log first, so
+/// that a crash during the replay followed by the loss of a member is refused like a crash
+/// during a CP (see [`write_hole`]). A log that does not scan is left to `replay_region`.
+/// Returns the seq of the record appended.
+fn mark_replay(agg: &Aggregate, region: &mut NvramRegion) -> Result<Option<u64>, JournalError> {
+    let expect = Expect {
+        aggregate: aggregate_uuid(agg),
+        generation: LOG_GENERATION,
+    };
+    let Ok(replay) = scan(region.bytes(), &expect) else {
+        return Ok(None);
+    };
+    if replay.report.last_seq <= replay.report.trimmed_seq {
+        return Ok(None);
+    }
+    match crate::core::nvlog::append_replay_checkpoint(region.bytes_mut(), &replay) {
+        Some(r) => {
+            region.persist(&[r])?;
+            Ok(Some(replay.report.last_seq + 1))
+        }
+        None => {
+            tracing::warn!(aggregate = %agg.name(), "no room in the NVRAM log to record that a replay starts: a crash during it followed by the loss of a member would go unnoticed");
+            Ok(None)
+        }
+    }
+}
+
 /// The cache's extents with seq <= `up_to`, merged into contiguous runs (copied out).
 fn runs_of(cache: &WriteCache, up_to: u64) -> Vec<(u64, Vec<u8>)> {
     let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -596,7 +634,8 @@ impl Journal {
         mut region: NvramRegion,
         cfg: JournalConfig,
     ) -> Result<(Arc<Journal>, ReplaySummary), JournalError> {
-        let summary = replay_region(&agg, region.bytes())?;
+        let own_mark = mark_replay(&agg, &mut region)?;
+        let summary = replay_marked(&agg, region.bytes(), own_mark)?;
         let epoch: u64 = rand::random();
         let mut app = LogAppender::format(
             region.bytes_mut(),
@@ -2525,8 +2564,6 @@ mod tests {
     fn a_torn_cp_then_a_lost_member_never_serves_unwritten_blocks_wrong() {
         let rig = LoopRig::new();
         let (j, agg, model) = old_stripe_then_small_write(&rig);
-        let geo = agg.geometry();
-        let sb = geo.stripe_bytes();
         // Crash in the middle of the CP: member 0's new data reaches its disk, the parity not.
         agg.tear_next_write.store(true, Ordering::SeqCst);
         let e = j.checkpoint().unwrap_err();
@@ -2536,6 +2573,38 @@ mod tests {
         rig.lose_member(1);
         let agg = rig.open();
         assert_eq!(agg.failed_member(), Some(1));
+        refused_or_right(&rig, &agg, &model);
+    }
+
+    /// A crash during the replay itself (its write of stripe 3 torn: member 0's data on disk,
+    /// the parity not), then the loss of member 1: the log says a replay was writing, so the
+    /// next replay refuses as after a torn CP.
+    #[test]
+    fn a_torn_replay_then_a_lost_member_never_serves_unwritten_blocks_wrong() {
+        let rig = LoopRig::new();
+        let (j, agg, model) = old_stripe_then_small_write(&rig);
+        // Crash, no CP running.
+        drop(j);
+        drop(agg);
+        let agg = rig.open();
+        agg.tear_next_write.store(true, Ordering::SeqCst);
+        let e = Journal::open(agg.clone(), rig.region(), slow_cp())
+            .err()
+            .expect("the replay was torn");
+        assert!(e.to_string().contains("torn"), "{e}");
+        drop(agg);
+        rig.lose_member(1);
+        let agg = rig.open();
+        assert_eq!(agg.failed_member(), Some(1));
+        refused_or_right(&rig, &agg, &model);
+    }
+
+    /// Open the journal of `agg` (member 1 missing, stripe 3 torn where member 0's 8 KiB write
+    /// went): either it refuses with the write hole, naming the aggregate and member 1's range,
+    /// and keeps refusing; or it serves, and then every byte is right.
+    fn refused_or_right(rig: &LoopRig, agg: &Arc<Aggregate>, model: &[u8]) {
+        let geo = agg.geometry();
+        let sb = geo.stripe_bytes();
         match Journal::open(agg.clone(), rig.region(), slow_cp()) {
             Ok(_) => {
                 // Only right if every byte is (a complete rebuild of the torn stripe).

@@ -1203,6 +1203,12 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
 /// the bytes written (to be made durable before the replay writes), or `None` when there is
 /// nothing to replay or no room right at the tail (the ring is full, or only a pad would
 /// make room: the caller goes on without, and says so).
+///
+/// What lay past the tail (a torn record, the rest of a torn group commit, older laps) was
+/// never acknowledged or is stale: the record overwrites the start of it, and the header slot
+/// after the record is zeroed, so that no record of a torn group commit that happens to
+/// start there continues the chain. The record is the new end of the chain; what a scan
+/// discards after it changes accordingly (the caller reports the first scan's counts).
 pub fn append_replay_checkpoint(region: &mut [u8], replay: &Replay) -> Option<Range<usize>> {
     let trimmed = replay.report.trimmed_seq;
     let last = replay.report.last_seq;
@@ -1210,14 +1216,16 @@ pub fn append_replay_checkpoint(region: &mut [u8], replay: &Replay) -> Option<Ra
         return None;
     }
     let footprint = record_footprint(CHECKPOINT_PAYLOAD);
+    // The record, then a zeroed header slot, both before the ring's end and the chain's head.
+    let span = footprint + RecordHeader::BYTES;
     let (tail, head, ring_end) = (replay.tail_offset, replay.head_offset, region.len());
     let ring_bytes = ring_end - DATA_START;
     let fits = if replay.chain_bytes >= ring_bytes {
         false
     } else if tail >= head {
-        tail + footprint <= ring_end
+        tail + span <= ring_end
     } else {
-        tail + footprint <= head
+        tail + span <= head
     };
     if !fits {
         return None;
@@ -1236,8 +1244,8 @@ pub fn append_replay_checkpoint(region: &mut [u8], replay: &Replay) -> Option<Ra
     put(region, tail, &hdr.encode(&payload));
     let body = tail + RecordHeader::BYTES;
     region[body..body + CHECKPOINT_PAYLOAD].copy_from_slice(&payload);
-    region[body + CHECKPOINT_PAYLOAD..tail + footprint].fill(0);
-    Some(tail..tail + footprint)
+    region[body + CHECKPOINT_PAYLOAD..tail + span].fill(0);
+    Some(tail..tail + span)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -347,12 +347,13 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
     replay_marked(agg, region, None)
 }
 
-/// [`replay_region`] of a log to which [`mark_replay`] appended record `own_mark`: this
-/// replay's own Checkpoint record says nothing about the state the members were left in.
+/// [`replay_region`] of a log to which [`mark_replay`] appended a Checkpoint record: `(its
+/// seq, the report of the scan before)`. That record says nothing about the state the members
+/// were left in, and what is reported is what the log held before it.
 fn replay_marked(
     agg: &Aggregate,
     region: &[u8],
-    own_mark: Option<u64>,
+    own_mark: Option<(u64, ReplayReport)>,
 ) -> Result<ReplaySummary, JournalError> {
     let expect = Expect {
         aggregate: aggregate_uuid(agg),
@@ -368,7 +369,10 @@ fn replay_marked(
             source,
         }),
         Ok(mut replay) => {
-            replay.checkpoints.retain(|c| Some(c.seq) != own_mark);
+            if let Some((seq, report)) = own_mark {
+                replay.checkpoints.retain(|c| c.seq != seq);
+                replay.report = report;
+            }
             let failed_before = agg.failed_member();
             if let Some(f) = failed_before {
                 write_hole_check(agg, f, &replay, "it was missing before the replay")?;
@@ -510,8 +514,11 @@ fn write_hole_check(
 /// A replay writes the log's stripes in place just as a CP does: say so in the log first, so
 /// that a crash during the replay followed by the loss of a member is refused like a crash
 /// during a CP (see [`write_hole`]). A log that does not scan is left to `replay_region`.
-/// Returns the seq of the record appended.
-fn mark_replay(agg: &Aggregate, region: &mut NvramRegion) -> Result<Option<u64>, JournalError> {
+/// Returns the seq of the record appended and the report of the scan before.
+fn mark_replay(
+    agg: &Aggregate,
+    region: &mut NvramRegion,
+) -> Result<Option<(u64, ReplayReport)>, JournalError> {
     let expect = Expect {
         aggregate: aggregate_uuid(agg),
         generation: LOG_GENERATION,
@@ -525,7 +532,7 @@ fn mark_replay(agg: &Aggregate, region: &mut NvramRegion) -> Result<Option<u64>,
     match crate::core::nvlog::append_replay_checkpoint(region.bytes_mut(), &replay) {
         Some(r) => {
             region.persist(&[r])?;
-            Ok(Some(replay.report.last_seq + 1))
+            Ok(Some((replay.report.last_seq + 1, replay.report)))
         }
         None => {
             tracing::warn!(aggregate = %agg.name(), "no room in the NVRAM log to record that a replay starts: a crash during it followed by the loss of a member would go unnoticed");

@@ -1506,6 +1506,48 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_checkpoint_ends_the_chain_even_over_a_torn_group_commit() {
+        let (mut region, mut log) = fresh(1);
+        append_acked(&mut region, &mut log, 3, 100);
+        // A torn group commit: record 4 (a checkpoint record's size) torn, record 5 valid
+        // right behind it, never acknowledged.
+        append_unacked(&mut region, &mut log, 2, 64);
+        log.commit();
+        let at4 = record_at(&region, 4);
+        region[at4 + RecordHeader::BYTES] ^= 1;
+        let before = scan(&region, &EXPECT).unwrap();
+        assert_eq!(seqs(&before), vec![1, 2, 3]);
+        assert_eq!(
+            (
+                before.report.discarded_torn,
+                before.report.discarded_unacked
+            ),
+            (1, 1)
+        );
+        let r = append_replay_checkpoint(&mut region, &before).unwrap();
+        assert_eq!(r.start, at4);
+        let after = scan(&region, &EXPECT).unwrap();
+        assert_eq!(
+            seqs(&after),
+            vec![1, 2, 3],
+            "record 5 does not join the chain"
+        );
+        assert_eq!(
+            after.checkpoints,
+            vec![CheckpointRecord { seq: 4, upto: 3 }]
+        );
+        assert_eq!(after.checkpoint_in_flight(), Some(3));
+        assert_eq!(
+            after.report.discarded_unacked, 0,
+            "its header slot was zeroed: it is gone"
+        );
+        // Nothing to replay: nothing to mark.
+        let (mut empty, _log) = fresh(2);
+        let r = scan(&empty, &EXPECT).unwrap();
+        assert_eq!(append_replay_checkpoint(&mut empty, &r), None);
+    }
+
+    #[test]
     fn a_version_1_log_replays_and_may_have_had_a_cp_in_flight_anywhere() {
         let (mut region, mut log) = fresh(1);
         append_acked(&mut region, &mut log, 3, 100);

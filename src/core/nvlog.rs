@@ -60,8 +60,11 @@ pub const REGION_MAGIC: [u8; 8] = *b"HAPNVLG1";
 pub const TRIM_MAGIC: [u8; 8] = *b"HAPNVTRM";
 /// Magic at the start of each record header (bytes `NVR1` read little-endian).
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"NVR1");
-/// Format version this code writes and reads.
-pub const LOG_VERSION: u32 = 1;
+/// Format version this code writes. Version 2 added [`RecordKind::Checkpoint`]; version 1
+/// logs (which never hold one) are still read: see [`Replay::checkpoint_in_flight`].
+pub const LOG_VERSION: u32 = 2;
+/// Oldest format version this code reads.
+pub const LOG_VERSION_MIN: u32 = 1;
 /// Byte offsets of the two trim slots.
 pub const TRIM_SLOT_OFFSETS: [usize; 2] = [64, 128];
 /// Where the record ring starts: a page, so records never share a page with the header.
@@ -76,7 +79,7 @@ pub const MIN_RING_BYTES: usize = 4096;
 /// | bytes | field | meaning |
 /// | --- | --- | --- |
 /// | 0..8 | magic | [`REGION_MAGIC`] |
-/// | 8..12 | version | [`LOG_VERSION`] |
+/// | 8..12 | version | [`LOG_VERSION`] (written); [`LOG_VERSION_MIN`]..=[`LOG_VERSION`] read |
 /// | 12..16 | reserved | zero |
 /// | 16..32 | aggregate | UUID of the aggregate whose writes this log holds |
 /// | 32..40 | generation | the aggregate's generation (from its label); records of another generation do not apply |
@@ -86,6 +89,8 @@ pub const MIN_RING_BYTES: usize = 4096;
 /// | 60..64 | crc | crc32c of bytes 0..60 |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegionHeader {
+    /// Format version the log was written in.
+    pub version: u32,
     pub aggregate: Uuid,
     pub generation: u64,
     pub region_bytes: u64,
@@ -125,10 +130,23 @@ pub enum RecordKind {
     /// those stripes (their write may have been torn) and knows no older record of the log
     /// covers them.
     Stripes = 3,
+    /// A consistency point is about to write every record up to the seq in the 8-byte
+    /// little-endian payload (and past the trim slot's `trimmed_seq`) to the members in place.
+    /// Made durable (and mirrored) before the first member write of that CP, so that replay
+    /// knows which stripes a crash may have left with parity that disagrees with their data:
+    /// with a member missing, a block of such a stripe that nobody wrote cannot be rebuilt
+    /// from that parity. (Format version 2 on.)
+    Checkpoint = 4,
 }
 
 /// Payload bytes of a [`RecordKind::Stripes`] record.
 pub const STRIPES_PAYLOAD: usize = 8;
+/// Payload bytes of a [`RecordKind::Checkpoint`] record.
+pub const CHECKPOINT_PAYLOAD: usize = 8;
+/// Ring bytes that client records ([`LogAppender::append`], [`LogAppender::append_stripes`])
+/// leave free once [`LogAppender::set_reserve`] asked for it: room for the
+/// [`RecordKind::Checkpoint`] record of the CP that frees the ring when it is full.
+pub const CHECKPOINT_RESERVE: usize = 2 * (RecordHeader::BYTES + RECORD_ALIGN);
 
 /// A record header, 64 bytes, little-endian, followed by `length` payload bytes and zero
 /// padding up to [`RECORD_ALIGN`]:
@@ -234,7 +252,7 @@ impl RegionHeader {
     pub fn encode(&self) -> [u8; 64] {
         let mut b = [0u8; 64];
         put(&mut b, 0, &REGION_MAGIC);
-        put(&mut b, 8, &LOG_VERSION.to_le_bytes());
+        put(&mut b, 8, &self.version.to_le_bytes());
         put(&mut b, 16, self.aggregate.as_bytes());
         put(&mut b, 32, &self.generation.to_le_bytes());
         put(&mut b, 40, &self.region_bytes.to_le_bytes());
@@ -251,13 +269,14 @@ impl RegionHeader {
         }
         check_crc(b)?;
         let version = get_u32(b, 8);
-        if version != LOG_VERSION {
+        if !(LOG_VERSION_MIN..=LOG_VERSION).contains(&version) {
             return Err(FormatError::BadVersion(version));
         }
         if b[12..16].iter().chain(&b[56..60]).any(|&x| x != 0) {
             return Err(FormatError::ReservedNotZero);
         }
         Ok(RegionHeader {
+            version,
             aggregate: get_uuid(b, 16),
             generation: get_u64(b, 32),
             region_bytes: get_u64(b, 40),
@@ -351,12 +370,14 @@ fn parse_record(region: &[u8], pos: usize, ring_end: usize) -> Parsed {
         1 => RecordKind::Write,
         2 => RecordKind::Pad,
         3 => RecordKind::Stripes,
+        4 => RecordKind::Checkpoint,
         _ => return Parsed::Torn,
     };
     let length = get_u32(b, 56);
     if b[5] != 0
         || (kind == RecordKind::Pad && length != 0)
         || (kind == RecordKind::Stripes && length as usize != STRIPES_PAYLOAD)
+        || (kind == RecordKind::Checkpoint && length as usize != CHECKPOINT_PAYLOAD)
     {
         return Parsed::Torn;
     }
@@ -468,6 +489,8 @@ pub struct LogAppender {
     /// until [`LogAppender::trim_persisted`]: were it reused first, a crash could leave the old
     /// trim slot pointing into newer records.
     pending_trim: Option<(usize, usize)>,
+    /// Bytes client records leave free (see [`CHECKPOINT_RESERVE`]).
+    reserve: usize,
 }
 
 impl LogAppender {
@@ -482,6 +505,7 @@ impl LogAppender {
     ) -> Result<LogAppender, FormatError> {
         check_region_size(region.len())?;
         let header = RegionHeader {
+            version: LOG_VERSION,
             aggregate,
             generation,
             region_bytes: region.len() as u64,
@@ -510,6 +534,7 @@ impl LogAppender {
             live: VecDeque::new(),
             dirty: std::iter::once(0..DATA_START).collect(),
             pending_trim: None,
+            reserve: 0,
         })
     }
 
@@ -536,10 +561,17 @@ impl LogAppender {
     pub fn trimmed_seq(&self) -> u64 {
         self.trimmed_seq
     }
-    /// Largest payload one record can carry in this ring.
+    /// Largest payload one client record can carry in this ring.
     pub fn max_payload(&self) -> usize {
-        // Leave room for a pad so the record fits after any wrap.
-        self.ring_bytes() - 2 * RecordHeader::BYTES
+        // Leave room for a pad so the record fits after any wrap, and the reserve.
+        self.ring_bytes() - 2 * RecordHeader::BYTES - self.reserve
+    }
+
+    /// From now on client records leave `bytes` of the ring free for
+    /// [`append_checkpoint`](Self::append_checkpoint) (0: none, the default). At most a
+    /// quarter of the ring.
+    pub fn set_reserve(&mut self, bytes: usize) {
+        self.reserve = bytes.min(self.ring_bytes() / 4);
     }
 
     fn check_region(&self, region: &[u8]) -> Result<(), (usize, usize)> {
@@ -591,7 +623,9 @@ impl LogAppender {
             length: data.len() as u32,
         };
         let footprint = match kind {
-            RecordKind::Write | RecordKind::Stripes => record_footprint(data.len()),
+            RecordKind::Write | RecordKind::Stripes | RecordKind::Checkpoint => {
+                record_footprint(data.len())
+            }
             RecordKind::Pad => self.ring_end() - at,
         };
         put(region, at, &hdr.encode(data));
@@ -654,6 +688,12 @@ impl LogAppender {
         self.append_kind(region, RecordKind::Stripes, offset, &len.to_le_bytes())
     }
 
+    /// Append a [`RecordKind::Checkpoint`] record: a CP is about to write every record up to
+    /// `upto` to the members in place. It may use the ring's reserve.
+    pub fn append_checkpoint(&mut self, region: &mut [u8], upto: u64) -> Result<u64, AppendError> {
+        self.append_kind(region, RecordKind::Checkpoint, 0, &upto.to_le_bytes())
+    }
+
     fn append_kind(
         &mut self,
         region: &mut [u8],
@@ -670,9 +710,15 @@ impl LogAppender {
             });
         }
         let footprint = record_footprint(data.len());
-        let Some((pad_at, at)) = self.place(footprint) else {
+        // Client records keep the reserve free behind them: the CP that makes room in a full
+        // ring needs to log that it starts.
+        let reserve = match kind {
+            RecordKind::Checkpoint => 0,
+            _ => self.reserve,
+        };
+        let Some((pad_at, at)) = self.place(footprint + reserve) else {
             return Err(AppendError::Full {
-                needed_bytes: footprint,
+                needed_bytes: footprint + reserve,
                 free_bytes: self.free_bytes(),
             });
         };
@@ -858,6 +904,14 @@ pub struct StripesRecord {
     pub len: u64,
 }
 
+/// A [`RecordKind::Checkpoint`] record of the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRecord {
+    pub seq: u64,
+    /// The CP was writing every record up to this seq.
+    pub upto: u64,
+}
+
 /// Counts of everything replay looked at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -884,12 +938,34 @@ pub struct Replay {
     pub records: Vec<ReplayRecord>,
     /// Whole stripes written to the members directly, whose parity replay recomputes.
     pub stripes: Vec<StripesRecord>,
+    /// Consistency points that started writing the log to the members.
+    pub checkpoints: Vec<CheckpointRecord>,
     pub report: ReplayReport,
     /// Region offset just past the last record of the chain.
     pub tail_offset: usize,
+    /// Region offset where the chain starts (the trim slot's head).
+    pub head_offset: usize,
+    /// Ring bytes the chain occupies.
+    pub chain_bytes: usize,
 }
 
 impl Replay {
+    /// Was a consistency point writing records of this log to the members in place when it
+    /// stopped? `Some(upto)`: the records with seq in `(report.trimmed_seq, upto]` may have
+    /// been, so the stripes they touch may hold parity that disagrees with their data. A log
+    /// of format version 1 does not say: every record of it may have been.
+    pub fn checkpoint_in_flight(&self) -> Option<u64> {
+        let trimmed = self.report.trimmed_seq;
+        if self.header.version < 2 {
+            return (self.report.last_seq > trimmed).then_some(self.report.last_seq);
+        }
+        self.checkpoints
+            .iter()
+            .map(|c| c.upto)
+            .filter(|&u| u > trimmed)
+            .max()
+    }
+
     /// Payload bytes of a record.
     pub fn payload<'a>(&self, region: &'a [u8], r: &ReplayRecord) -> &'a [u8] {
         &region[r.payload.clone()]
@@ -966,6 +1042,7 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
     };
     let mut records = Vec::new();
     let mut stripes = Vec::new();
+    let mut checkpoints = Vec::new();
     let mut pos = head as usize;
     let mut walked = 0usize;
     let mut expected = slot.trimmed_seq + 1;
@@ -1040,6 +1117,16 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
                         });
                         record_footprint(h.length as usize)
                     }
+                    RecordKind::Checkpoint => {
+                        let body = pos + RecordHeader::BYTES;
+                        let mut upto = [0u8; CHECKPOINT_PAYLOAD];
+                        upto.copy_from_slice(&region[body..body + CHECKPOINT_PAYLOAD]);
+                        checkpoints.push(CheckpointRecord {
+                            seq: h.seq,
+                            upto: u64::from_le_bytes(upto),
+                        });
+                        record_footprint(h.length as usize)
+                    }
                 };
                 walked += footprint;
                 pos += footprint;
@@ -1081,7 +1168,7 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
                     }
                     match h.kind {
                         RecordKind::Pad => ring_end - q,
-                        RecordKind::Write | RecordKind::Stripes => {
+                        RecordKind::Write | RecordKind::Stripes | RecordKind::Checkpoint => {
                             record_footprint(h.length as usize)
                         }
                     }
@@ -1102,9 +1189,63 @@ pub fn scan(region: &[u8], expect: &Expect) -> Result<Replay, ReplayError> {
         header,
         records,
         stripes,
+        checkpoints,
         report,
         tail_offset,
+        head_offset: head as usize,
+        chain_bytes: walked,
     })
+}
+
+/// Before a replay writes the records of a scanned log to the members in place: append, right
+/// after the chain, a [`RecordKind::Checkpoint`] record naming all of them, so that a crash
+/// during the replay leaves a log that says so (see [`Replay::checkpoint_in_flight`]). Returns
+/// the bytes written (to be made durable before the replay writes), or `None` when there is
+/// nothing to replay or no room right at the tail (the ring is full, or only a pad would
+/// make room: the caller goes on without, and says so).
+///
+/// What lay past the tail (a torn record, the rest of a torn group commit, older laps) was
+/// never acknowledged or is stale: the record overwrites the start of it, and the header slot
+/// after the record is zeroed, so that no record of a torn group commit that happens to
+/// start there continues the chain. The record is the new end of the chain; what a scan
+/// discards after it changes accordingly (the caller reports the first scan's counts).
+pub fn append_replay_checkpoint(region: &mut [u8], replay: &Replay) -> Option<Range<usize>> {
+    let trimmed = replay.report.trimmed_seq;
+    let last = replay.report.last_seq;
+    if last <= trimmed || region.len() != replay.header.region_bytes as usize {
+        return None;
+    }
+    let footprint = record_footprint(CHECKPOINT_PAYLOAD);
+    // The record, then a zeroed header slot, both before the ring's end and the chain's head.
+    let span = footprint + RecordHeader::BYTES;
+    let (tail, head, ring_end) = (replay.tail_offset, replay.head_offset, region.len());
+    let ring_bytes = ring_end - DATA_START;
+    let fits = if replay.chain_bytes >= ring_bytes {
+        false
+    } else if tail >= head {
+        tail + span <= ring_end
+    } else {
+        tail + span <= head
+    };
+    if !fits {
+        return None;
+    }
+    let payload = last.to_le_bytes();
+    let hdr = RecordHeader {
+        kind: RecordKind::Checkpoint,
+        acked_delta: 0,
+        seq: last + 1,
+        aggregate: replay.header.aggregate,
+        generation: replay.header.generation,
+        epoch: replay.header.epoch,
+        offset: 0,
+        length: CHECKPOINT_PAYLOAD as u32,
+    };
+    put(region, tail, &hdr.encode(&payload));
+    let body = tail + RecordHeader::BYTES;
+    region[body..body + CHECKPOINT_PAYLOAD].copy_from_slice(&payload);
+    region[body + CHECKPOINT_PAYLOAD..tail + span].fill(0);
+    Some(tail..tail + span)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1338,6 +1479,123 @@ mod tests {
 
     fn seqs(r: &Replay) -> Vec<u64> {
         r.records.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn checkpoint_records_say_which_records_a_cp_in_flight_writes() {
+        let (mut region, mut log) = fresh(1);
+        append_acked(&mut region, &mut log, 3, 100);
+        assert_eq!(scan(&region, &EXPECT).unwrap().checkpoint_in_flight(), None);
+        // A CP of 1..=3 starts (its record is seq 4), a write arrives meanwhile (seq 5).
+        assert_eq!(log.append_checkpoint(&mut region, 3).unwrap(), 4);
+        append_acked(&mut region, &mut log, 1, 100);
+        let r = scan(&region, &EXPECT).unwrap();
+        assert_eq!(r.checkpoints, vec![CheckpointRecord { seq: 4, upto: 3 }]);
+        assert_eq!(
+            seqs(&r),
+            vec![1, 2, 3, 5],
+            "a checkpoint record is no write"
+        );
+        assert_eq!(r.checkpoint_in_flight(), Some(3));
+        // The CP completes: its own record stays (seq 4 > 3) but names nothing in flight.
+        log.trim(&mut region, 3).unwrap();
+        log.trim_persisted();
+        let r = scan(&region, &EXPECT).unwrap();
+        assert_eq!(r.checkpoints.len(), 1);
+        assert_eq!(r.checkpoint_in_flight(), None);
+    }
+
+    #[test]
+    fn a_replay_checkpoint_ends_the_chain_even_over_a_torn_group_commit() {
+        let (mut region, mut log) = fresh(1);
+        append_acked(&mut region, &mut log, 3, 100);
+        // A torn group commit: record 4 (a checkpoint record's size) torn, record 5 valid
+        // right behind it, never acknowledged.
+        append_unacked(&mut region, &mut log, 2, 64);
+        log.commit();
+        let at4 = record_at(&region, 4);
+        region[at4 + RecordHeader::BYTES] ^= 1;
+        let before = scan(&region, &EXPECT).unwrap();
+        assert_eq!(seqs(&before), vec![1, 2, 3]);
+        assert_eq!(
+            (
+                before.report.discarded_torn,
+                before.report.discarded_unacked
+            ),
+            (1, 1)
+        );
+        let r = append_replay_checkpoint(&mut region, &before).unwrap();
+        assert_eq!(r.start, at4);
+        let after = scan(&region, &EXPECT).unwrap();
+        assert_eq!(
+            seqs(&after),
+            vec![1, 2, 3],
+            "record 5 does not join the chain"
+        );
+        assert_eq!(
+            after.checkpoints,
+            vec![CheckpointRecord { seq: 4, upto: 3 }]
+        );
+        assert_eq!(after.checkpoint_in_flight(), Some(3));
+        assert_eq!(
+            after.report.discarded_unacked, 0,
+            "its header slot was zeroed: it is gone"
+        );
+        // Nothing to replay: nothing to mark.
+        let (mut empty, _log) = fresh(2);
+        let r = scan(&empty, &EXPECT).unwrap();
+        assert_eq!(append_replay_checkpoint(&mut empty, &r), None);
+    }
+
+    #[test]
+    fn a_version_1_log_replays_and_may_have_had_a_cp_in_flight_anywhere() {
+        let (mut region, mut log) = fresh(1);
+        append_acked(&mut region, &mut log, 3, 100);
+        let mut h = RegionHeader::decode(region[..64].try_into().unwrap()).unwrap();
+        assert_eq!(h.version, LOG_VERSION);
+        h.version = 1;
+        region[..64].copy_from_slice(&h.encode());
+        let r = scan(&region, &EXPECT).unwrap();
+        assert_eq!(seqs(&r), vec![1, 2, 3]);
+        assert_eq!(
+            r.checkpoint_in_flight(),
+            Some(3),
+            "it does not say: all of it"
+        );
+        // A version this code does not know is refused, not guessed at.
+        h.version = LOG_VERSION + 1;
+        region[..64].copy_from_slice(&h.encode());
+        assert_eq!(
+            scan(&region, &EXPECT).unwrap_err(),
+            ReplayError::HeaderCorrupt(FormatError::BadVersion(LOG_VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn a_ring_full_of_client_records_still_takes_a_checkpoint_record() {
+        let (mut region, mut log) = fresh(1);
+        log.set_reserve(CHECKPOINT_RESERVE);
+        let mut n = 0;
+        loop {
+            match log.append(&mut region, 0, &[1; 300]) {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    assert!(e.is_full(), "{e:?}");
+                    break;
+                }
+            }
+        }
+        assert!(n > 10);
+        let c = log.commit();
+        log.mark_acked(c.last_seq).unwrap();
+        let seq = log.append_checkpoint(&mut region, c.last_seq).unwrap();
+        assert_eq!(seq, c.last_seq + 1);
+        assert!(log.append(&mut region, 0, &[1; 300]).unwrap_err().is_full());
+        log.commit();
+        assert_eq!(
+            scan(&region, &EXPECT).unwrap().checkpoint_in_flight(),
+            Some(c.last_seq)
+        );
     }
 
     #[test]
@@ -1633,6 +1891,7 @@ mod tests {
     #[test]
     fn header_and_slot_round_trip() {
         let h = RegionHeader {
+            version: LOG_VERSION,
             aggregate: AGG,
             generation: 3,
             region_bytes: 1 << 20,
@@ -1647,7 +1906,7 @@ mod tests {
         };
         assert_eq!(TrimSlot::decode(&s.encode()).unwrap(), s);
         let mut b = h.encode();
-        b[8] = 2;
+        b[8] ^= 4;
         assert!(matches!(
             RegionHeader::decode(&b),
             Err(FormatError::BadChecksum { .. })

@@ -167,6 +167,10 @@ pub struct Aggregate {
     halted: AtomicBool,
     /// Member I/O batches started and not yet completed (what a halt waits for).
     in_flight: AtomicUsize,
+    /// Unit tests: the next write round writes its data but not its parity, then the
+    /// aggregate halts: a crash in the middle of a stripe write (the RAID write hole).
+    #[cfg(test)]
+    pub(crate) tear_next_write: AtomicBool,
 }
 
 /// Told that this node was fenced off the aggregate's disks (see [`Aggregate::set_on_fenced`]).
@@ -504,6 +508,8 @@ impl Aggregate {
             on_fenced: Mutex::new(None),
             halted: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            #[cfg(test)]
+            tear_next_write: AtomicBool::new(false),
         };
         if failure_is_new {
             tracing::error!(aggregate = %agg.name, member = ?failed_member, "member unusable at assembly: serving degraded");
@@ -1364,6 +1370,19 @@ impl Aggregate {
                         offset: self.moff(stripe, col),
                         buf: OpBuf::Write(&windows[wi][..]),
                         dsync: fua,
+                    });
+                }
+                #[cfg(test)]
+                if self.tear_next_write.swap(false, Ordering::SeqCst) {
+                    ops.retain(|op| op.member != par);
+                    self.run_batch(engine, &mut ops);
+                    self.halt(
+                        "test: crash after the data writes of a stripe, before its parity",
+                        Duration::from_secs(5),
+                    );
+                    return Err(AggregateError::Offline {
+                        name: self.name.clone(),
+                        why: "test: torn stripe write".into(),
                     });
                 }
                 if !self.run_batch(engine, &mut ops) {

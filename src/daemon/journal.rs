@@ -10,7 +10,10 @@
 //! `trims` counter (a seqlock) and read again.
 
 use crate::core::interconnect::{LogRecords, LogSegment, MAX_SEGMENTS};
-use crate::core::nvlog::{scan, Expect, LogAppender, ReplayError, ReplayReport, WriteCache};
+use crate::core::nvlog::{
+    scan, Expect, LogAppender, Replay, ReplayError, ReplayReport, WriteCache, CHECKPOINT_RESERVE,
+};
+use crate::core::raid4::Geometry;
 use crate::daemon::aggregate::{Aggregate, AggregateError};
 use crate::daemon::backend::{Backend, BackendError, BlockSizes};
 use crate::io::buf::IoBuf;
@@ -124,6 +127,31 @@ pub enum JournalError {
     Aggregate(#[from] AggregateError),
     #[error("NVRAM log: {0}")]
     Log(String),
+    /// The RAID write hole: see [`write_hole`].
+    #[error(transparent)]
+    WriteHole(Box<WriteHoleError>),
+}
+
+/// A replay refused because of the RAID write hole (see [`write_hole`]).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "aggregate {aggregate}: a consistency point was writing {stripes} partly written stripe(s) in place \
+     when the NVRAM log stopped, and member {member} ({path}) is missing ({when}): {bytes} bytes of it \
+     that no logged write covers cannot be rebuilt from those stripes' parity (a crash may have torn \
+     it), first aggregate bytes {first_offset}..{first_end}. Refusing to replay rather than serve \
+     wrong data; the log is kept as it is. Those ranges need restoring from the member's disk or a \
+     backup"
+)]
+pub struct WriteHoleError {
+    pub aggregate: String,
+    pub member: usize,
+    pub path: String,
+    pub stripes: usize,
+    pub bytes: u64,
+    pub first_offset: u64,
+    pub first_end: u64,
+    /// Whether the member was missing before replay or failed during it.
+    pub when: &'static str,
 }
 
 /// Journal settings.
@@ -226,6 +254,9 @@ struct Inner {
     /// and no later commit may say they are (it would acknowledge them). Every write not yet
     /// durable fails from then on.
     log_failed: Option<String>,
+    /// The highest `upto` a durable Checkpoint record of this log names: a CP up to there
+    /// needs no record of its own.
+    cp_logged_upto: u64,
     /// Trim slots written by CPs that the partner's mirror has not been sent yet: they go in
     /// the next commit that carries new records (whose acknowledgement then proves the
     /// partner has them, together with the records that reuse the trimmed space).
@@ -313,6 +344,17 @@ pub fn format_empty(region: &mut NvramRegion, aggregate: uuid::Uuid) -> Result<(
 /// column recomputed from the data (the write hole). Returns what was done; the region is left
 /// as it was (the caller formats it afresh).
 pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, JournalError> {
+    replay_marked(agg, region, None)
+}
+
+/// [`replay_region`] of a log to which [`mark_replay`] appended a Checkpoint record: `(its
+/// seq, the report of the scan before)`. That record says nothing about the state the members
+/// were left in, and what is reported is what the log held before it.
+fn replay_marked(
+    agg: &Aggregate,
+    region: &[u8],
+    own_mark: Option<(u64, ReplayReport)>,
+) -> Result<ReplaySummary, JournalError> {
     let expect = Expect {
         aggregate: aggregate_uuid(agg),
         generation: LOG_GENERATION,
@@ -326,7 +368,15 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
             aggregate: agg.name().to_string(),
             source,
         }),
-        Ok(replay) => {
+        Ok(mut replay) => {
+            if let Some((seq, report)) = own_mark {
+                replay.checkpoints.retain(|c| c.seq != seq);
+                replay.report = report;
+            }
+            let failed_before = agg.failed_member();
+            if let Some(f) = failed_before {
+                write_hole_check(agg, f, &replay, "it was missing before the replay")?;
+            }
             let cache = WriteCache::from_replay(region, &replay);
             // Directly written stripes first (their write may have been torn: recompute parity
             // from their data), then the logged writes, which are all newer than them.
@@ -335,14 +385,158 @@ pub fn replay_region(agg: &Aggregate, region: &[u8]) -> Result<ReplaySummary, Jo
             }
             let runs = runs_of(&cache, u64::MAX);
             let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
-            write_runs_parallel(agg, &runs, true, CP_WRITERS_MAX)?;
-            agg.flush()?;
+            let written =
+                write_runs_parallel(agg, &runs, true, CP_WRITERS_MAX).and_then(|()| agg.flush());
+            // A member that failed during the replay: its blocks of the stripes the CP was
+            // writing were rebuilt from parity the replay had not repaired yet.
+            if let Some(f) = agg.failed_member().filter(|_| failed_before.is_none()) {
+                write_hole_check(agg, f, &replay, "it failed during the replay")?;
+            }
+            written?;
             let mut s = ReplaySummary::from_report(&replay.report, bytes);
             s.resynced_stripe_records = replay.stripes.len() as u64;
             tracing::info!(aggregate = %agg.name(), replayed = s.replayed_records, bytes, discarded_torn = s.discarded_torn,
                 discarded_unacked = s.discarded_unacked, stale = s.stale_ignored,
                 resynced_stripe_records = s.resynced_stripe_records, "NVRAM log replayed");
             Ok(s)
+        }
+    }
+}
+
+/// The RAID write hole. A consistency point writes partial stripes in place: new data and new
+/// parity on several members, not atomically. A crash in between leaves parity that may match
+/// neither the old nor the new data at the columns written. Replay with every member present
+/// rewrites the logged data and recomputes that parity from the data, which repairs it. With a
+/// data member missing, its blocks are rebuilt from parity: a block the log covers is rewritten
+/// from the log, but a block of such a column that no logged write covers (data written long
+/// ago, by nobody now) would be rebuilt from the torn parity, silently wrong.
+///
+/// Returns those blocks of member `f` as `(stripe, lo, hi)` column ranges: in each stripe
+/// written partly by records of the CP in flight ([`Replay::checkpoint_in_flight`]), the
+/// columns another data member's record writes, less the columns of `f` any record of the
+/// log covers. Empty when no CP was in flight, when `f` is the parity member, and for whole
+/// stripes (every block is logged).
+pub fn write_hole(geo: &Geometry, f: usize, replay: &Replay) -> Vec<(u64, u64, u64)> {
+    use std::collections::BTreeMap;
+    let Some(upto) = replay.checkpoint_in_flight() else {
+        return Vec::new();
+    };
+    if f >= geo.data_members {
+        return Vec::new();
+    }
+    // stripe -> (columns other members' CP records write, columns of f the log covers)
+    type Cols = Vec<(u64, u64)>;
+    let mut stripes: BTreeMap<u64, (Cols, Cols)> = BTreeMap::new();
+    let len = |r: &crate::core::nvlog::ReplayRecord| (r.payload.end - r.payload.start) as u64;
+    for r in replay.records.iter().filter(|r| r.seq <= upto) {
+        for span in geo.spans(r.offset, len(r)) {
+            for g in span.segs.iter().filter(|g| g.member != f) {
+                let e = stripes.entry(span.stripe).or_default();
+                e.0.push((g.col, g.col + g.len));
+            }
+        }
+    }
+    for r in &replay.records {
+        for span in geo.spans(r.offset, len(r)) {
+            if let (Some(e), Some(g)) = (stripes.get_mut(&span.stripe), span.seg_of(f)) {
+                e.1.push((g.col, g.col + g.len));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (stripe, (mut written, mut covered)) in stripes {
+        written.sort_unstable();
+        covered.sort_unstable();
+        // Walk the written columns, cutting out the covered ones.
+        let mut pos = 0u64;
+        for (a, b) in written {
+            let mut a = a.max(pos);
+            while a < b {
+                match covered.iter().find(|&&(c, d)| d > a && c < b) {
+                    Some(&(c, d)) if c <= a => a = d,
+                    Some(&(c, _)) => {
+                        push_range(&mut out, stripe, a, c);
+                        a = c;
+                    }
+                    None => {
+                        push_range(&mut out, stripe, a, b);
+                        a = b;
+                    }
+                }
+            }
+            pos = pos.max(b);
+        }
+    }
+    out
+}
+
+/// Append `[lo, hi)` of `stripe`, merging with the previous range where they touch.
+fn push_range(out: &mut Vec<(u64, u64, u64)>, stripe: u64, lo: u64, hi: u64) {
+    if lo >= hi {
+        return;
+    }
+    match out.last_mut() {
+        Some((s, _, h)) if *s == stripe && *h >= lo => *h = (*h).max(hi),
+        _ => out.push((stripe, lo, hi)),
+    }
+}
+
+/// Refuse a replay that [`write_hole`] says would rebuild blocks of missing member `f` from
+/// parity a crash may have torn.
+fn write_hole_check(
+    agg: &Aggregate,
+    f: usize,
+    replay: &Replay,
+    when: &'static str,
+) -> Result<(), JournalError> {
+    let geo = agg.geometry();
+    let hole = write_hole(&geo, f, replay);
+    let Some(&(stripe, lo, hi)) = hole.first() else {
+        return Ok(());
+    };
+    let at = |s: u64, c: u64| s * geo.stripe_bytes() + f as u64 * geo.chunk_bytes + c;
+    let mut stripes: Vec<u64> = hole.iter().map(|h| h.0).collect();
+    stripes.dedup();
+    let e = JournalError::WriteHole(Box::new(WriteHoleError {
+        aggregate: agg.name().to_string(),
+        member: f,
+        path: agg.status().members.get(f).cloned().unwrap_or_default(),
+        stripes: stripes.len(),
+        bytes: hole.iter().map(|h| h.2 - h.1).sum(),
+        first_offset: at(stripe, lo),
+        first_end: at(stripe, hi),
+        when,
+    }));
+    tracing::error!(aggregate = %agg.name(), member = f, stripes = stripes.len(), "{e}");
+    Err(e)
+}
+
+/// A replay writes the log's stripes in place just as a CP does: say so in the log first, so
+/// that a crash during the replay followed by the loss of a member is refused like a crash
+/// during a CP (see [`write_hole`]). A log that does not scan is left to `replay_region`.
+/// Returns the seq of the record appended and the report of the scan before.
+fn mark_replay(
+    agg: &Aggregate,
+    region: &mut NvramRegion,
+) -> Result<Option<(u64, ReplayReport)>, JournalError> {
+    let expect = Expect {
+        aggregate: aggregate_uuid(agg),
+        generation: LOG_GENERATION,
+    };
+    let Ok(replay) = scan(region.bytes(), &expect) else {
+        return Ok(None);
+    };
+    if replay.report.last_seq <= replay.report.trimmed_seq {
+        return Ok(None);
+    }
+    match crate::core::nvlog::append_replay_checkpoint(region.bytes_mut(), &replay) {
+        Some(r) => {
+            region.persist(&[r])?;
+            Ok(Some((replay.report.last_seq + 1, replay.report)))
+        }
+        None => {
+            tracing::warn!(aggregate = %agg.name(), "no room in the NVRAM log to record that a replay starts: a crash during it followed by the loss of a member would go unnoticed");
+            Ok(None)
         }
     }
 }
@@ -447,7 +641,8 @@ impl Journal {
         mut region: NvramRegion,
         cfg: JournalConfig,
     ) -> Result<(Arc<Journal>, ReplaySummary), JournalError> {
-        let summary = replay_region(&agg, region.bytes())?;
+        let own_mark = mark_replay(&agg, &mut region)?;
+        let summary = replay_marked(&agg, region.bytes(), own_mark)?;
         let epoch: u64 = rand::random();
         let mut app = LogAppender::format(
             region.bytes_mut(),
@@ -456,6 +651,7 @@ impl Journal {
             epoch,
         )
         .map_err(|e| JournalError::Log(e.to_string()))?;
+        app.set_reserve(CHECKPOINT_RESERVE);
         let c = app.commit();
         region.persist(&c.ranges)?;
         let persister = region.persister();
@@ -470,6 +666,7 @@ impl Journal {
                 mirror_needs_resync: true,
                 mirror_session: 0,
                 direct: Vec::new(),
+                cp_logged_upto: 0,
                 log_failed: None,
                 unsent_slots: Vec::new(),
             }),
@@ -1149,9 +1346,30 @@ impl Journal {
             }
             (upto, writers)
         };
+        // Say in the log (and its mirror) which records this CP writes in place, before it
+        // changes a member: replay with a member missing must know which stripes may hold
+        // parity a crash tore (see `write_hole`). A retried CP up to no further needs none.
+        let mark = {
+            let mut g = self.inner.lock().unwrap();
+            if g.cp_logged_upto >= upto {
+                None
+            } else {
+                self.log_ok(&g)?;
+                let inner = &mut *g;
+                let seq = inner
+                    .app
+                    .append_checkpoint(inner.region.bytes_mut(), upto)
+                    .map_err(|e| JournalError::Log(format!("checkpoint record: {e}")))?;
+                Some(seq)
+            }
+        };
+        if let Some(seq) = mark {
+            self.wait_durable(seq)?;
+            self.inner.lock().unwrap().cp_logged_upto = upto;
+        }
         // The log guards the members against torn stripe writes: it must outlive a power loss
         // before the CP changes them.
-        self.flush_log(upto)?;
+        self.flush_log(mark.unwrap_or(upto))?;
         let t0 = Instant::now();
         let runs = runs_of(&self.cache.read().unwrap(), upto);
         let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
@@ -2172,5 +2390,306 @@ mod tests {
             );
             first.join().unwrap().unwrap();
         });
+    }
+
+    /// `write_hole` row by row: which blocks of a missing member a CP in flight leaves
+    /// unrecoverable.
+    #[test]
+    fn write_hole_names_unwritten_blocks_of_stripes_a_cp_in_flight_wrote_partly() {
+        use crate::core::nvlog::{scan, Expect, LogAppender};
+        let agg = uuid::Uuid::from_bytes([3; 16]);
+        let geo = Geometry::new(4, 4096, 4096 * 16).unwrap();
+        let sb = geo.stripe_bytes();
+        let mut region = vec![0u8; 1 << 16];
+        let mut log = LogAppender::format(&mut region, agg, 1, 9).unwrap();
+        let replay = |region: &[u8]| {
+            scan(
+                region,
+                &Expect {
+                    aggregate: agg,
+                    generation: 1,
+                },
+            )
+            .unwrap()
+        };
+        // Member 0, columns 0..1024 of stripe 0; a whole stripe 1; member 2, columns
+        // 2048..3072 of stripe 2.
+        log.append(&mut region, 0, &[1; 1024]).unwrap();
+        log.append(&mut region, sb, &vec![2; sb as usize]).unwrap();
+        log.append(&mut region, 2 * sb + 2 * 4096 + 2048, &[3; 1024])
+            .unwrap();
+        log.commit();
+        assert_eq!(
+            write_hole(&geo, 1, &replay(&region)),
+            vec![],
+            "no CP in flight"
+        );
+        log.append_checkpoint(&mut region, 3).unwrap();
+        // Written after the CP started: member 1, columns 512..1024 of stripe 0.
+        log.append(&mut region, 4096 + 512, &[4; 512]).unwrap();
+        log.commit();
+        let r = replay(&region);
+        assert_eq!(
+            write_hole(&geo, 1, &r),
+            vec![(0, 0, 512), (2, 2048, 3072)],
+            "what the log covers of member 1 replays from the log; the whole stripe is logged"
+        );
+        assert_eq!(write_hole(&geo, 0, &r), vec![(2, 2048, 3072)]);
+        assert_eq!(write_hole(&geo, 2, &r), vec![(0, 0, 1024)]);
+        assert_eq!(write_hole(&geo, 4, &r), vec![], "the parity member");
+    }
+
+    /// Five loop devices with direct I/O over backing files in a directory of /var/tmp (4 data
+    /// members and parity), detached on drop; their aggregate (64 KiB chunks) logs to an
+    /// NVRAM file there.
+    struct LoopRig {
+        devs: Vec<String>,
+        dir: tempfile::TempDir,
+    }
+
+    impl LoopRig {
+        fn new() -> LoopRig {
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            assert_eq!(euid, 0, "this test needs root (loop devices)");
+            let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+            let mut rig = LoopRig {
+                devs: Vec::new(),
+                dir,
+            };
+            for i in 0..5 {
+                let backing = rig.dir.path().join(format!("m{i}.img"));
+                std::fs::File::create(&backing)
+                    .unwrap()
+                    .set_len(8 << 20)
+                    .unwrap();
+                let mut dev = None;
+                // Tests run in parallel: two `losetup -f` may race for one device.
+                for _ in 0..10 {
+                    let o = std::process::Command::new("losetup")
+                        .args(["-f", "--show", "--direct-io=on"])
+                        .arg(&backing)
+                        .output()
+                        .expect("run losetup");
+                    if o.status.success() {
+                        dev = Some(String::from_utf8(o.stdout).unwrap().trim().to_string());
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                rig.devs.push(dev.expect("losetup kept failing"));
+            }
+            crate::daemon::setup::format(&rig.cfg(), &rig.io(), false, &mut |_, _| {}).unwrap();
+            rig
+        }
+
+        fn cfg(&self) -> crate::config::AggregateConfig {
+            crate::config::AggregateConfig {
+                name: "hole0".into(),
+                home: "a".into(),
+                data: self.devs[..4].iter().map(Into::into).collect(),
+                parity: self.devs[4].clone().into(),
+                chunk_kib: 64,
+                nvram: Some(self.dir.path().join("nvlog")),
+                nvram_mib: 4,
+                cp_interval_ms: 3_600_000,
+                nvram_flush: Default::default(),
+            }
+        }
+
+        fn io(&self) -> crate::config::IoConfig {
+            crate::config::IoConfig {
+                arena_mib: 16,
+                ..crate::config::IoConfig::default()
+            }
+        }
+
+        /// Assemble (degraded if a member's label is gone); the log is not touched.
+        fn open(&self) -> Arc<Aggregate> {
+            let cfg = self.cfg();
+            Arc::new(crate::daemon::setup::open(&cfg, &self.io(), &mut |_, _| {}).unwrap())
+        }
+
+        fn region(&self) -> NvramRegion {
+            NvramRegion::open(&self.dir.path().join("nvlog"), REGION).unwrap()
+        }
+
+        /// Member `m` is lost: its label (and so the aggregate's claim on it) is gone.
+        fn lose_member(&self, m: usize) {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.devs[m])
+                .unwrap();
+            f.write_all(&[0u8; crate::core::label::LABEL_BYTES])
+                .unwrap();
+            f.sync_all().unwrap();
+        }
+    }
+
+    impl Drop for LoopRig {
+        fn drop(&mut self) {
+            for d in &self.devs {
+                let _ = std::process::Command::new("losetup")
+                    .arg("-d")
+                    .arg(d)
+                    .status();
+            }
+        }
+    }
+
+    fn aligned(data: &[u8]) -> IoBuf {
+        let mut b = IoBuf::new(data.len());
+        b.copy_from_slice(data);
+        b
+    }
+
+    /// Stripe 3 everywhere old data (on the members after a CP), then a logged write of 8 KiB
+    /// at the start of member 0's chunk of it. Returns the journal and the model.
+    fn old_stripe_then_small_write(rig: &LoopRig) -> (Arc<Journal>, Arc<Aggregate>, Vec<u8>) {
+        let agg = rig.open();
+        let size = agg.geometry().size_bytes() as usize;
+        let sb = agg.geometry().stripe_bytes();
+        let (j, _) = Journal::open(agg.clone(), rig.region(), slow_cp()).unwrap();
+        let mut model = vec![0u8; size];
+        let old = pattern(4 * sb as usize, 11);
+        j.write(2 * sb, &old, false).unwrap();
+        model[2 * sb as usize..6 * sb as usize].copy_from_slice(&old);
+        j.checkpoint().unwrap();
+        let new = pattern(8192, 12);
+        j.write(3 * sb, &aligned(&new), false).unwrap();
+        model[3 * sb as usize..3 * sb as usize + 8192].copy_from_slice(&new);
+        (j, agg, model)
+    }
+
+    /// The RAID write hole, on loop devices: a CP tears a stripe (member 0's new data on disk,
+    /// the parity not), the node crashes, and member 1, which nobody wrote in that stripe, is
+    /// lost. Its blocks at the columns member 0's write changed would be rebuilt from the torn
+    /// parity. Replay must not serve them wrong: it refuses, naming the aggregate and the range
+    /// (or, were it able to, rebuilds them right).
+    #[test]
+    fn a_torn_cp_then_a_lost_member_never_serves_unwritten_blocks_wrong() {
+        let rig = LoopRig::new();
+        let (j, agg, model) = old_stripe_then_small_write(&rig);
+        // Crash in the middle of the CP: member 0's new data reaches its disk, the parity not.
+        agg.tear_next_write.store(true, Ordering::SeqCst);
+        let e = j.checkpoint().unwrap_err();
+        assert!(e.to_string().contains("torn"), "{e}");
+        drop(j);
+        drop(agg);
+        rig.lose_member(1);
+        let agg = rig.open();
+        assert_eq!(agg.failed_member(), Some(1));
+        refused_or_right(&rig, &agg, &model);
+    }
+
+    /// A crash during the replay itself (its write of stripe 3 torn: member 0's data on disk,
+    /// the parity not), then the loss of member 1: the log says a replay was writing, so the
+    /// next replay refuses as after a torn CP.
+    #[test]
+    fn a_torn_replay_then_a_lost_member_never_serves_unwritten_blocks_wrong() {
+        let rig = LoopRig::new();
+        let (j, agg, model) = old_stripe_then_small_write(&rig);
+        // Crash, no CP running.
+        drop(j);
+        drop(agg);
+        let agg = rig.open();
+        agg.tear_next_write.store(true, Ordering::SeqCst);
+        let e = Journal::open(agg.clone(), rig.region(), slow_cp())
+            .err()
+            .expect("the replay was torn");
+        assert!(e.to_string().contains("torn"), "{e}");
+        drop(agg);
+        rig.lose_member(1);
+        let agg = rig.open();
+        assert_eq!(agg.failed_member(), Some(1));
+        refused_or_right(&rig, &agg, &model);
+    }
+
+    /// Open the journal of `agg` (member 1 missing, stripe 3 torn where member 0's 8 KiB write
+    /// went): either it refuses with the write hole, naming the aggregate and member 1's range,
+    /// and keeps refusing; or it serves, and then every byte is right.
+    fn refused_or_right(rig: &LoopRig, agg: &Arc<Aggregate>, model: &[u8]) {
+        let geo = agg.geometry();
+        let sb = geo.stripe_bytes();
+        match Journal::open(agg.clone(), rig.region(), slow_cp()) {
+            Ok(_) => {
+                // Only right if every byte is (a complete rebuild of the torn stripe).
+                let mut all = IoBuf::new(model.len());
+                agg.read(0, &mut all).unwrap();
+                let m1 =
+                    (3 * sb + geo.chunk_bytes) as usize..(3 * sb + 2 * geo.chunk_bytes) as usize;
+                let wrong = all[m1.clone()]
+                    .iter()
+                    .zip(&model[m1])
+                    .filter(|(a, b)| a != b)
+                    .count();
+                assert_eq!(
+                    wrong, 0,
+                    "replay served {wrong} bytes of member 1's chunk of stripe 3, which nobody wrote since the last CP, wrong (rebuilt from parity the crash tore)"
+                );
+                assert!(all[..] == model[..], "replay lost or changed data");
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                match e {
+                    JournalError::WriteHole(h) => {
+                        let WriteHoleError {
+                            aggregate,
+                            member,
+                            stripes,
+                            bytes,
+                            first_offset,
+                            first_end,
+                            ..
+                        } = *h;
+                        assert_eq!(aggregate, "hole0");
+                        assert_eq!((member, stripes, bytes), (1, 1, 8192));
+                        // Member 1's first 8 KiB of stripe 3: the columns member 0's write changed.
+                        let at = 3 * sb + geo.chunk_bytes;
+                        assert_eq!((first_offset, first_end), (at, at + 8192));
+                        assert!(
+                            msg.contains("hole0") && msg.contains(&format!("{at}..{}", at + 8192)),
+                            "{msg}"
+                        );
+                    }
+                    other => panic!("refused for another reason: {other}"),
+                }
+                // Refused for good: the log is kept, a second attempt says the same.
+                let agg = rig.open();
+                let e = Journal::open(agg, rig.region(), slow_cp())
+                    .err()
+                    .expect("refuses again");
+                assert!(matches!(e, JournalError::WriteHole(_)), "{e}");
+            }
+        }
+    }
+
+    /// The same loss with no CP in flight at the crash: the parity on the members is whole, so
+    /// the degraded replay rebuilds every block right and serves (no needless refusal).
+    #[test]
+    fn a_lost_member_after_a_crash_outside_a_cp_replays_degraded() {
+        let rig = LoopRig::new();
+        let (j, agg, model) = old_stripe_then_small_write(&rig);
+        let sb = agg.geometry().stripe_bytes();
+        // More logged writes, one in stripe 3 on member 1 itself; then the crash, no CP running.
+        let more = pattern(4096, 13);
+        let at = 3 * sb + agg.geometry().chunk_bytes + 16384;
+        j.write(at, &aligned(&more), false).unwrap();
+        let mut model = model;
+        model[at as usize..at as usize + 4096].copy_from_slice(&more);
+        drop(j);
+        drop(agg);
+        rig.lose_member(1);
+        let agg = rig.open();
+        assert_eq!(agg.failed_member(), Some(1));
+        let (_j, s) = Journal::open(agg.clone(), rig.region(), slow_cp()).unwrap();
+        assert_eq!(s.replayed_records, 2);
+        let mut all = IoBuf::new(model.len());
+        agg.read(0, &mut all).unwrap();
+        assert!(
+            all[..] == model[..],
+            "degraded replay served what was written"
+        );
     }
 }

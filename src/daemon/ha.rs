@@ -40,6 +40,9 @@ pub const WATCH_CAPACITY: usize = 64;
 pub const MAX_WATCHERS: usize = 32;
 /// Upper bound on operator commands waiting for completion.
 pub const MAX_PENDING_OPS: usize = 16;
+/// Upper bound on the partner's messages waiting for the loop, besides the latest one of each
+/// kind the partner re-sends periodically (see [`HaHandle::partner_message`]).
+pub const PARTNER_CAPACITY: usize = 64;
 
 /// What the node must do for the HA loop. Implemented by the node (the lead's side) and, for
 /// tests, by [`crate::daemon::ha_testing::RecordingExecutor`].
@@ -257,6 +260,7 @@ pub enum HaError {
 pub struct HaHandle {
     tx: SyncSender<Input>,
     closed: Arc<AtomicBool>,
+    partner: Arc<PartnerQueue>,
 }
 
 /// The receiving side, handed to [`HaLoop::spawn`].
@@ -264,18 +268,51 @@ pub struct HaInbox {
     rx: Receiver<Input>,
     tx: SyncSender<Input>,
     closed: Arc<AtomicBool>,
+    partner: Arc<PartnerQueue>,
+}
+
+/// The partner's messages on their way to the loop, beside the input channel: the link's
+/// reader, which also applies the partner's mirror traffic and acknowledges it, must never
+/// wait for a busy loop (it used to block on a full channel, and the partner's writes
+/// stalled meanwhile). Order is kept, except that a message the partner re-sends
+/// periodically replaces a queued one of its kind (see [`periodic`]).
+#[derive(Default)]
+struct PartnerQueue {
+    msgs: Mutex<VecDeque<Message>>,
+    /// Messages dropped because [`PARTNER_CAPACITY`] others were waiting.
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// The kind of a message the partner's state machine sends again and again while it
+/// matters (on every heartbeat or please-die interval): the newest says all that a queued
+/// older one does, and the receiver ignores duplicates.
+fn periodic(m: &Message) -> Option<u8> {
+    match m {
+        Message::Heartbeat { .. } => Some(0),
+        Message::PleaseShutdown { .. } => Some(1),
+        Message::PleaseDie { .. } => Some(2),
+        Message::Giveback { .. } => Some(3),
+        _ => None,
+    }
 }
 
 /// A bounded input channel for one loop.
 pub fn channel(capacity: usize) -> (HaHandle, HaInbox) {
     let (tx, rx) = mpsc::sync_channel(capacity);
     let closed = Arc::new(AtomicBool::new(false));
+    let partner = Arc::new(PartnerQueue::default());
     (
         HaHandle {
             tx: tx.clone(),
             closed: closed.clone(),
+            partner: partner.clone(),
         },
-        HaInbox { rx, tx, closed },
+        HaInbox {
+            rx,
+            tx,
+            closed,
+            partner,
+        },
     )
 }
 
@@ -303,9 +340,46 @@ impl HaHandle {
         self.closed.load(Ordering::SeqCst)
     }
 
-    /// A message from the partner (blocks while the queue is full: back-pressure on the link).
+    /// A message from the partner (blocks while the queue is full). For callers that may
+    /// wait; the interconnect uses [`HaHandle::partner_message`].
     pub fn message(&self, m: Message) -> Result<(), HaCallError> {
         self.send(Input::Message(m))
+    }
+
+    /// A message from the partner over the interconnect; never blocks. A message the partner
+    /// re-sends periodically (heartbeat, please-shutdown, please-die, giveback) replaces a
+    /// queued one of its kind. Any other waits in order; with [`PARTNER_CAPACITY`] of them
+    /// waiting (the loop stuck through dozens of the partner's procedures) it is dropped
+    /// with an error (`Busy`), which the caller logs: the partner's state machine times out
+    /// an unanswered request, and fences before it takes over.
+    pub fn partner_message(&self, m: Message) -> Result<(), HaCallError> {
+        if self.is_closed() {
+            return Err(HaCallError::Closed);
+        }
+        {
+            let mut q = self.partner.msgs.lock().unwrap();
+            match periodic(&m) {
+                Some(k) => q.retain(|o| periodic(o) != Some(k)),
+                None => {
+                    let once = q.iter().filter(|o| periodic(o).is_none()).count();
+                    if once >= PARTNER_CAPACITY {
+                        self.partner.dropped.fetch_add(1, Ordering::Relaxed);
+                        return Err(HaCallError::Busy);
+                    }
+                }
+            }
+            q.push_back(m);
+        }
+        // A full channel means the loop is busy: it drains this queue after every input.
+        match self.tx.try_send(Input::Wake) {
+            Ok(()) | Err(TrySendError::Full(_)) => Ok(()),
+            Err(TrySendError::Disconnected(_)) => Err(HaCallError::Closed),
+        }
+    }
+
+    /// The partner's messages dropped so far (see [`HaHandle::partner_message`]).
+    pub fn partner_messages_dropped(&self) -> u64 {
+        self.partner.dropped.load(Ordering::Relaxed)
     }
 
     /// A mailbox read; dropped (false) when the queue is full.
@@ -540,6 +614,7 @@ impl HaLoop {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            self.drain_partner();
             self.drain_completions();
             let now = Instant::now();
             if now >= next_tick {
@@ -689,6 +764,17 @@ impl HaLoop {
             }
             Action::Alarm(al) => self.exec.alarm(&al),
             Action::ReportRefusal(r) => self.exec.refusal(&r),
+        }
+    }
+
+    /// Feed the partner's messages (see [`HaHandle::partner_message`]), in order.
+    fn drain_partner(&mut self) {
+        loop {
+            let next = self.inbox.partner.msgs.lock().unwrap().pop_front();
+            let Some(m) = next else { return };
+            let a = self.feed(Event::Message(m));
+            self.settle(&a);
+            self.drain_completions();
         }
     }
 

@@ -41,11 +41,40 @@ pub trait LinkHandler: Send + Sync {
     /// The session went down.
     fn on_down(&self, why: &str);
     /// Bytes for our mirror of the partner's log; returns the seq to acknowledge once durable.
-    fn on_log_records(&self, records: &LogRecords) -> Result<u64, String>;
+    fn on_log_records(&self, records: &LogRecords) -> Result<u64, ApplyError>;
+    /// Whether mirror updates would be applied now: after a [`ApplyError::Refused`], the
+    /// link asks this (at every frame that arrives) to tell the partner to send again.
+    fn accepts_mirror(&self) -> bool {
+        true
+    }
     /// Anything else: heartbeats, HA messages, trims.
     fn on_message(&self, msg: Message);
     /// What our heartbeats say.
     fn summary(&self) -> StateSummary;
+}
+
+/// Why a mirror update was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// This node keeps no mirror of the partner's log now (it serves the partner's aggregate
+    /// after a takeover, say). The update and every later one of the session are refused, the
+    /// partner is told once (it counts itself unmirrored and sends no more), and the session
+    /// stays up for HA traffic. Updates resume, with a whole copy of the log, once
+    /// [`LinkHandler::accepts_mirror`] says so. (Ending the session instead made the link
+    /// flap: reconnect, resync, refused, drop, for as long as the partner kept writing.)
+    Refused(String),
+    /// The mirror could not be written: the session ends (a later update of the same commit
+    /// must not be acknowledged on top of the hole) and the next one copies the whole log.
+    Failed(String),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Refused(why) => write!(f, "refused: {why}"),
+            ApplyError::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
 }
 
 struct Conn {
@@ -69,6 +98,13 @@ struct Shared {
     apply_lock: Mutex<()>,
     /// The partner's latest acknowledgement: (session it came in, log epoch, up to seq).
     acked: Mutex<(u64, u64, u64)>,
+    /// The session in which the partner refuses our mirror updates, and why (see
+    /// [`ApplyError::Refused`]): none are sent in it until the partner resumes them.
+    mirror_refused: Mutex<Option<(u64, String)>>,
+    /// Sessions established since start (a flapping link shows here).
+    sessions: AtomicU64,
+    /// The partner's mirror updates this side did not apply (it refused them).
+    pub frames_refused: AtomicU64,
     acked_cv: Condvar,
     stop: AtomicBool,
     /// Clock origin for the rate limiter.
@@ -80,11 +116,44 @@ struct Shared {
     pub frames_rejected: AtomicU64,
 }
 
-/// The acknowledgement a connection's reader has for its ack thread to send.
+/// What a connection's reader has for its ack thread to send, in this order.
+#[derive(Default)]
+struct Replies {
+    /// The latest mirror acknowledgement (a maximum: a newer one replaces one not yet sent).
+    ack: Option<(u64, u64)>,
+    /// [`Message::LogRefused`] with this reason.
+    refuse: Option<String>,
+    /// [`Message::LogPaused`].
+    paused: bool,
+    /// [`Message::LogResume`].
+    resume: bool,
+}
+
+impl Replies {
+    fn is_empty(&self) -> bool {
+        self.ack.is_none() && self.refuse.is_none() && !self.paused && !self.resume
+    }
+}
+
 #[derive(Default)]
 struct AckSlot {
-    pending: Mutex<Option<(u64, u64)>>,
+    pending: Mutex<Replies>,
     cv: Condvar,
+}
+
+impl AckSlot {
+    fn post(&self, f: impl FnOnce(&mut Replies)) {
+        f(&mut self.pending.lock().unwrap());
+        self.cv.notify_one();
+    }
+}
+
+/// Where this side stands with the partner's mirror updates in one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inbound {
+    Applying,
+    /// Refused (see [`ApplyError::Refused`]); `paused`: the partner said it sends no more.
+    Refusing { paused: bool },
 }
 
 /// The running interconnect.
@@ -100,6 +169,12 @@ pub struct LinkStatus {
     pub frames_in: u64,
     pub frames_out: u64,
     pub frames_rejected: u64,
+    /// Sessions established since start.
+    pub sessions: u64,
+    /// The partner refuses our mirror updates in this session, and why.
+    pub partner_refuses_mirror: Option<String>,
+    /// The partner's mirror updates this side did not apply (refused).
+    pub frames_refused: u64,
 }
 
 fn nonce() -> [u8; NONCE_BYTES] {
@@ -137,6 +212,9 @@ impl Link {
             handshakes: std::sync::atomic::AtomicUsize::new(0),
             apply_lock: Mutex::new(()),
             acked: Mutex::new((0, 0, 0)),
+            mirror_refused: Mutex::new(None),
+            sessions: AtomicU64::new(0),
+            frames_refused: AtomicU64::new(0),
             acked_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -174,6 +252,9 @@ impl Link {
             frames_in: s.frames_in.load(Ordering::Relaxed),
             frames_out: s.frames_out.load(Ordering::Relaxed),
             frames_rejected: s.frames_rejected.load(Ordering::Relaxed),
+            sessions: s.sessions.load(Ordering::Relaxed),
+            partner_refuses_mirror: s.refused_in(s.session.load(Ordering::Acquire)),
+            frames_refused: s.frames_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -200,8 +281,18 @@ impl MirrorLink for Link {
     fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Acquire)
     }
+    /// None while the partner refuses our mirror updates in the session: the journal then
+    /// acknowledges on local durability alone (and says so) without sending any.
     fn session(&self) -> Option<u64> {
-        Some(self.shared.session.load(Ordering::Acquire)).filter(|&s| s != 0)
+        let s = &self.shared;
+        Some(s.session.load(Ordering::Acquire)).filter(|&id| id != 0 && s.refused_in(id).is_none())
+    }
+    fn down_reason(&self) -> String {
+        let s = &self.shared;
+        match s.refused_in(s.session.load(Ordering::Acquire)) {
+            Some(why) => format!("the partner refuses our mirror updates: {why}"),
+            None => "interconnect down".into(),
+        }
     }
     fn send_records(&self, session: u64, records: LogRecords) -> bool {
         self.shared
@@ -209,7 +300,8 @@ impl MirrorLink for Link {
     }
     fn wait_ack(&self, session: u64, epoch: u64, seq: u64, timeout: Duration) -> bool {
         let s = &self.shared;
-        let current = || s.session.load(Ordering::Acquire) == session;
+        let current =
+            || s.session.load(Ordering::Acquire) == session && s.refused_in(session).is_none();
         let ok = |a: &(u64, u64, u64)| a.0 == session && a.1 == epoch && a.2 >= seq;
         let g = s.acked.lock().unwrap();
         let (g, _) = s
@@ -225,12 +317,27 @@ impl Shared {
         self.send_in(None, msg)
     }
 
+    /// Why the partner refuses our mirror updates in session `id`, if it does.
+    fn refused_in(&self, id: u64) -> Option<String> {
+        self.mirror_refused
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(s, _)| *s == id && id != 0)
+            .map(|(_, why)| why.clone())
+    }
+
     /// Send on the established connection; with `Some(session)`, only if it is that one.
     fn send_in(&self, session: Option<u64>, msg: &Message) -> bool {
         let mut g = self.conn.lock().unwrap();
         let Some(c) = g.as_mut().filter(|c| session.is_none_or(|s| s == c.id)) else {
             return false;
         };
+        // Checked under the connection's lock, which the LogPaused reply is sent under: the
+        // partner gets no update after it.
+        if matches!(msg, Message::LogRecords(_)) && self.refused_in(c.id).is_some() {
+            return false;
+        }
         let frame = match c.session.encode(msg) {
             Ok(f) => f,
             Err(e) => {
@@ -260,6 +367,11 @@ impl Shared {
             }
             self.session.store(0, Ordering::Release);
             drop(g);
+            let mut r = self.mirror_refused.lock().unwrap();
+            if r.as_ref().is_some_and(|(s, _)| *s == id) {
+                *r = None;
+            }
+            drop(r);
             if self.up.swap(false, Ordering::AcqRel) {
                 *self.down_since.lock().unwrap() = Some(SystemTime::now());
                 tracing::warn!(why, "interconnect down");
@@ -380,6 +492,7 @@ impl Shared {
             self.session.store(id, Ordering::Release);
         }
         self.acked_cv.notify_all();
+        self.sessions.fetch_add(1, Ordering::Relaxed);
         self.up.store(true, Ordering::Release);
         *self.down_since.lock().unwrap() = None;
         tracing::info!(
@@ -408,8 +521,9 @@ impl Shared {
         Ok(())
     }
 
-    /// Sends the latest mirror acknowledgement of connection `id` (acknowledgements are a
-    /// maximum: a newer one replaces one not yet sent). Off the reader thread, which must
+    /// Sends the replies of connection `id`'s reader: the latest mirror acknowledgement
+    /// (acknowledgements are a maximum: a newer one replaces one not yet sent), then the
+    /// mirror flow control (refused, paused, resume). Off the reader thread, which must
     /// never block on a send.
     fn ack_loop(self: Arc<Self>, id: u64, slot: Arc<AckSlot>) {
         loop {
@@ -417,15 +531,24 @@ impl Shared {
                 let g = slot.pending.lock().unwrap();
                 let (mut g, _) = slot
                     .cv
-                    .wait_timeout_while(g, Duration::from_millis(200), |p| p.is_none())
+                    .wait_timeout_while(g, Duration::from_millis(200), |p| p.is_empty())
                     .unwrap();
-                g.take()
+                std::mem::take(&mut *g)
             };
             if self.session.load(Ordering::Acquire) != id || self.stop.load(Ordering::Acquire) {
                 return;
             }
-            if let Some((epoch, up_to_seq)) = next {
+            if let Some((epoch, up_to_seq)) = next.ack {
                 self.send_in(Some(id), &Message::LogAck { epoch, up_to_seq });
+            }
+            if let Some(reason) = next.refuse {
+                self.send_in(Some(id), &Message::LogRefused { reason });
+            }
+            if next.paused {
+                self.send_in(Some(id), &Message::LogPaused);
+            }
+            if next.resume {
+                self.send_in(Some(id), &Message::LogResume);
             }
         }
     }
@@ -439,6 +562,7 @@ impl Shared {
         acks: Arc<AckSlot>,
     ) {
         let mut chunk = vec![0u8; 256 * 1024];
+        let mut inbound = Inbound::Applying;
         let why = loop {
             if self.stop.load(Ordering::Acquire) {
                 break "stopping".to_string();
@@ -455,7 +579,7 @@ impl Shared {
                     }) => {
                         buf.drain(..consumed);
                         self.frames_in.fetch_add(1, Ordering::Relaxed);
-                        if !self.dispatch(id, message, &acks) {
+                        if !self.dispatch(id, message, &acks, &mut inbound) {
                             return;
                         }
                     }
@@ -469,6 +593,13 @@ impl Shared {
                         return;
                     }
                 }
+            }
+            // Refusing, and the partner stopped sending: resume once we can apply again (asked
+            // at every frame, so at least every heartbeat).
+            if inbound == (Inbound::Refusing { paused: true }) && self.handler.accepts_mirror() {
+                inbound = Inbound::Applying;
+                tracing::info!("mirror updates accepted again: the partner copies its log anew");
+                acks.post(|r| r.resume = true);
             }
             match stream.read(&mut chunk) {
                 Ok(0) => break "partner closed the connection".to_string(),
@@ -489,8 +620,12 @@ impl Shared {
     }
 
     /// Handle one frame of connection `id`; false when the connection was dropped.
-    fn dispatch(&self, id: u64, msg: Message, acks: &AckSlot) -> bool {
+    fn dispatch(&self, id: u64, msg: Message, acks: &AckSlot, inbound: &mut Inbound) -> bool {
         match msg {
+            Message::LogRecords(_) if *inbound != Inbound::Applying => {
+                // Sent before the partner heard of the refusal: not applied, not acknowledged.
+                self.frames_refused.fetch_add(1, Ordering::Relaxed);
+            }
             Message::LogRecords(r) => {
                 let applied = {
                     let _applying = self.apply_lock.lock().unwrap();
@@ -504,14 +639,24 @@ impl Shared {
                         // Every message is acknowledged, those a commit sends before its last
                         // with 0: that advances nothing (the acknowledgement is a maximum; a
                         // commit of a new epoch that waits for 0 is an empty log, one message).
-                        let mut p = acks.pending.lock().unwrap();
-                        *p = match *p {
-                            Some((e, s)) if e == r.epoch => Some((e, s.max(seq))),
-                            _ => Some((r.epoch, seq)),
-                        };
-                        acks.cv.notify_one();
+                        acks.post(|p| {
+                            p.ack = match p.ack {
+                                Some((e, s)) if e == r.epoch => Some((e, s.max(seq))),
+                                _ => Some((r.epoch, seq)),
+                            }
+                        });
                     }
-                    Err(e) => {
+                    Err(ApplyError::Refused(why)) => {
+                        // Not acknowledged, and nothing later of this session is applied (a
+                        // later message of the same commit must not be acknowledged on top of
+                        // the hole) until the partner, told once, has stopped sending and we
+                        // can apply again. The session stays: HA messages go on.
+                        self.frames_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(reason = %why, "partner's mirror update refused: it is told, and counts its writes unmirrored; the session stays for HA traffic");
+                        *inbound = Inbound::Refusing { paused: false };
+                        acks.post(|p| p.refuse = Some(why));
+                    }
+                    Err(ApplyError::Failed(e)) => {
                         // Not acknowledged, and the session ends: a later message of the same
                         // commit must not be applied and acknowledged on top of the hole (its
                         // acknowledgement would vouch for this one). The partner resyncs the
@@ -520,6 +665,41 @@ impl Shared {
                         self.drop_conn(id, &format!("mirror update failed: {e}"));
                         return false;
                     }
+                }
+            }
+            Message::LogPaused => match *inbound {
+                Inbound::Refusing { .. } => *inbound = Inbound::Refusing { paused: true },
+                Inbound::Applying => tracing::warn!("LogPaused without a refusal: ignored"),
+            },
+            Message::LogRefused { reason } => {
+                {
+                    let g = self.conn.lock().unwrap();
+                    if !g.as_ref().is_some_and(|c| c.id == id) {
+                        return false;
+                    }
+                    *self.mirror_refused.lock().unwrap() = Some((id, reason.clone()));
+                }
+                tracing::error!(reason = %reason, "the partner refuses our mirror updates: writes are acknowledged unmirrored until it accepts them again");
+                // A commit waiting for an acknowledgement gets none: it stops waiting now.
+                self.acked_cv.notify_all();
+                acks.post(|p| p.paused = true);
+            }
+            Message::LogResume => {
+                let resumed = {
+                    let mut m = self.mirror_refused.lock().unwrap();
+                    let was = m.as_ref().is_some_and(|(s, _)| *s == id);
+                    if was {
+                        *m = None;
+                    }
+                    was
+                };
+                if resumed {
+                    // Nothing acknowledged before counts: the journal copies the whole log.
+                    *self.acked.lock().unwrap() = (id, 0, 0);
+                    self.acked_cv.notify_all();
+                    tracing::info!("the partner accepts our mirror updates again");
+                } else {
+                    tracing::warn!("LogResume without a refusal: ignored");
                 }
             }
             Message::LogAck { epoch, up_to_seq } => {
@@ -666,15 +846,17 @@ mod tests {
         fn on_down(&self, _why: &str) {
             self.downs.fetch_add(1, Ordering::Relaxed);
         }
-        fn on_log_records(&self, r: &LogRecords) -> Result<u64, String> {
+        fn on_log_records(&self, r: &LogRecords) -> Result<u64, ApplyError> {
             if self
                 .fail_applies
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
             {
-                return Err("injected mirror write failure".into());
+                return Err(ApplyError::Failed("injected mirror write failure".into()));
             }
-            self.mirror.apply(r).map_err(|e| e.to_string())
+            self.mirror
+                .apply(r)
+                .map_err(|e| ApplyError::Failed(e.to_string()))
         }
         fn on_message(&self, m: Message) {
             self.msgs.lock().unwrap().push(m);
@@ -980,8 +1162,13 @@ mod tests {
         impl LinkHandler for Stub {
             fn on_up(&self, _: &Hello) {}
             fn on_down(&self, _: &str) {}
-            fn on_log_records(&self, _: &LogRecords) -> Result<u64, String> {
-                Err("node 0 keeps no mirror in this test".into())
+            fn on_log_records(&self, _: &LogRecords) -> Result<u64, ApplyError> {
+                Err(ApplyError::Refused(
+                    "node 0 keeps no mirror in this test".into(),
+                ))
+            }
+            fn accepts_mirror(&self) -> bool {
+                false
             }
             fn on_message(&self, _: Message) {}
             fn summary(&self) -> StateSummary {

@@ -11,7 +11,7 @@ use crate::daemon::aggregate::Aggregate;
 use crate::daemon::backend::Backend;
 use crate::daemon::identity::{IdentityConfig, IdentityManager, ServiceAddr};
 use crate::daemon::journal::{Journal, JournalConfig, MirrorLink, MirrorRegion, MirrorState};
-use crate::daemon::link::{Link, LinkConfig, LinkHandler};
+use crate::daemon::link::{ApplyError, Link, LinkConfig, LinkHandler};
 use crate::daemon::nbd_server::{AbortHandle, Export, NbdServer, ServerConfig};
 use crate::daemon::node::Served;
 use crate::daemon::setup;
@@ -1003,14 +1003,21 @@ impl LinkHandler for PairNode {
             h.on_link(false);
         }
     }
-    fn on_log_records(&self, records: &LogRecords) -> Result<u64, String> {
+    fn on_log_records(&self, records: &LogRecords) -> Result<u64, ApplyError> {
         let m = self.mirror.lock().unwrap();
-        let m = m
-            .as_ref()
-            .ok_or("not mirroring: the partner's aggregate is served here")?;
-        let seq = m.apply(records).map_err(|e| e.to_string())?;
+        let m = m.as_ref().ok_or_else(|| {
+            ApplyError::Refused(
+                "not mirroring: the partner's aggregate is served here (its log region is that aggregate's log)".into(),
+            )
+        })?;
+        let seq = m
+            .apply(records)
+            .map_err(|e| ApplyError::Failed(e.to_string()))?;
         self.mirror_applied.fetch_add(1, Ordering::Relaxed);
         Ok(seq)
+    }
+    fn accepts_mirror(&self) -> bool {
+        self.mirror.lock().unwrap().is_some()
     }
     fn on_message(&self, msg: Message) {
         match msg {
@@ -1292,13 +1299,32 @@ fn fence_step_error(e: FenceError) -> StepError {
 /// What arrives over the interconnect for HA goes to the loop.
 struct Inbound {
     ha: HaHandle,
+    /// Rate limit of the log line of a dropped message.
+    dropped: Mutex<crate::core::ratelimit::RateLimiter>,
+    epoch: Instant,
+}
+
+impl Inbound {
+    fn new(ha: HaHandle) -> Inbound {
+        Inbound {
+            ha,
+            dropped: Mutex::new(crate::core::ratelimit::RateLimiter::new(5, 1)),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl HaInbound for Inbound {
     fn on_ha_message(&self, bytes: &[u8]) {
         match serde_json::from_slice::<takeover::Message>(bytes) {
             Ok(m) => {
-                let _ = self.ha.message(m);
+                // Never waits for the loop: this runs on the link's reader, which also applies
+                // the partner's mirror updates and acknowledges them.
+                if let Err(e) = self.ha.partner_message(m) {
+                    if let Some(n) = self.dropped.lock().unwrap().allow(self.epoch.elapsed()) {
+                        tracing::error!(error = %e, dropped = self.ha.partner_messages_dropped(), suppressed = n, "HA message from the partner dropped: the HA loop is not taking its input");
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "undecodable HA message from an authenticated partner: ignored")
@@ -1508,7 +1534,7 @@ impl PairRuntime {
                 }
             })));
         }
-        let link = node.start_link(Arc::new(Inbound { ha: handle.clone() }))?;
+        let link = node.start_link(Arc::new(Inbound::new(handle.clone())))?;
         // HA messages leave through one sender thread: the loop never blocks on a socket.
         let (out_tx, out_rx) = sync_channel::<takeover::Message>(256);
         {

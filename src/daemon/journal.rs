@@ -695,12 +695,20 @@ impl Journal {
 
     fn set_not_mirrored(&self, why: &str) {
         let mut st = self.mirror_state.lock().unwrap();
-        if !matches!(*st, MirrorState::NotMirrored { .. }) {
-            tracing::error!(why, "NVRAM NOT MIRRORED: writes are acknowledged on local durability only; takeover by the partner is unsafe until resynchronised");
-            *st = MirrorState::NotMirrored {
-                since: SystemTime::now(),
-                why: why.to_string(),
-            };
+        match &mut *st {
+            // Still not mirrored: status says the latest reason, since the first.
+            MirrorState::NotMirrored { why: w, .. } => {
+                if w != why {
+                    *w = why.to_string();
+                }
+            }
+            _ => {
+                tracing::error!(why, "NVRAM NOT MIRRORED: writes are acknowledged on local durability only; takeover by the partner is unsafe until resynchronised");
+                *st = MirrorState::NotMirrored {
+                    since: SystemTime::now(),
+                    why: why.to_string(),
+                };
+            }
         }
     }
 

@@ -1130,3 +1130,58 @@ fn refused(r: Refusal, origin_unix_ms: u64) -> Outcome {
         text: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(inbox: &HaInbox) -> Vec<Message> {
+        inbox.partner.msgs.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn heartbeat(state: State) -> Message {
+        Message::Heartbeat {
+            state,
+            protocol_version: 1,
+            mirror_in_sync: true,
+        }
+    }
+
+    /// The partner's messages never wait for a full input queue; the periodic ones replace a
+    /// queued one of their kind, the others keep their order, and past the bound they are
+    /// dropped and counted (not silently, and not by blocking the link).
+    #[test]
+    fn partner_messages_never_block_and_are_bounded() {
+        let (h, inbox) = channel(1);
+        assert!(h.try_mailbox_read(None));
+        assert!(!h.try_mailbox_read(None), "the input queue is full");
+        h.partner_message(heartbeat(State::Booting)).unwrap();
+        h.partner_message(Message::PleaseTakeover).unwrap();
+        h.partner_message(Message::PleaseDie { epoch: 1 }).unwrap();
+        h.partner_message(heartbeat(State::Normal)).unwrap();
+        h.partner_message(Message::PleaseDie { epoch: 2 }).unwrap();
+        assert_eq!(
+            queued(&inbox),
+            vec![
+                Message::PleaseTakeover,
+                heartbeat(State::Normal),
+                Message::PleaseDie { epoch: 2 },
+            ]
+        );
+        for _ in 1..PARTNER_CAPACITY {
+            h.partner_message(Message::Resumed).unwrap();
+        }
+        assert_eq!(
+            h.partner_message(Message::Takeover),
+            Err(HaCallError::Busy),
+            "past the bound"
+        );
+        assert_eq!(h.partner_messages_dropped(), 1);
+        // Periodic ones still replace theirs.
+        h.partner_message(heartbeat(State::TakenOver)).unwrap();
+        let q = queued(&inbox);
+        assert_eq!(q.len(), PARTNER_CAPACITY + 2);
+        assert_eq!(q.last(), Some(&heartbeat(State::TakenOver)));
+        assert!(!q.contains(&Message::Takeover));
+    }
+}

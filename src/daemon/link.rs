@@ -1157,6 +1157,124 @@ mod tests {
         assert_eq!(p0.mirror.snapshot()[4096], 108);
     }
 
+    /// A mirror whose apply of the update with `first_seq` 1 waits at a gate (a slow
+    /// NVRAM write, say) until released.
+    struct Gated {
+        mirror: MirrorRegion,
+        /// (the gated apply entered, released, the gated apply done)
+        gate: Mutex<(bool, bool, bool)>,
+        cv: Condvar,
+        /// Updates applied other than the gated one.
+        others: AtomicU64,
+    }
+
+    impl Gated {
+        fn wait(&self, timeout: Duration, f: impl Fn(&(bool, bool, bool)) -> bool) -> bool {
+            let g = self.gate.lock().unwrap();
+            let (g, _) = self
+                .cv
+                .wait_timeout_while(g, timeout, |s| !f(s))
+                .unwrap();
+            f(&g)
+        }
+    }
+
+    impl LinkHandler for Gated {
+        fn on_up(&self, _: &Hello) {}
+        fn on_down(&self, _: &str) {}
+        fn on_log_records(&self, r: &LogRecords) -> Result<u64, ApplyError> {
+            let gated = r.first_seq == 1;
+            if gated {
+                self.gate.lock().unwrap().0 = true;
+                self.cv.notify_all();
+                let g = self.gate.lock().unwrap();
+                drop(self.cv.wait_while(g, |s| !s.1).unwrap());
+            }
+            let seq = self
+                .mirror
+                .apply(r)
+                .map_err(|e| ApplyError::Failed(e.to_string()));
+            if gated {
+                self.gate.lock().unwrap().2 = true;
+            } else {
+                self.others.fetch_add(1, Ordering::SeqCst);
+            }
+            self.cv.notify_all();
+            seq
+        }
+        fn on_message(&self, _: Message) {}
+        fn summary(&self) -> StateSummary {
+            StateSummary {
+                ha_state: 1,
+                flags: 0,
+                aggregates_served: 0,
+                log_last_seq: 0,
+            }
+        }
+    }
+
+    /// A session ends while its reader is still applying a mirror update (a slow NVRAM
+    /// write); the next session brings the mirror up to date. The old update must not land
+    /// after the new session's: it would put stale bytes back into a mirror reported current.
+    /// (Before the apply lock, the old reader's update landed last.)
+    #[test]
+    fn an_old_sessions_late_update_does_not_land_after_the_new_sessions() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let gated = Arc::new(Gated {
+            mirror: MirrorRegion::new(NvramRegion::open(&dir.path().join("m"), 1 << 20).unwrap()),
+            gate: Mutex::new((false, false, false)),
+            cv: Condvar::new(),
+            others: AtomicU64::new(0),
+        });
+        // Silence timeout well above the window below (node 0 hears nothing from node 1 in
+        // the new session while node 1 waits to install it).
+        let patient = |n| LinkConfig {
+            timeout: Duration::from_secs(5),
+            ..cfg(n, port, KEY)
+        };
+        let _l1 = Link::start(patient(1), gated.clone()).unwrap();
+        let l0 = Link::start(patient(0), partner_stub()).unwrap();
+        wait("link up", || l0.is_up());
+        let update = |seq: u64, fill: u8| LogRecords {
+            epoch: 1,
+            first_seq: seq,
+            last_seq: seq,
+            segments: vec![crate::core::interconnect::LogSegment {
+                region_offset: 8192,
+                bytes: vec![fill; 4096],
+            }],
+        };
+        let s0 = l0.session().unwrap();
+        assert!(l0.send_records(s0, update(1, 0xaa)));
+        assert!(gated.wait(Duration::from_secs(10), |s| s.0), "the old update is being applied");
+        // The session ends at node 0 (a write error, say) and node 0 dials again.
+        l0.shared.drop_conn(s0, "test: the session ends");
+        wait("a new session", || l0.session().is_some_and(|s| s != s0));
+        let s1 = l0.session().unwrap();
+        assert!(l0.send_records(s1, update(2, 0xbb)));
+        // The window for the old update to land last: the new one is applied within it unless
+        // the new session waits for the old apply to end.
+        let end = Instant::now() + Duration::from_secs(1);
+        while gated.others.load(Ordering::SeqCst) == 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        {
+            gated.gate.lock().unwrap().1 = true;
+            gated.cv.notify_all();
+        }
+        assert!(gated.wait(Duration::from_secs(10), |s| s.2), "the old update ended");
+        assert!(
+            l0.wait_ack(s1, 1, 2, Duration::from_secs(10)),
+            "the new session's update is acknowledged"
+        );
+        assert_eq!(
+            gated.mirror.snapshot()[8192],
+            0xbb,
+            "the old session's update landed after the new session's"
+        );
+    }
+
     fn partner_stub() -> Arc<dyn LinkHandler> {
         struct Stub;
         impl LinkHandler for Stub {

@@ -1275,6 +1275,140 @@ mod tests {
         );
     }
 
+    /// Set in the child process of [`a_session_whose_threads_did_not_start_is_dropped`]: the
+    /// interconnect port and the pids cgroup to join.
+    const SPAWN_CHILD_ENV: &str = "HAPAIR_TEST_LINK_SPAWN_CHILD";
+
+    /// A pids cgroup for the child, removed (the child gone) on drop.
+    struct PidsCgroup(std::path::PathBuf);
+
+    impl PidsCgroup {
+        fn new() -> PidsCgroup {
+            let name = format!("hapair-link-test-{}", std::process::id());
+            let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+            let dir = if v1.is_dir() {
+                v1.join(name)
+            } else {
+                // cgroup v2: the pids controller for the root's children.
+                let root = std::path::Path::new("/sys/fs/cgroup");
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
+                root.join(name)
+            };
+            std::fs::create_dir(&dir).unwrap_or_else(|e| {
+                panic!(
+                    "this test needs root and the pids cgroup controller: {}: {e}",
+                    dir.display()
+                )
+            });
+            PidsCgroup(dir)
+        }
+        fn set_max(&self, max: &str) {
+            std::fs::write(self.0.join("pids.max"), max).unwrap();
+        }
+    }
+
+    impl Drop for PidsCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// The child: node 0 in a pids cgroup. It joins it, says how many tasks it has, and
+    /// starts its link when told (by then the limit leaves room for the link's two threads
+    /// and a session's first, not its reader); it ends when its stdin closes.
+    fn spawn_failure_child(arg: &str) {
+        use std::io::BufRead;
+        let (port, cg) = arg.split_once(':').expect("port:cgroup");
+        let cg = std::path::Path::new(cg);
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        let tasks = std::fs::read_to_string(cg.join("pids.current")).unwrap();
+        // (On the line where the test harness named the test.)
+        println!("child-tasks={}", tasks.trim());
+        let mut lines = io::stdin().lock().lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "go");
+        let _l0 = Link::start(cfg(0, port.parse().unwrap(), KEY), partner_stub()).unwrap();
+        for _ in lines {}
+    }
+
+    /// A session is installed but its reader thread cannot start (here: the process is at
+    /// its pids cgroup limit, as under a systemd TasksMax). Nothing would ever read it, nor
+    /// notice it dead: the link drops it and dials again, and once threads can start, a
+    /// session works. (Such a session used to stay installed, unread, for good: the partner
+    /// kept hearing its heartbeats, and its mirror updates went unanswered.)
+    #[test]
+    fn a_session_whose_threads_did_not_start_is_dropped() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        if let Ok(arg) = std::env::var(SPAWN_CHILD_ENV) {
+            return spawn_failure_child(&arg);
+        }
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let partner = Partner::new(NvramRegion::open(&dir.path().join("m"), 1 << 20).unwrap());
+        // Node 1 here, with a long silence timeout: its session ends when node 0 drops it,
+        // not because node 0 stops reading.
+        let l1 = Link::start(
+            LinkConfig {
+                timeout: Duration::from_secs(30),
+                ..cfg(1, port, KEY)
+            },
+            partner.clone(),
+        )
+        .unwrap();
+        let cg = PidsCgroup::new();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "daemon::link::tests::a_session_whose_threads_did_not_start_is_dropped",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SPAWN_CHILD_ENV, format!("{port}:{}", cg.0.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        struct Reap(std::process::Child);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let _reap = Reap(child);
+        let tasks: u64 = io::BufReader::new(stdout)
+            .lines()
+            .map(|l| l.unwrap())
+            .find_map(|l| l.split("child-tasks=").nth(1).map(|n| n.parse().unwrap()))
+            .expect("the child joined the cgroup");
+        cg.set_max(&(tasks + 3).to_string());
+        writeln!(stdin, "go").unwrap();
+        wait("a session up", || partner.ups.load(Ordering::SeqCst) >= 1);
+        wait("the unread session dropped by node 0", || {
+            partner.downs.load(Ordering::SeqCst) >= 1
+        });
+        // Threads can start again: a session comes up whose reader answers. (Node 0 refuses
+        // mirror updates: its answer, LogRefused, comes from its reader.)
+        cg.set_max("max");
+        wait("node 0's reader answers", || {
+            if let Some(s) = l1.session() {
+                l1.send_records(
+                    s,
+                    LogRecords {
+                        epoch: 1,
+                        first_seq: 1,
+                        last_seq: 1,
+                        segments: vec![],
+                    },
+                );
+            }
+            l1.status().partner_refuses_mirror.is_some()
+        });
+        drop(stdin);
+    }
+
     fn partner_stub() -> Arc<dyn LinkHandler> {
         struct Stub;
         impl LinkHandler for Stub {

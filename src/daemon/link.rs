@@ -153,7 +153,9 @@ impl AckSlot {
 enum Inbound {
     Applying,
     /// Refused (see [`ApplyError::Refused`]); `paused`: the partner said it sends no more.
-    Refusing { paused: bool },
+    Refusing {
+        paused: bool,
+    },
 }
 
 /// The running interconnect.
@@ -674,7 +676,7 @@ impl Shared {
             Message::LogRefused { reason } => {
                 {
                     let g = self.conn.lock().unwrap();
-                    if !g.as_ref().is_some_and(|c| c.id == id) {
+                    if g.as_ref().is_none_or(|c| c.id != id) {
                         return false;
                     }
                     *self.mirror_refused.lock().unwrap() = Some((id, reason.clone()));
@@ -1171,10 +1173,7 @@ mod tests {
     impl Gated {
         fn wait(&self, timeout: Duration, f: impl Fn(&(bool, bool, bool)) -> bool) -> bool {
             let g = self.gate.lock().unwrap();
-            let (g, _) = self
-                .cv
-                .wait_timeout_while(g, timeout, |s| !f(s))
-                .unwrap();
+            let (g, _) = self.cv.wait_timeout_while(g, timeout, |s| !f(s)).unwrap();
             f(&g)
         }
     }
@@ -1247,7 +1246,10 @@ mod tests {
         };
         let s0 = l0.session().unwrap();
         assert!(l0.send_records(s0, update(1, 0xaa)));
-        assert!(gated.wait(Duration::from_secs(10), |s| s.0), "the old update is being applied");
+        assert!(
+            gated.wait(Duration::from_secs(10), |s| s.0),
+            "the old update is being applied"
+        );
         // The session ends at node 0 (a write error, say) and node 0 dials again.
         l0.shared.drop_conn(s0, "test: the session ends");
         wait("a new session", || l0.session().is_some_and(|s| s != s0));
@@ -1263,7 +1265,10 @@ mod tests {
             gated.gate.lock().unwrap().1 = true;
             gated.cv.notify_all();
         }
-        assert!(gated.wait(Duration::from_secs(10), |s| s.2), "the old update ended");
+        assert!(
+            gated.wait(Duration::from_secs(10), |s| s.2),
+            "the old update ended"
+        );
         assert!(
             l0.wait_ack(s1, 1, 2, Duration::from_secs(10)),
             "the new session's update is acknowledged"

@@ -2162,7 +2162,9 @@ mod tests {
         b.run_step(Step::OpenOwnAggregate).unwrap();
         b.run_step(Step::ReplayOwnLog).unwrap();
         let jb = journal(&b, Whose::Own);
-        wait("b's log mirrored", || jb.mirror_state() == MirrorState::Mirrored);
+        wait("b's log mirrored", || {
+            jb.mirror_state() == MirrorState::Mirrored
+        });
         // a takes b over (the fence that would stop b's writes is not part of this test).
         a.run_step(Step::OpenPartnerAggregate).unwrap();
         a.run_step(Step::ReplayPartnerLog).unwrap();

@@ -174,6 +174,19 @@ pub enum Message {
     MirrorCopyDone {
         region_bytes: u64,
     },
+    /// "I apply none of your mirror updates in this session, from the one I refused on, until
+    /// [`Message::LogResume`]" (e.g. this node serves the sender's aggregate after a takeover:
+    /// it keeps no mirror of its log). The session stays up for HA traffic. Body: `reason`,
+    /// UTF-8, at most [`MAX_REASON_BYTES`].
+    LogRefused {
+        reason: String,
+    },
+    /// The answer to [`Message::LogRefused`]: "I send no mirror updates in this session until
+    /// [`Message::LogResume`]; every one I sent before this message was refused". Empty body.
+    LogPaused,
+    /// "Your mirror updates are applied again (your refused ones were not): copy the whole log
+    /// again". Sent only after [`Message::LogPaused`]. Empty body.
+    LogResume,
     /// A takeover state-machine message (`core::takeover::Message`), serialised by the HA
     /// layer. Opaque here; at most [`MAX_HA_BYTES`]. The MAC authenticates it like any other.
     Ha(Vec<u8>),
@@ -181,6 +194,9 @@ pub enum Message {
 
 /// Largest [`Message::Ha`] body.
 pub const MAX_HA_BYTES: usize = 64 * 1024;
+
+/// Largest [`Message::LogRefused`] reason.
+pub const MAX_REASON_BYTES: usize = 1024;
 
 mod kind {
     pub const HELLO: u16 = 1;
@@ -199,6 +215,9 @@ mod kind {
     pub const MIRROR_FETCH: u16 = 6;
     pub const MIRROR_COPY: u16 = 7;
     pub const MIRROR_COPY_DONE: u16 = 8;
+    pub const LOG_REFUSED: u16 = 9;
+    pub const LOG_PAUSED: u16 = 10;
+    pub const LOG_RESUME: u16 = 11;
 }
 
 impl Message {
@@ -221,6 +240,9 @@ impl Message {
             Message::MirrorFetch => kind::MIRROR_FETCH,
             Message::MirrorCopy(_) => kind::MIRROR_COPY,
             Message::MirrorCopyDone { .. } => kind::MIRROR_COPY_DONE,
+            Message::LogRefused { .. } => kind::LOG_REFUSED,
+            Message::LogPaused => kind::LOG_PAUSED,
+            Message::LogResume => kind::LOG_RESUME,
         }
     }
 
@@ -262,7 +284,15 @@ impl Message {
             Message::MirrorCopyDone { region_bytes } => {
                 out.extend_from_slice(&region_bytes.to_le_bytes())
             }
-            Message::MirrorFetch => {}
+            Message::LogRefused { reason } => {
+                // Cut at a character boundary: the receiver decodes it as UTF-8.
+                let mut n = reason.len().min(MAX_REASON_BYTES);
+                while !reason.is_char_boundary(n) {
+                    n -= 1;
+                }
+                out.extend_from_slice(&reason.as_bytes()[..n])
+            }
+            Message::MirrorFetch | Message::LogPaused | Message::LogResume => {}
             Message::PleaseTakeover
             | Message::ShutdownComplete
             | Message::PleaseDie
@@ -346,6 +376,24 @@ impl Message {
             kind::MIRROR_COPY_DONE => Message::MirrorCopyDone {
                 region_bytes: r.u64()?,
             },
+            kind::LOG_REFUSED => {
+                if body.len() > MAX_REASON_BYTES {
+                    return Err(FrameError::Malformed {
+                        kind,
+                        reason: "refusal reason too long",
+                    });
+                }
+                let n = r.b.len();
+                let reason = std::str::from_utf8(r.take(n)?)
+                    .map_err(|_| FrameError::Malformed {
+                        kind,
+                        reason: "refusal reason is not UTF-8",
+                    })?
+                    .to_string();
+                Message::LogRefused { reason }
+            }
+            kind::LOG_PAUSED => Message::LogPaused,
+            kind::LOG_RESUME => Message::LogResume,
             kind::LOG_ACK => Message::LogAck {
                 epoch: r.u64()?,
                 up_to_seq: r.u64()?,
@@ -743,6 +791,11 @@ mod tests {
             Message::MirrorCopyDone {
                 region_bytes: 1 << 20,
             },
+            Message::LogRefused {
+                reason: "serving the partner's aggregate".into(),
+            },
+            Message::LogPaused,
+            Message::LogResume,
         ]
     }
 

@@ -40,6 +40,9 @@ pub const WATCH_CAPACITY: usize = 64;
 pub const MAX_WATCHERS: usize = 32;
 /// Upper bound on operator commands waiting for completion.
 pub const MAX_PENDING_OPS: usize = 16;
+/// Upper bound on the partner's messages waiting for the loop, besides the latest one of each
+/// kind the partner re-sends periodically (see [`HaHandle::partner_message`]).
+pub const PARTNER_CAPACITY: usize = 64;
 
 /// What the node must do for the HA loop. Implemented by the node (the lead's side) and, for
 /// tests, by [`crate::daemon::ha_testing::RecordingExecutor`].
@@ -288,6 +291,7 @@ pub enum HaError {
 pub struct HaHandle {
     tx: SyncSender<Input>,
     closed: Arc<AtomicBool>,
+    partner: Arc<PartnerQueue>,
 }
 
 /// The receiving side, handed to [`HaLoop::spawn`].
@@ -295,18 +299,51 @@ pub struct HaInbox {
     rx: Receiver<Input>,
     tx: SyncSender<Input>,
     closed: Arc<AtomicBool>,
+    partner: Arc<PartnerQueue>,
+}
+
+/// The partner's messages on their way to the loop, beside the input channel: the link's
+/// reader, which also applies the partner's mirror traffic and acknowledges it, must never
+/// wait for a busy loop (it used to block on a full channel, and the partner's writes
+/// stalled meanwhile). Order is kept, except that a message the partner re-sends
+/// periodically replaces a queued one of its kind (see [`periodic`]).
+#[derive(Default)]
+struct PartnerQueue {
+    msgs: Mutex<VecDeque<Message>>,
+    /// Messages dropped because [`PARTNER_CAPACITY`] others were waiting.
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+/// The kind of a message the partner's state machine sends again and again while it
+/// matters (on every heartbeat or please-die interval): the newest says all that a queued
+/// older one does, and the receiver ignores duplicates.
+fn periodic(m: &Message) -> Option<u8> {
+    match m {
+        Message::Heartbeat { .. } => Some(0),
+        Message::PleaseShutdown { .. } => Some(1),
+        Message::PleaseDie { .. } => Some(2),
+        Message::Giveback { .. } => Some(3),
+        _ => None,
+    }
 }
 
 /// A bounded input channel for one loop.
 pub fn channel(capacity: usize) -> (HaHandle, HaInbox) {
     let (tx, rx) = mpsc::sync_channel(capacity);
     let closed = Arc::new(AtomicBool::new(false));
+    let partner = Arc::new(PartnerQueue::default());
     (
         HaHandle {
             tx: tx.clone(),
             closed: closed.clone(),
+            partner: partner.clone(),
         },
-        HaInbox { rx, tx, closed },
+        HaInbox {
+            rx,
+            tx,
+            closed,
+            partner,
+        },
     )
 }
 
@@ -334,9 +371,46 @@ impl HaHandle {
         self.closed.load(Ordering::SeqCst)
     }
 
-    /// A message from the partner (blocks while the queue is full: back-pressure on the link).
+    /// A message from the partner (blocks while the queue is full). For callers that may
+    /// wait; the interconnect uses [`HaHandle::partner_message`].
     pub fn message(&self, m: Message) -> Result<(), HaCallError> {
         self.send(Input::Message(m))
+    }
+
+    /// A message from the partner over the interconnect; never blocks. A message the partner
+    /// re-sends periodically (heartbeat, please-shutdown, please-die, giveback) replaces a
+    /// queued one of its kind. Any other waits in order; with [`PARTNER_CAPACITY`] of them
+    /// waiting (the loop stuck through dozens of the partner's procedures) it is dropped
+    /// with an error (`Busy`), which the caller logs: the partner's state machine times out
+    /// an unanswered request, and fences before it takes over.
+    pub fn partner_message(&self, m: Message) -> Result<(), HaCallError> {
+        if self.is_closed() {
+            return Err(HaCallError::Closed);
+        }
+        {
+            let mut q = self.partner.msgs.lock().unwrap();
+            match periodic(&m) {
+                Some(k) => q.retain(|o| periodic(o) != Some(k)),
+                None => {
+                    let once = q.iter().filter(|o| periodic(o).is_none()).count();
+                    if once >= PARTNER_CAPACITY {
+                        self.partner.dropped.fetch_add(1, Ordering::Relaxed);
+                        return Err(HaCallError::Busy);
+                    }
+                }
+            }
+            q.push_back(m);
+        }
+        // A full channel means the loop is busy: it drains this queue after every input.
+        match self.tx.try_send(Input::Wake) {
+            Ok(()) | Err(TrySendError::Full(_)) => Ok(()),
+            Err(TrySendError::Disconnected(_)) => Err(HaCallError::Closed),
+        }
+    }
+
+    /// The partner's messages dropped so far (see [`HaHandle::partner_message`]).
+    pub fn partner_messages_dropped(&self) -> u64 {
+        self.partner.dropped.load(Ordering::Relaxed)
     }
 
     /// A mailbox read; dropped (false) when the queue is full.
@@ -586,6 +660,7 @@ impl HaLoop {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            self.drain_partner();
             self.drain_completions();
             let now = Instant::now();
             if now >= next_tick {
@@ -739,6 +814,17 @@ impl HaLoop {
             }
             Action::Alarm(al) => self.exec.alarm(&al),
             Action::ReportRefusal(r) => self.exec.refusal(&r),
+        }
+    }
+
+    /// Feed the partner's messages (see [`HaHandle::partner_message`]), in order.
+    fn drain_partner(&mut self) {
+        loop {
+            let next = self.inbox.partner.msgs.lock().unwrap().pop_front();
+            let Some(m) = next else { return };
+            let a = self.feed(Event::Message(m));
+            self.settle(&a);
+            self.drain_completions();
         }
     }
 
@@ -1134,5 +1220,60 @@ fn refused(r: Refusal, origin_unix_ms: u64) -> Outcome {
         refusal_at_unix_ms: origin_unix_ms + r.at_ms,
         refusal: r,
         text: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(inbox: &HaInbox) -> Vec<Message> {
+        inbox.partner.msgs.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn heartbeat(state: State) -> Message {
+        Message::Heartbeat {
+            state,
+            protocol_version: 1,
+            mirror_in_sync: true,
+        }
+    }
+
+    /// The partner's messages never wait for a full input queue; the periodic ones replace a
+    /// queued one of their kind, the others keep their order, and past the bound they are
+    /// dropped and counted (not silently, and not by blocking the link).
+    #[test]
+    fn partner_messages_never_block_and_are_bounded() {
+        let (h, inbox) = channel(1);
+        assert!(h.try_mailbox_read(None));
+        assert!(!h.try_mailbox_read(None), "the input queue is full");
+        h.partner_message(heartbeat(State::Booting)).unwrap();
+        h.partner_message(Message::PleaseTakeover).unwrap();
+        h.partner_message(Message::PleaseDie { epoch: 1 }).unwrap();
+        h.partner_message(heartbeat(State::Normal)).unwrap();
+        h.partner_message(Message::PleaseDie { epoch: 2 }).unwrap();
+        assert_eq!(
+            queued(&inbox),
+            vec![
+                Message::PleaseTakeover,
+                heartbeat(State::Normal),
+                Message::PleaseDie { epoch: 2 },
+            ]
+        );
+        for _ in 1..PARTNER_CAPACITY {
+            h.partner_message(Message::Resumed).unwrap();
+        }
+        assert_eq!(
+            h.partner_message(Message::Takeover),
+            Err(HaCallError::Busy),
+            "past the bound"
+        );
+        assert_eq!(h.partner_messages_dropped(), 1);
+        // Periodic ones still replace theirs.
+        h.partner_message(heartbeat(State::TakenOver)).unwrap();
+        let q = queued(&inbox);
+        assert_eq!(q.len(), PARTNER_CAPACITY + 2);
+        assert_eq!(q.last(), Some(&heartbeat(State::TakenOver)));
+        assert!(!q.contains(&Message::Takeover));
     }
 }

@@ -50,6 +50,10 @@ pub trait MirrorLink: Send + Sync {
     /// format of the log): an acknowledgement of another epoch, or of another session, never
     /// counts.
     fn wait_ack(&self, session: u64, epoch: u64, seq: u64, timeout: Duration) -> bool;
+    /// Why there is no session to mirror in (for status).
+    fn down_reason(&self) -> String {
+        "interconnect down".into()
+    }
 }
 
 /// Largest segment and largest message (by segment bytes) the mirror traffic uses: well within
@@ -888,12 +892,20 @@ impl Journal {
 
     fn set_not_mirrored(&self, why: &str) {
         let mut st = self.mirror_state.lock().unwrap();
-        if !matches!(*st, MirrorState::NotMirrored { .. }) {
-            tracing::error!(why, "NVRAM NOT MIRRORED: writes are acknowledged on local durability only; takeover by the partner is unsafe until resynchronised");
-            *st = MirrorState::NotMirrored {
-                since: SystemTime::now(),
-                why: why.to_string(),
-            };
+        match &mut *st {
+            // Still not mirrored: status says the latest reason, since the first.
+            MirrorState::NotMirrored { why: w, .. } => {
+                if w != why {
+                    *w = why.to_string();
+                }
+            }
+            _ => {
+                tracing::error!(why, "NVRAM NOT MIRRORED: writes are acknowledged on local durability only; takeover by the partner is unsafe until resynchronised");
+                *st = MirrorState::NotMirrored {
+                    since: SystemTime::now(),
+                    why: why.to_string(),
+                };
+            }
         }
     }
 
@@ -1026,15 +1038,20 @@ impl Journal {
                     self.stats.mirrored_commits.fetch_add(1, Ordering::Relaxed);
                 } else {
                     g.mirror_needs_resync = true;
-                    self.set_not_mirrored("partner did not acknowledge the mirror in time");
+                    // The session ended or the partner refused the update meanwhile: say so.
+                    let why = match link.as_ref().filter(|l| l.session() != Some(session)) {
+                        Some(l) => l.down_reason(),
+                        None => "partner did not acknowledge the mirror in time".into(),
+                    };
+                    self.set_not_mirrored(&why);
                     self.stats
                         .local_only_commits
                         .fetch_add(1, Ordering::Relaxed);
                 }
             } else {
-                if self.mirror.read().unwrap().is_some() {
+                if let Some(l) = self.mirror.read().unwrap().as_ref() {
                     g.mirror_needs_resync = true;
-                    self.set_not_mirrored("interconnect down");
+                    self.set_not_mirrored(&l.down_reason());
                 }
                 self.stats
                     .local_only_commits

@@ -41,11 +41,40 @@ pub trait LinkHandler: Send + Sync {
     /// The session went down.
     fn on_down(&self, why: &str);
     /// Bytes for our mirror of the partner's log; returns the seq to acknowledge once durable.
-    fn on_log_records(&self, records: &LogRecords) -> Result<u64, String>;
+    fn on_log_records(&self, records: &LogRecords) -> Result<u64, ApplyError>;
+    /// Whether mirror updates would be applied now: after a [`ApplyError::Refused`], the
+    /// link asks this (at every frame that arrives) to tell the partner to send again.
+    fn accepts_mirror(&self) -> bool {
+        true
+    }
     /// Anything else: heartbeats, HA messages, trims.
     fn on_message(&self, msg: Message);
     /// What our heartbeats say.
     fn summary(&self) -> StateSummary;
+}
+
+/// Why a mirror update was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyError {
+    /// This node keeps no mirror of the partner's log now (it serves the partner's aggregate
+    /// after a takeover, say). The update and every later one of the session are refused, the
+    /// partner is told once (it counts itself unmirrored and sends no more), and the session
+    /// stays up for HA traffic. Updates resume, with a whole copy of the log, once
+    /// [`LinkHandler::accepts_mirror`] says so. (Ending the session instead made the link
+    /// flap: reconnect, resync, refused, drop, for as long as the partner kept writing.)
+    Refused(String),
+    /// The mirror could not be written: the session ends (a later update of the same commit
+    /// must not be acknowledged on top of the hole) and the next one copies the whole log.
+    Failed(String),
+}
+
+impl std::fmt::Display for ApplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApplyError::Refused(why) => write!(f, "refused: {why}"),
+            ApplyError::Failed(why) => write!(f, "failed: {why}"),
+        }
+    }
 }
 
 struct Conn {
@@ -69,6 +98,13 @@ struct Shared {
     apply_lock: Mutex<()>,
     /// The partner's latest acknowledgement: (session it came in, log epoch, up to seq).
     acked: Mutex<(u64, u64, u64)>,
+    /// The session in which the partner refuses our mirror updates, and why (see
+    /// [`ApplyError::Refused`]): none are sent in it until the partner resumes them.
+    mirror_refused: Mutex<Option<(u64, String)>>,
+    /// Sessions established since start (a flapping link shows here).
+    sessions: AtomicU64,
+    /// The partner's mirror updates this side did not apply (it refused them).
+    pub frames_refused: AtomicU64,
     acked_cv: Condvar,
     stop: AtomicBool,
     /// Clock origin for the rate limiter.
@@ -80,11 +116,46 @@ struct Shared {
     pub frames_rejected: AtomicU64,
 }
 
-/// The acknowledgement a connection's reader has for its ack thread to send.
+/// What a connection's reader has for its ack thread to send, in this order.
+#[derive(Default)]
+struct Replies {
+    /// The latest mirror acknowledgement (a maximum: a newer one replaces one not yet sent).
+    ack: Option<(u64, u64)>,
+    /// [`Message::LogRefused`] with this reason.
+    refuse: Option<String>,
+    /// [`Message::LogPaused`].
+    paused: bool,
+    /// [`Message::LogResume`].
+    resume: bool,
+}
+
+impl Replies {
+    fn is_empty(&self) -> bool {
+        self.ack.is_none() && self.refuse.is_none() && !self.paused && !self.resume
+    }
+}
+
 #[derive(Default)]
 struct AckSlot {
-    pending: Mutex<Option<(u64, u64)>>,
+    pending: Mutex<Replies>,
     cv: Condvar,
+}
+
+impl AckSlot {
+    fn post(&self, f: impl FnOnce(&mut Replies)) {
+        f(&mut self.pending.lock().unwrap());
+        self.cv.notify_one();
+    }
+}
+
+/// Where this side stands with the partner's mirror updates in one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inbound {
+    Applying,
+    /// Refused (see [`ApplyError::Refused`]); `paused`: the partner said it sends no more.
+    Refusing {
+        paused: bool,
+    },
 }
 
 /// The running interconnect.
@@ -100,6 +171,12 @@ pub struct LinkStatus {
     pub frames_in: u64,
     pub frames_out: u64,
     pub frames_rejected: u64,
+    /// Sessions established since start.
+    pub sessions: u64,
+    /// The partner refuses our mirror updates in this session, and why.
+    pub partner_refuses_mirror: Option<String>,
+    /// The partner's mirror updates this side did not apply (refused).
+    pub frames_refused: u64,
 }
 
 fn nonce() -> [u8; NONCE_BYTES] {
@@ -137,6 +214,9 @@ impl Link {
             handshakes: std::sync::atomic::AtomicUsize::new(0),
             apply_lock: Mutex::new(()),
             acked: Mutex::new((0, 0, 0)),
+            mirror_refused: Mutex::new(None),
+            sessions: AtomicU64::new(0),
+            frames_refused: AtomicU64::new(0),
             acked_cv: Condvar::new(),
             stop: AtomicBool::new(false),
             epoch: Instant::now(),
@@ -174,6 +254,9 @@ impl Link {
             frames_in: s.frames_in.load(Ordering::Relaxed),
             frames_out: s.frames_out.load(Ordering::Relaxed),
             frames_rejected: s.frames_rejected.load(Ordering::Relaxed),
+            sessions: s.sessions.load(Ordering::Relaxed),
+            partner_refuses_mirror: s.refused_in(s.session.load(Ordering::Acquire)),
+            frames_refused: s.frames_refused.load(Ordering::Relaxed),
         }
     }
 
@@ -200,8 +283,18 @@ impl MirrorLink for Link {
     fn is_up(&self) -> bool {
         self.shared.up.load(Ordering::Acquire)
     }
+    /// None while the partner refuses our mirror updates in the session: the journal then
+    /// acknowledges on local durability alone (and says so) without sending any.
     fn session(&self) -> Option<u64> {
-        Some(self.shared.session.load(Ordering::Acquire)).filter(|&s| s != 0)
+        let s = &self.shared;
+        Some(s.session.load(Ordering::Acquire)).filter(|&id| id != 0 && s.refused_in(id).is_none())
+    }
+    fn down_reason(&self) -> String {
+        let s = &self.shared;
+        match s.refused_in(s.session.load(Ordering::Acquire)) {
+            Some(why) => format!("the partner refuses our mirror updates: {why}"),
+            None => "interconnect down".into(),
+        }
     }
     fn send_records(&self, session: u64, records: LogRecords) -> bool {
         self.shared
@@ -209,7 +302,8 @@ impl MirrorLink for Link {
     }
     fn wait_ack(&self, session: u64, epoch: u64, seq: u64, timeout: Duration) -> bool {
         let s = &self.shared;
-        let current = || s.session.load(Ordering::Acquire) == session;
+        let current =
+            || s.session.load(Ordering::Acquire) == session && s.refused_in(session).is_none();
         let ok = |a: &(u64, u64, u64)| a.0 == session && a.1 == epoch && a.2 >= seq;
         let g = s.acked.lock().unwrap();
         let (g, _) = s
@@ -225,12 +319,27 @@ impl Shared {
         self.send_in(None, msg)
     }
 
+    /// Why the partner refuses our mirror updates in session `id`, if it does.
+    fn refused_in(&self, id: u64) -> Option<String> {
+        self.mirror_refused
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(s, _)| *s == id && id != 0)
+            .map(|(_, why)| why.clone())
+    }
+
     /// Send on the established connection; with `Some(session)`, only if it is that one.
     fn send_in(&self, session: Option<u64>, msg: &Message) -> bool {
         let mut g = self.conn.lock().unwrap();
         let Some(c) = g.as_mut().filter(|c| session.is_none_or(|s| s == c.id)) else {
             return false;
         };
+        // Checked under the connection's lock, which the LogPaused reply is sent under: the
+        // partner gets no update after it.
+        if matches!(msg, Message::LogRecords(_)) && self.refused_in(c.id).is_some() {
+            return false;
+        }
         let frame = match c.session.encode(msg) {
             Ok(f) => f,
             Err(e) => {
@@ -260,6 +369,11 @@ impl Shared {
             }
             self.session.store(0, Ordering::Release);
             drop(g);
+            let mut r = self.mirror_refused.lock().unwrap();
+            if r.as_ref().is_some_and(|(s, _)| *s == id) {
+                *r = None;
+            }
+            drop(r);
             if self.up.swap(false, Ordering::AcqRel) {
                 *self.down_since.lock().unwrap() = Some(SystemTime::now());
                 tracing::warn!(why, "interconnect down");
@@ -380,6 +494,7 @@ impl Shared {
             self.session.store(id, Ordering::Release);
         }
         self.acked_cv.notify_all();
+        self.sessions.fetch_add(1, Ordering::Relaxed);
         self.up.store(true, Ordering::Release);
         *self.down_since.lock().unwrap() = None;
         tracing::info!(
@@ -408,8 +523,9 @@ impl Shared {
         Ok(())
     }
 
-    /// Sends the latest mirror acknowledgement of connection `id` (acknowledgements are a
-    /// maximum: a newer one replaces one not yet sent). Off the reader thread, which must
+    /// Sends the replies of connection `id`'s reader: the latest mirror acknowledgement
+    /// (acknowledgements are a maximum: a newer one replaces one not yet sent), then the
+    /// mirror flow control (refused, paused, resume). Off the reader thread, which must
     /// never block on a send.
     fn ack_loop(self: Arc<Self>, id: u64, slot: Arc<AckSlot>) {
         loop {
@@ -417,15 +533,24 @@ impl Shared {
                 let g = slot.pending.lock().unwrap();
                 let (mut g, _) = slot
                     .cv
-                    .wait_timeout_while(g, Duration::from_millis(200), |p| p.is_none())
+                    .wait_timeout_while(g, Duration::from_millis(200), |p| p.is_empty())
                     .unwrap();
-                g.take()
+                std::mem::take(&mut *g)
             };
             if self.session.load(Ordering::Acquire) != id || self.stop.load(Ordering::Acquire) {
                 return;
             }
-            if let Some((epoch, up_to_seq)) = next {
+            if let Some((epoch, up_to_seq)) = next.ack {
                 self.send_in(Some(id), &Message::LogAck { epoch, up_to_seq });
+            }
+            if let Some(reason) = next.refuse {
+                self.send_in(Some(id), &Message::LogRefused { reason });
+            }
+            if next.paused {
+                self.send_in(Some(id), &Message::LogPaused);
+            }
+            if next.resume {
+                self.send_in(Some(id), &Message::LogResume);
             }
         }
     }
@@ -439,6 +564,7 @@ impl Shared {
         acks: Arc<AckSlot>,
     ) {
         let mut chunk = vec![0u8; 256 * 1024];
+        let mut inbound = Inbound::Applying;
         let why = loop {
             if self.stop.load(Ordering::Acquire) {
                 break "stopping".to_string();
@@ -455,7 +581,7 @@ impl Shared {
                     }) => {
                         buf.drain(..consumed);
                         self.frames_in.fetch_add(1, Ordering::Relaxed);
-                        if !self.dispatch(id, message, &acks) {
+                        if !self.dispatch(id, message, &acks, &mut inbound) {
                             return;
                         }
                     }
@@ -469,6 +595,13 @@ impl Shared {
                         return;
                     }
                 }
+            }
+            // Refusing, and the partner stopped sending: resume once we can apply again (asked
+            // at every frame, so at least every heartbeat).
+            if inbound == (Inbound::Refusing { paused: true }) && self.handler.accepts_mirror() {
+                inbound = Inbound::Applying;
+                tracing::info!("mirror updates accepted again: the partner copies its log anew");
+                acks.post(|r| r.resume = true);
             }
             match stream.read(&mut chunk) {
                 Ok(0) => break "partner closed the connection".to_string(),
@@ -489,8 +622,12 @@ impl Shared {
     }
 
     /// Handle one frame of connection `id`; false when the connection was dropped.
-    fn dispatch(&self, id: u64, msg: Message, acks: &AckSlot) -> bool {
+    fn dispatch(&self, id: u64, msg: Message, acks: &AckSlot, inbound: &mut Inbound) -> bool {
         match msg {
+            Message::LogRecords(_) if *inbound != Inbound::Applying => {
+                // Sent before the partner heard of the refusal: not applied, not acknowledged.
+                self.frames_refused.fetch_add(1, Ordering::Relaxed);
+            }
             Message::LogRecords(r) => {
                 let applied = {
                     let _applying = self.apply_lock.lock().unwrap();
@@ -504,14 +641,24 @@ impl Shared {
                         // Every message is acknowledged, those a commit sends before its last
                         // with 0: that advances nothing (the acknowledgement is a maximum; a
                         // commit of a new epoch that waits for 0 is an empty log, one message).
-                        let mut p = acks.pending.lock().unwrap();
-                        *p = match *p {
-                            Some((e, s)) if e == r.epoch => Some((e, s.max(seq))),
-                            _ => Some((r.epoch, seq)),
-                        };
-                        acks.cv.notify_one();
+                        acks.post(|p| {
+                            p.ack = match p.ack {
+                                Some((e, s)) if e == r.epoch => Some((e, s.max(seq))),
+                                _ => Some((r.epoch, seq)),
+                            }
+                        });
                     }
-                    Err(e) => {
+                    Err(ApplyError::Refused(why)) => {
+                        // Not acknowledged, and nothing later of this session is applied (a
+                        // later message of the same commit must not be acknowledged on top of
+                        // the hole) until the partner, told once, has stopped sending and we
+                        // can apply again. The session stays: HA messages go on.
+                        self.frames_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(reason = %why, "partner's mirror update refused: it is told, and counts its writes unmirrored; the session stays for HA traffic");
+                        *inbound = Inbound::Refusing { paused: false };
+                        acks.post(|p| p.refuse = Some(why));
+                    }
+                    Err(ApplyError::Failed(e)) => {
                         // Not acknowledged, and the session ends: a later message of the same
                         // commit must not be applied and acknowledged on top of the hole (its
                         // acknowledgement would vouch for this one). The partner resyncs the
@@ -520,6 +667,41 @@ impl Shared {
                         self.drop_conn(id, &format!("mirror update failed: {e}"));
                         return false;
                     }
+                }
+            }
+            Message::LogPaused => match *inbound {
+                Inbound::Refusing { .. } => *inbound = Inbound::Refusing { paused: true },
+                Inbound::Applying => tracing::warn!("LogPaused without a refusal: ignored"),
+            },
+            Message::LogRefused { reason } => {
+                {
+                    let g = self.conn.lock().unwrap();
+                    if g.as_ref().is_none_or(|c| c.id != id) {
+                        return false;
+                    }
+                    *self.mirror_refused.lock().unwrap() = Some((id, reason.clone()));
+                }
+                tracing::error!(reason = %reason, "the partner refuses our mirror updates: writes are acknowledged unmirrored until it accepts them again");
+                // A commit waiting for an acknowledgement gets none: it stops waiting now.
+                self.acked_cv.notify_all();
+                acks.post(|p| p.paused = true);
+            }
+            Message::LogResume => {
+                let resumed = {
+                    let mut m = self.mirror_refused.lock().unwrap();
+                    let was = m.as_ref().is_some_and(|(s, _)| *s == id);
+                    if was {
+                        *m = None;
+                    }
+                    was
+                };
+                if resumed {
+                    // Nothing acknowledged before counts: the journal copies the whole log.
+                    *self.acked.lock().unwrap() = (id, 0, 0);
+                    self.acked_cv.notify_all();
+                    tracing::info!("the partner accepts our mirror updates again");
+                } else {
+                    tracing::warn!("LogResume without a refusal: ignored");
                 }
             }
             Message::LogAck { epoch, up_to_seq } => {
@@ -666,15 +848,17 @@ mod tests {
         fn on_down(&self, _why: &str) {
             self.downs.fetch_add(1, Ordering::Relaxed);
         }
-        fn on_log_records(&self, r: &LogRecords) -> Result<u64, String> {
+        fn on_log_records(&self, r: &LogRecords) -> Result<u64, ApplyError> {
             if self
                 .fail_applies
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
             {
-                return Err("injected mirror write failure".into());
+                return Err(ApplyError::Failed("injected mirror write failure".into()));
             }
-            self.mirror.apply(r).map_err(|e| e.to_string())
+            self.mirror
+                .apply(r)
+                .map_err(|e| ApplyError::Failed(e.to_string()))
         }
         fn on_message(&self, m: Message) {
             self.msgs.lock().unwrap().push(m);
@@ -975,13 +1159,273 @@ mod tests {
         assert_eq!(p0.mirror.snapshot()[4096], 108);
     }
 
+    /// A mirror whose apply of the update with `first_seq` 1 waits at a gate (a slow
+    /// NVRAM write, say) until released.
+    struct Gated {
+        mirror: MirrorRegion,
+        /// (the gated apply entered, released, the gated apply done)
+        gate: Mutex<(bool, bool, bool)>,
+        cv: Condvar,
+        /// Updates applied other than the gated one.
+        others: AtomicU64,
+    }
+
+    impl Gated {
+        fn wait(&self, timeout: Duration, f: impl Fn(&(bool, bool, bool)) -> bool) -> bool {
+            let g = self.gate.lock().unwrap();
+            let (g, _) = self.cv.wait_timeout_while(g, timeout, |s| !f(s)).unwrap();
+            f(&g)
+        }
+    }
+
+    impl LinkHandler for Gated {
+        fn on_up(&self, _: &Hello) {}
+        fn on_down(&self, _: &str) {}
+        fn on_log_records(&self, r: &LogRecords) -> Result<u64, ApplyError> {
+            let gated = r.first_seq == 1;
+            if gated {
+                self.gate.lock().unwrap().0 = true;
+                self.cv.notify_all();
+                let g = self.gate.lock().unwrap();
+                drop(self.cv.wait_while(g, |s| !s.1).unwrap());
+            }
+            let seq = self
+                .mirror
+                .apply(r)
+                .map_err(|e| ApplyError::Failed(e.to_string()));
+            if gated {
+                self.gate.lock().unwrap().2 = true;
+            } else {
+                self.others.fetch_add(1, Ordering::SeqCst);
+            }
+            self.cv.notify_all();
+            seq
+        }
+        fn on_message(&self, _: Message) {}
+        fn summary(&self) -> StateSummary {
+            StateSummary {
+                ha_state: 1,
+                flags: 0,
+                aggregates_served: 0,
+                log_last_seq: 0,
+            }
+        }
+    }
+
+    /// A session ends while its reader is still applying a mirror update (a slow NVRAM
+    /// write); the next session brings the mirror up to date. The old update must not land
+    /// after the new session's: it would put stale bytes back into a mirror reported current.
+    /// (Before the apply lock, the old reader's update landed last.)
+    #[test]
+    fn an_old_sessions_late_update_does_not_land_after_the_new_sessions() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let gated = Arc::new(Gated {
+            mirror: MirrorRegion::new(NvramRegion::open(&dir.path().join("m"), 1 << 20).unwrap()),
+            gate: Mutex::new((false, false, false)),
+            cv: Condvar::new(),
+            others: AtomicU64::new(0),
+        });
+        // Silence timeout well above the window below (node 0 hears nothing from node 1 in
+        // the new session while node 1 waits to install it).
+        let patient = |n| LinkConfig {
+            timeout: Duration::from_secs(5),
+            ..cfg(n, port, KEY)
+        };
+        let _l1 = Link::start(patient(1), gated.clone()).unwrap();
+        let l0 = Link::start(patient(0), partner_stub()).unwrap();
+        wait("link up", || l0.is_up());
+        let update = |seq: u64, fill: u8| LogRecords {
+            epoch: 1,
+            first_seq: seq,
+            last_seq: seq,
+            segments: vec![crate::core::interconnect::LogSegment {
+                region_offset: 8192,
+                bytes: vec![fill; 4096],
+            }],
+        };
+        let s0 = l0.session().unwrap();
+        assert!(l0.send_records(s0, update(1, 0xaa)));
+        assert!(
+            gated.wait(Duration::from_secs(10), |s| s.0),
+            "the old update is being applied"
+        );
+        // The session ends at node 0 (a write error, say) and node 0 dials again.
+        l0.shared.drop_conn(s0, "test: the session ends");
+        wait("a new session", || l0.session().is_some_and(|s| s != s0));
+        let s1 = l0.session().unwrap();
+        assert!(l0.send_records(s1, update(2, 0xbb)));
+        // The window for the old update to land last: the new one is applied within it unless
+        // the new session waits for the old apply to end.
+        let end = Instant::now() + Duration::from_secs(1);
+        while gated.others.load(Ordering::SeqCst) == 0 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        {
+            gated.gate.lock().unwrap().1 = true;
+            gated.cv.notify_all();
+        }
+        assert!(
+            gated.wait(Duration::from_secs(10), |s| s.2),
+            "the old update ended"
+        );
+        assert!(
+            l0.wait_ack(s1, 1, 2, Duration::from_secs(10)),
+            "the new session's update is acknowledged"
+        );
+        assert_eq!(
+            gated.mirror.snapshot()[8192],
+            0xbb,
+            "the old session's update landed after the new session's"
+        );
+    }
+
+    /// Set in the child process of [`a_session_whose_threads_did_not_start_is_dropped`]: the
+    /// interconnect port and the pids cgroup to join.
+    const SPAWN_CHILD_ENV: &str = "HAPAIR_TEST_LINK_SPAWN_CHILD";
+
+    /// A pids cgroup for the child, removed (the child gone) on drop.
+    struct PidsCgroup(std::path::PathBuf);
+
+    impl PidsCgroup {
+        fn new() -> PidsCgroup {
+            let name = format!("hapair-link-test-{}", std::process::id());
+            let v1 = std::path::Path::new("/sys/fs/cgroup/pids");
+            let dir = if v1.is_dir() {
+                v1.join(name)
+            } else {
+                // cgroup v2: the pids controller for the root's children.
+                let root = std::path::Path::new("/sys/fs/cgroup");
+                let _ = std::fs::write(root.join("cgroup.subtree_control"), "+pids");
+                root.join(name)
+            };
+            std::fs::create_dir(&dir).unwrap_or_else(|e| {
+                panic!(
+                    "this test needs root and the pids cgroup controller: {}: {e}",
+                    dir.display()
+                )
+            });
+            PidsCgroup(dir)
+        }
+        fn set_max(&self, max: &str) {
+            std::fs::write(self.0.join("pids.max"), max).unwrap();
+        }
+    }
+
+    impl Drop for PidsCgroup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// The child: node 0 in a pids cgroup. It joins it, says how many tasks it has, and
+    /// starts its link when told (by then the limit leaves room for the link's two threads
+    /// and a session's first, not its reader); it ends when its stdin closes.
+    fn spawn_failure_child(arg: &str) {
+        use std::io::BufRead;
+        let (port, cg) = arg.split_once(':').expect("port:cgroup");
+        let cg = std::path::Path::new(cg);
+        std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        let tasks = std::fs::read_to_string(cg.join("pids.current")).unwrap();
+        // (On the line where the test harness named the test.)
+        println!("child-tasks={}", tasks.trim());
+        let mut lines = io::stdin().lock().lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "go");
+        let _l0 = Link::start(cfg(0, port.parse().unwrap(), KEY), partner_stub()).unwrap();
+        for _ in lines {}
+    }
+
+    /// A session is installed but its reader thread cannot start (here: the process is at
+    /// its pids cgroup limit, as under a systemd TasksMax). Nothing would ever read it, nor
+    /// notice it dead: the link drops it and dials again, and once threads can start, a
+    /// session works. (Such a session used to stay installed, unread, for good: the partner
+    /// kept hearing its heartbeats, and its mirror updates went unanswered.)
+    #[test]
+    fn a_session_whose_threads_did_not_start_is_dropped() {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        if let Ok(arg) = std::env::var(SPAWN_CHILD_ENV) {
+            return spawn_failure_child(&arg);
+        }
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let port = free_port();
+        let partner = Partner::new(NvramRegion::open(&dir.path().join("m"), 1 << 20).unwrap());
+        // Node 1 here, with a long silence timeout: its session ends when node 0 drops it,
+        // not because node 0 stops reading.
+        let l1 = Link::start(
+            LinkConfig {
+                timeout: Duration::from_secs(30),
+                ..cfg(1, port, KEY)
+            },
+            partner.clone(),
+        )
+        .unwrap();
+        let cg = PidsCgroup::new();
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "daemon::link::tests::a_session_whose_threads_did_not_start_is_dropped",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(SPAWN_CHILD_ENV, format!("{port}:{}", cg.0.display()))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        struct Reap(std::process::Child);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let _reap = Reap(child);
+        let tasks: u64 = io::BufReader::new(stdout)
+            .lines()
+            .map(|l| l.unwrap())
+            .find_map(|l| l.split("child-tasks=").nth(1).map(|n| n.parse().unwrap()))
+            .expect("the child joined the cgroup");
+        cg.set_max(&(tasks + 3).to_string());
+        writeln!(stdin, "go").unwrap();
+        wait("a session up", || partner.ups.load(Ordering::SeqCst) >= 1);
+        wait("the unread session dropped by node 0", || {
+            partner.downs.load(Ordering::SeqCst) >= 1
+        });
+        // Threads can start again: a session comes up whose reader answers. (Node 0 refuses
+        // mirror updates: its answer, LogRefused, comes from its reader.)
+        cg.set_max("max");
+        wait("node 0's reader answers", || {
+            if let Some(s) = l1.session() {
+                l1.send_records(
+                    s,
+                    LogRecords {
+                        epoch: 1,
+                        first_seq: 1,
+                        last_seq: 1,
+                        segments: vec![],
+                    },
+                );
+            }
+            l1.status().partner_refuses_mirror.is_some()
+        });
+        drop(stdin);
+    }
+
     fn partner_stub() -> Arc<dyn LinkHandler> {
         struct Stub;
         impl LinkHandler for Stub {
             fn on_up(&self, _: &Hello) {}
             fn on_down(&self, _: &str) {}
-            fn on_log_records(&self, _: &LogRecords) -> Result<u64, String> {
-                Err("node 0 keeps no mirror in this test".into())
+            fn on_log_records(&self, _: &LogRecords) -> Result<u64, ApplyError> {
+                Err(ApplyError::Refused(
+                    "node 0 keeps no mirror in this test".into(),
+                ))
+            }
+            fn accepts_mirror(&self) -> bool {
+                false
             }
             fn on_message(&self, _: Message) {}
             fn summary(&self) -> StateSummary {

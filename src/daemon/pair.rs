@@ -11,7 +11,7 @@ use crate::daemon::aggregate::Aggregate;
 use crate::daemon::backend::Backend;
 use crate::daemon::identity::{IdentityConfig, IdentityManager, ServiceAddr};
 use crate::daemon::journal::{Journal, JournalConfig, MirrorLink, MirrorRegion, MirrorState};
-use crate::daemon::link::{Link, LinkConfig, LinkHandler};
+use crate::daemon::link::{ApplyError, Link, LinkConfig, LinkHandler};
 use crate::daemon::nbd_server::{AbortHandle, Export, NbdServer, ServerConfig};
 use crate::daemon::node::Served;
 use crate::daemon::setup;
@@ -1003,14 +1003,21 @@ impl LinkHandler for PairNode {
             h.on_link(false);
         }
     }
-    fn on_log_records(&self, records: &LogRecords) -> Result<u64, String> {
+    fn on_log_records(&self, records: &LogRecords) -> Result<u64, ApplyError> {
         let m = self.mirror.lock().unwrap();
-        let m = m
-            .as_ref()
-            .ok_or("not mirroring: the partner's aggregate is served here")?;
-        let seq = m.apply(records).map_err(|e| e.to_string())?;
+        let m = m.as_ref().ok_or_else(|| {
+            ApplyError::Refused(
+                "not mirroring: the partner's aggregate is served here (its log region is that aggregate's log)".into(),
+            )
+        })?;
+        let seq = m
+            .apply(records)
+            .map_err(|e| ApplyError::Failed(e.to_string()))?;
         self.mirror_applied.fetch_add(1, Ordering::Relaxed);
         Ok(seq)
+    }
+    fn accepts_mirror(&self) -> bool {
+        self.mirror.lock().unwrap().is_some()
     }
     fn on_message(&self, msg: Message) {
         match msg {
@@ -1292,13 +1299,32 @@ fn fence_step_error(e: FenceError) -> StepError {
 /// What arrives over the interconnect for HA goes to the loop.
 struct Inbound {
     ha: HaHandle,
+    /// Rate limit of the log line of a dropped message.
+    dropped: Mutex<crate::core::ratelimit::RateLimiter>,
+    epoch: Instant,
+}
+
+impl Inbound {
+    fn new(ha: HaHandle) -> Inbound {
+        Inbound {
+            ha,
+            dropped: Mutex::new(crate::core::ratelimit::RateLimiter::new(5, 1)),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl HaInbound for Inbound {
     fn on_ha_message(&self, bytes: &[u8]) {
         match serde_json::from_slice::<takeover::Message>(bytes) {
             Ok(m) => {
-                let _ = self.ha.message(m);
+                // Never waits for the loop: this runs on the link's reader, which also applies
+                // the partner's mirror updates and acknowledges them.
+                if let Err(e) = self.ha.partner_message(m) {
+                    if let Some(n) = self.dropped.lock().unwrap().allow(self.epoch.elapsed()) {
+                        tracing::error!(error = %e, dropped = self.ha.partner_messages_dropped(), suppressed = n, "HA message from the partner dropped: the HA loop is not taking its input");
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "undecodable HA message from an authenticated partner: ignored")
@@ -1516,7 +1542,7 @@ impl PairRuntime {
                 }
             })));
         }
-        let link = node.start_link(Arc::new(Inbound { ha: handle.clone() }))?;
+        let link = node.start_link(Arc::new(Inbound::new(handle.clone())))?;
         // HA messages leave through one sender thread: the loop never blocks on a socket.
         let (out_tx, out_rx) = sync_channel::<takeover::Message>(256);
         {
@@ -2015,5 +2041,190 @@ mod tests {
         // No data-plane step runs again before a resume registers the node.
         let e = a.run_step(Step::OpenOwnAggregate).unwrap_err();
         assert!(e.contains("halted"), "{e}");
+    }
+
+    /// `ca` and `cb` (from [`pair_configs`]) talk over an interconnect on a free loopback
+    /// port, with heartbeats every 50 ms and a 2 s silence timeout.
+    fn linked(ca: &mut Config, cb: &mut Config) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        for c in [ca, cb] {
+            let p = c.pair.as_mut().unwrap();
+            p.interconnect_listen = Some(addr);
+            p.partner_interconnect = vec![addr];
+            p.heartbeat_ms = 50;
+            p.interconnect_timeout_ms = 2000;
+        }
+    }
+
+    fn wait(what: &str, f: impl Fn() -> bool) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < end, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// An HA layer that keeps what arrives.
+    #[derive(Default)]
+    struct Heard {
+        msgs: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl HaInbound for Heard {
+        fn on_ha_message(&self, bytes: &[u8]) {
+            self.msgs.lock().unwrap().push(bytes.to_vec());
+        }
+        fn fenced_out(&self) {}
+        fn on_link(&self, _up: bool) {}
+        fn summary(&self) -> StateSummary {
+            StateSummary {
+                ha_state: 0,
+                flags: StateSummary::HEALTHY,
+                aggregates_served: 0,
+                log_last_seq: 0,
+            }
+        }
+    }
+
+    /// b's HA message reaches a while a's HA loop is stuck (its input queue full): a's link
+    /// goes on applying and acknowledging b's mirror updates, and the message reaches a's
+    /// loop once it runs. (The link's reader used to wait for room in the loop's queue: b's
+    /// writes waited for acknowledgements that did not come, and went unmirrored.)
+    #[test]
+    fn a_stuck_ha_loop_does_not_stall_the_partners_mirror() {
+        use crate::daemon::ha_testing::{fast_config, TestNode};
+        use crate::daemon::mailbox::MemStore;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [mut ca, mut cb] = pair_configs(dir.path());
+        linked(&mut ca, &mut cb);
+        // a's HA loop is stuck: its queue is full and nothing takes from it.
+        let (ha_a, inbox_a) = ha::channel(2);
+        assert!(ha_a.try_mailbox_read(None) && ha_a.try_mailbox_read(None));
+        assert!(!ha_a.try_mailbox_read(None), "a's HA queue is full");
+        let a = PairNode::new(ca).unwrap();
+        let la = a.start_link(Arc::new(Inbound::new(ha_a.clone()))).unwrap();
+        let b = PairNode::new(cb).unwrap();
+        let lb = b.start_link(Arc::new(Heard::default())).unwrap();
+        wait("link up", || la.is_up() && lb.is_up());
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        let jb = journal(&b, Whose::Own);
+        wait("b's log mirrored", || {
+            jb.mirror_state() == crate::daemon::journal::MirrorState::Mirrored
+        });
+        // b says something to a's HA loop, then writes (the updates follow the message).
+        let hb = takeover::Message::Heartbeat {
+            state: takeover::State::Normal,
+            protocol_version: fast_config("a", "b").takeover.protocol_version,
+            mirror_in_sync: true,
+        };
+        assert!(lb.send(&Message::Ha(serde_json::to_vec(&hb).unwrap())));
+        for i in 0..5u64 {
+            jb.write(BLOCK_AT + i * 4096, &block(i as u8 + 1), false)
+                .unwrap();
+            assert_eq!(
+                jb.mirror_state(),
+                crate::daemon::journal::MirrorState::Mirrored,
+                "write {i} of b was not mirrored while a's HA loop was stuck"
+            );
+        }
+        // a's loop runs now: the message reaches it.
+        let node = TestNode::start(
+            fast_config("a", "b"),
+            Arc::new(MemStore::new(4)),
+            inbox_a,
+            ha_a,
+            None,
+        );
+        wait("the heartbeat reached a's HA loop", || {
+            node.handle
+                .snapshot()
+                .is_ok_and(|s| s.status.partner_state == Some(takeover::State::Normal))
+        });
+        assert_eq!((la.status().sessions, lb.status().sessions), (1, 1));
+    }
+
+    /// a took b over: it serves b's aggregate, whose log is the region that was its mirror of
+    /// b's log. b, fenced but not halted yet, still writes. Its mirror updates are refused,
+    /// once, with the reason; the session stays (no reconnect, HA messages flow); b counts
+    /// its writes unmirrored and sends no more updates. After the giveback a accepts them
+    /// again and b's log is copied whole in the same session. (A refusal used to end the
+    /// session: the link flapped, reconnect, resync, refused, drop, until b halted.)
+    #[test]
+    fn a_refused_mirror_keeps_the_link_and_the_partner_counts_itself_unmirrored() {
+        use crate::daemon::journal::MirrorState;
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let [mut ca, mut cb] = pair_configs(dir.path());
+        linked(&mut ca, &mut cb);
+        let a = PairNode::new(ca).unwrap();
+        let heard_a = Arc::new(Heard::default());
+        let la = a.start_link(heard_a.clone()).unwrap();
+        let b = PairNode::new(cb).unwrap();
+        let lb = b.start_link(Arc::new(Heard::default())).unwrap();
+        wait("link up", || la.is_up() && lb.is_up());
+        b.run_step(Step::OpenOwnAggregate).unwrap();
+        b.run_step(Step::ReplayOwnLog).unwrap();
+        let jb = journal(&b, Whose::Own);
+        wait("b's log mirrored", || {
+            jb.mirror_state() == MirrorState::Mirrored
+        });
+        // a takes b over (the fence that would stop b's writes is not part of this test).
+        a.run_step(Step::OpenPartnerAggregate).unwrap();
+        a.run_step(Step::ReplayPartnerLog).unwrap();
+        jb.write(BLOCK_AT, &block(1), false).unwrap();
+        wait("b told its updates are refused", || {
+            lb.status().partner_refuses_mirror.is_some()
+        });
+        // Two seconds of b's writes (each a chance to resync and be refused again).
+        let end = Instant::now() + Duration::from_secs(2);
+        let mut i = 0u64;
+        while Instant::now() < end {
+            jb.write(BLOCK_AT + (i % 8) * 4096, &block(i as u8), false)
+                .unwrap();
+            i += 1;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            (la.status().sessions, lb.status().sessions),
+            (1, 1),
+            "the link reconnected"
+        );
+        assert!(la.is_up() && lb.is_up());
+        match jb.mirror_state() {
+            MirrorState::NotMirrored { why, .. } => {
+                assert!(why.contains("refuses"), "b says why: {why}")
+            }
+            st => panic!("b counts itself mirrored: {st:?}"),
+        }
+        assert!(!b.own_mirrored(), "b reports its log mirrored");
+        let refused = la.status().frames_refused;
+        assert!(
+            refused <= 2,
+            "b kept sending refused updates: {refused} refused"
+        );
+        // HA messages flow meanwhile.
+        assert!(lb.send(&Message::Ha(b"still here".to_vec())));
+        wait("b's HA message at a", || {
+            heard_a
+                .msgs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m == b"still here")
+        });
+        // Giveback: a keeps a mirror of b's log again, and b's log is copied to it.
+        a.run_step(Step::CpPartnerAggregate).unwrap();
+        a.run_step(Step::ClosePartnerAggregate).unwrap();
+        wait("b's log mirrored again", || {
+            jb.mirror_state() == MirrorState::Mirrored
+        });
+        assert!(b.own_mirrored());
+        assert_eq!((la.status().sessions, lb.status().sessions), (1, 1));
+        assert_eq!(lb.status().partner_refuses_mirror, None);
     }
 }

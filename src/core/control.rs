@@ -681,7 +681,10 @@ pub fn describe_reason(
         RefusalReason::SelfNotServing { state } => format!("node is not serving (state {state:?})"),
         RefusalReason::HoldDown { until_ms } => {
             if local_clock {
-                format!("hold-down after a giveback until {}", at(*until_ms))
+                format!(
+                    "hold-down after a giveback until {} (the node given back may take over the other way round)",
+                    at(*until_ms)
+                )
             } else {
                 "the partner is in its hold-down after a giveback".into()
             }
@@ -1265,7 +1268,11 @@ pub fn render_status(s: &PairStatus, utc_offset_s: i64) -> String {
         proc_line("last shutdown", &s.last_shutdown, &mut o);
     }
     if let Some(h) = s.holddown_until_unix_ms.filter(|h| *h > s.now_unix_ms) {
-        let _ = writeln!(o, "hold-down until {} (operator takeovers refused)", c(h));
+        let _ = writeln!(
+            o,
+            "hold-down until {} (operator takeovers as the last one refused; the other way round allowed)",
+            c(h)
+        );
     }
     let _ = writeln!(o);
     if s.refusals.is_empty() {

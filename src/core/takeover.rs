@@ -798,6 +798,10 @@ pub struct Node {
     countdown_deadline_ms: Option<u64>,
     request_deadline_ms: Option<u64>,
     holddown_until_ms: Option<u64>,
+    /// The node that had taken over in the giveback that began the hold-down: the hold-down
+    /// refuses only an operator takeover by that node again (ping-pong), not one the other
+    /// way round (a rolling maintenance: b taken over and given back, then a).
+    holddown_taker: Option<NodeId>,
     partner_ready_since_ms: Option<u64>,
     hb_counter: u64,
     // Procedures.
@@ -864,6 +868,7 @@ impl Node {
             countdown_deadline_ms: None,
             request_deadline_ms: None,
             holddown_until_ms: None,
+            holddown_taker: None,
             partner_ready_since_ms: None,
             hb_counter: 0,
             proc: None,
@@ -937,8 +942,8 @@ impl Node {
         if let Some(r) = self.state_refusal() {
             reasons.push(r);
         }
-        if let Some(until) = self.holddown_until_ms.filter(|u| self.now_ms < *u) {
-            reasons.push(RefusalReason::HoldDown { until_ms: until });
+        if let Some(r) = self.holddown_refusal(self.cfg.node.partner()) {
+            reasons.push(r);
         }
         if !self.interconnect_alive() {
             reasons.push(RefusalReason::PartnerUnreachable {
@@ -1339,6 +1344,7 @@ impl Node {
                 self.send_heartbeat(out);
                 if after_giveback {
                     self.holddown_until_ms = Some(self.now_ms + self.cfg.holddown_ms);
+                    self.holddown_taker = Some(self.cfg.node.partner());
                     out.push(Action::Send(Message::Resumed));
                 }
                 if self.continue_takeover {
@@ -1546,6 +1552,15 @@ impl Node {
         }
     }
 
+    /// The hold-down's refusal of an operator takeover by `taker`, if any: within the
+    /// hold-down, and by the node that took over last time.
+    fn holddown_refusal(&self, taker: NodeId) -> Option<RefusalReason> {
+        let until = self.holddown_until_ms.filter(|u| self.now_ms < *u)?;
+        self.holddown_taker
+            .is_none_or(|t| t == taker)
+            .then_some(RefusalReason::HoldDown { until_ms: until })
+    }
+
     /// Can this node take the partner over? Returns every reason it cannot.
     /// `graceful` adds the checks that need a live partner; `operator` adds the hold-down.
     pub fn takeover_refusals(&self, graceful: bool, operator: bool) -> Vec<RefusalReason> {
@@ -1554,10 +1569,8 @@ impl Node {
             reasons.push(r);
         }
         if operator {
-            if let Some(until) = self.holddown_until_ms {
-                if self.now_ms < until {
-                    reasons.push(RefusalReason::HoldDown { until_ms: until });
-                }
+            if let Some(r) = self.holddown_refusal(self.cfg.node) {
+                reasons.push(r);
             }
         }
         if !self.healthy {
@@ -1902,6 +1915,7 @@ impl Node {
         self.awaiting_resume = false;
         self.last_giveback_done_ms = Some(self.now_ms);
         self.holddown_until_ms = Some(self.now_ms + self.cfg.holddown_ms);
+        self.holddown_taker = Some(self.cfg.node);
         let now = self.now_ms;
         if let Some(r) = self
             .last_giveback
@@ -3413,10 +3427,61 @@ mod tests {
             vec![RefusalReason::HoldDown { until_ms: until }]
         );
         assert_eq!(h.n.state(), State::Normal);
+        // b asking a to take it over again is the same ping-pong: refused here too.
+        h.msg(Message::PleaseTakeover);
+        assert_eq!(
+            h.last_refusal().reasons,
+            vec![RefusalReason::HoldDown { until_ms: until }]
+        );
+        assert_eq!(h.n.state(), State::Normal);
         h.t = until;
         h.hb(State::Normal, true);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
         assert_eq!(h.n.state(), State::AwaitingShutdown);
+    }
+
+    #[test]
+    fn holddown_lets_the_other_node_take_over_the_other_way_round() {
+        // A rolling maintenance: b was taken over by a and given back; now a is to be
+        // maintained. b's takeover of a (asked at b), or a asking b to take it over, is not a
+        // ping-pong, and the hold-down does not refuse it.
+        let mut b = H::booted(NodeId::B);
+        b.msg(Message::PleaseShutdown {
+            countdown_ms: 5_000,
+        });
+        b.run(&SHUTDOWN);
+        b.msg(Message::Giveback { epoch: 7 });
+        b.finish_resume();
+        assert_eq!(b.n.state(), State::Normal);
+        assert!(b.n.status().holddown_until_ms.is_some_and(|u| u > b.t));
+        // b asking to be taken over by a again: the same direction, refused.
+        b.hb(State::Normal, true);
+        b.ev(Event::Operator(OperatorCmd::TakeoverSelf));
+        assert!(matches!(
+            b.last_refusal().reasons[..],
+            [RefusalReason::HoldDown { .. }]
+        ));
+        // b taking a over: the other way round, begun.
+        b.hb(State::Normal, true);
+        b.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::A)));
+        assert_eq!(b.n.state(), State::AwaitingShutdown);
+
+        // At a, the giver: a asking b to take it over is the other way round too.
+        let mut a = H::in_takeover(NodeId::A);
+        a.hb(State::TakenOver, true);
+        a.ev(Event::Operator(OperatorCmd::Giveback));
+        a.run(&[
+            Step::DrainPartnerExports,
+            Step::CpPartnerAggregate,
+            Step::ReleasePartnerIps,
+            Step::ClosePartnerAggregate,
+            Step::ReleaseFence,
+        ]);
+        a.hb(State::Normal, true);
+        assert_eq!(a.n.state(), State::Normal);
+        let acts = a.ev(Event::Operator(OperatorCmd::TakeoverSelf));
+        assert!(sends(&acts, |m| *m == Message::PleaseTakeover), "{acts:?}");
+        assert_eq!(a.n.state(), State::TakeoverRequested);
     }
 
     #[test]

@@ -258,9 +258,16 @@ struct Inner {
     /// and no later commit may say they are (it would acknowledge them). Every write not yet
     /// durable fails from then on.
     log_failed: Option<String>,
-    /// The highest `upto` a durable Checkpoint record of this log names: a CP up to there
-    /// needs no record of its own.
-    cp_logged_upto: u64,
+    /// The Checkpoint record appended for a CP that has not completed yet: (its seq, the
+    /// `upto` it names). A retried CP reuses it (and goes no further than it names) rather
+    /// than appending another: a fault that fails CPs over and over must not use up the
+    /// ring's reserve, or the log could never drain again.
+    cp_mark: Option<(u64, u64)>,
+    /// The seq of the newest record that puts data on the members (a Write, or the Stripes
+    /// record of a direct write): a CP whose range holds none has nothing to write and needs
+    /// no Checkpoint record (an idle log would otherwise run a CP, with a record, a mirrored
+    /// commit and member flushes, at every interval: each CP's record making the next).
+    last_data_seq: u64,
     /// Trim slots written by CPs that the partner's mirror has not been sent yet: they go in
     /// the next commit that carries new records (whose acknowledgement then proves the
     /// partner has them, together with the records that reuse the trimmed space).
@@ -670,7 +677,8 @@ impl Journal {
                 mirror_needs_resync: true,
                 mirror_session: 0,
                 direct: Vec::new(),
-                cp_logged_upto: 0,
+                cp_mark: None,
+                last_data_seq: 0,
                 log_failed: None,
                 unsent_slots: Vec::new(),
             }),
@@ -1170,7 +1178,10 @@ impl Journal {
             }
             let inner = &mut *g;
             match inner.app.append(inner.region.bytes_mut(), offset, data) {
-                Ok(seq) => break seq,
+                Ok(seq) => {
+                    inner.last_data_seq = seq;
+                    break seq;
+                }
                 Err(e) if e.is_full() && !wait => {
                     self.kick_cp();
                     return Ok(None);
@@ -1250,6 +1261,7 @@ impl Journal {
                 {
                     Ok(seq) => {
                         g.direct.push((offset, offset + len, seq));
+                        g.last_data_seq = seq;
                         break seq;
                     }
                     Err(e) if e.is_full() => {
@@ -1365,40 +1377,69 @@ impl Journal {
         };
         // Say in the log (and its mirror) which records this CP writes in place, before it
         // changes a member: replay with a member missing must know which stripes may hold
-        // parity a crash tore (see `write_hole`). A retried CP up to no further needs none.
-        let mark = {
+        // parity a crash tore (see `write_hole`).
+        let (upto, mark, data) = {
             let mut g = self.inner.lock().unwrap();
-            if g.cp_logged_upto >= upto {
-                None
-            } else {
-                self.log_ok(&g)?;
-                let inner = &mut *g;
-                let seq = inner
-                    .app
-                    .append_checkpoint(inner.region.bytes_mut(), upto)
-                    .map_err(|e| JournalError::Log(format!("checkpoint record: {e}")))?;
-                Some(seq)
+            if self.halted.load(Ordering::SeqCst) {
+                return Err(JournalError::Log(
+                    "no consistency point: the node is halting (taken over)".into(),
+                ));
+            }
+            let trimmed = g.app.trimmed_seq();
+            match g.cp_mark {
+                // A CP that failed after its record: retried up to what the record names.
+                Some((seq, named)) if seq > trimmed => {
+                    let upto = upto.min(named);
+                    (upto, Some(seq), g.last_data_seq > trimmed)
+                }
+                _ if g.last_data_seq <= trimmed => {
+                    // Only Checkpoint records since the last trim: nothing for the members.
+                    g.cp_mark = None;
+                    (upto, None, false)
+                }
+                _ if g.log_failed.is_some() => {
+                    // The log cannot take the record, but what it holds must still reach
+                    // the members (it is durable, maybe nowhere else).
+                    tracing::error!(aggregate = %self.agg.name(), "consistency point without its Checkpoint record (the NVRAM log failed): a crash during it followed by the loss of a member would go unnoticed");
+                    g.cp_mark = None;
+                    (upto, None, true)
+                }
+                _ => {
+                    let inner = &mut *g;
+                    let seq = inner
+                        .app
+                        .append_checkpoint(inner.region.bytes_mut(), upto)
+                        .map_err(|e| JournalError::Log(format!("checkpoint record: {e}")))?;
+                    inner.cp_mark = Some((seq, upto));
+                    (upto, Some(seq), true)
+                }
             }
         };
         if let Some(seq) = mark {
             self.wait_durable(seq)?;
-            self.inner.lock().unwrap().cp_logged_upto = upto;
         }
-        // The log guards the members against torn stripe writes: it must outlive a power loss
-        // before the CP changes them.
-        self.flush_log(mark.unwrap_or(upto))?;
+        if data {
+            // The log guards the members against torn stripe writes: it must outlive a power
+            // loss before the CP changes them.
+            self.flush_log(mark.unwrap_or(upto))?;
+        }
         let t0 = Instant::now();
         let runs = runs_of(&self.cache.read().unwrap(), upto);
         let bytes: u64 = runs.iter().map(|(_, d)| d.len() as u64).sum();
-        write_runs_parallel(&self.agg, &runs, false, writers)?;
-        self.agg.flush()?;
+        if data {
+            write_runs_parallel(&self.agg, &runs, false, writers)?;
+            self.agg.flush()?;
+        }
         let slot = {
             let mut g = self.inner.lock().unwrap();
             let inner = &mut *g;
-            inner
+            let slot = inner
                 .app
                 .trim(inner.region.bytes_mut(), upto)
-                .map_err(|e| JournalError::Log(e.to_string()))?
+                .map_err(|e| JournalError::Log(e.to_string()))?;
+            // Done: the next CP names its own records.
+            inner.cp_mark = None;
+            slot
         };
         if let Some(r) = &slot {
             // Through the device's cache too: the space behind the old head is reused next,
@@ -2381,6 +2422,25 @@ mod tests {
         assert!(b[..] == pattern(4096, 1)[..]);
     }
 
+    /// After a log write failed, a CP still puts what the log acknowledged on the members
+    /// (it is durable in the log and the cache, maybe nowhere else), without the Checkpoint
+    /// record the failed log cannot take. (It refused, for the record, after the record was
+    /// introduced.)
+    #[test]
+    fn a_failed_log_still_lets_a_cp_save_what_it_acknowledged() {
+        let (_dir, agg, _disks, j) = slow_journal(4, 32);
+        j.write(0, &pattern(4096, 1), false).unwrap();
+        j.fail_log_writes.store(1, Ordering::SeqCst);
+        assert!(j.write(8192, &pattern(4096, 2), false).is_err());
+        j.checkpoint().unwrap();
+        let mut b = IoBuf::new(4096);
+        agg.read(0, &mut b).unwrap();
+        assert!(
+            b[..] == pattern(4096, 1)[..],
+            "the acknowledged write is on the members"
+        );
+    }
+
     /// Two FLUSHes at once: the second returns only after a member flush that started after
     /// the direct write it covers, never while the first one's is still running.
     #[test]
@@ -2707,6 +2767,89 @@ mod tests {
         assert!(
             all[..] == model[..],
             "degraded replay served what was written"
+        );
+    }
+
+    /// An idle journal (one write, then nothing) stops running CPs once its
+    /// writes are on the members.
+    #[test]
+    fn an_idle_journal_stops_running_cps() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (agg, _disks) = mem_aggregate(2, 4096, 16);
+        let agg = Arc::new(agg);
+        let cfg = JournalConfig {
+            cp_interval: Duration::from_millis(50),
+            ..slow_cp()
+        };
+        let (j, _) = Journal::open(agg, region(dir.path(), "l"), cfg).unwrap();
+        j.write(4096, &pattern(4096, 1), false).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let snap = |j: &Journal| {
+            (
+                j.stats.cps.load(Ordering::Relaxed),
+                j.stats.group_commits.load(Ordering::Relaxed),
+                j.stats.device_flushes.load(Ordering::Relaxed),
+            )
+        };
+        let a = snap(&j);
+        std::thread::sleep(Duration::from_millis(1000));
+        let b = snap(&j);
+        assert_eq!(
+            a, b,
+            "idle for 1 s with no writes: (CPs, group commits, log device flushes) went {a:?} -> {b:?}"
+        );
+    }
+
+    /// CPs that fail over and over (here: partner down and the mailbox unwritable, so the
+    /// Checkpoint record cannot be made durable) at a full ring reuse their record: they used
+    /// to append one per attempt until the ring's reserve was gone, and the CP then failed for
+    /// good ("log full"), the fault long cleared, the log never draining.
+    #[test]
+    fn failed_cps_at_a_full_ring_do_not_wedge_the_log() {
+        let (dir, _agg, _disks, j) = slow_journal(2, 16);
+        // No CP thread: the test runs the CPs.
+        j.stop.store(true, Ordering::Release);
+        j.kick_cp();
+        std::thread::sleep(Duration::from_millis(300));
+        let link = LocalLink::new(dir.path());
+        j.set_mirror(Some(link.clone()));
+        let fail = Arc::new(AtomicBool::new(false));
+        {
+            let fail = fail.clone();
+            j.set_unmirrored_hook(Some(Box::new(move |_on| {
+                if fail.load(Ordering::Acquire) {
+                    Err("mailbox unwritable".into())
+                } else {
+                    Ok(())
+                }
+            })));
+        }
+        // Fill the ring with acknowledged, mirrored writes (big ones, then small ones).
+        let mut n = 0;
+        for len in [4096usize] {
+            let data = pattern(len, 1);
+            while let Some(seq) = j.try_append(4096, &data).unwrap() {
+                j.finish_writes(seq, false).unwrap();
+                n += 1;
+            }
+        }
+        assert!(n > 100, "{n}");
+        assert_eq!(j.mirror_state(), MirrorState::Mirrored);
+        // The partner goes down and the mailbox cannot be written for a while: CPs fail.
+        link.up.store(false, Ordering::Release);
+        fail.store(true, Ordering::Release);
+        for i in 0..200 {
+            let e = j.checkpoint().unwrap_err().to_string();
+            assert!(!e.contains("checkpoint record"), "attempt {i}: {e}");
+        }
+        // The fault clears: partner back, mailbox writable.
+        fail.store(false, Ordering::Release);
+        link.up.store(true, Ordering::Release);
+        j.ensure_mirrored().unwrap();
+        let r = j.checkpoint();
+        assert!(
+            r.is_ok(),
+            "after the fault cleared the CP still fails, so the full log never drains: {r:?}"
         );
     }
 }

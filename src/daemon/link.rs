@@ -319,6 +319,14 @@ impl Shared {
         self.send_in(None, msg)
     }
 
+    /// Wake the commits waiting for an acknowledgement after a change they check outside
+    /// `acked` (the session, a refusal): taking `acked` first, so that a waiter between its
+    /// check and its wait cannot miss the wake-up and wait out its whole timeout.
+    fn wake_ack_waiters(&self) {
+        let _g = self.acked.lock().unwrap();
+        self.acked_cv.notify_all();
+    }
+
     /// Why the partner refuses our mirror updates in session `id`, if it does.
     fn refused_in(&self, id: u64) -> Option<String> {
         self.mirror_refused
@@ -379,7 +387,7 @@ impl Shared {
                 tracing::warn!(why, "interconnect down");
                 self.handler.on_down(why);
             }
-            self.acked_cv.notify_all();
+            self.wake_ack_waiters();
         }
     }
 
@@ -493,7 +501,7 @@ impl Shared {
             });
             self.session.store(id, Ordering::Release);
         }
-        self.acked_cv.notify_all();
+        self.wake_ack_waiters();
         self.sessions.fetch_add(1, Ordering::Relaxed);
         self.up.store(true, Ordering::Release);
         *self.down_since.lock().unwrap() = None;
@@ -683,7 +691,7 @@ impl Shared {
                 }
                 tracing::error!(reason = %reason, "the partner refuses our mirror updates: writes are acknowledged unmirrored until it accepts them again");
                 // A commit waiting for an acknowledgement gets none: it stops waiting now.
-                self.acked_cv.notify_all();
+                self.wake_ack_waiters();
                 acks.post(|p| p.paused = true);
             }
             Message::LogResume => {

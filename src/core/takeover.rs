@@ -2496,6 +2496,14 @@ mod tests {
         Step::StopHeartbeats,
     ];
 
+    const GIVEBACK: [Step; 5] = [
+        Step::DrainPartnerExports,
+        Step::CpPartnerAggregate,
+        Step::ReleasePartnerIps,
+        Step::ClosePartnerAggregate,
+        Step::ReleaseFence,
+    ];
+
     fn sends(actions: &[Action], pred: impl Fn(&Message) -> bool) -> bool {
         actions
             .iter()
@@ -2561,13 +2569,7 @@ mod tests {
         let mut h = H::in_takeover(NodeId::A);
         h.hb(State::TakenOver, true);
         h.ev(Event::Operator(OperatorCmd::Giveback));
-        h.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-            Step::ReleasePartnerIps,
-            Step::ClosePartnerAggregate,
-            Step::ReleaseFence,
-        ]);
+        h.run(&GIVEBACK);
         assert_eq!(
             h.n.state(),
             State::GivingBack,
@@ -2580,13 +2582,7 @@ mod tests {
         let mut h = H::in_takeover(NodeId::A);
         h.hb(State::TakenOver, true);
         h.ev(Event::Operator(OperatorCmd::Giveback));
-        h.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-            Step::ReleasePartnerIps,
-            Step::ClosePartnerAggregate,
-            Step::ReleaseFence,
-        ]);
+        h.run(&GIVEBACK);
         assert!(!h.n.writes_partner() && !h.n.accepts_partner());
         let t = h.t;
         let a = h.at(t + 500, Event::Tick);
@@ -3412,13 +3408,7 @@ mod tests {
         let mut h = H::in_takeover(NodeId::A);
         h.hb(State::TakenOver, true);
         h.ev(Event::Operator(OperatorCmd::Giveback));
-        h.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-            Step::ReleasePartnerIps,
-            Step::ClosePartnerAggregate,
-            Step::ReleaseFence,
-        ]);
+        h.run(&GIVEBACK);
         let until = h.t + 60_000;
         h.hb(State::Normal, true);
         h.ev(Event::Operator(OperatorCmd::TakeoverOf(NodeId::B)));
@@ -3470,13 +3460,7 @@ mod tests {
         let mut a = H::in_takeover(NodeId::A);
         a.hb(State::TakenOver, true);
         a.ev(Event::Operator(OperatorCmd::Giveback));
-        a.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-            Step::ReleasePartnerIps,
-            Step::ClosePartnerAggregate,
-            Step::ReleaseFence,
-        ]);
+        a.run(&GIVEBACK);
         a.hb(State::Normal, true);
         assert_eq!(a.n.state(), State::Normal);
         let acts = a.ev(Event::Operator(OperatorCmd::TakeoverSelf));
@@ -3666,13 +3650,7 @@ mod tests {
         h.ev(Event::Operator(OperatorCmd::Giveback));
         assert_eq!(h.n.state(), State::GivingBack);
         let started = h.t;
-        h.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-            Step::ReleasePartnerIps,
-            Step::ClosePartnerAggregate,
-            Step::ReleaseFence,
-        ]);
+        h.run(&GIVEBACK);
         let sent = h.t;
         let g = h.n.status().last_giveback.unwrap();
         assert_eq!(
@@ -3711,13 +3689,7 @@ mod tests {
         let mut h = H::in_takeover(NodeId::A);
         h.hb(State::TakenOver, true);
         h.ev(Event::Operator(OperatorCmd::Giveback));
-        h.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-            Step::ReleasePartnerIps,
-            Step::ClosePartnerAggregate,
-            Step::ReleaseFence,
-        ]);
+        h.run(&GIVEBACK);
         h.hb(State::Resuming, true);
         let t = h.t;
         h.at(t + 11_000, Event::Tick);
@@ -3745,13 +3717,7 @@ mod tests {
         h.hb(State::TakenOver, true);
         h.ev(Event::Tick);
         assert_eq!(h.n.state(), State::GivingBack, "first one is automatic");
-        h.run(&[
-            Step::DrainPartnerExports,
-            Step::CpPartnerAggregate,
-            Step::ReleasePartnerIps,
-            Step::ClosePartnerAggregate,
-            Step::ReleaseFence,
-        ]);
+        h.run(&GIVEBACK);
         // The partner dies right away: hard takeover (not blocked by hold-down)...
         h.hb(State::Normal, true);
         let t = h.t;
@@ -3903,16 +3869,6 @@ mod tests {
 
     // ---- what the operator sees ------------------------------------------------------
 
-    const SHUTDOWN_STEPS: [Step; 7] = [
-        Step::StopAccepting,
-        Step::DrainInFlight,
-        Step::FinalCp,
-        Step::ReleaseServiceIps,
-        Step::CloseClients,
-        Step::MarkCleanShutdown,
-        Step::StopHeartbeats,
-    ];
-
     #[test]
     fn the_node_taken_over_keeps_its_shutdown_timings() {
         let mut h = H::booted(NodeId::B);
@@ -3920,14 +3876,14 @@ mod tests {
             countdown_ms: 5_000,
         });
         assert_eq!(h.n.state(), State::ShuttingDown);
-        h.run(&SHUTDOWN_STEPS);
+        h.run(&SHUTDOWN);
         assert_eq!(h.n.state(), State::TakenOver);
         let r = h.n.status().last_shutdown.expect("shutdown report kept");
         assert_eq!(r.kind, ProcedureKind::Shutdown);
         assert!(r.finished_ms.is_some());
         assert_eq!(
             r.phases.iter().map(|p| p.step).collect::<Vec<_>>(),
-            SHUTDOWN_STEPS
+            SHUTDOWN
         );
         assert!(r.phases.iter().all(|p| p.elapsed_ms() == 10));
         assert_eq!(r.current, None);
@@ -3939,7 +3895,7 @@ mod tests {
         h.msg(Message::PleaseShutdown {
             countdown_ms: 5_000,
         });
-        h.run(&SHUTDOWN_STEPS[..1]);
+        h.run(&SHUTDOWN[..1]);
         h.t += 5_000;
         let a = h.msg(Message::Takeover);
         assert!(a.contains(&Action::HaltSelf));
@@ -4117,7 +4073,7 @@ mod tests {
         b.msg(Message::PleaseShutdown {
             countdown_ms: 5_000,
         });
-        b.run(&SHUTDOWN_STEPS);
+        b.run(&SHUTDOWN);
         assert_eq!(b.n.state(), State::TakenOver);
         let out = b.msg(sent);
         assert_eq!(b.n.state(), State::TakenOver, "stays down");

@@ -1503,17 +1503,19 @@ mod tests {
         assert_eq!(timestamp(951_782_400_000, 0), "2000-02-29 00:00:00Z");
     }
 
+    /// A mailbox round that read a majority: no partner slot, no please-die.
+    fn readable_mailbox() -> crate::core::takeover::MailboxView {
+        crate::core::takeover::MailboxView {
+            partner_slot: None,
+            please_die_for_me: false,
+            please_die_for_partner: false,
+        }
+    }
+
     /// Node a after its boot: resumed, serving its own aggregate (at t = 1 ms).
     fn resumed_node() -> Node {
         let mut n = Node::new(Config::new(NodeId::A), 0).unwrap();
-        n.step(
-            0,
-            Event::MailboxRead(Some(crate::core::takeover::MailboxView {
-                partner_slot: None,
-                please_die_for_me: false,
-                please_die_for_partner: false,
-            })),
-        );
+        n.step(0, Event::MailboxRead(Some(readable_mailbox())));
         n.step(1, Event::StepDone(crate::core::takeover::Step::RegisterOwn));
         n.step(1, Event::MailboxChecked { please_die: false });
         for st in [
@@ -1591,12 +1593,7 @@ mod tests {
             s.headline
         );
         // Readable again: the condition is closed, the history keeps it, OK again.
-        let mv = crate::core::takeover::MailboxView {
-            partner_slot: None,
-            please_die_for_me: false,
-            please_die_for_partner: false,
-        };
-        n.step(2_100, Event::MailboxRead(Some(mv)));
+        n.step(2_100, Event::MailboxRead(Some(readable_mailbox())));
         let s = PairStatus::from_snapshot(&snap(&n), 0);
         assert!(s.headline.starts_with("OK: "), "{}", s.headline);
         assert_eq!(s.alarms.len(), 1);
@@ -1629,12 +1626,7 @@ mod tests {
             "{table}"
         );
         // Cleared: OK, nothing left to acknowledge.
-        let mv = crate::core::takeover::MailboxView {
-            partner_slot: None,
-            please_die_for_me: false,
-            please_die_for_partner: false,
-        };
-        n.step(2_100, Event::MailboxRead(Some(mv)));
+        n.step(2_100, Event::MailboxRead(Some(readable_mailbox())));
         let s = PairStatus::from_snapshot(&snap(&n), 0);
         assert_eq!(
             s.headline,
@@ -1643,7 +1635,7 @@ mod tests {
         assert!(render_status(&s, 0).contains("[cleared, acknowledged"));
         // Lost and back again without an acknowledgement: OK, but the headline counts it.
         n.step(3_000, Event::MailboxRead(None));
-        n.step(3_100, Event::MailboxRead(Some(mv)));
+        n.step(3_100, Event::MailboxRead(Some(readable_mailbox())));
         let s = PairStatus::from_snapshot(&snap(&n), 0);
         assert_eq!(
             s.headline,

@@ -881,6 +881,16 @@ mod tests {
         }
     }
 
+    /// What a test handler that serves nothing reports in its Hello.
+    fn idle_summary() -> StateSummary {
+        StateSummary {
+            ha_state: 1,
+            flags: 0,
+            aggregates_served: 0,
+            log_last_seq: 0,
+        }
+    }
+
     fn cfg(node_id: u8, port: u16, key: &[u8]) -> LinkConfig {
         let a: SocketAddr = ([127, 0, 0, 1], port).into();
         LinkConfig {
@@ -1211,12 +1221,7 @@ mod tests {
         }
         fn on_message(&self, _: Message) {}
         fn summary(&self) -> StateSummary {
-            StateSummary {
-                ha_state: 1,
-                flags: 0,
-                aggregates_served: 0,
-                log_last_seq: 0,
-            }
+            idle_summary()
         }
     }
 
@@ -1437,12 +1442,7 @@ mod tests {
             }
             fn on_message(&self, _: Message) {}
             fn summary(&self) -> StateSummary {
-                StateSummary {
-                    ha_state: 1,
-                    flags: 0,
-                    aggregates_served: 0,
-                    log_last_seq: 0,
-                }
+                idle_summary()
             }
         }
         Arc::new(Stub)
